@@ -1,0 +1,133 @@
+"""The model zoo's registry: models are picked by name, or given as ``package.module:factory``."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from backend.errors import UnsupportedModelError
+
+ModelFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    """Register a factory under ``name``; the factory takes ``num_classes`` and ``in_channels``.
+
+    Example:
+        >>> @register_model("tiny")
+        ... def tiny(num_classes: int = 10, in_channels: int = 3) -> nn.Module: ...
+    """
+
+    def decorator(factory: ModelFactory) -> ModelFactory:
+        if name in _REGISTRY:
+            raise ValueError(f"model name {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorator
+
+
+def list_models() -> list[str]:
+    """Return the names of the zoo's models, sorted."""
+    return sorted(_REGISTRY)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Where a model comes from: a zoo name or ``package.module:factory``, and its keyword arguments.
+
+    It is the model's identity in checkpoints and exports, so it must stay JSON-serialisable.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON form ``{"name": ..., "kwargs": {...}}``."""
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ModelRef:
+        """Parse the JSON form written by :meth:`to_dict`.
+
+        Raises:
+            ValueError: ``data`` is not of that form.
+        """
+        if not isinstance(data, dict) or not isinstance(data.get("name"), str):
+            raise ValueError(f"a model reference needs a 'name' string, got {data!r}")
+        kwargs = data.get("kwargs", {})
+        if not isinstance(kwargs, dict):
+            raise ValueError(f"a model reference's 'kwargs' must be an object, got {kwargs!r}")
+        return cls(name=data["name"], kwargs=dict(kwargs))
+
+    def build(self) -> nn.Module:
+        """Construct the (dense, freshly initialised) model."""
+        return create_model(self.name, **self.kwargs)
+
+
+def _import_factory(path: str) -> ModelFactory:
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UnsupportedModelError(
+            f"user model {path!r} must be written as package.module:factory"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnsupportedModelError(
+            f"cannot import module {module_name!r} for user model {path!r}: {exc}; "
+            "make sure it is installed or on PYTHONPATH"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise UnsupportedModelError(
+            f"module {module_name!r} has no callable {attr!r} (from user model {path!r})"
+        )
+    return factory  # type: ignore[no-any-return]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a model by zoo name or ``package.module:factory``.
+
+    Args:
+        name: a name from :func:`list_models`, or an importable factory ``package.module:factory``.
+        **kwargs: passed to the factory (zoo models take ``num_classes`` and ``in_channels``).
+
+    Raises:
+        UnsupportedModelError: the name is unknown, the factory cannot be imported, does not accept
+            the keyword arguments, or does not return an ``nn.Module``.
+    """
+    if ":" in name:
+        factory = _import_factory(name)
+    elif name in _REGISTRY:
+        factory = _REGISTRY[name]
+    else:
+        raise UnsupportedModelError(
+            f"unknown model {name!r}; valid names: {', '.join(list_models())}, "
+            "or a user model as package.module:factory"
+        )
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        accepts_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
+        unknown = [k for k in kwargs if k not in signature.parameters and not accepts_any]
+        if unknown:
+            raise UnsupportedModelError(
+                f"model {name!r} does not take {', '.join(unknown)}; "
+                f"it takes: {', '.join(signature.parameters) or 'no arguments'}"
+            )
+    model = factory(**kwargs)
+    if not isinstance(model, nn.Module):
+        raise UnsupportedModelError(
+            f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module"
+        )
+    return model
