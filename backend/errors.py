@@ -1,4 +1,4 @@
-"""One exception tree for prunetune, so callers can catch ours and the CLI can map them to exit 2."""
+"""One exception tree for prunetune: callers can catch ours, and the CLI maps them to exit 2."""
 
 from __future__ import annotations
 

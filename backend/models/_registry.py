@@ -41,7 +41,7 @@ def list_models() -> list[str]:
 
 @dataclass(frozen=True)
 class ModelRef:
-    """Where a model comes from: a zoo name or ``package.module:factory``, and its keyword arguments.
+    """Where a model comes from: a zoo name or ``package.module:factory``, and its arguments.
 
     It is the model's identity in checkpoints and exports, so it must stay JSON-serialisable.
     """
@@ -131,3 +131,21 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
             f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def dataset_kwargs(name: str, num_classes: int, in_channels: int) -> dict[str, Any]:
+    """The ``num_classes``/``in_channels`` keyword arguments that model ``name`` accepts.
+
+    Zoo models take both; a user factory gets only those its signature names.
+    """
+    factory = _import_factory(name) if ":" in name else _REGISTRY.get(name)
+    if factory is None:
+        create_model(name)  # raises the unknown-name error with the valid names
+    wanted = {"num_classes": num_classes, "in_channels": in_channels}
+    try:
+        parameters = inspect.signature(factory).parameters  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return wanted
+    if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+        return wanted
+    return {k: v for k, v in wanted.items() if k in parameters}

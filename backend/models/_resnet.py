@@ -1,4 +1,4 @@
-"""CIFAR-style ResNets (He et al., 2016, section 4.2): 3 stages of 2n+... basic blocks, 16/32/64 wide.
+"""CIFAR-style ResNets (He et al., 2016, section 4.2): 3 stages of n basic blocks, 16/32/64 wide.
 
 Downsampling shortcuts are 1x1 convolutions with BN (the paper's option B), as in most pruning
 work on CIFAR ResNets; option A's zero padding has no weights to prune.

@@ -8,7 +8,7 @@ from backend.models._registry import register_model
 
 
 class SmallCNN(nn.Module):
-    """Three conv-BN-ReLU layers (32, 64, 128 wide), one max-pool, global pooling, two linears."""
+    """Three conv-BN-ReLU layers (32, 64, 128 wide), two max-pools, global pooling, two linears."""
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
@@ -16,6 +16,7 @@ class SmallCNN(nn.Module):
             nn.Conv2d(in_channels, 32, 3, padding=1, bias=False),
             nn.BatchNorm2d(32),
             nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1, bias=False),
             nn.BatchNorm2d(64),
             nn.ReLU(inplace=True),
@@ -25,7 +26,9 @@ class SmallCNN(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Sequential(nn.Linear(128, 64), nn.ReLU(inplace=True), nn.Linear(64, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(128, 64), nn.ReLU(inplace=True), nn.Linear(64, num_classes)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pool(self.features(x)).flatten(1))

@@ -12,7 +12,7 @@ _VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 51
 class CifarVGG(nn.Module):
     """VGG for small images: the feature stack, global average pooling and one linear layer.
 
-    Global pooling instead of the last max-pool makes it accept any input of at least 16x16.
+    Global pooling and ceil-mode max-pools make it accept any input size, 8x8 digits included.
     """
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3) -> None:
@@ -21,7 +21,7 @@ class CifarVGG(nn.Module):
         channels = in_channels
         for item in _VGG16:
             if item == "M":
-                layers.append(nn.MaxPool2d(2))
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
             else:
                 width = int(item)
                 layers += [

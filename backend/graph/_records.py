@@ -1,0 +1,115 @@
+"""Frozen records that describe a traced model's channels: groups, layers, norms.
+
+Every channel dimension of every conv, linear and norm layer belongs to exactly one
+:class:`ChannelGroup`. Groups that cannot shrink (the image's channels, the logits, anything
+untraceable) are still groups, with ``prunable=False`` and the reason, so cost estimators need no
+special cases: a fixed group simply always has its full width.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["ChannelGroup", "ChannelMember", "ChannelSegment", "LayerInfo", "NormInfo"]
+
+
+@dataclass(frozen=True)
+class ChannelMember:
+    """One channel dimension of one module that belongs to a group.
+
+    Attributes:
+        module: the module's qualified name in the model (``layer1.0.conv1``).
+        role: ``"out"`` for a conv/linear output dimension (weight dim 0), ``"in"`` for an input
+            dimension (weight dim 1, or the slice of it a concat or flatten gives this group),
+            ``"norm"`` for a norm layer's channels.
+        offset: where this group's channels start along that dimension (non-zero after a concat).
+        multiplier: features per channel along that dimension (a linear layer after flattening an
+            HxW map sees H*W features per channel); 1 otherwise.
+    """
+
+    module: str
+    role: Literal["out", "in", "norm"]
+    offset: int = 0
+    multiplier: int = 1
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channel dimensions that must be pruned together, sharing one width and one kept index set.
+
+    Attributes:
+        name: stable, deterministic name (the first producing module's qualified name).
+        size: channels in the dense model.
+        members: every (module, role) whose channels are these.
+        prunable: False when the group must be kept whole; ``reason`` says why.
+        reason: why the group is fixed, ``None`` when prunable.
+        step: kept widths must be multiples of this (a grouped conv keeps the same count in each of
+            its conv groups); 1 for ordinary groups.
+        min_width: the smallest allowed width (``step`` for prunable groups, ``size`` otherwise).
+    """
+
+    name: str
+    size: int
+    members: tuple[ChannelMember, ...]
+    prunable: bool = True
+    reason: str | None = None
+    step: int = 1
+
+    @property
+    def min_width(self) -> int:
+        """The smallest width this group may be given."""
+        return self.step if self.prunable else self.size
+
+
+@dataclass(frozen=True)
+class ChannelSegment:
+    """A run of a layer's input features that come from one group (several after a concat)."""
+
+    group: str
+    multiplier: int = 1
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One conv or linear layer, with everything FLOPs, params and latency estimates need.
+
+    MACs of the dense layer: ``out_channels * prod(output_hw) * prod(kernel_size) *
+    in_features / groups`` where ``in_features = sum(size(seg.group) * seg.multiplier)``. A pruned
+    layer replaces each size by the group's width; a depthwise conv (``depthwise=True``) has its
+    input and output in one group and scales with that width once.
+    """
+
+    name: str
+    kind: Literal["conv", "linear"]
+    in_segments: tuple[ChannelSegment, ...]
+    out_group: str
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    padding: tuple[int, ...] = ()
+    dilation: tuple[int, ...] = ()
+    groups: int = 1
+    depthwise: bool = False
+    input_hw: tuple[int, ...] = ()
+    output_hw: tuple[int, ...] = ()
+    bias: bool = False
+    calls: int = 1
+
+
+@dataclass(frozen=True)
+class NormInfo:
+    """A norm layer (BatchNorm and kin) whose channels belong to ``group``.
+
+    A norm after a concat sees several groups: ``segments`` lists them in channel order (its
+    parameters then number ``2 * sum(width(seg.group) * seg.multiplier)``), and ``group`` is the
+    first of them. ``segments`` is filled for every norm, one entry in the ordinary case.
+    """
+
+    name: str
+    group: str
+    affine: bool
+    input_hw: tuple[int, ...] = ()
+    calls: int = 1
+    segments: tuple[ChannelSegment, ...] = ()

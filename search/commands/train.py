@@ -1,0 +1,72 @@
+"""``prunetune train``: a dense baseline checkpoint that every later command can start from."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from backend.io import check_writable
+from backend.models import create_model
+from backend.train import TrainConfig, evaluate, train
+from search.commands._common import (
+    add_data_options,
+    dataset_from_args,
+    model_ref_for,
+    say,
+    set_threads,
+)
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``train`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "train",
+        help="train a dense model and save a checkpoint",
+        description="Train a dense model from the zoo (or package.module:factory) on a dataset.",
+    )
+    parser.add_argument("--model", required=True, help="zoo name or package.module:factory")
+    add_data_options(parser)
+    parser.add_argument("--epochs", type=float, default=10.0, help="passes over the train split")
+    parser.add_argument("--lr", type=float, default=0.05, help="peak learning rate (cosine)")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--weight-decay", type=float, default=5e-4)
+    parser.add_argument("--checkpoint", help="start from this checkpoint instead of from scratch")
+    parser.add_argument("--out", required=True, help="checkpoint file to write")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train, evaluate on the test split, save the checkpoint."""
+    config = TrainConfig(
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+    )
+    out = check_writable(args.out)
+    set_threads(args.threads)
+    create_model(args.model) if ":" not in args.model else None  # unknown names fail first
+    data = dataset_from_args(args)
+    ref = model_ref_for(args.model, data)
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint, expect=ref)
+    else:
+        torch.manual_seed(args.seed)
+        model = ref.build()
+    model(torch.zeros(data.input_shape(2)))  # shape errors surface before training
+    say(f"training {args.model} for {args.epochs:g} epochs")
+    result = train(model, data, config, on_epoch=lambda report: say(report.line()))
+    _, test_acc = evaluate(model, data.test)
+    info = Checkpoint(
+        model=ref,
+        input_shape=data.input_shape(1),
+        dataset=data.name,
+        metrics={"val_acc": result.val_acc, "test_acc": test_acc},
+    )
+    save_checkpoint(out, model, info)
+    say(f"test accuracy {100 * test_acc:.2f}%  ->  {out}")
+    return 0

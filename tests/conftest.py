@@ -1,0 +1,28 @@
+"""Fixtures shared by every test package: the real MNIST test set and the embedded digits."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from backend.data import DatasetSplits, load_dataset
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("PRUNETUNE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    """The MNIST test set (IDX, gzip) beside the repository, in ``../shared/data/mnist-t10k``."""
+    directory = SHARED_DATA / "mnist-t10k"
+    if not directory.is_dir():
+        pytest.skip(f"MNIST test set not found at {directory} (set PRUNETUNE_SHARED_DATA)")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def digits() -> DatasetSplits:
+    """The embedded default dataset, split with seed 0."""
+    return load_dataset("digits", seed=0)
