@@ -1,1 +1,47 @@
-"""prunetune."""
+"""Cost estimators of subnets: exact FLOPs and parameters, latency from measured device tables.
+
+Every estimator is a :class:`CostModel` built once per traced graph; it evaluates integer widths
+exactly (one candidate or thousands at once) and keep ratios differentiably (``relaxed``).
+"""
+
+from estimators._cost import CostModel, FlopsModel, ParamsModel, QuadraticForm
+from estimators._groups import GraphLike, HasWidths, WidthsLike, graph_fingerprint
+from estimators._latency import Calibration, LatencyPredictor
+from estimators._profile import (
+    DeviceInfo,
+    LatencyProfile,
+    LatencyTable,
+    ProfileError,
+    ProfileMismatchWarning,
+)
+from estimators._profiling import ProfileProgress, measure_latency, profile_model
+from estimators._proxy import proxy_accuracy, recalibrate_bn
+from estimators._targets import METRICS, Budget, Constraint, Target, format_metric
+
+__all__ = [
+    "METRICS",
+    "Budget",
+    "Calibration",
+    "Constraint",
+    "CostModel",
+    "DeviceInfo",
+    "FlopsModel",
+    "GraphLike",
+    "HasWidths",
+    "LatencyPredictor",
+    "LatencyProfile",
+    "LatencyTable",
+    "ParamsModel",
+    "ProfileError",
+    "ProfileMismatchWarning",
+    "ProfileProgress",
+    "QuadraticForm",
+    "Target",
+    "WidthsLike",
+    "format_metric",
+    "graph_fingerprint",
+    "measure_latency",
+    "profile_model",
+    "proxy_accuracy",
+    "recalibrate_bn",
+]

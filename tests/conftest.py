@@ -6,11 +6,19 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from backend.data import DatasetSplits, load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PRUNETUNE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread() -> None:
+    """Tests run on one torch thread: on a shared 2-core machine two threads per process are
+    many times slower, and results do not depend on the count."""
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

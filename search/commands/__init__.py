@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from search.commands import train
+from search.commands import estimate, inspect, profile, prune, train
 
-COMMANDS: tuple[ModuleType, ...] = (train,)
+COMMANDS: tuple[ModuleType, ...] = (train, prune, inspect, profile, estimate)
 
 __all__ = ["COMMANDS"]

@@ -1,0 +1,255 @@
+"""Export a pruned subnet to a directory, check it, and rebuild it from there.
+
+An export directory holds:
+
+- ``subnet.json``: the :class:`SubnetSpec` (model identity, input shape, kept channels), metrics
+  (``flops``, ``params`` measured on the exported model, plus whatever the caller adds) and the
+  SHA-256 of every other file;
+- ``weights.pt``: the pruned model's state_dict;
+- ``model.pt2``: the ``torch.export`` program (batch dimension dynamic);
+- ``model.onnx``: the ONNX graph (batch dimension dynamic).
+
+Export runs the model, the exported program and onnxruntime on the same input and refuses to
+leave a directory behind when they disagree by more than the tolerance. The directory is written
+atomically: a failed export leaves nothing (or the previous export) in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from backend.checkpoint import load_checkpoint, load_state
+from backend.errors import CheckpointError, PrunetuneError, SpecError
+from backend.graph import ChannelGraph
+from backend.io import atomic_directory
+from backend.measure import count_flops, count_params
+from backend.models import ModelRef
+from backend.spec import SubnetSpec
+from backend.surgery import prune_model
+
+__all__ = ["EXPORT_FORMAT", "LoadedModel", "export_subnet", "load_model", "load_subnet"]
+
+EXPORT_FORMAT = "prunetune.subnet/1"
+_FILES = ("weights.pt", "model.pt2", "model.onnx")
+
+
+class ExportParityError(PrunetuneError):
+    """The exported program or the ONNX graph does not compute what the PyTorch model does."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _max_error(reference: Tensor, other: Tensor) -> float:
+    scale = max(1.0, float(reference.abs().max()))
+    return float((reference - other).abs().max()) / scale
+
+
+def export_subnet(
+    directory: str | Path,
+    model: nn.Module,
+    spec: SubnetSpec,
+    metrics: dict[str, Any] | None = None,
+    tolerance: float = 1e-4,
+    formats: tuple[str, ...] = ("pt2", "onnx"),
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write ``model`` (already pruned to ``spec``) to ``directory`` and check its parity.
+
+    Args:
+        directory: the export directory; replaced atomically if it exists.
+        model: the physically pruned model.
+        spec: the spec it was pruned with.
+        metrics: extra figures to record (accuracy, latency); ``flops`` and ``params`` are always
+            measured on ``model`` itself.
+        tolerance: the largest output difference (relative to the output's scale, at least 1)
+            allowed between PyTorch, the exported program and onnxruntime.
+        formats: deployable formats to write besides the weights: ``pt2``, ``onnx``.
+        progress: called with a short message as each file is written.
+
+    Returns:
+        The export directory.
+
+    Raises:
+        ExportParityError: an exported format disagrees with the model beyond ``tolerance``.
+    """
+    say = progress or (lambda message: None)
+    model = model.eval()
+    generator = torch.Generator().manual_seed(0)
+    # batch 1 would be specialised to a constant by torch.export; 2 keeps the batch dynamic,
+    # and the parity check runs at another batch size to prove it
+    example = torch.randn((2, *spec.input_shape[1:]), generator=generator)
+    check_input = torch.randn((3, *spec.input_shape[1:]), generator=generator)
+    with torch.no_grad():
+        expected = model(check_input)
+    record: dict[str, Any] = {
+        "format": EXPORT_FORMAT,
+        "spec": spec.to_dict(),
+        "metrics": {
+            **(metrics or {}),
+            "flops": count_flops(model, example[:1]),
+            "params": count_params(model),
+        },
+        "parity": {},
+        "files": {},
+    }
+    with atomic_directory(directory) as staging:
+        torch.save(model.state_dict(), staging / "weights.pt")
+        say("wrote weights.pt")
+        if "pt2" in formats:
+            try:
+                program = _export_program(model, example)
+            except Exception as exc:  # torch.export raises many types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise ExportParityError(f"torch.export failed on the subnet: {first}") from exc
+            torch.export.save(program, staging / "model.pt2")
+            with torch.no_grad():
+                error = _max_error(expected, program.module()(check_input))
+            record["parity"]["pt2"] = error
+            if error > tolerance:
+                raise ExportParityError(
+                    f"torch.export program differs from the model by {error:.2e} (> {tolerance})"
+                )
+            say(f"wrote model.pt2 (parity {error:.1e})")
+        if "onnx" in formats:
+            try:
+                error = _export_onnx(model, example, check_input, expected, staging / "model.onnx")
+            except Exception as exc:  # the ONNX exporter raises many types
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+                raise ExportParityError(f"ONNX export failed on the subnet: {first}") from exc
+            record["parity"]["onnx"] = error
+            if error > tolerance:
+                raise ExportParityError(
+                    f"ONNX graph differs from the model by {error:.2e} (> {tolerance})"
+                )
+            say(f"wrote model.onnx (parity {error:.1e})")
+        for name in _FILES:
+            if (staging / name).exists():
+                record["files"][name] = _sha256(staging / name)
+        (staging / "subnet.json").write_text(json.dumps(record, indent=2) + "\n")
+    return Path(directory)
+
+
+def _export_program(model: nn.Module, example: Tensor) -> Any:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def _export_onnx(
+    model: nn.Module, example: Tensor, check_input: Tensor, expected: Tensor, path: Path
+) -> float:
+    import onnxruntime
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            dynamo=False,
+        )
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {"input": check_input.numpy()})
+    return _max_error(expected, torch.from_numpy(output))
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model loaded from a dense checkpoint or an export directory."""
+
+    model: nn.Module
+    ref: ModelRef
+    input_shape: tuple[int, ...]
+    spec: SubnetSpec | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _read_record(directory: Path) -> dict[str, Any]:
+    path = directory / "subnet.json"
+    if not path.is_file():
+        raise CheckpointError(f"{str(directory)!r} is not a subnet export: it has no subnet.json")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a prunetune export ({EXPORT_FORMAT})")
+    return record
+
+
+def load_subnet(directory: str | Path) -> LoadedModel:
+    """Rebuild an exported subnet from ``subnet.json`` and ``weights.pt``.
+
+    The dense model is rebuilt from the zoo or the user's factory, traced, pruned to the spec and
+    loaded with the exported weights (``weights_only=True``).
+
+    Raises:
+        CheckpointError: files missing, tampered with (checksum), or weights that do not fit.
+        SpecError: the spec does not fit the model it names.
+    """
+    root = Path(directory)
+    record = _read_record(root)
+    weights = root / "weights.pt"
+    if not weights.is_file():
+        raise CheckpointError(f"export {str(root)!r} has no weights.pt")
+    expected_sum = (record.get("files") or {}).get("weights.pt")
+    if expected_sum != _sha256(weights):
+        raise CheckpointError(
+            f"{str(weights)!r} does not match the checksum in subnet.json: the file was changed "
+            "or corrupted after export; export the subnet again"
+        )
+    try:
+        spec = SubnetSpec.from_dict(record["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"subnet.json in {str(root)!r} has a malformed spec: {exc}") from exc
+    dense = spec.model.build()
+    graph = ChannelGraph.trace(dense, torch.zeros(spec.input_shape))
+    spec.validate(graph)
+    pruned = prune_model(dense, graph, spec)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"{str(weights)!r} cannot be read: {exc}") from exc
+    load_state(pruned, state, str(weights))
+    return LoadedModel(
+        model=pruned.eval(),
+        ref=spec.model,
+        input_shape=spec.input_shape,
+        spec=spec,
+        metrics=dict(record.get("metrics") or {}),
+    )
+
+
+def load_model(path: str | Path, expect: ModelRef | None = None) -> LoadedModel:
+    """Load what ``--checkpoint`` names: a dense checkpoint file or a subnet export directory.
+
+    Raises:
+        CheckpointError: see :func:`load_subnet` and :func:`backend.checkpoint.load_checkpoint`.
+    """
+    source = Path(path)
+    if source.is_dir():
+        loaded = load_subnet(source)
+        if expect is not None and expect.name != loaded.ref.name:
+            raise CheckpointError(
+                f"export {str(source)!r} is of model {loaded.ref.name!r}, not {expect.name!r}"
+            )
+        return loaded
+    model, info = load_checkpoint(source, expect=expect)
+    return LoadedModel(model, info.model, info.input_shape, None, dict(info.metrics))

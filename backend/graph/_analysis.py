@@ -1,0 +1,417 @@
+"""Channel analysis of a shape-propagated fx graph: which channel dims are coupled, which fixed.
+
+Every tensor value gets :data:`Channels`: what its dim 1 is made of, as segments of slots.
+Ordinary convs and linears cut the graph (they create a new slot for their output); everything
+else either passes channels through, joins them (residual partners, concat), or is not
+understood, in which case its inputs are fixed and its output is a new fixed slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+from torch import fx, nn
+
+from backend.graph import _rules as rules
+from backend.graph._groups import Channels, Segment
+from backend.graph._records import ChannelMember
+from backend.graph._state import AnalysisState, LayerRecord, Many, NormRecord, is_multi
+from backend.graph._trace import node_shape
+
+__all__ = ["ChannelAnalysis"]
+
+
+_SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
+    nn.GroupNorm: "GroupNorm ties its channels in groups (not supported for pruning yet)",
+    nn.LayerNorm: "LayerNorm normalises across channels",
+    nn.ConvTranspose1d: "transposed convs are not supported for pruning yet",
+    nn.ConvTranspose2d: "transposed convs are not supported for pruning yet",
+    nn.PixelShuffle: "PixelShuffle moves channels into space",
+    nn.PixelUnshuffle: "PixelUnshuffle moves space into channels",
+    nn.ChannelShuffle: "ChannelShuffle permutes channels across groups",
+}
+
+
+class ChannelAnalysis(AnalysisState):
+    """Walks the fx graph once, in topological order, assigning channels to every value."""
+
+    def run(self) -> None:
+        """Analyse every node."""
+        for node in self.module.graph.nodes:
+            self.values[node] = self._visit(node)
+
+    # --- dispatch --------------------------------------------------------------------------
+
+    def _visit(self, node: fx.Node) -> Any:
+        if node.op == "placeholder":
+            return self._placeholder(node)
+        if node.op == "get_attr":
+            return self._fresh(
+                node, f"parameter or buffer '{node.target}' is used directly (node '{node.name}')"
+            )
+        if node.op == "output":
+            for source in node.all_input_nodes:
+                self._fix_value(self.values.get(source), "model output")
+            return None
+        if "tensor_meta" not in node.meta:
+            return None  # sizes, dtypes and other non-tensor values couple nothing
+        if node.op == "call_module":
+            return self._call_module(node)
+        return self._call_function(node)
+
+    def _placeholder(self, node: fx.Node) -> Any:
+        shape = node_shape(node)
+        if shape is None or len(shape) < 2:
+            return None
+        if self._input_seen:
+            return self._fresh(node, f"model input '{node.target}'")
+        self._input_seen = True
+        return (Segment(self.slots.new(shape[1], "input", "model input"), shape[1]),)
+
+    def _call_module(self, node: fx.Node) -> Any:
+        name = str(node.target)
+        module = self.submodules[name]
+        kind = type(module)
+        if kind in rules.CONV_TYPES:
+            return self._conv(node, module)
+        if kind in rules.LINEAR_TYPES:
+            return self._linear(node, module)
+        if kind in rules.NORM_TYPES:
+            return self._norm(node, module)
+        passthrough = kind in rules.PASSTHROUGH_MODULE_TYPES
+        passthrough |= isinstance(module, nn.PReLU) and module.num_parameters == 1
+        passthrough |= isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d)) and not (
+            module.affine or module.track_running_stats
+        )
+        if passthrough:
+            return self._same(node, f"module '{name}' ({kind.__name__})")
+        if kind is nn.Flatten:
+            return self._reshape(node, f"module '{name}' (Flatten)", literal_sizes=None)
+        if kind in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
+            source = node.args[0]
+            shape = node_shape(source) if isinstance(source, fx.Node) else None
+            dims = rules.normalise_dims(getattr(module, "dim", None), len(shape or ()))
+            if dims is not None and 1 not in dims:
+                return self._same(node, f"module '{name}' ({kind.__name__})")
+        reason = _SPECIAL_MODULE_REASONS.get(
+            kind, f"{kind.__name__} is not a layer prunetune knows"
+        )
+        self.unknown_modules[name] = reason
+        return self._unknown(node, f"module '{name}' ({kind.__name__}: {reason})")
+
+    def _call_function(self, node: fx.Node) -> Any:
+        name = rules.op_name(node)
+        what = rules.describe(node)
+        if name is None:
+            return self._unknown(node, what)
+        if name == "getitem":
+            return self._getitem(node, what)
+        if name in ("max", "min") and isinstance(rules.argument(node, 1, "other"), fx.Node):
+            return self._elementwise(node, what)
+        if name in rules.ELEMENTWISE_OPS:
+            return self._elementwise(node, what)
+        if name in rules.SPATIAL_OPS:
+            if name == "pad":
+                pad = rules.argument(node, 1, "pad", ())
+                shape = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+                if shape is None or len(pad) > 2 * (len(shape) - 2):
+                    return self._unknown(node, what)
+            return self._same(node, what)
+        if name in rules.RESHAPE_OPS:
+            literal = None
+            if name in ("view", "reshape"):
+                sizes = list(node.args[1:])
+                if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                    sizes = list(sizes[0])
+                literal = sizes
+            if name == "unflatten" and rules.normalise_dims(
+                rules.argument(node, 1, "dim"),
+                len(node_shape(node.args[0]) or ()),  # type: ignore[arg-type]
+            ) == (1,):
+                return self._unknown(node, f"{what} (splits the channel dim)")
+            return self._reshape(node, what, literal_sizes=literal)
+        if name in rules.PERMUTE_OPS:
+            return self._permute(node, name, what)
+        if name in rules.EXPAND_OPS:
+            return self._same(node, what)
+        if name in rules.REDUCE_OPS:
+            return self._reduce(node, what)
+        if name in rules.CAT_OPS:
+            return self._cat(node, what)
+        if name in rules.SPLIT_OPS:
+            return self._split(node, name, what)
+        if name in rules.SOFTMAX_OPS:
+            source = node.args[0]
+            shape = node_shape(source) if isinstance(source, fx.Node) else None
+            dims = rules.normalise_dims(rules.argument(node, 1, "dim"), len(shape or ()))
+            if dims is not None and 1 not in dims:
+                return self._same(node, what)
+        return self._unknown(node, what)
+
+    # --- rules -----------------------------------------------------------------------------
+
+    def _same(self, node: fx.Node, what: str) -> Any:
+        """Ops that keep dim 1 as it is (activations, pooling, dropout, expand)."""
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        out_shape = node_shape(node)
+        if (
+            channels is not None
+            and in_shape is not None
+            and out_shape is not None
+            and len(in_shape) == len(out_shape)
+            and in_shape[1] == out_shape[1]
+        ):
+            return channels
+        return self._unknown(node, what)
+
+    def _elementwise(self, node: fx.Node, what: str) -> Any:
+        out_shape = node_shape(node)
+        if out_shape is None or len(out_shape) < 2:
+            return self._unknown(node, what)
+        rank = len(out_shape)
+        joined: list[Channels] = []
+        conflict: str | None = None
+        for source in node.all_input_nodes:
+            shape = node_shape(source)
+            if shape is None or len(shape) == 0:
+                continue
+            channels = self.channels(source)
+            if channels is not None and len(shape) == rank:
+                if shape[1] == out_shape[1]:
+                    joined.append(channels)
+                elif shape[1] != 1:
+                    conflict = f"{what} at node '{node.name}' broadcasts mismatched channels"
+            elif channels is not None:
+                conflict = f"{what} at node '{node.name}' broadcasts channels along another dim"
+                self._fix(channels, conflict)
+            else:
+                position = 1 - (rank - len(shape))
+                if position >= 0 and shape[position] == out_shape[1] and out_shape[1] > 1:
+                    conflict = (
+                        f"{what} at node '{node.name}' combines them with a constant of shape "
+                        f"{tuple(shape)}"
+                    )
+        if not joined:
+            return self._unknown(node, what)
+        result = joined[0]
+        for other in joined[1:]:
+            result = self._join(result, other, node, what)
+        if conflict is not None:
+            self._fix(result, conflict)
+        return result
+
+    def _reshape(self, node: fx.Node, what: str, literal_sizes: list[Any] | None) -> Any:
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        out_shape = node_shape(node)
+        if channels is None or in_shape is None or out_shape is None:
+            return self._unknown(node, what)
+        result = rules.reshape_channels(channels, in_shape, out_shape)
+        if result is None:
+            return self._unknown(
+                node, f"{what} (shape {tuple(in_shape)} -> {tuple(out_shape)} mixes channels)"
+            )
+        if literal_sizes is not None and len(literal_sizes) >= 2:
+            size = literal_sizes[1]
+            if isinstance(size, int) and size != -1:
+                self._fix(
+                    result,
+                    f"{what} at node '{node.name}' reshapes to a fixed size {size} along dim 1 "
+                    "(compute it from the tensor, e.g. x.size(1) or -1, to let it be pruned)",
+                )
+        return result
+
+    def _permute(self, node: fx.Node, name: str, what: str) -> Any:
+        shape = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        rank = len(shape or ())
+        if name == "permute":
+            dims: Any = list(node.args[1:]) or rules.argument(node, 1, "dims")
+            if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
+                dims = dims[0]
+            order = rules.normalise_dims(tuple(dims), rank) if dims else None
+            keeps = order is not None and order[:2] == (0, 1)
+        else:
+            pair = rules.normalise_dims(
+                (rules.argument(node, 1, "dim0"), rules.argument(node, 2, "dim1")), rank
+            )
+            keeps = pair is not None and (pair[0] == pair[1] or min(pair) >= 2)
+        if keeps:
+            return self._same(node, what)
+        return self._unknown(node, f"{what} (moves the channel dim)")
+
+    def _reduce(self, node: fx.Node, what: str) -> Any:
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        shape = node_shape(source) if isinstance(source, fx.Node) else None
+        dims = rules.argument(node, 1, "dim", rules.argument(node, 1, "axis"))
+        reduced = rules.normalise_dims(dims, len(shape or ()))
+        if channels is None or reduced is None or 0 in reduced or 1 in reduced:
+            return self._unknown(node, f"{what} (reduces over the batch or channel dim)")
+        meta = node.meta.get("tensor_meta")
+        if is_multi(meta):
+            return Many(tuple(channels for _ in meta))
+        out_shape = node_shape(node)
+        if out_shape is None or shape is None or len(out_shape) < 2 or out_shape[1] != shape[1]:
+            return self._unknown(node, what)
+        return channels
+
+    def _cat(self, node: fx.Node, what: str) -> Any:
+        tensors = rules.argument(node, 0, "tensors")
+        out_shape = node_shape(node)
+        if not isinstance(tensors, (tuple, list)) or out_shape is None or len(out_shape) < 2:
+            return self._unknown(node, what)
+        parts = [self.channels(t) for t in tensors]
+        if any(part is None for part in parts):
+            return self._unknown(node, what)
+        dim = rules.argument(node, 1, "dim", rules.argument(node, 1, "axis", 0))
+        axis = rules.normalise_dims(dim, len(out_shape))
+        if axis == (1,):
+            joined = tuple(segment for part in parts for segment in part)  # type: ignore[union-attr]
+            if sum(s.size * s.mult for s in joined) != out_shape[1]:
+                return self._unknown(node, what)
+            return joined
+        if axis is None:
+            return self._unknown(node, what)
+        result: Channels = parts[0]  # type: ignore[assignment]
+        for part in parts[1:]:
+            result = self._join(result, part, node, what)  # type: ignore[arg-type]
+        return result
+
+    def _split(self, node: fx.Node, name: str, what: str) -> Any:
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        shape = node_shape(source) if isinstance(source, fx.Node) else None
+        position = 1 if name == "unbind" else 2
+        axis = rules.normalise_dims(rules.argument(node, position, "dim", 0), len(shape or ()))
+        meta = node.meta.get("tensor_meta")
+        if channels is None or axis is None or axis[0] < 2 or not is_multi(meta):
+            return self._unknown(node, f"{what} (splits along the batch or channel dim)")
+        return Many(tuple(channels for _ in meta))
+
+    def _getitem(self, node: fx.Node, what: str) -> Any:
+        source, index = node.args[0], node.args[1]
+        value = self.values.get(source) if isinstance(source, fx.Node) else None
+        if isinstance(value, Many):
+            if isinstance(index, int) and -len(value.items) <= index < len(value.items):
+                return value.items[index]
+            return self._unknown(node, what)
+        channels = self.channels(source)
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        out_shape = node_shape(node)
+        if (
+            channels is not None
+            and in_shape is not None
+            and out_shape is not None
+            and rules.index_keeps_channels(index, len(in_shape), in_shape[1], out_shape)
+        ):
+            return channels
+        return self._unknown(node, f"{what} (indexes the batch or channel dim)")
+
+    # --- layers ----------------------------------------------------------------------------
+
+    def _record_call(self, node: fx.Node, name: str, channels: Channels, what: str) -> Any:
+        """A later call of a shared module: couple its input with the first call's."""
+        record: LayerRecord | NormRecord | None = self.layers.get(name) or self.norms.get(name)
+        if record is None:
+            return None
+        record.calls += 1
+        if isinstance(record, LayerRecord):
+            self._join(record.inputs, channels, node, what)
+            outputs = record.outputs
+        else:
+            outputs = self._join(record.channels, channels, node, what)
+        self.mask_points.append((node, outputs))
+        return outputs
+
+    def _conv(self, node: fx.Node, module: nn.Module) -> Any:
+        name = str(node.target)
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        out_shape = node_shape(node)
+        if channels is None or in_shape is None or out_shape is None:
+            self.unknown_modules[name] = "its input is not a traced tensor"
+            return self._unknown(node, f"module '{name}'")
+        shared = self._record_call(node, name, channels, f"shared module '{name}'")
+        if shared is not None:
+            return shared
+        conv = cast(nn.Conv1d | nn.Conv2d, module)
+        groups, c_in, c_out = conv.groups, conv.in_channels, conv.out_channels
+        depthwise = groups > 1 and groups == c_in == c_out
+        reason = None
+        if any(s.mult != 1 for s in channels):
+            reason = f"conv '{name}' reads a tensor whose dim 1 does not hold whole channels"
+        elif groups > 1 and groups == c_in and not depthwise:
+            reason = f"conv '{name}' is depthwise with a channel multiplier of {c_out // c_in}"
+        elif groups > 1 and len(channels) > 1:
+            reason = f"grouped conv '{name}' reads a concat of several groups"
+        if reason is not None:
+            self._fix(channels, reason)
+            depthwise = False
+        offset = 0
+        for segment in channels:
+            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
+            offset += segment.size * segment.mult
+        if depthwise:
+            outputs = channels
+            self.slots.add_member(channels[0].slot, ChannelMember(name, "out"))
+        else:
+            slot = self.slots.new(c_out, name)
+            self.slots.add_member(slot, ChannelMember(name, "out"))
+            if groups > 1:
+                # every conv group must keep the same number of input and output channels
+                self.slots.add_step(slot, groups)
+                if reason is None:
+                    self.slots.add_step(channels[0].slot, groups)
+            outputs = (Segment(slot, c_out),)
+        self.layers[name] = LayerRecord(
+            name, "conv", module, channels, outputs, depthwise, in_shape[2:], out_shape[2:]
+        )
+        self.mask_points.append((node, outputs))
+        return outputs
+
+    def _linear(self, node: fx.Node, module: nn.Module) -> Any:
+        name = str(node.target)
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        if channels is None or in_shape is None or len(in_shape) != 2:
+            reason = "Linear applied to a tensor that is not [batch, features]"
+            self.unknown_modules[name] = reason
+            return self._unknown(node, f"module '{name}' ({reason})")
+        shared = self._record_call(node, name, channels, f"shared module '{name}'")
+        if shared is not None:
+            return shared
+        out_features = cast(nn.Linear, module).out_features
+        offset = 0
+        for segment in channels:
+            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
+            offset += segment.size * segment.mult
+        slot = self.slots.new(out_features, name)
+        self.slots.add_member(slot, ChannelMember(name, "out"))
+        outputs = (Segment(slot, out_features),)
+        self.layers[name] = LayerRecord(name, "linear", module, channels, outputs, False, (), ())
+        self.mask_points.append((node, outputs))
+        return outputs
+
+    def _norm(self, node: fx.Node, module: nn.Module) -> Any:
+        name = str(node.target)
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        if channels is None or in_shape is None:
+            self.unknown_modules[name] = "its input is not a traced tensor"
+            return self._unknown(node, f"module '{name}'")
+        shared = self._record_call(node, name, channels, f"shared module '{name}'")
+        if shared is not None:
+            return shared
+        offset = 0
+        for segment in channels:
+            self.slots.add_member(segment.slot, ChannelMember(name, "norm", offset, segment.mult))
+            offset += segment.size * segment.mult
+        self.norms[name] = NormRecord(name, module, channels, in_shape[2:])
+        self.mask_points.append((node, channels))
+        return channels

@@ -1,0 +1,306 @@
+"""``ChannelGraph``: a traced model's layer DAG, coupled channel groups and layer records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple, cast
+
+import networkx as nx
+from torch import Tensor, fx, nn
+
+from backend.graph._analysis import ChannelAnalysis
+from backend.graph._groups import Channels
+from backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
+from backend.graph._state import LayerRecord
+from backend.graph._trace import build_dag, propagate_shapes, trace_module
+
+__all__ = ["ChannelGraph", "MaskPoint"]
+
+
+class MaskPoint(NamedTuple):
+    """Where a group's channels are produced: the fx node whose output dim 1 they make up.
+
+    Attributes:
+        node: name of the fx node (a conv/linear call, or the norm right after it).
+        segments: the groups along dim 1 of that output, in order, with their multipliers.
+    """
+
+    node: str
+    segments: tuple[ChannelSegment, ...]
+
+
+class ChannelGraph:
+    """A model traced with torch.fx on an example input, seen as channels to prune.
+
+    Build one with :meth:`trace`. Every conv, linear and norm channel dimension belongs to exactly
+    one :class:`ChannelGroup`; groups that must be kept whole are listed with the reason in
+    :attr:`unprunable`.
+
+    Example:
+        >>> graph = ChannelGraph.trace(create_model("resnet20"), torch.randn(1, 3, 32, 32))
+        >>> [g.name for g in graph.prunable_groups][:2]
+        ['conv1', 'layer1.0.conv1']
+    """
+
+    def __init__(
+        self,
+        *,
+        dag: nx.DiGraph,
+        groups: tuple[ChannelGroup, ...],
+        layers: tuple[LayerInfo, ...],
+        norms: tuple[NormInfo, ...],
+        unprunable: dict[str, str],
+        input_shape: tuple[int, ...],
+        other_params: int,
+        leaf_modules: tuple[type[nn.Module], ...],
+        mask_points: tuple[MaskPoint, ...],
+    ) -> None:
+        """Store the parts; use :meth:`trace` to build a graph from a model."""
+        self._dag = dag
+        self._groups = groups
+        self._by_name = {group.name: group for group in groups}
+        self._layers = layers
+        self._norms = norms
+        self._unprunable = dict(unprunable)
+        self._input_shape = input_shape
+        self._other_params = other_params
+        self._leaf_modules = leaf_modules
+        self._mask_points = mask_points
+
+    @classmethod
+    def trace(
+        cls,
+        model: nn.Module,
+        example_input: Tensor,
+        *,
+        leaf_modules: Sequence[type[nn.Module]] = (),
+    ) -> ChannelGraph:
+        """Trace ``model`` on ``example_input`` and derive its channel groups.
+
+        The model is run once in eval mode without gradients (its training flags and BN
+        statistics are left as they were).
+
+        Args:
+            model: the dense model.
+            example_input: one input batch, e.g. ``torch.randn(1, 3, 32, 32)``.
+            leaf_modules: extra module types to keep as single calls instead of tracing through
+                them (their channels are kept whole).
+
+        Returns:
+            The channel graph.
+
+        Raises:
+            TypeError: ``model`` is not an ``nn.Module`` or ``example_input`` not a tensor.
+            ValueError: ``example_input`` has fewer than 2 dims or the model fails on it.
+            UnsupportedModelError: the model cannot be traced with torch.fx (data-dependent
+                control flow); the message names the offending source line.
+        """
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(example_input, Tensor):
+            raise TypeError(
+                f"example_input must be a torch.Tensor, got {type(example_input).__name__}"
+            )
+        if example_input.ndim < 2:
+            raise ValueError(
+                "example_input must have a batch and a channel dim, e.g. shape (1, 3, 32, 32); "
+                f"got shape {tuple(example_input.shape)}"
+            )
+        module = trace_module(model, leaf_modules)
+        propagate_shapes(module, model, example_input)
+        analysis = ChannelAnalysis(module)
+        analysis.run()
+        groups, slot_names = analysis.slots.build()
+
+        def segments(channels: Channels) -> tuple[ChannelSegment, ...]:
+            return tuple(ChannelSegment(slot_names[s.slot], s.mult) for s in channels)
+
+        layers = tuple(
+            _layer_info(record, segments(record.inputs), segments(record.outputs)[0].group)
+            for record in analysis.layers.values()
+        )
+        norms = tuple(
+            NormInfo(
+                name=record.name,
+                group=slot_names[record.channels[0].slot],
+                affine=bool(getattr(record.module, "affine", False)),
+                input_hw=record.input_hw,
+                calls=record.calls,
+                segments=segments(record.channels),
+            )
+            for record in analysis.norms.values()
+        )
+        unprunable = {group.name: group.reason or "" for group in groups if not group.prunable}
+        for name, reason in analysis.unknown_modules.items():
+            unprunable.setdefault(name, f"module kept whole: {reason}")
+        by_name = {group.name: group for group in groups}
+        mask_points = []
+        for node, channels in analysis.mask_points:
+            users = list(node.users)
+            if (
+                node.op == "call_module"
+                and str(node.target) in analysis.layers
+                and len(users) == 1
+                and users[0].op == "call_module"
+                and str(users[0].target) in analysis.norms
+            ):
+                continue  # the norm right after it is the mask point, so BN's shift is masked too
+            point = MaskPoint(node.name, segments(channels))
+            if any(by_name[seg.group].prunable for seg in point.segments):
+                mask_points.append(point)
+        modules = [r.module for r in analysis.layers.values()]
+        modules += [r.module for r in analysis.norms.values()]
+        counted = {id(p) for module in modules for p in module.parameters()}
+        other_params = sum(p.numel() for p in model.parameters() if id(p) not in counted)
+        channel_names = {
+            node.name: tuple(slot_names.get(s.slot, "?") for s in value)
+            for node, value in analysis.values.items()
+            if isinstance(value, tuple)
+        }
+        return cls(
+            dag=build_dag(module, channel_names),
+            groups=groups,
+            layers=layers,
+            norms=norms,
+            unprunable=unprunable,
+            input_shape=tuple(int(d) for d in example_input.shape),
+            other_params=other_params,
+            leaf_modules=tuple(leaf_modules),
+            mask_points=tuple(mask_points),
+        )
+
+    @property
+    def dag(self) -> nx.DiGraph:
+        """The fx graph as a networkx DiGraph; every edge has the tensor ``shape`` on it."""
+        return self._dag
+
+    @property
+    def groups(self) -> tuple[ChannelGroup, ...]:
+        """Every channel group, fixed ones included, ordered by first producer."""
+        return self._groups
+
+    @property
+    def prunable_groups(self) -> tuple[ChannelGroup, ...]:
+        """The groups that may be given a smaller width, in :attr:`groups` order."""
+        return tuple(group for group in self._groups if group.prunable)
+
+    @property
+    def layers(self) -> tuple[LayerInfo, ...]:
+        """Every conv and linear layer, in order of first call."""
+        return self._layers
+
+    @property
+    def norms(self) -> tuple[NormInfo, ...]:
+        """Every BatchNorm layer, in order of first call."""
+        return self._norms
+
+    @property
+    def unprunable(self) -> dict[str, str]:
+        """Fixed groups and modules kept whole, each with the reason."""
+        return dict(self._unprunable)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of the example input the graph was traced with."""
+        return self._input_shape
+
+    @property
+    def other_params(self) -> int:
+        """Parameters outside every conv, linear and norm layer (constant in the widths)."""
+        return self._other_params
+
+    @property
+    def leaf_modules(self) -> tuple[type[nn.Module], ...]:
+        """The extra leaf module types the graph was traced with."""
+        return self._leaf_modules
+
+    def trace_module(self, model: nn.Module) -> fx.GraphModule:
+        """Trace ``model`` again the way this graph was traced (same node names).
+
+        The result shares its modules with ``model``; :attr:`mask_points` name its nodes.
+
+        Raises:
+            UnsupportedModelError: the model cannot be traced.
+        """
+        return trace_module(model, self._leaf_modules)
+
+    @property
+    def mask_points(self) -> tuple[MaskPoint, ...]:
+        """Where channel masks go: after each producer of prunable channels (after its BN)."""
+        return self._mask_points
+
+    def group(self, name: str) -> ChannelGroup:
+        """The group called ``name``.
+
+        Raises:
+            KeyError: no such group; the message lists the valid names.
+        """
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(
+                f"no channel group {name!r}; groups: {', '.join(self._by_name)}"
+            ) from None
+
+    def layer(self, name: str) -> LayerInfo:
+        """The conv or linear layer called ``name``.
+
+        Raises:
+            KeyError: no such layer.
+        """
+        for layer in self._layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(f"no conv or linear layer {name!r}")
+
+    def dense_widths(self) -> dict[str, int]:
+        """Every group's width in the dense model (fixed groups included), in group order."""
+        return {group.name: group.size for group in self._groups}
+
+    def __repr__(self) -> str:
+        return (
+            f"ChannelGraph({len(self._groups)} groups, {len(self.prunable_groups)} prunable, "
+            f"{len(self._layers)} layers, {len(self._norms)} norms, input {self._input_shape})"
+        )
+
+
+def _layer_info(
+    record: LayerRecord, in_segments: tuple[ChannelSegment, ...], out_group: str
+) -> LayerInfo:
+    module = record.module
+    if isinstance(module, nn.Linear):
+        return LayerInfo(
+            name=record.name,
+            kind="linear",
+            in_segments=in_segments,
+            out_group=out_group,
+            in_channels=module.in_features,
+            out_channels=module.out_features,
+            bias=module.bias is not None,
+            calls=record.calls,
+        )
+    conv = cast(nn.Conv1d | nn.Conv2d, module)
+    padding = conv.padding
+    if isinstance(padding, str):
+        padding = tuple(
+            d * (k - 1) // 2 if padding == "same" else 0
+            for d, k in zip(conv.dilation, conv.kernel_size, strict=True)
+        )
+    return LayerInfo(
+        name=record.name,
+        kind="conv",
+        in_segments=in_segments,
+        out_group=out_group,
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=tuple(conv.kernel_size),
+        stride=tuple(conv.stride),
+        padding=tuple(int(p) for p in padding),
+        dilation=tuple(conv.dilation),
+        groups=conv.groups,
+        depthwise=record.depthwise,
+        input_hw=record.input_hw,
+        output_hw=record.output_hw,
+        bias=conv.bias is not None,
+        calls=record.calls,
+    )

@@ -1,0 +1,123 @@
+"""State shared by the channel analysis: value records, slots, and the coupling helpers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, TypeGuard
+
+from torch import fx, nn
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from backend.graph._groups import Channels, Segment, SlotSet
+
+__all__ = ["AnalysisState", "LayerRecord", "Many", "NormRecord", "is_multi"]
+
+
+@dataclass
+class LayerRecord:
+    """A conv or linear module as first called, plus its call count."""
+
+    name: str
+    kind: Literal["conv", "linear"]
+    module: nn.Module
+    inputs: Channels
+    outputs: Channels
+    depthwise: bool
+    input_hw: tuple[int, ...]
+    output_hw: tuple[int, ...]
+    calls: int = 1
+
+
+@dataclass
+class NormRecord:
+    """A norm module as first called, plus its call count."""
+
+    name: str
+    module: nn.Module
+    channels: Channels
+    input_hw: tuple[int, ...]
+    calls: int = 1
+
+
+@dataclass(frozen=True)
+class Many:
+    """The value of a node that returns several tensors (split, chunk, max with dim)."""
+
+    items: tuple[Any, ...]
+
+
+def is_multi(meta: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
+    """Whether recorded tensor metadata is for several outputs (not one tensor's NamedTuple)."""
+    return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)
+
+
+class AnalysisState:
+    """Slots, the channels of every value so far, layer records, and how to couple or fix."""
+
+    def __init__(self, module: fx.GraphModule) -> None:
+        self.module = module
+        self.submodules = dict(module.named_modules())
+        self.slots = SlotSet()
+        self.values: dict[fx.Node, Any] = {}
+        self.layers: dict[str, LayerRecord] = {}
+        self.norms: dict[str, NormRecord] = {}
+        self.unknown_modules: dict[str, str] = {}
+        self.mask_points: list[tuple[fx.Node, Channels]] = []
+        self._input_seen = False
+
+    def channels(self, node: Any) -> Channels | None:
+        """The channels of a node's single tensor output, ``None`` if it has none."""
+        if not isinstance(node, fx.Node):
+            return None
+        value = self.values.get(node)
+        return value if isinstance(value, tuple) else None
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _fix(self, channels: Channels | None, reason: str) -> None:
+        for segment in channels or ():
+            self.slots.fix(segment.slot, reason)
+
+    def _fix_value(self, value: Any, reason: str) -> None:
+        if isinstance(value, tuple):
+            self._fix(value, reason)
+        elif isinstance(value, Many):
+            for item in value.items:
+                self._fix_value(item, reason)
+
+    def _fresh(self, node: fx.Node, reason: str) -> Any:
+        """New fixed slots for whatever tensors ``node`` returns."""
+        meta = node.meta.get("tensor_meta")
+
+        def make(item: Any) -> Any:
+            if is_multi(item):
+                return Many(tuple(make(part) for part in item))
+            shape = getattr(item, "shape", None)
+            if shape is None or len(shape) < 2:
+                return None
+            return (Segment(self.slots.new(int(shape[1]), node.name, reason), int(shape[1])),)
+
+        return make(meta) if meta is not None else None
+
+    def _unknown(self, node: fx.Node, what: str) -> Any:
+        """Fix every input's channels and give the output new fixed channels."""
+        for source in node.all_input_nodes:
+            self._fix_value(
+                self.values.get(source),
+                f"reaches {what} at node '{node.name}', which cannot be pruned through",
+            )
+        return self._fresh(node, f"produced by {what} at node '{node.name}'")
+
+    def _join(self, first: Channels, second: Channels, node: fx.Node, what: str) -> Channels:
+        """Couple two tensors' channels one to one (residual partners, shared-module calls)."""
+        if [(s.size, s.mult) for s in first] == [(s.size, s.mult) for s in second]:
+            for a, b in zip(first, second, strict=True):
+                self.slots.union(a.slot, b.slot)
+        else:
+            reason = (
+                f"{what} at node '{node.name}' combines tensors whose channels are "
+                "concatenated differently"
+            )
+            self._fix(first, reason)
+            self._fix(second, reason)
+        return first

@@ -1,0 +1,170 @@
+"""Symbolic tracing with torch.fx, shape propagation on an example input, and the networkx DAG."""
+
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
+
+from backend.errors import UnsupportedModelError
+
+__all__ = ["build_dag", "node_shape", "propagate_shapes", "trace_module"]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_THIS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _Tracer(fx.Tracer):
+    """fx's default tracer (torch.nn modules are leaves) plus user-named leaf module types."""
+
+    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+        super().__init__()
+        self._leaf_types = leaf_types
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file:line: source`` of the innermost frame of ``exc`` outside torch and prunetune."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for frame in reversed(frames):
+        filename = os.path.abspath(frame.filename)
+        if filename.startswith(_TORCH_DIR) or filename.startswith(_THIS_DIR):
+            continue
+        source = (frame.line or linecache.getline(frame.filename, frame.lineno or 0)).strip()
+        location = f"{frame.filename}:{frame.lineno}"
+        return f"{location}: `{source}`" if source else location
+    return None
+
+
+def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; torch.nn modules (and ``leaf_modules``) stay single calls.
+
+    Raises:
+        UnsupportedModelError: the model cannot be traced (data-dependent control flow and
+            the like); the message quotes fx's error and the offending source line.
+    """
+    tracer = _Tracer(tuple(leaf_modules))
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        where = _user_frame(exc)
+        at = f" at {where}" if where else ""
+        raise UnsupportedModelError(
+            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}{at}. "
+            "Make its forward traceable: no Python control flow (if/for/while) on tensor values "
+            "(use torch.where or masks instead), no tensor values converted to Python numbers; or "
+            "move that code into a module and pass its type in leaf_modules (its channels are "
+            "then kept whole)"
+        ) from exc
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+class _ShapeRecorder(ShapeProp):
+    """ShapeProp that records ``tensor_meta`` without printing tracebacks on failure."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = fx.Interpreter.run_node(self, n)
+        found_tensor = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found_tensor
+            if isinstance(obj, Tensor):
+                found_tensor = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = fx.node.map_aggregate(result, extract)
+        if found_tensor:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Tensor) -> None:
+    """Run ``module`` once on ``example_input`` in eval mode, without gradients, recording shapes.
+
+    Every module's training flag is restored afterwards, so BN running statistics of ``model``
+    are left untouched.
+
+    Raises:
+        ValueError: the model fails on the example input.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            _ShapeRecorder(module).propagate(example_input.detach().clone())
+    except Exception as exc:
+        where = _user_frame(exc)
+        at = f" (at {where})" if where else ""
+        raise ValueError(
+            f"running {type(model).__name__} on example_input of shape "
+            f"{tuple(example_input.shape)} failed: {type(exc).__name__}: {exc}{at}; pass an "
+            "input the model accepts, e.g. torch.randn(1, 3, 32, 32) for a CIFAR model"
+        ) from exc
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    """The shape of ``node``'s tensor output, ``None`` when it is not one tensor."""
+    meta = node.meta.get("tensor_meta")
+    if isinstance(meta, TensorMetadata):
+        return tuple(int(d) for d in meta.shape)
+    return None
+
+
+def _value_shape(node: fx.Node) -> Any:
+    def shape(meta: Any) -> Any:
+        if isinstance(meta, TensorMetadata):
+            return tuple(int(d) for d in meta.shape)
+        if isinstance(meta, (tuple, list)):
+            return tuple(shape(item) for item in meta)
+        return None
+
+    return shape(node.meta.get("tensor_meta"))
+
+
+def build_dag(module: fx.GraphModule, channels: dict[str, tuple[str, ...]]) -> nx.DiGraph:
+    """The fx graph as a networkx DiGraph with the tensor shape on every edge.
+
+    Nodes are fx node names with attributes ``op``, ``target``, ``module_type`` (for module
+    calls), ``shape`` (the output's shape, a tuple of shapes for tuple outputs) and ``groups``
+    (the channel groups along dim 1 of the output, in order; ``"?"`` for channels that no
+    conv, linear or norm reads). Every edge carries ``shape``: the shape of the tensor that flows
+    along it (a tuple of shapes for tuple values, ``None`` for non-tensors).
+    """
+    dag = nx.DiGraph()
+    submodules = dict(module.named_modules())
+    for node in module.graph.nodes:
+        module_type = None
+        if node.op == "call_module":
+            module_type = type(submodules[str(node.target)]).__name__
+        target = (
+            node.target
+            if isinstance(node.target, str)
+            else getattr(node.target, "__name__", repr(node.target))
+        )
+        dag.add_node(
+            node.name,
+            op=node.op,
+            target=target,
+            module_type=module_type,
+            shape=_value_shape(node),
+            groups=channels.get(node.name, ()),
+        )
+        for source in node.all_input_nodes:
+            dag.add_edge(source.name, node.name, shape=_value_shape(source))
+    return dag

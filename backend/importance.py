@@ -1,0 +1,118 @@
+"""Channel importance criteria, one score per channel of every prunable group.
+
+A group's score for a channel adds up the evidence of all its members: every producing conv or
+linear (weight rows) and every norm layer over those channels. Criteria:
+
+- ``l1`` / ``l2``: norm of the producing weight rows (Li et al., 2017);
+- ``bn``: |gamma| of the norm layers (network slimming, Liu et al., 2017);
+- ``taylor``: first-order Taylor estimate of the loss change when the channel is removed,
+  ``(gamma * dL/dgamma + beta * dL/dbeta)^2`` on norm layers, or ``(sum w * dL/dw)^2`` over a
+  producing weight row where there is no norm (Molchanov et al., 2019), summed over batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backend.graph import ChannelGraph
+
+__all__ = ["IMPORTANCE_CRITERIA", "Criterion", "channel_importance"]
+
+Criterion = Literal["l1", "l2", "bn", "taylor"]
+IMPORTANCE_CRITERIA: tuple[str, ...] = get_args(Criterion)
+
+
+def channel_importance(
+    model: nn.Module,
+    graph: ChannelGraph,
+    criterion: str = "l1",
+    batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+) -> dict[str, Tensor]:
+    """Score every channel of every prunable group; higher means more important.
+
+    Args:
+        model: the dense model ``graph`` was traced from (its weights are read, not changed).
+        graph: the model's channel graph.
+        criterion: one of ``l1``, ``l2``, ``bn``, ``taylor``.
+        batches: (inputs, labels) batches, needed by ``taylor`` only.
+
+    Returns:
+        ``{group name: float tensor of shape [group size]}`` for every prunable group.
+
+    Raises:
+        ValueError: unknown criterion, or ``taylor`` without batches.
+    """
+    if criterion not in IMPORTANCE_CRITERIA:
+        raise ValueError(
+            f"unknown importance criterion {criterion!r}; valid: {', '.join(IMPORTANCE_CRITERIA)}"
+        )
+    modules = dict(model.named_modules())
+    if criterion == "taylor":
+        if batches is None:
+            raise ValueError("the taylor criterion needs data batches to take gradients on")
+        grads = _accumulate_taylor(model, batches)
+    scores: dict[str, Tensor] = {}
+    for group in graph.prunable_groups:
+        total = torch.zeros(group.size)
+        norm_seen = False
+        for member in group.members:
+            module = modules[member.module]
+            span = slice(member.offset, member.offset + group.size)
+            if member.role == "norm" and getattr(module, "weight", None) is not None:
+                norm_seen = True
+                if criterion == "bn":
+                    total += module.weight.detach()[span].abs()
+                elif criterion == "taylor":
+                    total += grads[member.module + ".norm"][span]
+            elif member.role == "out" and criterion in ("l1", "l2"):
+                rows = module.weight.detach()[span].flatten(1)
+                total += rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1)
+        if criterion == "taylor" and not norm_seen:
+            for member in group.members:
+                if member.role == "out":
+                    span = slice(member.offset, member.offset + group.size)
+                    total += grads[member.module + ".weight"][span]
+        if criterion == "l2":
+            total = total.sqrt()
+        if criterion == "bn" and not norm_seen:  # no norm layer: fall back on weight magnitude
+            for member in group.members:
+                if member.role == "out":
+                    span = slice(member.offset, member.offset + group.size)
+                    rows = modules[member.module].weight.detach()[span].flatten(1)
+                    total += rows.abs().mean(1)
+        scores[group.name] = total
+    return scores
+
+
+def _accumulate_taylor(
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
+) -> dict[str, Tensor]:
+    """Per-channel squared first-order Taylor terms for norm layers and weight rows."""
+    was_training = model.training
+    model.eval()  # keep running statistics untouched; gradients flow all the same
+    sums: dict[str, Tensor] = {}
+    for x, y in batches:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        for name, module in model.named_modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, Tensor) or weight.grad is None:
+                continue
+            if isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm):
+                term = weight.detach() * weight.grad
+                bias = getattr(module, "bias", None)
+                if isinstance(bias, Tensor) and bias.grad is not None:
+                    term = term + bias.detach() * bias.grad
+                key = name + ".norm"
+            else:
+                term = (weight.detach() * weight.grad).flatten(1).sum(1)
+                key = name + ".weight"
+            sums[key] = sums.get(key, torch.zeros_like(term)) + term.pow(2)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return sums

@@ -1,0 +1,125 @@
+"""One-shot pruning to a cost target: uniform or global allocation of channel widths.
+
+It is a useful tool on its own and the baseline every search must beat. The cost is injected as
+a predicate (``fits(widths) -> bool``), so one call serves FLOPs, parameter and latency targets,
+alone or together, without the backend knowing how costs are estimated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from backend.errors import InfeasibleTargetError
+from backend.graph import ChannelGraph, ChannelGroup
+
+__all__ = ["ALLOCATIONS", "Allocation", "global_widths", "one_shot_widths", "uniform_widths"]
+
+Allocation = Literal["uniform", "global"]
+ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
+Fits = Callable[[dict[str, int]], bool]
+
+
+def _round_width(group: ChannelGroup, width: float) -> int:
+    step = group.step
+    return int(min(group.size, max(group.min_width, step * int(width // step))))
+
+
+def uniform_widths(graph: ChannelGraph, fits: Fits, resolution: int = 40) -> dict[str, int]:
+    """The widest widths with one keep ratio for every group that still fit.
+
+    Bisection on the shared ratio (costs are monotone in it), then a greedy pass that gives back
+    single channels, widest-ratio-first, where they still fit, so rounding wastes little budget.
+
+    Raises:
+        InfeasibleTargetError: even every group at its minimum width does not fit.
+    """
+    groups = graph.prunable_groups
+
+    def at(ratio: float) -> dict[str, int]:
+        return {g.name: _round_width(g, ratio * g.size) for g in groups}
+
+    if not fits(at(0.0)):
+        raise InfeasibleTargetError(
+            "the target cannot be met: even the smallest subnet (every group at its minimum "
+            "width) exceeds it; relax the target"
+        )
+    if fits(at(1.0)):
+        return at(1.0)
+    low, high = 0.0, 1.0
+    for _ in range(resolution):
+        middle = (low + high) / 2
+        low, high = (middle, high) if fits(at(middle)) else (low, middle)
+    widths = at(low)
+    for group in sorted(groups, key=lambda g: widths[g.name] / g.size):
+        trial = dict(widths)
+        trial[group.name] = min(group.size, widths[group.name] + group.step)
+        if trial[group.name] != widths[group.name] and fits(trial):
+            widths = trial
+    return widths
+
+
+def global_widths(graph: ChannelGraph, scores: Mapping[str, Tensor], fits: Fits) -> dict[str, int]:
+    """Remove the globally least important channels until the widths fit.
+
+    Scores are normalised by their group's mean so groups of different scale compete fairly
+    (raw magnitudes would empty whole layers with small weights). Channels are removed in order of
+    normalised score, never below a group's minimum width; the number removed is found by
+    bisection (removing more never costs more).
+
+    Raises:
+        InfeasibleTargetError: even every group at its minimum width does not fit.
+    """
+    groups = graph.prunable_groups
+    order_groups: list[int] = []
+    order_scores: list[float] = []
+    for index, group in enumerate(groups):
+        normalised = scores[group.name].double() / (scores[group.name].double().mean() + 1e-12)
+        removable = group.size - group.min_width
+        lowest = torch.sort(normalised).values[:removable]
+        order_groups += [index] * removable
+        order_scores += lowest.tolist()
+    sequence = np.asarray(order_groups, dtype=np.int64)[np.argsort(order_scores, kind="stable")]
+    sizes = np.asarray([g.size for g in groups], dtype=np.int64)
+
+    def after(count: int) -> dict[str, int]:
+        removed = np.bincount(sequence[:count], minlength=len(groups))
+        return {g.name: _round_width(g, int(w)) for g, w in zip(groups, sizes - removed)}
+
+    if not fits(after(len(sequence))):
+        raise InfeasibleTargetError(
+            "the target cannot be met: even the smallest subnet (every group at its minimum "
+            "width) exceeds it; relax the target"
+        )
+    low, high = 0, len(sequence)  # after(high) fits; find the fewest removals that fit
+    if fits(after(0)):
+        return after(0)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if fits(after(middle)) else (middle, high)
+    return after(high)
+
+
+def one_shot_widths(
+    graph: ChannelGraph,
+    fits: Fits,
+    allocation: str = "global",
+    scores: Mapping[str, Tensor] | None = None,
+) -> dict[str, int]:
+    """Widths for a one-shot prune to a target, by ``uniform`` or ``global`` allocation.
+
+    Raises:
+        ValueError: unknown allocation, or ``global`` without scores.
+        InfeasibleTargetError: no subnet fits.
+    """
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+    if allocation == "uniform":
+        return uniform_widths(graph, fits)
+    if scores is None:
+        raise ValueError("global allocation needs channel importance scores")
+    return global_widths(graph, scores, fits)

@@ -1,0 +1,224 @@
+"""Physical channel pruning: build the smaller model a :class:`SubnetSpec` describes.
+
+:func:`prune_model` returns a deep copy of the dense model in which every conv, linear and
+BatchNorm layer is replaced (by qualified name) with a smaller one carrying the kept weights, so
+the user's own ``forward`` still runs. :func:`zero_pruned_channels` keeps the dense shapes and
+zeroes the removed channels at their producers: both compute the same function, which is what
+the equivalence tests check.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo
+from backend.spec import SubnetSpec
+
+__all__ = ["feature_indices", "prune_model", "zero_pruned_channels"]
+
+
+def feature_indices(
+    segments: Sequence[ChannelSegment],
+    kept: dict[str, tuple[int, ...]],
+    sizes: dict[str, int],
+) -> Tensor:
+    """Indices of the kept features along a layer's input (or a norm's) channel dimension.
+
+    Segments lie one after the other in the dense layout; each channel spans ``multiplier``
+    consecutive features (a linear after flattening an ``H x W`` map).
+    """
+    parts: list[Tensor] = []
+    offset = 0
+    for segment in segments:
+        channels = torch.tensor(kept[segment.group], dtype=torch.long)
+        span = torch.arange(segment.multiplier, dtype=torch.long)
+        parts.append((offset + channels[:, None] * segment.multiplier + span).flatten())
+        offset += sizes[segment.group] * segment.multiplier
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+
+def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Point every reference to ``old`` inside ``root`` (aliases included) at ``new``."""
+    for module in list(root.modules()):
+        for name, child in list(module._modules.items()):
+            if child is old:
+                setattr(module, name, new)
+
+
+def _parameter(value: Tensor, like: Tensor) -> nn.Parameter:
+    return nn.Parameter(value.detach().clone(), requires_grad=like.requires_grad)
+
+
+def _pruned_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Tensor) -> nn.Module:
+    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
+        raise TypeError(f"layer {layer.name!r} is a {type(conv).__name__}, expected a conv")
+    weight = conv.weight.detach()
+    if layer.depthwise:
+        groups = len(kept_out)
+        new_weight = weight[kept_out]
+        in_channels = groups
+    elif conv.groups == 1:
+        groups = 1
+        new_weight = weight[kept_out][:, kept_in]
+        in_channels = len(kept_in)
+    else:
+        groups = conv.groups
+        in_per_group = conv.in_channels // groups
+        out_per_group = conv.out_channels // groups
+        blocks = []
+        for index in range(groups):
+            rows = kept_out[(kept_out // out_per_group) == index]
+            columns = kept_in[(kept_in // in_per_group) == index] - index * in_per_group
+            blocks.append(weight[rows][:, columns])
+        new_weight = torch.cat(blocks)
+        in_channels = len(kept_in)
+    new = type(conv)(
+        in_channels,
+        len(kept_out),
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        groups=groups,
+        bias=conv.bias is not None,
+        padding_mode=conv.padding_mode,
+        device="meta",
+        dtype=weight.dtype,
+    )
+    new.weight = _parameter(new_weight, conv.weight)
+    if conv.bias is not None:
+        new.bias = _parameter(conv.bias.detach()[kept_out], conv.bias)
+    new.train(conv.training)
+    return new
+
+
+def _pruned_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> nn.Module:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
+    new = nn.Linear(
+        len(kept_in),
+        len(kept_out),
+        bias=linear.bias is not None,
+        device="meta",
+        dtype=linear.weight.dtype,
+    )
+    new.weight = _parameter(linear.weight.detach()[kept_out][:, kept_in], linear.weight)
+    if linear.bias is not None:
+        new.bias = _parameter(linear.bias.detach()[kept_out], linear.bias)
+    new.train(linear.training)
+    return new
+
+
+def _pruned_norm(norm: nn.Module, kept: Tensor) -> nn.Module:
+    if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
+        raise TypeError(f"expected a BatchNorm layer, got {type(norm).__name__}")
+    reference = norm.weight if norm.weight is not None else norm.running_mean
+    new = type(norm)(
+        len(kept),
+        eps=norm.eps,
+        momentum=norm.momentum,
+        affine=norm.affine,
+        track_running_stats=norm.track_running_stats,
+        device="meta",
+        dtype=reference.dtype if reference is not None else None,
+    )
+    if norm.weight is not None and norm.bias is not None:
+        new.weight = _parameter(norm.weight.detach()[kept], norm.weight)
+        new.bias = _parameter(norm.bias.detach()[kept], norm.bias)
+    if norm.running_mean is not None and norm.running_var is not None:
+        new.running_mean = norm.running_mean.detach()[kept].clone()
+        new.running_var = norm.running_var.detach()[kept].clone()
+    if norm.num_batches_tracked is not None:
+        new.num_batches_tracked = norm.num_batches_tracked.detach().clone()
+    new.train(norm.training)
+    return new
+
+
+def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.Module:
+    """A physically smaller copy of ``model`` keeping the channels ``spec`` says.
+
+    Every conv, linear and BatchNorm layer of ``graph`` is replaced, in a deep copy, by a new
+    smaller module with the kept weights, biases and running statistics (depthwise convs get
+    ``groups`` = their new width; grouped convs keep ``groups`` and take the kept channels of
+    each conv group). ``model`` itself is left untouched; the copy has no masks or hooks added.
+
+    Args:
+        model: the dense model ``graph`` was traced from (or one with the same structure).
+        graph: the model's channel graph.
+        spec: the subnet to build.
+
+    Returns:
+        The pruned model, in the same training mode as ``model``.
+
+    Raises:
+        SpecError: ``spec`` does not fit ``graph``.
+    """
+    kept = {
+        name: torch.tensor(v, dtype=torch.long) for name, v in spec.kept_channels(graph).items()
+    }
+    kept_tuples = {name: tuple(v.tolist()) for name, v in kept.items()}
+    sizes = {group.name: group.size for group in graph.groups}
+    pruned = copy.deepcopy(model)
+    for layer in graph.layers:
+        old = pruned.get_submodule(layer.name)
+        kept_in = feature_indices(layer.in_segments, kept_tuples, sizes)
+        if layer.kind == "conv":
+            new = _pruned_conv(old, layer, kept[layer.out_group], kept_in)
+        else:
+            new = _pruned_linear(old, kept[layer.out_group], kept_in)
+        _replace_module(pruned, old, new)
+    for norm in graph.norms:
+        old = pruned.get_submodule(norm.name)
+        indices = feature_indices(_norm_segments(norm), kept_tuples, sizes)
+        _replace_module(pruned, old, _pruned_norm(old, indices))
+    return pruned
+
+
+def _norm_segments(norm: NormInfo) -> tuple[ChannelSegment, ...]:
+    return norm.segments or (ChannelSegment(norm.group),)
+
+
+def zero_pruned_channels(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.Module:
+    """A dense copy of ``model`` whose removed channels are zeroed where they are produced.
+
+    For every prunable group, the removed channels' rows (and biases) of each producing conv or
+    linear are zeroed, and so are the weight and bias of the group's BatchNorm channels (and the
+    running mean of non-affine ones), so removed channels are exactly zero downstream of every
+    producer. Its output equals :func:`prune_model`'s as long as no op between a producer and its
+    consumers turns zeros into non-zeros (ReLU-like activations, pooling and sums do not).
+
+    Raises:
+        SpecError: ``spec`` does not fit ``graph``.
+    """
+    kept = spec.kept_channels(graph)
+    zeroed = copy.deepcopy(model)
+    with torch.no_grad():
+        for group in graph.prunable_groups:
+            removed_channels = sorted(set(range(group.size)) - set(kept[group.name]))
+            if not removed_channels:
+                continue
+            removed = torch.tensor(removed_channels, dtype=torch.long)
+            for member in group.members:
+                module = zeroed.get_submodule(member.module)
+                span = torch.arange(member.multiplier, dtype=torch.long)
+                rows = (member.offset + removed[:, None] * member.multiplier + span).flatten()
+                if member.role == "out":
+                    _zero(module, "weight", rows)
+                    _zero(module, "bias", rows)
+                elif member.role == "norm":
+                    if getattr(module, "weight", None) is not None:
+                        _zero(module, "weight", rows)
+                        _zero(module, "bias", rows)
+                    else:
+                        _zero(module, "running_mean", rows)
+    return zeroed
+
+
+def _zero(module: nn.Module, attribute: str, rows: Tensor) -> None:
+    tensor = getattr(module, attribute, None)
+    if isinstance(tensor, Tensor):
+        tensor[rows] = 0

@@ -1,0 +1,334 @@
+"""Latency prediction from a measured profile: interpolated tables, summed, plus an overhead."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, overload
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from estimators._cost import CostModel
+from estimators._groups import (
+    GraphLike,
+    GroupView,
+    HasWidths,
+    WidthsLike,
+    graph_fingerprint,
+    norm_segments,
+)
+from estimators._profile import (
+    LatencyProfile,
+    LatencyTable,
+    ProfileError,
+    layer_axes,
+    norm_axes,
+)
+
+__all__ = ["Calibration", "LatencyPredictor"]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """``latency = scale * sum(table lookups) + overhead_ms``, as fitted by least squares.
+
+    Attributes:
+        overhead_ms: time the tables do not see (pooling, additions, Python, allocation).
+        scale: multiplies the summed tables (1 unless fitted).
+        rms_error_ms: root-mean-square error on the measurements it was fitted to.
+        points: how many whole-model measurements it was fitted to (0: none, or only the
+            profile's dense-model measurement counted as 1).
+    """
+
+    overhead_ms: float
+    scale: float = 1.0
+    rms_error_ms: float = 0.0
+    points: int = 0
+
+
+def _locate_np(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cell ``low`` (``0..K-1``) and position ``t`` in ``[0, 1]`` of ``x`` on ``grid``; values
+    outside the grid are clamped to its ends. ``low + 1`` indexes the edge-padded table."""
+    if grid.size == 1:
+        return np.zeros(x.shape, dtype=np.int64), np.zeros(x.shape)
+    low = np.clip(np.searchsorted(grid, x, side="right") - 1, 0, grid.size - 2)
+    t = np.clip((x - grid[low]) / (grid[low + 1] - grid[low]), 0.0, 1.0)
+    return low, t
+
+
+def _locate_torch(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`_locate_np` in torch, differentiable in ``x`` through ``t``."""
+    if grid.numel() == 1:
+        return torch.zeros(x.shape, dtype=torch.int64, device=x.device), torch.zeros_like(x)
+    low = torch.searchsorted(grid, x.detach().contiguous(), right=True) - 1
+    low = low.clamp(0, grid.numel() - 2)
+    t = ((x - grid[low]) / (grid[low + 1] - grid[low])).clamp(0.0, 1.0)
+    return low, t
+
+
+_Array = TypeVar("_Array", np.ndarray, Tensor)
+
+
+def _bilinear(
+    v00: _Array, v01: _Array, v10: _Array, v11: _Array, t_in: _Array, t_out: _Array
+) -> _Array:
+    """Interpolate between cell corners ``v[in][out]`` at ``(t_in, t_out)`` in ``[0, 1]^2``."""
+    return v00 + t_in * (v10 - v00) + t_out * (v01 - v00 + t_in * (v11 - v10 - v01 + v00))
+
+
+class _TableUse:
+    """One table and the layers that read it, prepared for fast lookups.
+
+    The table is edge-padded by one row and column and flattened, so the four corners of a cell
+    are ``flat[base]``, ``flat[base + 1]``, ``flat[base + stride]``, ``flat[base + stride + 1]``
+    with ``base = low_in * stride + low_out``. Integer points are located through lookup arrays
+    indexed by the point itself (no search).
+    """
+
+    def __init__(self, table: LatencyTable, members: list[tuple[np.ndarray, int, int]]) -> None:
+        self.in_grid = np.array(table.in_grid, dtype=np.float64)
+        self.out_grid = np.array(table.out_grid, dtype=np.float64)
+        ms = table.ms if table.out_grid else table.ms[:, None]
+        padded = np.pad(ms, ((0, 1), (0, 1)), mode="edge")
+        self.stride = padded.shape[1]
+        self.flat = padded.ravel()
+        self.in_matrix = np.stack([m[0] for m in members], axis=1).astype(np.int64)
+        self.out_columns = np.array([m[1] for m in members], dtype=np.int64)
+        self.calls = np.array([m[2] for m in members], dtype=np.float64)
+        self.in_low, self.in_t = _locate_np(self.in_grid, np.arange(table.in_grid[-1] + 1.0))
+        self.out_low, self.out_t = np.zeros(1, dtype=np.int64), np.zeros(1)
+        if table.out_grid:
+            self.out_low, self.out_t = _locate_np(
+                self.out_grid, np.arange(table.out_grid[-1] + 1.0)
+            )
+
+    def tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
+        """``in_grid, out_grid, flat, in_matrix, calls`` in ``dtype``, and ``out_columns``."""
+        floats = (self.in_grid, self.out_grid, self.flat, self.in_matrix, self.calls)
+        return (
+            *(torch.as_tensor(array, dtype=dtype, device=device) for array in floats),
+            torch.as_tensor(self.out_columns, device=device),
+        )
+
+    def lookup(self, full_widths: np.ndarray) -> np.ndarray:
+        """Summed milliseconds of these layers for integer full widths ``(N, G_all)``."""
+        features = np.minimum(full_widths @ self.in_matrix, self.in_low.size - 1)
+        t_in = self.in_t[features]
+        base = self.in_low[features] * self.stride
+        if self.out_grid.size:
+            outputs = np.minimum(full_widths[:, self.out_columns], self.out_low.size - 1)
+            base += self.out_low[outputs]
+            t_out = self.out_t[outputs]
+            v00, v01 = self.flat[base], self.flat[base + 1]
+            v10, v11 = self.flat[base + self.stride], self.flat[base + self.stride + 1]
+            values = _bilinear(v00, v01, v10, v11, t_in, t_out)
+        else:
+            v0, v1 = self.flat[base], self.flat[base + self.stride]
+            values = v0 + t_in * (v1 - v0)
+        return values @ self.calls
+
+
+def _fit(sums: np.ndarray, times: np.ndarray, fit_scale: bool) -> tuple[float, float]:
+    """``(scale, overhead)`` with ``times ~ scale * sums + overhead``, ``scale > 0``,
+    ``overhead >= 0``: least squares where that holds, else the nearest of the simpler fits."""
+    if fit_scale:
+        design = np.stack([sums, np.ones_like(sums)], axis=1)
+        (scale, overhead), *_ = np.linalg.lstsq(design, times, rcond=None)
+        if scale > 0 and overhead >= 0:
+            return float(scale), float(overhead)
+    overhead = float(np.mean(times - sums))
+    if overhead >= 0 or not np.any(sums > 0):
+        return 1.0, max(overhead, 0.0)
+    # the tables alone exceed the measurements: shrink them rather than subtract a constant,
+    # which would predict negative times for small subnets
+    return float(times @ sums / (sums @ sums)), 0.0
+
+
+class LatencyPredictor(CostModel):
+    """Predicted latency (ms) of a subnet from a :class:`LatencyProfile` of its dense model.
+
+    Each conv/linear layer's time is bilinearly interpolated in its table at (input features,
+    output channels), depthwise convs and norms linearly in channels; times are multiplied by how
+    often the layer runs and summed. The sum is then calibrated: ``scale * sum + overhead_ms``.
+    By default the overhead makes the dense model match the profile's whole-model measurement
+    (or, when the tables already add up to more, the scale does); :meth:`calibrate` refits both
+    from a few measured subnets.
+
+    Example:
+        >>> profile = LatencyProfile.load("runs/resnet56.latency.json")
+        >>> latency = LatencyPredictor(profile, graph)
+        >>> latency.predict({"layer1.0.conv1": 8})            # ms, one candidate
+        >>> latency.calibrate([(spec.widths, measured_ms)])  # optional refinement
+
+    Raises:
+        ProfileError: the profile was made for another model (its graph fingerprint differs) or
+            lacks a table the graph needs.
+    """
+
+    metric: ClassVar[str] = "latency_ms"
+
+    def __init__(self, profile: LatencyProfile, graph: GraphLike) -> None:
+        view = GroupView.from_graph(graph)
+        super().__init__(view)
+        fingerprint = graph_fingerprint(graph)
+        if profile.fingerprint != fingerprint:
+            raise ProfileError(
+                f"latency profile was made for another model ({profile.model_id}, graph "
+                f"fingerprint {profile.fingerprint}); this graph's fingerprint is {fingerprint}. "
+                "Measure a profile for this model with `prunetune profile`."
+            )
+        self.profile = profile
+        layers: dict[str, list[tuple[np.ndarray, int, int]]] = {}
+        columns = len(view.names)
+        index = view.index
+        for layer in graph.layers:
+            in_vector = np.zeros(columns)
+            if layer.depthwise:
+                in_vector[index[layer.out_group]] = 1.0
+            else:
+                for segment in layer.in_segments:
+                    in_vector[index[segment.group]] += segment.multiplier
+            key = layer_axes(layer, view).key
+            layers.setdefault(key, []).append((in_vector, index[layer.out_group], layer.calls))
+        for norm in graph.norms:
+            in_vector = np.zeros(columns)
+            for segment in norm_segments(norm):
+                in_vector[index[segment.group]] += segment.multiplier
+            key = norm_axes(norm, view).key
+            layers.setdefault(key, []).append((in_vector, index[norm.group], norm.calls))
+        self._uses: list[_TableUse] = []
+        for key, members in layers.items():
+            table = profile.tables.get(key)
+            if table is None:
+                raise ProfileError(
+                    f"latency profile of {profile.model_id} has no table {key} that this graph "
+                    "needs; measure the profile again"
+                )
+            self._uses.append(_TableUse(table, members))
+        self._torch_cache: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, ...]]] = {}
+        self.calibration = Calibration(overhead_ms=0.0)
+        if profile.model_ms is not None and profile.model_ms > 0:
+            dense = self._raw(view.sizes[None, :])
+            scale, overhead = _fit(dense, np.array([profile.model_ms]), fit_scale=False)
+            self.calibration = Calibration(overhead_ms=overhead, scale=scale, points=1)
+
+    @overload
+    def predict(self, widths: Mapping[Any, int] | HasWidths) -> float: ...
+
+    @overload
+    def predict(
+        self, widths: np.ndarray | Sequence[int] | Sequence[Sequence[int]]
+    ) -> np.ndarray: ...
+
+    def predict(self, widths: WidthsLike) -> float | np.ndarray:
+        """Predicted latency in ms; the same as :meth:`evaluate`.
+
+        Args:
+            widths: a ``{group: width}`` mapping or ``SubnetSpec``, or integer widths of shape
+                ``(P,)`` or ``(N, P)`` ordered as :attr:`groups`.
+
+        Returns:
+            A float for a mapping or spec; an array of shape ``widths.shape[:-1]`` otherwise.
+        """
+        return self.evaluate(widths)
+
+    def calibrate(
+        self,
+        measured: Sequence[tuple[Mapping[Any, int] | HasWidths | np.ndarray, float]],
+        *,
+        fit_scale: bool = False,
+    ) -> Calibration:
+        """Fit the overhead (and optionally the scale) to whole-model measurements.
+
+        Args:
+            measured: ``(widths, ms)`` pairs: a subnet's widths (mapping, spec or ``(P,)`` array)
+                and its latency measured with :func:`measure_latency` at the profile's batch size
+                and threads.
+            fit_scale: also fit the scale on the summed tables (needs at least two subnets with
+                different predictions); otherwise the scale is 1. Either way the overhead stays
+                non-negative and the scale positive: when the tables alone exceed the
+                measurements, the scale shrinks them instead (so no prediction is negative).
+
+        Returns:
+            The new calibration, also kept by the predictor.
+
+        Raises:
+            ValueError: no measurements, a non-positive time, or too few distinct subnets to fit
+                the scale.
+        """
+        if not measured:
+            raise ValueError("calibrate needs at least one (widths, ms) measurement")
+        raw = []
+        for widths, _ in measured:
+            full, _single = self._view.full_widths(widths)
+            if full.shape[0] != 1:
+                raise ValueError("each calibration measurement must be of one subnet")
+            raw.append(float(self._raw(full)[0]))
+        times = np.array([float(ms) for _, ms in measured])
+        if not np.all(np.isfinite(times)) or np.any(times <= 0):
+            raise ValueError(f"measured latencies must be positive, got {times.tolist()}")
+        sums = np.array(raw)
+        if fit_scale and np.ptp(sums) <= 1e-9 * max(1.0, float(np.abs(sums).max())):
+            raise ValueError(
+                "fit_scale needs at least two measured subnets of different size; "
+                f"got {len(measured)} with the same predicted time"
+            )
+        scale, overhead = _fit(sums, times, fit_scale)
+        residual = times - (scale * sums + overhead)
+        self.calibration = Calibration(
+            overhead_ms=float(overhead),
+            scale=float(scale),
+            rms_error_ms=float(math.sqrt(np.mean(residual**2))),
+            points=len(measured),
+        )
+        return self.calibration
+
+    def _raw(self, full_widths: np.ndarray) -> np.ndarray:
+        """Summed table lookups for each row of integer full widths ``(N, G_all)``."""
+        total = np.zeros(full_widths.shape[0])
+        for use in self._uses:
+            total += use.lookup(full_widths)
+        return total
+
+    def _evaluate_full(self, full_widths: np.ndarray) -> np.ndarray:
+        return self.calibration.scale * self._raw(full_widths) + self.calibration.overhead_ms
+
+    def relaxed(self, alpha: Tensor) -> Tensor:
+        """Predicted latency (ms) at keep ratios ``alpha``, differentiable (piecewise linear).
+
+        Args:
+            alpha: keep ratios of shape ``(P,)`` or ``(N, P)`` ordered as :attr:`groups`.
+
+        Returns:
+            A 0-d tensor for ``(P,)``, shape ``(N,)`` for ``(N, P)``.
+
+        Raises:
+            ValueError: the last axis of ``alpha`` is not the number of prunable groups.
+        """
+        widths = self._view.float_widths(alpha)
+        key = (widths.dtype, widths.device)
+        if key not in self._torch_cache:
+            self._torch_cache[key] = [
+                use.tensors(widths.dtype, widths.device) for use in self._uses
+            ]
+        total = torch.zeros(widths.shape[0], dtype=widths.dtype, device=widths.device)
+        for use, (in_grid, out_grid, flat, in_matrix, calls, columns) in zip(
+            self._uses, self._torch_cache[key], strict=True
+        ):
+            low_in, t_in = _locate_torch(in_grid, widths @ in_matrix)
+            base = low_in * use.stride
+            if out_grid.numel():
+                low_out, t_out = _locate_torch(out_grid, widths[:, columns])
+                base = base + low_out
+                v00, v01 = flat[base], flat[base + 1]
+                v10, v11 = flat[base + use.stride], flat[base + use.stride + 1]
+                values = _bilinear(v00, v01, v10, v11, t_in, t_out)
+            else:
+                v0, v1 = flat[base], flat[base + use.stride]
+                values = v0 + t_in * (v1 - v0)
+            total = total + values @ calls
+        result = self.calibration.scale * total + self.calibration.overhead_ms
+        return result.reshape(alpha.shape[:-1])

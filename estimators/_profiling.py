@@ -1,0 +1,289 @@
+"""Measuring latency tables on this machine: :func:`profile_model` and :func:`measure_latency`."""
+
+from __future__ import annotations
+
+import datetime
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from estimators._groups import GraphLike, GroupView, graph_fingerprint
+from estimators._profile import (
+    DeviceInfo,
+    LatencyProfile,
+    LatencyTable,
+    TableAxes,
+    layer_axes,
+    norm_axes,
+)
+
+__all__ = ["ProfileProgress", "measure_latency", "profile_model"]
+
+Statistic = Literal["median", "min"]
+"""How repeated timings become one number: the median, or the minimum (steadier when busy)."""
+
+_MIN_REPEAT_S = 1e-3
+"""Each timed repeat runs the op enough times to last at least this long (timer resolution)."""
+
+_NORMS: dict[int, Callable[..., nn.Module]] = {
+    1: nn.BatchNorm1d,
+    2: nn.BatchNorm2d,
+    3: nn.BatchNorm3d,
+}
+_CONVS: dict[int, Callable[..., nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+@dataclass(frozen=True)
+class ProfileProgress:
+    """Where :func:`profile_model` is: ``done`` of ``total`` tables, the last one described."""
+
+    done: int
+    total: int
+    description: str
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _time_ms(run: Callable[[], object], warmup: int, repeats: int, statistic: Statistic) -> float:
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        probes = []
+        for _ in range(3):
+            start = time.perf_counter()
+            run()
+            probes.append(time.perf_counter() - start)
+        # the fastest probe sizes the inner loop: one stalled run must not shrink it
+        inner = max(1, int(_MIN_REPEAT_S / max(min(probes), 1e-9)))
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(inner):
+                run()
+            samples.append((time.perf_counter() - start) / inner)
+    return (statistics.median(samples) if statistic == "median" else min(samples)) * 1e3
+
+
+def _check_options(
+    batch_size: int,
+    threads: int | None,
+    widths_grid: int | Sequence[float],
+    repeats: int,
+    warmup: int,
+    statistic: str,
+) -> int | tuple[float, ...]:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
+    if statistic not in ("median", "min"):
+        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
+    if isinstance(widths_grid, int) and not isinstance(widths_grid, bool):
+        if widths_grid < 2:
+            raise ValueError(f"widths_grid must be at least 2 points per axis, got {widths_grid}")
+        return widths_grid
+    if isinstance(widths_grid, bool | str):
+        raise ValueError(
+            f"widths_grid must be an int or a sequence of keep ratios, got {widths_grid!r}"
+        )
+    ratios = tuple(float(r) for r in widths_grid)
+    if not ratios or not all(0.0 < r <= 1.0 for r in ratios):
+        raise ValueError(
+            f"widths_grid must be a number of points (>= 2) or keep ratios in (0, 1], "
+            f"got {widths_grid!r}"
+        )
+    return ratios
+
+
+def _layer_runner(
+    config: dict[str, Any], in_width: int, out_width: int, batch_size: int
+) -> Callable[[], Tensor]:
+    kind = config["kind"]
+    input_hw = tuple(config["input_hw"])
+    module: nn.Module
+    if kind == "norm":
+        dims = max(1, len(input_hw))
+        norm_class: Callable[..., nn.Module] = _NORMS[dims]
+        module = nn.Sequential(norm_class(in_width, affine=config["affine"]), nn.ReLU())
+        inputs = torch.randn(batch_size, in_width, *input_hw)
+    elif kind == "linear":
+        module = nn.Linear(in_width, out_width, bias=config["bias"])
+        inputs = torch.randn(batch_size, *input_hw, in_width)
+    else:
+        kernel = tuple(config["kernel_size"])
+        conv_class: Callable[..., nn.Module] = _CONVS[len(kernel)]
+        if config["depthwise"]:
+            groups = in_width
+            out_width = in_width * max(1, config["out_channels"] // config["in_channels"])
+        else:
+            groups = config["groups"]
+        module = conv_class(
+            in_width,
+            out_width,
+            kernel,
+            stride=tuple(config["stride"]),
+            padding=tuple(config["padding"]),
+            dilation=tuple(config["dilation"]),
+            groups=groups,
+            bias=config["bias"],
+        )
+        inputs = torch.randn(batch_size, in_width, *input_hw)
+    module.eval()
+    return lambda: module(inputs)
+
+
+def _measure_table(
+    axes: TableAxes,
+    widths_grid: int | tuple[float, ...],
+    batch_size: int,
+    timing: tuple[int, int, Statistic],
+) -> LatencyTable:
+    in_grid, out_grid = axes.grid(widths_grid)
+    config = dict(axes.config)
+    if not out_grid:
+        ms = np.array([_time_ms(_layer_runner(config, w, w, batch_size), *timing) for w in in_grid])
+    else:
+        ms = np.array(
+            [
+                [_time_ms(_layer_runner(config, i, o, batch_size), *timing) for o in out_grid]
+                for i in in_grid
+            ]
+        )
+    return LatencyTable(config, in_grid, out_grid, ms)
+
+
+def measure_latency(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    threads: int | None = None,
+    repeats: int = 10,
+    warmup: int = 3,
+    statistic: Statistic = "median",
+) -> float:
+    """The median latency of one forward pass of ``model`` on ``example_input``, in ms.
+
+    The model runs in eval mode under ``torch.inference_mode`` with ``threads`` torch threads;
+    its train/eval flags and torch's thread count are restored afterwards. Whole-model
+    measurements like this one are what :meth:`LatencyPredictor.calibrate` fits to; use the
+    profile's ``threads``, ``statistic`` and batch size.
+
+    Raises:
+        ValueError: ``threads``, ``repeats`` or ``warmup`` out of range.
+    """
+    _check_options(1, threads, 2, repeats, warmup, statistic)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with _torch_threads(threads):
+            return _time_ms(lambda: model(example_input), warmup, repeats, statistic)
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+def profile_model(
+    model: nn.Module,
+    graph: GraphLike,
+    batch_size: int = 1,
+    *,
+    threads: int | None = None,
+    widths_grid: int | Sequence[float] = 7,
+    repeats: int = 7,
+    warmup: int = 3,
+    statistic: Statistic = "median",
+    model_id: str | None = None,
+    measure_model: bool = True,
+    progress: Callable[[ProfileProgress], None] | None = None,
+) -> LatencyProfile:
+    """Measure latency tables for every layer kind ``graph`` can produce, on this machine (CPU).
+
+    Each distinct conv/linear configuration (kernel, stride, groups, spatial size, width ranges)
+    is timed once over a grid of (input features, output channels) with ``widths_grid`` points
+    per axis between its smallest and largest width; depthwise convs and norm layers (timed with
+    a ReLU after them) over a 1-D grid of channels. Each point is the median of ``repeats``
+    timed runs after ``warmup`` runs.
+
+    Args:
+        model: the dense model ``graph`` was traced from (timed whole when ``measure_model``).
+        graph: its traced graph (``ChannelGraph``).
+        batch_size: the batch size to measure at; predictions hold for this batch size.
+        threads: torch threads during measurement (default: the current count); restored after.
+        widths_grid: points per axis (>= 2), or keep ratios in (0, 1] to place them.
+        repeats: timed runs per point.
+        statistic: ``"median"`` of the repeats, or ``"min"`` (steadier when other processes
+            share the CPU).
+        warmup: untimed runs before timing.
+        model_id: a name for the model in messages (default: its class).
+        measure_model: also time the whole dense model on an input of ``graph.input_shape`` (with
+            the batch size replaced), which calibrates the predictor's overhead.
+        progress: called after each table with a :class:`ProfileProgress`.
+
+    Returns:
+        The profile; save it with :meth:`LatencyProfile.save`.
+
+    Raises:
+        ValueError: an option out of range.
+    """
+    grid = _check_options(batch_size, threads, widths_grid, repeats, warmup, statistic)
+    view = GroupView.from_graph(graph)
+    axes: dict[str, TableAxes] = {}
+    for layer in graph.layers:
+        item = layer_axes(layer, view)
+        axes.setdefault(item.key, item)
+    for norm in graph.norms:
+        item = norm_axes(norm, view)
+        axes.setdefault(item.key, item)
+    tables: dict[str, LatencyTable] = {}
+    model_ms = None
+    with _torch_threads(threads) as used_threads:
+        for done, (key, item) in enumerate(axes.items(), start=1):
+            timing = (warmup, repeats, statistic)
+            tables[key] = _measure_table(item, grid, batch_size, timing)
+            if progress is not None:
+                config = item.config
+                progress(ProfileProgress(done, len(axes), f"{config['kind']} {key}"))
+        input_shape = getattr(graph, "input_shape", None)
+        if measure_model and input_shape is not None:
+            parameter = next(model.parameters(), None)
+            dtype = parameter.dtype if parameter is not None else torch.float32
+            example = torch.randn(batch_size, *tuple(input_shape)[1:], dtype=dtype)
+            model_ms = measure_latency(
+                model, example, repeats=repeats, warmup=warmup, statistic=statistic
+            )
+    return LatencyProfile(
+        device=DeviceInfo.current(used_threads),
+        batch_size=batch_size,
+        model_id=model_id or f"{type(model).__module__}.{type(model).__qualname__}",
+        fingerprint=graph_fingerprint(graph),
+        tables=tables,
+        model_ms=model_ms,
+        settings={
+            "widths_grid": grid if isinstance(grid, int) else list(grid),
+            "repeats": repeats,
+            "warmup": warmup,
+            "statistic": statistic,
+            "min_repeat_s": _MIN_REPEAT_S,
+        },
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )

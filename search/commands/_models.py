@@ -1,0 +1,90 @@
+"""Resolving ``--model``, ``--checkpoint`` and ``--input-shape`` into a model and its graph."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from backend.export import load_model
+from backend.graph import ChannelGraph
+from backend.models import ModelRef, dataset_kwargs
+from backend.spec import SubnetSpec
+
+__all__ = ["ResolvedModel", "add_model_options", "parse_shape", "resolve_model"]
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1,3,32,32`` -> ``(1, 3, 32, 32)``.
+
+    Raises:
+        argparse.ArgumentTypeError: not a comma-separated list of at least 2 positive integers.
+    """
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) < 2 or any(d < 1 for d in shape):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a shape; write it as N,C,H,W, e.g. 1,3,32,32"
+        )
+    return shape
+
+
+def add_model_options(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
+    """``--model``, ``--checkpoint``, ``--input-shape`` and ``--num-classes``."""
+    parser.add_argument(
+        "--model", required=model_required, help="zoo name or package.module:factory"
+    )
+    parser.add_argument(
+        "--checkpoint", help="dense checkpoint file or subnet export directory to start from"
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        help="example input N,C,H,W (default: the checkpoint's, else 1,3,32,32)",
+    )
+    parser.add_argument(
+        "--num-classes", type=int, default=10, help="classes of a freshly built model"
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model ready to trace, with its identity, example input shape and (if pruned) spec."""
+
+    model: nn.Module
+    ref: ModelRef
+    input_shape: tuple[int, ...]
+    spec: SubnetSpec | None = None
+
+    def trace(self) -> ChannelGraph:
+        """The model's channel graph on a zero input of :attr:`input_shape`."""
+        return ChannelGraph.trace(self.model, torch.zeros(self.input_shape))
+
+
+def resolve_model(args: argparse.Namespace) -> ResolvedModel:
+    """Load ``--checkpoint`` if given, else build ``--model`` fresh for ``--input-shape``.
+
+    Raises:
+        ValueError: neither a model nor a checkpoint is named.
+        PrunetuneError: see :func:`backend.export.load_model` and the zoo.
+    """
+    if args.checkpoint:
+        expect = ModelRef(args.model) if args.model else None
+        loaded = load_model(args.checkpoint, expect=expect)
+        shape = args.input_shape or loaded.input_shape
+        if args.input_shape and tuple(args.input_shape[1:]) != tuple(loaded.input_shape[1:]):
+            raise ValueError(
+                f"--input-shape {','.join(map(str, args.input_shape))} does not match the "
+                f"checkpoint's {','.join(map(str, loaded.input_shape))}"
+            )
+        return ResolvedModel(loaded.model, loaded.ref, tuple(shape), loaded.spec)
+    if not args.model:
+        raise ValueError("name a model with --model (or a checkpoint with --checkpoint)")
+    shape = tuple(args.input_shape or (1, 3, 32, 32))
+    ref = ModelRef(args.model, dataset_kwargs(args.model, args.num_classes, shape[1]))
+    torch.manual_seed(0)
+    return ResolvedModel(ref.build(), ref, shape)

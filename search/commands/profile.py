@@ -1,0 +1,55 @@
+"""``prunetune profile``: measure a model's per-layer latency tables on this machine."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from backend.io import check_writable
+from estimators import ProfileProgress, profile_model
+from search.commands._common import say
+from search.commands._models import add_model_options, resolve_model
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``profile`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "profile",
+        help="measure latency tables of a model's layers on this machine",
+        description="Time every layer configuration the model's channel groups can produce, "
+        "over a grid of widths, and write a table that predicts any subnet's latency on this "
+        "machine, thread count and batch size.",
+    )
+    add_model_options(parser)
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size to measure at")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument("--grid", type=int, default=7, help="widths per axis (default 7)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed runs per point")
+    parser.add_argument("--out", required=True, help="profile JSON file to write")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Profile and save."""
+    out = check_writable(args.out)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    resolved = resolve_model(args)
+    graph = resolved.trace()
+
+    def show(progress: ProfileProgress) -> None:
+        say(f"profiling: {progress}")
+
+    profile = profile_model(
+        resolved.model,
+        graph,
+        args.batch_size,
+        threads=args.threads,
+        widths_grid=args.grid,
+        repeats=args.repeats,
+        model_id=resolved.ref.name,
+        progress=show,
+    )
+    profile.save(out)
+    say(f"wrote {out} ({len(profile.tables)} tables)")
+    return 0

@@ -1,0 +1,111 @@
+"""``prunetune prune``: one-shot pruning to a target, exported and checked."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from backend.export import export_subnet
+from backend.importance import IMPORTANCE_CRITERIA, channel_importance
+from backend.io import check_writable
+from backend.pruning import ALLOCATIONS, one_shot_widths
+from backend.spec import SubnetSpec
+from backend.surgery import prune_model
+from estimators import Target, format_metric
+from search.commands._common import say
+from search.commands._costs import add_target_options, cost_models, target_from_args
+from search.commands._models import add_model_options, resolve_model
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``prune`` subcommand."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "prune",
+        help="one-shot prune a model to a FLOPs/params/latency target and export it",
+        description="Prune a model in one shot by channel importance (the baseline every search "
+        "must beat) and export the subnet. Without --checkpoint the freshly initialised model "
+        "is pruned, which is how architectures are tried out before training.",
+    )
+    add_model_options(parser)
+    add_target_options(parser)
+    parser.add_argument(
+        "--importance",
+        choices=IMPORTANCE_CRITERIA,
+        default="l1",
+        help="channel importance criterion (taylor needs --dataset)",
+    )
+    parser.add_argument("--allocation", choices=ALLOCATIONS, default="global")
+    parser.add_argument("--dataset", help="data for the taylor criterion (digits, mnist, cifar10)")
+    parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
+    parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Prune, export, print what was kept."""
+    out = check_writable(args.out, directory=True)
+    target = target_from_args(args)
+    if args.importance == "taylor" and not args.dataset:
+        raise ValueError("--importance taylor needs --dataset to take gradients on")
+    resolved = resolve_model(args)
+    graph = resolved.trace()
+    budget = target.resolve(cost_models(graph, args.profile))
+    batches = None
+    if args.importance == "taylor":
+        from backend.data import TensorLoader, load_dataset
+
+        data = load_dataset(args.dataset, root=args.data_dir)
+        loader = TensorLoader(data.train, 64, shuffle=True)
+        batches = [batch for _, batch in zip(range(8), loader)]
+    scores = channel_importance(resolved.model, graph, args.importance, batches)
+    widths = one_shot_widths(graph, budget.fits, args.allocation, scores)
+    spec = SubnetSpec.from_widths(graph, resolved.ref, widths, scores)
+    pruned = prune_model(resolved.model, graph, spec)
+    if resolved.spec is not None:
+        spec = compose(resolved.spec, spec)
+    dense_costs = budget.evaluate(graph.dense_widths())
+    costs = budget.evaluate(widths)
+    export_subnet(
+        out,
+        pruned,
+        spec,
+        metrics={f"dense_{m}": float(v) for m, v in dense_costs.items()},
+        progress=say,
+    )
+    summary = {
+        "out": str(out),
+        "target": str(Target.from_dict(target.to_dict())),
+        "widths": widths,
+        **{m: float(v) for m, v in costs.items()},
+        **{f"dense_{m}": float(v) for m, v in dense_costs.items()},
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        for metric, value in costs.items():
+            dense = float(dense_costs[metric])
+            print(
+                f"{metric}: {format_metric(metric, dense)} -> {format_metric(metric, float(value))}"
+                f" ({100 * float(value) / dense:.1f}% of dense)"
+            )
+        print(f"exported to {out}")
+    return 0
+
+
+def compose(outer: SubnetSpec, inner: SubnetSpec) -> SubnetSpec:
+    """The spec of pruning ``inner`` out of a model already pruned by ``outer``.
+
+    Kept indices of ``inner`` count within the subnet; they are mapped back to channels of the
+    dense model, so the result rebuilds from the dense model in one step.
+    """
+    if outer.kept is None or inner.kept is None:
+        raise ValueError("both specs need kept indices to be composed")
+    kept = dict(outer.kept)
+    widths = dict(outer.widths)
+    for name, indices in inner.kept.items():
+        base = outer.kept.get(name)
+        kept[name] = tuple(base[i] for i in indices) if base is not None else indices
+        widths[name] = len(indices)
+    return SubnetSpec(model=outer.model, input_shape=outer.input_shape, widths=widths, kept=kept)

@@ -1,0 +1,259 @@
+"""Small test-only architectures that exercise every channel-coupling pattern the graph handles."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backend.models import create_model, list_models
+
+
+def _conv_bn(
+    in_ch: int, out_ch: int, kernel: int = 3, stride: int = 1, groups: int = 1
+) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_ch, out_ch, kernel, stride, kernel // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(out_ch),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ResNeXtBlockNet(nn.Module):
+    """Stem, one ResNeXt bottleneck (1x1, grouped 3x3 with groups=4, 1x1) with a residual."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 32)
+        self.reduce = _conv_bn(32, 64, kernel=1)
+        self.grouped = _conv_bn(64, 64, kernel=3, groups=4)
+        self.expand = nn.Conv2d(64, 32, 1, bias=False)
+        self.expand_bn = nn.BatchNorm2d(32)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        out = self.expand_bn(self.expand(self.grouped(self.reduce(x))))
+        x = F.relu(out + x)
+        return self.fc(self.pool(x).flatten(1))
+
+
+class DenseNetStyle(nn.Module):
+    """Two DenseNet layers (BN-ReLU-conv on ``cat([x, f(x)])``), then a transition conv."""
+
+    def __init__(self, num_classes: int = 10, growth: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv1 = nn.Conv2d(16, growth, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16 + growth)
+        self.conv2 = nn.Conv2d(16 + growth, growth, 3, padding=1, bias=False)
+        self.bn_transition = nn.BatchNorm2d(16 + 2 * growth)
+        self.transition = nn.Conv2d(16 + 2 * growth, 16, 1, bias=False)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = torch.cat([x, self.conv1(F.relu(self.bn1(x)))], 1)
+        x = torch.cat([x, self.conv2(F.relu(self.bn2(x)))], dim=1)
+        x = self.transition(F.relu(self.bn_transition(x)))
+        x = F.avg_pool2d(x, 2)
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class SqueezeExcitationNet(nn.Module):
+    """A conv block with a squeeze-and-excitation gate ``x * sigmoid(fc(...))`` and a residual."""
+
+    def __init__(self, num_classes: int = 10, reduction: int = 4) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 32)
+        self.conv = nn.Conv2d(32, 32, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(32)
+        self.squeeze = nn.Linear(32, 32 // reduction)
+        self.excite = nn.Linear(32 // reduction, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        out = self.bn(self.conv(x))
+        batch, channels = out.shape[0], out.shape[1]
+        gate = F.adaptive_avg_pool2d(out, 1).view(batch, channels)
+        gate = torch.sigmoid(self.excite(F.relu(self.squeeze(gate))))
+        out = out * gate.view(batch, channels, 1, 1)
+        x = F.relu(out + x)
+        return self.fc(x.mean((2, 3)))
+
+
+class InceptionStyle(nn.Module):
+    """An inception block: 1x1, 1x1-3x3 and pool-1x1 branches concatenated on channels."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.branch1 = _conv_bn(16, 8, kernel=1)
+        self.branch3_reduce = _conv_bn(16, 8, kernel=1)
+        self.branch3 = _conv_bn(8, 12, kernel=3)
+        self.pool = nn.MaxPool2d(3, stride=1, padding=1)
+        self.branch_pool = _conv_bn(16, 4, kernel=1)
+        self.bn = nn.BatchNorm2d(24)
+        self.head = nn.Conv2d(24, 16, 1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        branches = [
+            self.branch1(x),
+            self.branch3(self.branch3_reduce(x)),
+            self.branch_pool(self.pool(x)),
+        ]
+        x = F.relu(self.bn(torch.cat(branches, 1)))
+        x = F.relu(self.head(x))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class FunctionalNet(nn.Module):
+    """Activations and pooling written as functions and tensor methods instead of modules."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.conv3 = nn.Conv2d(24, 32, 3, stride=2, padding=1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = F.max_pool2d(x, 2)
+        x = self.conv3(x).relu()
+        x = x * torch.sigmoid(x.mean(dim=[2, 3], keepdim=True))
+        pooled = x.mean((2, 3)) + torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
+        return self.fc(F.dropout(pooled, 0.1, self.training))
+
+
+class SharedConvNet(nn.Module):
+    """One 3x3 conv module applied twice (with its own BN after each call)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.bn0 = nn.BatchNorm2d(16)
+        self.shared = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.conv = nn.Conv2d(16, 24, 3, stride=2, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(24)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(self.bn1(self.shared(x)))
+        x = F.relu(self.bn2(self.shared(x)))
+        x = F.relu(self.bn3(self.conv(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+class FlattenLinearNet(nn.Module):
+    """A conv stack whose 4x4 map is flattened into a two-layer linear head."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(_conv_bn(3, 8, stride=2), _conv_bn(8, 12, stride=2))
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.fc1 = nn.Linear(12 * 4 * 4, 32)
+        self.bn = nn.BatchNorm1d(32)
+        self.fc2 = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.features(x))
+        x = x.view(x.size(0), -1)
+        return self.fc2(F.relu(self.bn(self.fc1(x))))
+
+
+class ChannelShuffleNet(nn.Module):
+    """A ShuffleNet-style channel shuffle (view-transpose-reshape), which mixes channels."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn(3, 16)
+        self.conv2 = _conv_bn(16, 16)
+        self.conv3 = _conv_bn(16, 24)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv1(x)
+        n, c, h, w = x.shape
+        x = x.view(n, 4, c // 4, h, w).transpose(1, 2).reshape(n, c, h, w)
+        x = self.conv3(self.conv2(x))
+        return self.fc(x.mean((2, 3)))
+
+
+class HardCodedViewNet(nn.Module):
+    """A head that reshapes with a literal channel count, so its group must stay whole."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = _conv_bn(3, 8)
+        self.conv2 = _conv_bn(8, 16)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pool(self.conv2(self.conv1(x)))
+        return self.fc(x.view(-1, 16))
+
+
+class UntraceableNet(nn.Module):
+    """Data-dependent control flow: cannot be traced symbolically."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.sum() > 0:
+            return self.conv(x)
+        return self.conv(-x)
+
+
+ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
+    "resnext_block": ResNeXtBlockNet,
+    "densenet_style": DenseNetStyle,
+    "squeeze_excitation": SqueezeExcitationNet,
+    "inception_style": InceptionStyle,
+    "functional": FunctionalNet,
+    "shared_conv": SharedConvNet,
+    "flatten_linear": FlattenLinearNet,
+}
+"""Test architectures that every graph, surgery and mask contract runs on."""
+
+ALL_MODELS = [*list_models(), *ARCHITECTURES]
+
+
+def build(name: str, seed: int = 0) -> nn.Module:
+    """A zoo model (3 input channels) or test architecture in eval mode with random BN state.
+
+    BatchNorm running statistics and affine parameters are random and non-trivial, so a channel
+    that leaks through a BN shift would show in the equivalence tests.
+    """
+    torch.manual_seed(seed)
+    model = (
+        create_model(name, num_classes=10, in_channels=3)
+        if name in list_models()
+        else (ARCHITECTURES[name]())
+    )
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                size = module.num_features
+                module.running_mean.copy_(torch.randn(size, generator=generator) * 0.2)
+                module.running_var.copy_(torch.rand(size, generator=generator) + 0.5)
+                module.weight.copy_(torch.randn(size, generator=generator))
+                module.bias.copy_(torch.randn(size, generator=generator))
+    return model.eval()

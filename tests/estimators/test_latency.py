@@ -1,0 +1,342 @@
+"""Latency profiles and the predictor: measurement plumbing, files, interpolation, calibration."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from backend.graph._records import ChannelSegment, LayerInfo
+from estimators import (
+    DeviceInfo,
+    LatencyPredictor,
+    LatencyProfile,
+    LatencyTable,
+    ProfileError,
+    ProfileMismatchWarning,
+    ProfileProgress,
+    graph_fingerprint,
+    measure_latency,
+    profile_model,
+)
+from tests.estimators._fakes import TINY_INPUT, FakeGraph, chain_graph, tiny_graph, tiny_net
+from tests.estimators._zoo import pruned, traced
+
+FAST: dict[str, Any] = {"widths_grid": 3, "repeats": 1, "warmup": 1, "measure_model": False}
+
+
+@pytest.fixture(scope="module")
+def chain() -> FakeGraph:
+    return chain_graph((8, 16, 16, 16), hw=4)
+
+
+@pytest.fixture(scope="module")
+def chain_profile(chain: FakeGraph) -> LatencyProfile:
+    return profile_model(torch.nn.Identity(), chain, batch_size=2, **FAST)
+
+
+def with_tables(
+    profile: LatencyProfile, make_ms: Callable[[LatencyTable], np.ndarray]
+) -> LatencyProfile:
+    """``profile`` with every table's times replaced by ``make_ms(table)``."""
+    tables = {
+        key: LatencyTable(t.config, t.in_grid, t.out_grid, np.asarray(make_ms(t), dtype=float))
+        for key, t in profile.tables.items()
+    }
+    return dataclasses.replace(profile, tables=tables, model_ms=None)
+
+
+def bilinear_ms(table: LatencyTable) -> np.ndarray:
+    """A time that bilinear interpolation reproduces exactly: ``1 + 0.1 i + 0.2 o + 0.01 i o``."""
+    i = np.array(table.in_grid, dtype=float)
+    if not table.out_grid:
+        return 0.5 + 0.05 * i
+    o = np.array(table.out_grid, dtype=float)
+    return 1 + 0.1 * i[:, None] + 0.2 * o[None, :] + 0.01 * i[:, None] * o[None, :]
+
+
+def bilinear_reference(graph: FakeGraph, widths: dict[str, int]) -> float:
+    """Sum of ``bilinear_ms`` over the graph's layers and norms, computed from the records."""
+    width = {group.name: widths.get(group.name, group.size) for group in graph.groups}
+    total = 0.0
+    for layer in graph.layers:
+        out = width[layer.out_group]
+        if layer.depthwise:
+            total += (0.5 + 0.05 * out) * layer.calls
+            continue
+        features = sum(width[s.group] * s.multiplier for s in layer.in_segments)
+        total += (1 + 0.1 * features + 0.2 * out + 0.01 * features * out) * layer.calls
+    for norm in graph.norms:
+        channels = sum(width[s.group] * s.multiplier for s in norm.segments) or width[norm.group]
+        total += (0.5 + 0.05 * channels) * norm.calls
+    return total
+
+
+def test_profile_measures_each_distinct_layer_once(chain: FakeGraph) -> None:
+    seen: list[ProfileProgress] = []
+    threads = torch.get_num_threads()
+    profile = profile_model(
+        torch.nn.Identity(), chain, batch_size=2, threads=1, progress=seen.append, **FAST
+    )
+    # conv0 (image->8), conv1 (8->16), conv2 = conv3 (16->16), fc; norms bn0 (8), bn1..3 (16)
+    assert len(profile.tables) == 6
+    assert [p.done for p in seen] == list(range(1, 7)) and seen[-1].total == 6
+    assert torch.get_num_threads() == threads
+    assert profile.device.threads == 1 and profile.batch_size == 2
+    assert profile.fingerprint == graph_fingerprint(chain)
+    for table in profile.tables.values():
+        assert (table.ms > 0).all()
+        assert len(table.in_grid) in (1, 3) and len(table.out_grid) in (0, 1, 3)
+
+
+def test_profile_options_are_checked(chain: FakeGraph) -> None:
+    model = torch.nn.Identity()
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+        profile_model(model, chain, batch_size=0)
+    with pytest.raises(ValueError, match="widths_grid must be at least 2 points"):
+        profile_model(model, chain, widths_grid=1)
+    with pytest.raises(ValueError, match="keep ratios in"):
+        profile_model(model, chain, widths_grid=(0.5, 1.5))
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        profile_model(model, chain, threads=0)
+
+
+def test_grid_of_keep_ratios_and_steps() -> None:
+    graph = tiny_graph()
+    profile = profile_model(
+        tiny_net({}), graph, widths_grid=(0.5, 1.0), repeats=1, warmup=1, measure_model=False
+    )
+    grids = {(t.config["kind"], t.config.get("groups")): t for t in profile.tables.values()}
+    grouped = grids["conv", 2]  # stem (2..16 step 2) -> mid (2..12 step 2), groups=2
+    assert grouped.in_grid == (2, 8, 16) and grouped.out_grid == (2, 6, 12)
+    depthwise = grids["conv", 16]
+    assert depthwise.in_grid == (2, 8, 16) and depthwise.out_grid == ()
+
+
+def test_save_load_round_trip(tmp_path: Path, chain_profile: LatencyProfile) -> None:
+    path = chain_profile.save(tmp_path / "sub" / "profile.json")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = LatencyProfile.load(path, threads=chain_profile.device.threads, batch_size=2)
+    assert loaded.to_dict() == chain_profile.to_dict()
+    assert [p.name for p in path.parent.iterdir()] == ["profile.json"]
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda text: text[: len(text) // 2], "is not valid JSON"),
+        (lambda text: text.replace('"schema": 1', '"schema": 99'), "schema version 99"),
+        (lambda text: "[1, 2]", "expected a JSON object"),
+        (lambda text: text.replace('"batch_size": 2', '"batch_size": -1'), "'batch_size' must"),
+    ],
+)
+def test_corrupt_profile_is_a_clear_error(
+    tmp_path: Path, chain_profile: LatencyProfile, corrupt: Callable[[str], str], message: str
+) -> None:
+    path = chain_profile.save(tmp_path / "profile.json")
+    path.write_text(corrupt(path.read_text()))
+    with pytest.raises(ProfileError, match=message) as caught:
+        LatencyProfile.load(path)
+    assert str(path) in str(caught.value)
+
+
+def test_malformed_table_and_missing_file(tmp_path: Path, chain_profile: LatencyProfile) -> None:
+    data = chain_profile.to_dict()
+    key = next(iter(data["tables"]))
+    data["tables"][key]["ms"] = [1.0]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=f"table '{key}': 'ms' has shape"):
+        LatencyProfile.load(path)
+    with pytest.raises(ProfileError, match=r"cannot read latency profile .*missing\.json"):
+        LatencyProfile.load(tmp_path / "missing.json")
+
+
+def test_profile_from_elsewhere_warns_with_what_differs(
+    tmp_path: Path, chain_profile: LatencyProfile
+) -> None:
+    device = dataclasses.replace(
+        chain_profile.device, cpu_model="Imaginary CPU 9000", threads=chain_profile.device.threads
+    )
+    path = dataclasses.replace(chain_profile, device=device).save(tmp_path / "other.json")
+    with pytest.warns(ProfileMismatchWarning, match="cpu_model 'Imaginary CPU 9000' vs"):
+        LatencyProfile.load(path, threads=device.threads)
+    with pytest.warns(ProfileMismatchWarning, match=r"threads 1 vs 7.*batch_size 2 vs 8") as record:
+        LatencyProfile.load(
+            dataclasses.replace(
+                chain_profile, device=dataclasses.replace(chain_profile.device, threads=1)
+            ).save(tmp_path / "threads.json"),
+            threads=7,
+            batch_size=8,
+        )
+    assert "threads.json" in str(record[0].message)
+
+
+def test_device_info_differences() -> None:
+    here = DeviceInfo.current(threads=3)
+    assert here.threads == 3 and here.torch_version == torch.__version__
+    assert here.differences(dataclasses.replace(here, machine="riscv")) == [
+        f"machine {here.machine!r} vs 'riscv'"
+    ]
+
+
+def test_predictor_rejects_profile_of_another_graph(chain_profile: LatencyProfile) -> None:
+    with pytest.raises(ProfileError, match=r"made for another model .*Measure a profile"):
+        LatencyPredictor(chain_profile, chain_graph((8, 16, 32), hw=4))
+    missing = dataclasses.replace(chain_profile, tables={})
+    with pytest.raises(ProfileError, match="has no table"):
+        LatencyPredictor(missing, chain_graph((8, 16, 16, 16), hw=4))
+
+
+def two_conv_graph() -> FakeGraph:
+    """image (3) -> conv a (8) -> conv b (12): tables T0 over a (1-D in practice) and T1 (a, b)."""
+    base = chain_graph((8, 12), hw=4)
+    return FakeGraph(base.groups[:-1], base.layers[:2], (), 0, base.input_shape)
+
+
+def test_interpolation_is_exact_at_grid_points() -> None:
+    graph = two_conv_graph()
+    rng = np.random.default_rng(0)
+    profile = with_tables(
+        profile_model(torch.nn.Identity(), graph, **FAST),
+        lambda t: rng.uniform(0.1, 2.0, size=np.shape(t.ms)),
+    )
+    first, second = sorted(profile.tables.values(), key=lambda t: len(t.in_grid))
+    assert first.in_grid == (3,) and second.in_grid == first.out_grid
+    predictor = LatencyPredictor(profile, graph)
+    assert predictor.calibration.overhead_ms == 0.0
+    for i, a in enumerate(first.out_grid):
+        for j, b in enumerate(second.out_grid):
+            expected = first.ms[0, i] + second.ms[i, j]
+            assert predictor.predict({"conv0": a, "conv1": b}) == pytest.approx(expected, 1e-12)
+    # between grid points it is linear in each axis
+    (a0, a1), b = first.out_grid[:2], second.out_grid[1]
+    assert a1 - a0 > 1
+    ends = [predictor.predict({"conv0": a, "conv1": b}) for a in (a0, a1)]
+    for a in range(a0 + 1, a1):
+        t = (a - a0) / (a1 - a0)
+        between = predictor.predict({"conv0": a, "conv1": b})
+        assert between == pytest.approx((1 - t) * ends[0] + t * ends[1], 1e-12)
+
+
+@pytest.mark.parametrize("make_graph", [tiny_graph, lambda: chain_graph((8, 16, 16, 16), hw=4)])
+def test_bilinear_tables_are_reproduced_everywhere(make_graph: Callable[[], FakeGraph]) -> None:
+    graph = make_graph()
+    profile = with_tables(profile_model(torch.nn.Identity(), graph, **FAST), bilinear_ms)
+    predictor = LatencyPredictor(profile, graph)
+    rng = np.random.default_rng(1)
+    steps = np.array([g.step for g in graph.prunable_groups])
+    rows = rng.integers(1, predictor.sizes // steps + 1, size=(40, len(steps))) * steps
+    batch = predictor.predict(rows)
+    expected = [
+        bilinear_reference(graph, dict(zip(predictor.groups, r.tolist(), strict=True)))
+        for r in rows
+    ]
+    np.testing.assert_allclose(batch, expected, rtol=1e-12)
+    one_by_one = [
+        predictor.predict(dict(zip(predictor.groups, r.tolist(), strict=True))) for r in rows
+    ]
+    np.testing.assert_allclose(batch, one_by_one, rtol=1e-12)
+    alpha = torch.tensor(rows / predictor.sizes, dtype=torch.float64, requires_grad=True)
+    relaxed = predictor.relaxed(alpha)
+    np.testing.assert_allclose(relaxed.detach().numpy(), expected, rtol=1e-12)
+    relaxed.sum().backward()
+    assert alpha.grad is not None and torch.isfinite(alpha.grad).all()
+    assert (alpha.grad > 0).all()  # every table grows with both widths here
+    assert predictor.relaxed(alpha[0].detach()).shape == ()
+    assert predictor.dense == pytest.approx(bilinear_reference(graph, {}), rel=1e-12)
+    assert predictor.minimum < predictor.dense
+
+
+def test_calibration_fits_overhead_and_scale(
+    chain_profile: LatencyProfile, chain: FakeGraph
+) -> None:
+    profile = with_tables(chain_profile, bilinear_ms)
+    predictor = LatencyPredictor(profile, chain)
+    candidates = [{"conv0": 4, "conv1": 8}, {"conv1": 4, "conv3": 2}, {}, {"conv2": 1}]
+    raw = [predictor.predict(c) for c in candidates]
+    measured = [(c, 2.0 * r + 0.5) for c, r in zip(candidates, raw, strict=True)]
+    fitted = predictor.calibrate(measured, fit_scale=True)
+    assert fitted.scale == pytest.approx(2.0) and fitted.overhead_ms == pytest.approx(0.5)
+    assert fitted.rms_error_ms == pytest.approx(0.0, abs=1e-9) and fitted.points == 4
+    assert predictor.predict({}) == pytest.approx(2.0 * raw[2] + 0.5)
+    alpha = torch.ones(len(predictor.groups), dtype=torch.float64)
+    assert predictor.relaxed(alpha).item() == pytest.approx(2.0 * raw[2] + 0.5)
+    only_overhead = predictor.calibrate([(candidates[0], raw[0] + 3.0)])
+    assert only_overhead.scale == 1.0 and only_overhead.overhead_ms == pytest.approx(3.0)
+    shrunk = predictor.calibrate([(c, 0.5 * r) for c, r in zip(candidates, raw, strict=True)])
+    assert shrunk.overhead_ms == 0.0 and shrunk.scale == pytest.approx(0.5)
+    steep = [(c, 3.0 * r - 0.9 * min(raw)) for c, r in zip(candidates, raw, strict=True)]
+    constrained = predictor.calibrate(steep, fit_scale=True)
+    assert constrained.scale > 0 and constrained.overhead_ms >= 0
+    assert predictor.minimum > 0
+    with pytest.raises(ValueError, match="at least one"):
+        predictor.calibrate([])
+    with pytest.raises(ValueError, match="fit_scale needs at least two measured subnets"):
+        predictor.calibrate([(candidates[0], 1.0)], fit_scale=True)
+    with pytest.raises(ValueError, match="must be positive"):
+        predictor.calibrate([(candidates[0], -1.0)])
+
+
+def test_dense_measurement_sets_the_default_overhead() -> None:
+    graph = tiny_graph()
+    profile = profile_model(tiny_net({}), graph, widths_grid=2, repeats=1, warmup=1)
+    assert profile.model_ms is not None and profile.model_ms > 0
+    predictor = LatencyPredictor(profile, graph)
+    assert predictor.calibration.points == 1
+    assert predictor.dense == pytest.approx(profile.model_ms, rel=1e-9)
+
+
+def test_measure_latency_restores_modes_and_threads() -> None:
+    net = tiny_net({}).train()
+    threads = torch.get_num_threads()
+    ms = measure_latency(net, torch.randn(TINY_INPUT), threads=1, repeats=2, warmup=1)
+    assert ms > 0 and math.isfinite(ms)
+    assert net.training and all(m.training for m in net.modules())
+    assert torch.get_num_threads() == threads
+
+
+def test_linear_layer_on_sequences_is_profiled() -> None:
+    graph = chain_graph((4,), hw=4)
+    token = LayerInfo(
+        name="fc",
+        kind="linear",
+        in_segments=(ChannelSegment("conv0"),),
+        out_group="logits",
+        in_channels=4,
+        out_channels=10,
+        input_hw=(5,),
+        output_hw=(5,),
+        bias=False,
+    )
+    graph = dataclasses.replace(graph, layers=(graph.layers[0], token))
+    profile = profile_model(torch.nn.Identity(), graph, **FAST)
+    assert LatencyPredictor(profile, graph).predict({"conv0": 2}) > 0
+
+
+@pytest.mark.slow
+def test_zoo_profile_round_trip_predict_and_calibrate(tmp_path: Path) -> None:
+    model, graph, example = traced("resnet20")
+    profile = profile_model(model, graph, widths_grid=3, repeats=3, warmup=1)
+    assert len(profile.tables) < len(graph.layers) + len(graph.norms)  # identical layers share
+    loaded = LatencyProfile.load(profile.save(tmp_path / "resnet20.json"))
+    predictor = LatencyPredictor(loaded, graph)
+    assert profile.model_ms is not None
+    assert predictor.dense == pytest.approx(profile.model_ms, rel=1e-9)
+    half = {g.name: max(g.step, g.size // 2 // g.step * g.step) for g in graph.prunable_groups}
+    measured = measure_latency(pruned("resnet20", half), example, repeats=5)
+    fitted = predictor.calibrate([({}, profile.model_ms), (half, measured)], fit_scale=True)
+    assert fitted.scale > 0 and fitted.overhead_ms >= 0 and math.isfinite(fitted.rms_error_ms)
+    assert predictor.predict(half) > 0 and predictor.minimum > 0
+    _, other, _ = traced("resnet32")
+    with pytest.raises(ProfileError, match="made for another model"):
+        LatencyPredictor(loaded, other)

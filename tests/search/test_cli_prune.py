@@ -1,0 +1,78 @@
+"""``prunetune prune`` and ``prunetune inspect`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend.export import load_subnet
+from backend.measure import count_flops
+from search.cli import main
+
+
+def test_prune_exports_a_subnet_that_meets_the_target(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", "resnet20", "--input-shape", "1,3,16,16", "--flops", "50%"]
+    assert main([*argv, "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    loaded = load_subnet(out)
+    measured = count_flops(loaded.model, torch.zeros(1, 3, 16, 16))
+    assert measured == summary["flops"] <= 0.5 * summary["dense_flops"]
+    assert measured >= 0.45 * summary["dense_flops"]
+
+
+def test_prune_from_a_checkpoint_and_again_from_the_export(tmp_path: Path) -> None:
+    dense = tmp_path / "dense.pt"
+    assert main(["train", "--model", "small_cnn", "--epochs", "0.2", "--out", str(dense)]) == 0
+    first = tmp_path / "first"
+    argv = ["prune", "--checkpoint", str(dense), "--flops", "60%", "--importance", "taylor"]
+    assert main([*argv, "--dataset", "digits", "--out", str(first)]) == 0
+    second = tmp_path / "second"
+    assert main(["prune", "--checkpoint", str(first), "--params", "50%", "--out", str(second)]) == 0
+    once, twice = load_subnet(first), load_subnet(second)
+    assert sum(p.numel() for p in twice.model.parameters()) <= 0.5 * sum(
+        p.numel() for p in once.model.parameters()
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "resnet20", "--flops", "150%"], "above the dense model"),
+        (["--model", "resnet20", "--flops", "0.001%"], "below the smallest subnet"),
+        (["--model", "resnet20"], "give a target"),
+        (["--model", "resnet20", "--flops", "half"], "cannot read flops target 'half'"),
+        (["--model", "resnet20", "--latency", "2ms"], "needs a latency profile"),
+        (["--model", "resnet20", "--flops", "50%", "--input-shape", "3,a"], "not a shape"),
+        (["--model", "nosuch", "--flops", "50%"], "unknown model 'nosuch'"),
+        (["--checkpoint", "/no/such.pt", "--flops", "50%"], "does not exist"),
+    ],
+)
+def test_prune_bad_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code = main(["prune", *argv, "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert message in err[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_inspect_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--model", "resnet20", "--input-shape", "1,3,32,32", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["flops"] == 40_813_184  # MACs with option-B shortcuts, FlopCounterMode / 2
+    assert report["params"] == 272_474
+    assert report["unprunable"] == {"input": "model input", "fc": "model output"}
+    assert sum(g["prunable"] for g in report["groups"]) == 12
+
+
+def test_inspect_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--model", "mobilenetv2"]) == 0
+    out = capsys.readouterr().out
+    assert "prunable channel groups" in out and "kept whole" in out
