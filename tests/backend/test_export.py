@@ -16,6 +16,7 @@ from backend.measure import count_flops
 from backend.models import ModelRef
 from backend.spec import SubnetSpec
 from backend.surgery import prune_model
+from tests.backend.architectures import ALL_MODELS, ARCHITECTURES, build
 
 Exported = tuple[Path, torch.nn.Module, SubnetSpec]
 
@@ -129,3 +130,28 @@ def test_failed_export_leaves_the_previous_one(tmp_path: Path, exported: Exporte
         export_subnet(out, Drifting(pruned), spec)
     assert (out / "subnet.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["subnet"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_every_architecture_exports_and_reloads_with_parity(tmp_path: Path, name: str) -> None:
+    dense = build(name)
+    if name in ARCHITECTURES:
+        ref = ModelRef(f"tests.backend.architectures:{ARCHITECTURES[name].__name__}")
+    else:
+        ref = ModelRef(name, {"num_classes": 10, "in_channels": 3})
+    graph = ChannelGraph.trace(dense, torch.zeros(1, 3, 32, 32))
+    generator = torch.Generator().manual_seed(1)
+    widths = {}
+    for group in graph.prunable_groups:
+        count = int(torch.randint(1, group.size // group.step + 1, (1,), generator=generator))
+        widths[group.name] = count * group.step
+    spec = SubnetSpec.from_widths(graph, ref, widths)
+    pruned = prune_model(dense, graph, spec).eval()
+    out = export_subnet(tmp_path / name, pruned, spec)
+    loaded = load_subnet(out)
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(loaded.model(x), pruned(x), atol=1e-5, rtol=1e-4)
+    record = json.loads((out / "subnet.json").read_text())
+    assert max(record["parity"].values()) <= 1e-4
+    assert record["metrics"]["flops"] == count_flops(pruned, x[:1])
