@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: install
-	$(BIN)/prunetune train --model small_cnn --dataset digits --epochs 15 --out runs/$(RUN_NAME)/dense.pt
+	$(BIN)/prunetune search --model small_cnn --dataset digits --flops 50% --trials 12 --name $(RUN_NAME) --overwrite
 
 lint: install
 	$(BIN)/ruff check .

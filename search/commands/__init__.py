@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from search.commands import estimate, inspect, profile, prune, train
+from search.commands import estimate, inspect, profile, prune, search, train
 
-COMMANDS: tuple[ModuleType, ...] = (train, prune, inspect, profile, estimate)
+COMMANDS: tuple[ModuleType, ...] = (train, prune, inspect, profile, estimate, search)
 
 __all__ = ["COMMANDS"]

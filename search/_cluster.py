@@ -1,0 +1,166 @@
+"""The Ray session a search runs in: this machine by default, a cluster when asked.
+
+Without an address (and without ``RAY_ADDRESS``) Ray starts here with every server on the
+loopback interface; an address connects to an existing cluster, checked first with a short TCP
+probe so an unreachable one fails in seconds with one line. A session the caller already opened
+(``ray.init`` before :func:`search.run_search`) is used as it is and left open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from backend.errors import PrunetuneError
+
+__all__ = ["ClusterError", "ClusterInfo", "ray_session"]
+
+_PROBE_TIMEOUT_S = 5.0
+# Ray's switch for "this machine only": node IP 127.0.0.1, so its servers bind to loopback
+_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_OBJECT_STORE_BYTES = 512 * 1024**2
+
+
+class ClusterError(PrunetuneError):
+    """The Ray cluster cannot be reached, or cannot run a single trial."""
+
+
+@dataclass(frozen=True)
+class ClusterInfo:
+    """The resources of the connected cluster.
+
+    Attributes:
+        address: the GCS address, or ``local``.
+        nodes: alive nodes.
+        cpus: CPUs in all.
+        gpus: GPUs in all.
+        node_cpus: CPUs of the largest node.
+        node_gpus: GPUs of the largest node.
+    """
+
+    address: str
+    nodes: int
+    cpus: float
+    gpus: float
+    node_cpus: float
+    node_gpus: float
+
+    def concurrency(self, cpus_per_trial: float, gpus_per_trial: float) -> int:
+        """How many trials fit at once; raises if not even one fits on any node.
+
+        Raises:
+            ClusterError: a trial needs more CPUs or GPUs than any node has.
+        """
+        if cpus_per_trial > self.node_cpus:
+            raise ClusterError(
+                f"--cpus-per-trial {cpus_per_trial:g} is more than any node of the cluster has "
+                f"({self.node_cpus:g} CPUs); use at most {self.node_cpus:g}"
+            )
+        if gpus_per_trial > self.node_gpus:
+            raise ClusterError(
+                f"--gpus-per-trial {gpus_per_trial:g} is more than any node of the cluster has "
+                f"({self.node_gpus:g} GPUs); use at most {self.node_gpus:g}"
+            )
+        fits = int(self.cpus // cpus_per_trial)
+        if gpus_per_trial > 0:
+            fits = min(fits, int(self.gpus // gpus_per_trial))
+        return max(1, fits)
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[ClusterInfo]:
+    """Connect to (or start) Ray for the duration of the block.
+
+    Args:
+        address: ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; ``None`` reads ``RAY_ADDRESS``
+            and, without it, starts Ray on this machine bound to 127.0.0.1.
+        num_cpus: CPUs of a local start (default: this machine's).
+
+    Raises:
+        ClusterError: the address cannot be reached or is not a Ray cluster.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield _info("existing session")
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    quiet = {"logging_level": logging.ERROR, "log_to_driver": False}
+    stack = contextlib.ExitStack()
+    if address is None:
+        stack.enter_context(_loopback_only())
+        ray.init(
+            address="local",
+            num_cpus=num_cpus or os.cpu_count() or 1,
+            include_dashboard=False,
+            object_store_memory=_OBJECT_STORE_BYTES,
+            **quiet,  # type: ignore[arg-type]
+        )
+    else:
+        _probe(address)
+        try:
+            ray.init(address=address, **quiet)  # type: ignore[arg-type]
+        except Exception as exc:  # ray raises ConnectionError, RuntimeError, grpc errors...
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ClusterError(f"cannot connect to the Ray cluster at {address}: {first}") from exc
+    with stack:
+        try:
+            yield _info(address or "local")
+        finally:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def _loopback_only() -> Iterator[None]:
+    """While Ray starts and runs here, bind its servers to 127.0.0.1 (the node IP), not to all
+    interfaces; the process's settings are put back afterwards."""
+    from ray._private import ray_constants
+
+    previous_env = os.environ.get(_LOOPBACK_ENV)
+    previous_flag = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_LOOPBACK_ENV] = "0"  # for the processes Ray starts
+    ray_constants.ENABLE_RAY_CLUSTER = False  # for this one, where ray is already imported
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = previous_flag
+        if previous_env is None:
+            os.environ.pop(_LOOPBACK_ENV, None)
+        else:
+            os.environ[_LOOPBACK_ENV] = previous_env
+
+
+def _probe(address: str) -> None:
+    """Fail fast, in one line, when nothing listens at ``address``."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=_PROBE_TIMEOUT_S):
+            pass
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address} ({reason}); start one with "
+            "`ray start --head`, or leave out --address and RAY_ADDRESS to run on this machine"
+        ) from exc
+
+
+def _info(address: str) -> ClusterInfo:
+    import ray
+
+    alive = [node for node in ray.nodes() if node.get("Alive")]
+    cpus = [float(node["Resources"].get("CPU", 0.0)) for node in alive]
+    gpus = [float(node["Resources"].get("GPU", 0.0)) for node in alive]
+    return ClusterInfo(
+        address=address,
+        nodes=len(alive),
+        cpus=sum(cpus),
+        gpus=sum(gpus),
+        node_cpus=max(cpus, default=0.0),
+        node_gpus=max(gpus, default=0.0),
+    )

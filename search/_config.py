@@ -1,0 +1,277 @@
+"""``SearchConfig``: everything one search needs, checked where it enters.
+
+A config comes from Python (``SearchConfig(...)``), from a YAML file
+(:meth:`SearchConfig.from_yaml`) or from the command line; :meth:`SearchConfig.from_mapping` is
+the one place that reads loose values (``"flops": "50%"``, ``"spaces": "dsa,ratios"``), so a
+YAML file and command-line flags mean the same thing. Flags win over the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from backend.data import list_datasets
+from backend.errors import PrunetuneError
+from estimators import Target
+from spaces import create_space, list_spaces
+
+__all__ = ["SearchConfig"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_TARGET_KEYS = ("flops", "params", "latency")
+# the option that sets the length of each space's inner run, in the order they are looked for
+_LENGTH_OPTIONS = ("epochs", "finetune_epochs", "max_epochs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchConfig:
+    """One search: the model, the data, the target, the spaces and how trials run.
+
+    Attributes:
+        target: the constraints the best subnet must meet (``Target.from_options(flops="50%")``).
+        model: zoo name or ``package.module:factory``; may be left out with ``checkpoint``.
+        dataset: ``digits`` (embedded), ``mnist`` or ``cifar10``.
+        data_dir: directory of the mnist/cifar10 files; with a cluster it must exist at the same
+            path on every node.
+        checkpoint: dense checkpoint file (or subnet export directory) to search from; without
+            it the dense model is trained first and cached as ``runs/<name>/dense.pt``.
+        profile: latency profile (``prunetune profile``) of the model, needed by a latency target.
+        spaces: names of the spaces to search over (default: every registered space).
+        trials: trials to run in all.
+        cpus_per_trial: CPUs Ray reserves for each trial (also its torch threads).
+        gpus_per_trial: GPUs Ray reserves for each trial.
+        address: Ray cluster to connect to (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``);
+            ``None`` uses ``RAY_ADDRESS`` if set, else starts Ray on this machine (loopback only).
+        name: the run's name: results go to ``runs_dir/name``.
+        runs_dir: the folder holding every run.
+        resume: continue an interrupted search of the same name.
+        overwrite: start the run again from scratch (the cached dense model is kept).
+        seed: seeds the data split, the dense training, the searcher and every trial.
+        dense_epochs: epochs of dense training when no checkpoint is given.
+        finetune_epochs: epochs of the final finetune of the best subnet.
+        score_steps: SGD steps of the short finetune that scores every trial's subnet (the same
+            for all spaces, so their accuracies compare).
+        inner_epochs: when set, the length of every space's inner run (its ``epochs``,
+            ``finetune_epochs`` or ``max_epochs`` option); ``None`` keeps each space's default.
+        space_options: fixed options by space name, e.g. ``{"dsa": {"epochs": 2}}``; they win
+            over ``inner_epochs`` and are not searched.
+        distill: distil the dense model into the subnet while finetuning (score and final).
+        pareto: search accuracy against FLOPs (multi-objective) instead of accuracy alone.
+        batch_size: examples per training step in trials and finetuning.
+        grace_period: reports a trial makes before ASHA may stop it.
+        max_failures: retries of a trial whose worker process dies.
+    """
+
+    target: Target
+    model: str | None = None
+    dataset: str = "digits"
+    data_dir: str | None = None
+    checkpoint: str | None = None
+    profile: str | None = None
+    spaces: tuple[str, ...] = ()
+    trials: int = 16
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    address: str | None = None
+    name: str = "search"
+    runs_dir: str = "runs"
+    resume: bool = False
+    overwrite: bool = False
+    seed: int = 0
+    dense_epochs: float = 15.0
+    finetune_epochs: float = 10.0
+    score_steps: int = 150
+    inner_epochs: float | None = None
+    space_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    distill: bool = True
+    pareto: bool = False
+    batch_size: int = 64
+    grace_period: int = 2
+    max_failures: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.target, Target):
+            raise TypeError(f"target must be a Target, got {type(self.target).__name__}")
+        if not self.model and not self.checkpoint:
+            raise ValueError("name a model (--model) or a dense checkpoint (--checkpoint)")
+        if self.dataset not in list_datasets():
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; valid: {', '.join(list_datasets())}"
+            )
+        if "latency_ms" in self.target.metrics and not self.profile:
+            raise ValueError(
+                f"target {self.target} needs a latency profile: measure one with prunetune "
+                "profile and pass --profile PROFILE.json"
+            )
+        spaces = tuple(self.spaces) or tuple(list_spaces())
+        unknown = [s for s in spaces if s not in list_spaces()]
+        if unknown:
+            raise ValueError(f"unknown space {unknown[0]!r}; valid: {', '.join(list_spaces())}")
+        if len(set(spaces)) != len(spaces):
+            raise ValueError(f"spaces {', '.join(spaces)} name a space twice")
+        object.__setattr__(self, "spaces", spaces)
+        _check_number("trials", self.trials, minimum=1, integer=True)
+        _check_number("cpus_per_trial", self.cpus_per_trial, minimum=0.01)
+        _check_number("gpus_per_trial", self.gpus_per_trial, minimum=0.0)
+        _check_number("dense_epochs", self.dense_epochs, minimum=0.01)
+        _check_number("finetune_epochs", self.finetune_epochs, minimum=0.01)
+        _check_number("score_steps", self.score_steps, minimum=1, integer=True)
+        _check_number("batch_size", self.batch_size, minimum=1, integer=True)
+        _check_number("grace_period", self.grace_period, minimum=1, integer=True)
+        _check_number("max_failures", self.max_failures, minimum=0, integer=True)
+        _check_number("seed", self.seed, minimum=0, integer=True)
+        if self.inner_epochs is not None:
+            _check_number("inner_epochs", self.inner_epochs, minimum=0.01)
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise ValueError(
+                f"run name {self.name!r} is invalid: use letters, digits, '.', '_' and '-', "
+                "starting with a letter or digit"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues a run and --overwrite starts it again: pick one")
+        if self.address is not None and not _valid_address(self.address):
+            raise ValueError(
+                f"Ray address {self.address!r} is invalid: use auto, HOST:PORT or ray://HOST:PORT"
+            )
+        options = {}
+        for space, values in dict(self.space_options).items():
+            if space not in spaces:
+                raise ValueError(
+                    f"space_options names space {space!r}, which is not searched; "
+                    f"searched: {', '.join(spaces)}"
+                )
+            if not isinstance(values, Mapping):
+                raise ValueError(f"space_options[{space!r}] must be a mapping of option values")
+            options[space] = dict(values)
+        object.__setattr__(self, "space_options", options)
+        for space in spaces:  # unknown options and bad values fail here, not inside a trial
+            create_space(space, **self.fixed_options(space))
+
+    @property
+    def run_dir(self) -> Path:
+        """``runs_dir/name``: everything the run writes lives there."""
+        return Path(self.runs_dir) / self.name
+
+    def fixed_options(self, space: str) -> dict[str, Any]:
+        """The options of ``space`` that are set, not searched: inner length, then overrides."""
+        options: dict[str, Any] = {}
+        if self.inner_epochs is not None:
+            defaults = create_space(space).options
+            fields = {f.name: f for f in dataclasses.fields(defaults)}
+            for option in _LENGTH_OPTIONS:
+                if option in fields:
+                    integer = "int" in str(fields[option].type) and "float" not in str(
+                        fields[option].type
+                    )
+                    value = self.inner_epochs
+                    options[option] = max(1, round(value)) if integer else float(value)
+                    break
+        options.update(self.space_options.get(space, {}))
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form, readable by :meth:`from_mapping` (the target as ``flops``/``params``...)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        target = values.pop("target")
+        values["spaces"] = list(self.spaces)
+        values["space_options"] = {k: dict(v) for k, v in self.space_options.items()}
+        for constraint in target.constraints:
+            text = str(constraint).split("<=", 1)[1]
+            if not constraint.relative:
+                text = repr(constraint.limit) + ("ms" if constraint.metric == "latency_ms" else "")
+            values[constraint.metric.replace("_ms", "")] = text
+        return values
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> SearchConfig:
+        """Build a config from loose values, as a YAML file or the command line give them.
+
+        Keys are the attribute names (``-`` may stand for ``_``), plus ``flops``, ``params`` and
+        ``latency`` (``50%``, ``20M``, ``2ms``) or ``target`` (``flops<=50%,params<=0.3M``);
+        ``spaces`` may be a list or a comma-separated string.
+
+        Raises:
+            ValueError: an unknown key, or a value the config rejects.
+        """
+        loose = {str(k).replace("-", "_"): v for k, v in values.items() if v is not None}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(loose) - names - set(_TARGET_KEYS))
+        if unknown:
+            valid = sorted((names - {"target"}) | set(_TARGET_KEYS))
+            raise ValueError(
+                f"unknown search setting {unknown[0]!r}; valid settings: {', '.join(valid)}"
+            )
+        parts = {key: str(loose.pop(key)) for key in _TARGET_KEYS if key in loose}
+        target = loose.pop("target", None)
+        if parts:
+            if target is not None:
+                raise ValueError("give the target either as 'target' or as flops/params/latency")
+            target = Target.from_options(**parts)
+        elif isinstance(target, str):
+            target = Target.parse(target)
+        if target is None:
+            raise ValueError("give a target: --flops, --params and/or --latency (e.g. --flops 50%)")
+        spaces = loose.get("spaces")
+        if isinstance(spaces, str):
+            loose["spaces"] = tuple(s.strip() for s in spaces.split(",") if s.strip())
+        elif spaces is not None:
+            loose["spaces"] = tuple(str(s) for s in spaces)
+        return cls(target=target, **loose)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> SearchConfig:
+        """Read a YAML mapping of settings (see :meth:`from_mapping`); ``overrides`` win.
+
+        Raises:
+            PrunetuneError: the file cannot be read or is not a YAML mapping.
+            ValueError: see :meth:`from_mapping`.
+        """
+        return cls.from_mapping({**read_yaml(path), **overrides})
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The settings mapping of a ``--config`` YAML file.
+
+    Raises:
+        PrunetuneError: the file is missing, unreadable, not YAML, or not a mapping.
+    """
+    import yaml
+
+    source = Path(path)
+    try:
+        data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise PrunetuneError(f"cannot read search config {str(source)!r}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise PrunetuneError(f"search config {str(source)!r} is not valid YAML: {first}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PrunetuneError(
+            f"search config {str(source)!r} must be a mapping of settings, "
+            f"got {type(data).__name__}"
+        )
+    return data
+
+
+def _check_number(name: str, value: Any, minimum: float, integer: bool = False) -> None:
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if not value >= minimum:
+        raise ValueError(f"{name} must be at least {minimum:g}, got {value!r}")
+
+
+def _valid_address(address: str) -> bool:
+    if address == "auto":
+        return True
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    return bool(sep and host and port.isdigit() and 0 < int(port) < 65536)

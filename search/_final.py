@@ -1,0 +1,163 @@
+"""After the trials: pick the best subnet, finetune it fully, export it, check it, report.
+
+The best subnet is the most accurate (after the common score finetune) of the trials whose subnet
+meets every target; ties go to fewer FLOPs. It is pruned from the dense model, finetuned for
+``finetune_epochs`` (distilled from the dense model by default), evaluated on the test split and
+exported to ``runs/<name>/best``. The export is then reloaded and its FLOPs and parameters measured
+again: a subnet that misses a target is an error, never a result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from backend.errors import InfeasibleTargetError, PrunetuneError
+from backend.export import export_subnet, load_subnet
+from backend.measure import count_flops, count_params
+from backend.spec import SubnetSpec
+from backend.surgery import prune_model
+from backend.train import TrainConfig, evaluate, train
+from estimators import format_metric
+from search._report import write_report
+from search._result import SearchResult, TrialRecord
+from search._setup import Prepared, cost_models
+
+__all__ = ["NoFeasibleTrialError", "choose_best", "finish"]
+
+BEST_DIR = "best"
+
+
+class NoFeasibleTrialError(PrunetuneError):
+    """No trial ended with a subnet that meets every target."""
+
+
+def choose_best(records: list[TrialRecord]) -> TrialRecord:
+    """The most accurate finished trial whose subnet meets every target (fewer FLOPs on ties).
+
+    Raises:
+        NoFeasibleTrialError: none qualifies; the message counts trials by status.
+    """
+    candidates = [r for r in records if r.status == "finished" and r.feasible]
+    if not candidates:
+        counts: dict[str, int] = {}
+        for record in records:
+            counts[record.status] = counts.get(record.status, 0) + 1
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+        errors = [r.error for r in records if r.error]
+        hint = f"; first error: {errors[0]}" if errors else ""
+        raise NoFeasibleTrialError(
+            f"no trial produced a subnet that meets every target ({summary}){hint}"
+        )
+    return max(candidates, key=lambda r: (r.acc or 0.0, -(r.flops or 0.0)))
+
+
+def finish(
+    prepared: Prepared,
+    records: list[TrialRecord],
+    say: Callable[[str], None],
+    elapsed: Callable[[], float],
+) -> SearchResult:
+    """Finetune, export, verify and report the best trial's subnet."""
+    config = prepared.config
+    best = choose_best(records)
+    spec = best.spec
+    if spec is None:  # a finished record always has its spec
+        raise NoFeasibleTrialError(f"trial {best.trial_id} reported no subnet")
+    spec.validate(prepared.graph)
+    dense = prepared.model
+    subnet = prune_model(dense, prepared.graph, spec)
+    say(
+        f"best trial {best.trial_id} ({best.space}, val acc {100 * (best.acc or 0):.2f}%): "
+        f"finetuning for {config.finetune_epochs:g} epochs"
+        + (" distilled from the dense model" if config.distill else "")
+    )
+    train(
+        subnet,
+        prepared.data,
+        TrainConfig(
+            epochs=config.finetune_epochs,
+            lr=0.01,
+            batch_size=config.batch_size,
+            distill_weight=0.7 if config.distill else 0.0,
+            seed=config.seed,
+        ),
+        teacher=dense if config.distill else None,
+        on_epoch=lambda report: say("  " + report.line()),
+    )
+    _, val_acc = evaluate(subnet, prepared.data.val)
+    _, test_acc = evaluate(subnet, prepared.data.test)
+    _, dense_test_acc = evaluate(dense, prepared.data.test)
+    costs = cost_models(prepared.graph, prepared.profile)
+    dense_costs = prepared.dense_costs
+    metrics: dict[str, Any] = {
+        "val_acc": float(val_acc),
+        "test_acc": float(test_acc),
+        "latency_ms": float(costs["latency_ms"].evaluate(spec.widths))
+        if "latency_ms" in costs
+        else float("nan"),
+        "dense_test_acc": float(dense_test_acc),
+        **{f"dense_{m}": v for m, v in dense_costs.items()},
+        "trial_id": best.trial_id,
+        "space": best.space,
+        "target": str(config.target),
+    }
+    exported_spec = _compose(prepared.base_spec, spec) if prepared.base_spec else spec
+    export_dir = config.run_dir / BEST_DIR
+    export_subnet(export_dir, subnet, exported_spec, metrics=metrics)
+    measured = _verify(prepared, export_dir, metrics["latency_ms"])
+    metrics.update(measured)
+    say(f"exported to {export_dir}: " + prepared.budget.describe(spec.widths))
+    report = write_report(prepared, records, best, metrics, spec)
+    return SearchResult(
+        name=config.name,
+        run_dir=config.run_dir,
+        best=best,
+        spec=exported_spec,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, float)},
+        export_dir=export_dir,
+        report_path=report,
+        trials=tuple(records),
+        elapsed_s=elapsed(),
+    )
+
+
+def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str, float]:
+    """Reload the export and check every target on the model as it was written.
+
+    Raises:
+        InfeasibleTargetError: the exported model misses a target (a bug, never silent).
+    """
+    loaded = load_subnet(export_dir)
+    measured = {
+        "flops": float(count_flops(loaded.model, torch.zeros(prepared.input_shape))),
+        "params": float(count_params(loaded.model)),
+        "latency_ms": latency_ms,
+    }
+    for metric, limit in prepared.budget.limits.items():
+        if not measured[metric] <= limit * (1 + 1e-9):
+            raise InfeasibleTargetError(
+                f"the exported subnet has {format_metric(metric, measured[metric])} {metric}, "
+                f"above the target's {format_metric(metric, limit)}"
+            )
+    return measured
+
+
+def _compose(outer: SubnetSpec, inner: SubnetSpec) -> SubnetSpec:
+    """The spec of pruning ``inner`` out of a model already pruned by ``outer``, from the dense.
+
+    Kept indices of ``inner`` count within the subnet; they are mapped back to the dense model's
+    channels so the export rebuilds from the dense model in one step.
+    """
+    if outer.kept is None or inner.kept is None:
+        raise PrunetuneError("both specs need kept indices to be composed")
+    kept = dict(outer.kept)
+    widths = dict(outer.widths)
+    for name, indices in inner.kept.items():
+        base = outer.kept.get(name)
+        kept[name] = tuple(base[i] for i in indices) if base is not None else indices
+        widths[name] = len(indices)
+    return SubnetSpec(model=outer.model, input_shape=outer.input_shape, widths=widths, kept=kept)

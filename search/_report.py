@@ -1,0 +1,169 @@
+"""``runs/<name>/report.md`` with its two figures, ``pareto.png`` and ``widths.png``.
+
+Every file is written atomically; the figures use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from backend.io import atomic_write
+from backend.spec import SubnetSpec
+from estimators import format_metric
+from search._result import TrialRecord
+
+if TYPE_CHECKING:
+    from search._setup import Prepared
+
+__all__ = ["REPORT_FILE", "write_report"]
+
+REPORT_FILE = "report.md"
+
+
+def write_report(
+    prepared: Prepared,
+    records: list[TrialRecord],
+    best: TrialRecord,
+    metrics: dict[str, Any],
+    spec: SubnetSpec,
+) -> Path:
+    """Write the report and its figures into the run directory; returns the report's path."""
+    run_dir = prepared.config.run_dir
+    _plot_pareto(run_dir / "pareto.png", records, best, prepared.budget.limits.get("flops"))
+    dense = {g.name: g.size for g in prepared.graph.prunable_groups}
+    _plot_widths(run_dir / "widths.png", dense, spec.widths)
+    text = render(prepared, records, best, metrics)
+    return atomic_write(run_dir / REPORT_FILE, lambda path: _write_text(path, text))
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def render(
+    prepared: Prepared, records: list[TrialRecord], best: TrialRecord, metrics: dict[str, Any]
+) -> str:
+    """The report's Markdown."""
+    config = prepared.config
+    figures = []
+    for metric in ("flops", "params", "latency_ms"):
+        value, dense = metrics.get(metric), metrics.get(f"dense_{metric}")
+        if value is None or dense is None or math.isnan(value):
+            continue
+        limit = prepared.budget.limits.get(metric)
+        figures.append(
+            [
+                metric,
+                format_metric(metric, dense),
+                format_metric(metric, value),
+                f"{100 * value / dense:.1f}%",
+                format_metric(metric, limit) if limit is not None else "-",
+            ]
+        )
+    rows = [[*r.row()[:-1], (r.error or "").replace("|", "/")] for r in records]
+    lines = [
+        f"# prunetune search `{config.name}`",
+        "",
+        f"- model: `{prepared.ref.name}` ({prepared.source}), dataset `{prepared.data.name}`",
+        f"- target: `{config.target}`",
+        f"- spaces: {', '.join(config.spaces)}; {len(records)} trials"
+        + (" (Pareto sweep: accuracy vs FLOPs)" if config.pareto else ""),
+        "",
+        "## Best subnet",
+        "",
+        f"Trial `{best.trial_id}` ({best.space}), exported to `{config.run_dir / 'best'}`.",
+        "",
+        f"- test accuracy: **{100 * metrics['test_acc']:.2f}%** "
+        f"(dense model: {100 * metrics['dense_test_acc']:.2f}%)",
+        f"- validation accuracy: {100 * metrics['val_acc']:.2f}% after "
+        f"{config.finetune_epochs:g} epochs of finetuning"
+        + (" distilled from the dense model" if config.distill else ""),
+        "",
+        _markdown_table(["metric", "dense", "subnet", "share", "target"], figures),
+        "",
+        "![accuracy vs FLOPs of every trial](pareto.png)",
+        "",
+        "![per-group widths, dense vs chosen](widths.png)",
+        "",
+        "## Trials",
+        "",
+        "Validation accuracy after the common score finetune "
+        f"({config.score_steps} steps); `*` marks the chosen trial.",
+        "",
+        _markdown_table(
+            ["trial", "space", "status", "val acc", "flops", "params", "fits", "error"],
+            [[("*" if r[0] == best.trial_id else "") + r[0], *r[1:]] for r in rows],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _figure() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot
+
+    return pyplot
+
+
+def _plot_pareto(
+    path: Path, records: list[TrialRecord], best: TrialRecord, flops_limit: float | None
+) -> None:
+    pyplot = _figure()
+    figure, axes = pyplot.subplots(figsize=(6.4, 4.4))
+    scored = [r for r in records if r.acc is not None and r.flops is not None]
+    colors = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
+    for index, space in enumerate(sorted({r.space for r in scored})):
+        mine = [r for r in scored if r.space == space]
+        for finished, marker in ((True, "o"), (False, "x")):
+            points = [r for r in mine if (r.status == "finished") == finished]
+            if points:
+                axes.scatter(
+                    [r.flops for r in points],
+                    [100 * (r.acc or 0) for r in points],
+                    marker=marker,
+                    color=colors[index % len(colors)],
+                    label=f"{space}" + ("" if finished else " (stopped early, last report)"),
+                    alpha=0.8,
+                )
+    if best.flops is not None and best.acc is not None:
+        axes.scatter(
+            [best.flops], [100 * best.acc], marker="*", s=300, c="gold", edgecolors="black",
+            label="chosen", zorder=5,
+        )  # fmt: skip
+    if flops_limit is not None:
+        axes.axvline(flops_limit, color="grey", linestyle="--", label="FLOPs target")
+    axes.set_xlabel("FLOPs (MACs)")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title("accuracy vs FLOPs of every trial")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    pyplot.close(figure)
+
+
+def _plot_widths(path: Path, dense: dict[str, int], chosen: dict[str, int]) -> None:
+    pyplot = _figure()
+    names = list(dense)
+    figure, axes = pyplot.subplots(figsize=(max(6.4, 0.35 * len(names) + 2), 4.4))
+    positions = range(len(names))
+    axes.bar(positions, [dense[n] for n in names], color="lightgrey", label="dense")
+    axes.bar(positions, [chosen.get(n, dense[n]) for n in names], color="tab:blue", label="chosen")
+    axes.set_xticks(list(positions))
+    axes.set_xticklabels(names, rotation=60, ha="right", fontsize="small")
+    axes.set_ylabel("channels")
+    axes.set_title("per-group widths: dense vs chosen")
+    axes.legend()
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))
+    pyplot.close(figure)

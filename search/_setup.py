@@ -1,0 +1,184 @@
+"""Everything a search checks and builds before Ray starts a trial: data, dense model, budget.
+
+:func:`prepare` only reads (the dataset, the checkpoint, the profile) and raises on anything the
+user must fix, so a refused search leaves nothing behind. :func:`train_dense` is the first thing
+that writes: the dense model trained from scratch, cached as ``runs/<name>/dense.pt``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from backend.data import DatasetSplits, load_dataset
+from backend.errors import CheckpointError, PrunetuneError
+from backend.export import load_model
+from backend.graph import ChannelGraph
+from backend.models import ModelRef, create_model, dataset_kwargs
+from backend.spec import SubnetSpec
+from backend.train import TrainConfig, evaluate, train
+from estimators import Budget, CostModel, FlopsModel, LatencyProfile, ParamsModel
+from search._config import SearchConfig
+
+__all__ = ["DENSE_FILE", "Prepared", "cost_models", "prepare", "train_dense"]
+
+DENSE_FILE = "dense.pt"
+
+
+@dataclass
+class Prepared:
+    """A search's inputs, resolved and checked.
+
+    Attributes:
+        config: the search.
+        data: the dataset's splits.
+        ref: the model's identity.
+        model: the dense model (trained once :attr:`trained` is true).
+        input_shape: example input shape (batch 1).
+        base_spec: when the checkpoint is itself a pruned export, the spec it was pruned with;
+            the search then prunes that subnet further and the exported spec composes both.
+        graph: the model's channel graph.
+        budget: the target resolved against the model's costs.
+        profile: the latency profile, when a latency target is set.
+        trained: whether :attr:`model` holds trained weights.
+        source: where the weights come from, for the report.
+    """
+
+    config: SearchConfig
+    data: DatasetSplits
+    ref: ModelRef
+    model: nn.Module
+    input_shape: tuple[int, ...]
+    base_spec: SubnetSpec | None
+    graph: ChannelGraph
+    budget: Budget
+    profile: LatencyProfile | None
+    trained: bool
+    source: str
+
+    @property
+    def dense_costs(self) -> dict[str, float]:
+        """Every cost the budget knows (plus FLOPs and params) of the dense model."""
+        widths = self.graph.dense_widths()
+        costs = cost_models(self.graph, self.profile)
+        return {metric: float(cost.evaluate(widths)) for metric, cost in costs.items()}
+
+
+def cost_models(graph: ChannelGraph, profile: LatencyProfile | None) -> dict[str, CostModel]:
+    """FLOPs and params estimators of ``graph``, plus latency when a profile is given.
+
+    Raises:
+        ProfileError: the profile was measured for another model.
+    """
+    costs: dict[str, Any] = {
+        "flops": FlopsModel.from_graph(graph),
+        "params": ParamsModel.from_graph(graph),
+    }
+    if profile is not None:
+        from estimators import LatencyPredictor
+
+        costs["latency_ms"] = LatencyPredictor(profile, graph)
+    return costs
+
+
+def prepare(config: SearchConfig) -> Prepared:
+    """Load and check everything the search starts from; write nothing.
+
+    Raises:
+        PrunetuneError: unknown model, unreadable checkpoint or profile, missing data, a
+            profile of another model, or a target no subnet can meet.
+    """
+    data = load_dataset(config.dataset, root=config.data_dir, seed=config.seed)
+    base_spec = None
+    if config.checkpoint:
+        expect = ModelRef(config.model) if config.model else None
+        loaded = load_model(config.checkpoint, expect=expect)
+        model, ref, shape = loaded.model, loaded.ref, tuple(loaded.input_shape)
+        base_spec, trained, source = loaded.spec, True, str(config.checkpoint)
+        if tuple(shape[1:]) != data.image_shape:
+            raise CheckpointError(
+                f"checkpoint {config.checkpoint!r} takes {'x'.join(map(str, shape[1:]))} inputs, "
+                f"but {config.dataset} images are {'x'.join(map(str, data.image_shape))}"
+            )
+    else:
+        name = str(config.model)  # SearchConfig requires a model without a checkpoint
+        if ":" not in name:
+            create_model(name)  # unknown names fail with the valid ones
+        ref = ModelRef(name, dataset_kwargs(name, data.num_classes, data.in_channels))
+        shape = data.input_shape(1)
+        cached = _cached_dense(config, ref, data)
+        if cached is not None:
+            model, trained, source = cached, True, str(config.run_dir / DENSE_FILE)
+        else:
+            torch.manual_seed(config.seed)
+            model, trained, source = ref.build(), False, "trained by this search"
+    graph = ChannelGraph.trace(model, torch.zeros(shape))
+    profile = LatencyProfile.load(config.profile) if config.profile else None
+    budget = config.target.resolve(cost_models(graph, profile))
+    return Prepared(
+        config=config,
+        data=data,
+        ref=ref,
+        model=model,
+        input_shape=tuple(shape),
+        base_spec=base_spec,
+        graph=graph,
+        budget=budget,
+        profile=profile,
+        trained=trained,
+        source=source,
+    )
+
+
+def _cached_dense(config: SearchConfig, ref: ModelRef, data: DatasetSplits) -> nn.Module | None:
+    """The dense model an earlier run of this name trained with the same settings, if any."""
+    path = config.run_dir / DENSE_FILE
+    if not path.is_file():
+        return None
+    try:
+        model, info = load_checkpoint(path, expect=ref)
+    except PrunetuneError:
+        return None  # trained again and replaced
+    same = (
+        info.model == ref
+        and info.dataset == data.name
+        and tuple(info.input_shape) == data.input_shape(1)
+        and math.isclose(info.metrics.get("epochs", -1.0), config.dense_epochs)
+        and info.metrics.get("seed") == float(config.seed)
+    )
+    return model if same else None
+
+
+def train_dense(prepared: Prepared, say: Callable[[str], None]) -> Path:
+    """Train the dense model in place, evaluate it, and cache it as ``runs/<name>/dense.pt``."""
+    config = prepared.config
+    say(f"training the dense {prepared.ref.name} for {config.dense_epochs:g} epochs")
+    result = train(
+        prepared.model,
+        prepared.data,
+        TrainConfig(epochs=config.dense_epochs, seed=config.seed, distill_weight=0.0),
+        on_epoch=lambda report: say("  " + report.line()),
+    )
+    _, test_acc = evaluate(prepared.model, prepared.data.test)
+    info = Checkpoint(
+        model=prepared.ref,
+        input_shape=prepared.input_shape,
+        dataset=prepared.data.name,
+        metrics={
+            "val_acc": result.val_acc,
+            "test_acc": test_acc,
+            "epochs": float(config.dense_epochs),
+            "seed": float(config.seed),
+        },
+    )
+    path = save_checkpoint(config.run_dir / DENSE_FILE, prepared.model, info)
+    prepared.trained = True
+    say(f"dense test accuracy {100 * test_acc:.2f}% -> {path}")
+    return path

@@ -1,0 +1,225 @@
+"""One Tune trial: run one space with sampled options, then score its subnet the same way for all.
+
+The trainable gets ``config = {"space": name, name: {option: value, ...}}`` from the searcher and a
+:class:`TrialPayload` through Ray's object store (``tune.with_parameters``): the dense weights, the
+model's identity, the target and the dataset's name. Nothing is read from the driver's disk; the
+dataset is loaded on the node from its name (``digits`` is embedded; ``mnist``/``cifar10`` need
+``data_dir`` at the same path on every node).
+
+Every report carries the standard metrics (``acc``, ``flops``, ``params``, ``latency_ms``,
+``feasible``); the last one also carries ``spec_json`` (the subnet), ``search_acc`` (the space's
+own final accuracy); every report says where it ran (``node_id``, ``node_ip``, ``hostname``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from backend.data import DatasetSplits, TensorLoader, load_dataset
+from backend.errors import PrunetuneError
+from backend.graph import ChannelGraph
+from backend.measure import count_flops, count_params
+from backend.models import ModelRef
+from backend.spec import SubnetSpec
+from backend.surgery import prune_model
+from backend.train import TrainConfig, evaluate, train
+from estimators import LatencyProfile, Target
+from search._setup import cost_models
+from spaces import SpaceContext, create_space
+
+__all__ = ["TrialFailedError", "TrialPayload", "run_trial", "score_subnet"]
+
+_RAISED_FILE = "prunetune-raised.txt"
+
+
+class TrialFailedError(PrunetuneError):
+    """A trial raised before; Tune's retry re-raises it instead of running it again."""
+
+
+@dataclass(frozen=True)
+class TrialPayload:
+    """What every trial shares, shipped once through Ray's object store.
+
+    Attributes:
+        model_ref: the model's identity (``ModelRef.to_dict``), rebuilt on the worker.
+        state_dict: the dense (trained) weights.
+        input_shape: example input shape (batch 1).
+        base_spec: the spec the dense model was already pruned with (an export checkpoint).
+        target: the target (``Target.to_dict``).
+        profile: the latency profile, for a latency target.
+        dataset: dataset name; loaded on the worker.
+        data_dir: its directory (mnist/cifar10), the same path on every node.
+        seed: the split's and every trial's seed.
+        threads: torch threads per trial (the CPUs Ray gives it).
+        batch_size: examples per training step.
+        score_steps: steps of the common score finetune.
+        distill_weight: share of distillation from the dense model in that finetune.
+        fixed_options: options set (not searched) by space name.
+    """
+
+    model_ref: dict[str, Any]
+    state_dict: dict[str, Tensor]
+    input_shape: tuple[int, ...]
+    target: dict[str, Any]
+    dataset: str
+    base_spec: dict[str, Any] | None = None
+    profile: LatencyProfile | None = None
+    data_dir: str | None = None
+    seed: int = 0
+    threads: int = 1
+    batch_size: int = 64
+    score_steps: int = 150
+    distill_weight: float = 0.7
+    fixed_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def build_model(self) -> nn.Module:
+        """The dense model with its weights (pruned first when the checkpoint was an export)."""
+        model = ModelRef.from_dict(self.model_ref).build()
+        if self.base_spec is not None:
+            spec = SubnetSpec.from_dict(self.base_spec)
+            graph = ChannelGraph.trace(model, torch.zeros(spec.input_shape))
+            model = prune_model(model, graph, spec)
+        model.load_state_dict(self.state_dict)
+        return model.eval()
+
+
+def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
+    """The Tune function trainable (bind the payload with ``tune.with_parameters``)."""
+    from ray import tune
+
+    raised = _raised_marker()
+    if raised is not None and raised.is_file():
+        raise TrialFailedError(raised.read_text(encoding="utf-8").strip())
+    try:
+        _run(config, payload, tune.report)
+    except Exception as exc:
+        if raised is not None:  # a worker that dies leaves no marker, and is retried in full
+            raised.parent.mkdir(parents=True, exist_ok=True)
+            raised.write_text(_one_line(exc), encoding="utf-8")
+        raise
+
+
+def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
+    torch.set_num_threads(max(1, payload.threads))
+    name = str(config["space"])
+    options = {**payload.fixed_options.get(name, {}), **dict(config.get(name) or {})}
+    space = create_space(name, **options)
+    data = load_dataset(payload.dataset, root=payload.data_dir, seed=payload.seed)
+    dense = payload.build_model()
+    graph = ChannelGraph.trace(dense, torch.zeros(payload.input_shape))
+    costs = cost_models(graph, payload.profile)
+    budget = Target.from_dict(payload.target).resolve(costs)
+    context = SpaceContext(
+        model=dense,
+        graph=graph,
+        model_ref=ModelRef.from_dict(payload.model_ref),
+        data=data,
+        budget=budget,
+        seed=payload.seed,
+        batch_size=payload.batch_size,
+    )
+
+    where = _where()
+
+    def forward(metrics: dict[str, Any]) -> None:
+        if "acc" in metrics and "flops" in metrics:
+            report({**_plain(metrics), "space": name, "phase": "search", **where})
+
+    result = space.run(context, report=forward)
+    start = copy.deepcopy(dense)
+    if result.state_dict is not None:
+        start.load_state_dict(result.state_dict)
+    subnet = prune_model(start, graph, result.spec)
+    acc = score_subnet(subnet, dense, data, payload)
+    measured = {
+        "flops": float(count_flops(subnet, torch.zeros(payload.input_shape))),
+        "params": float(count_params(subnet)),
+        "latency_ms": float(costs["latency_ms"].evaluate(result.spec.widths))
+        if "latency_ms" in costs
+        else math.nan,
+    }
+    feasible = all(measured[m] <= limit * (1 + 1e-9) for m, limit in budget.limits.items())
+    report(
+        {
+            "acc": acc,
+            **measured,
+            "feasible": feasible,
+            "space": name,
+            "phase": "final",
+            "search_acc": float(result.metrics.get("acc", math.nan)),
+            "spec_json": result.spec.to_json(indent=None),
+            **where,
+        }
+    )
+
+
+def score_subnet(
+    subnet: nn.Module, teacher: nn.Module, data: DatasetSplits, payload: TrialPayload
+) -> float:
+    """The common score: a short finetune (distilled from the dense model), then val accuracy.
+
+    Every space's subnet gets the same steps, so accuracies compare across spaces.
+    """
+    steps_per_epoch = len(TensorLoader(data.train, payload.batch_size))
+    config = TrainConfig(
+        epochs=payload.score_steps / steps_per_epoch,
+        lr=0.01,
+        batch_size=payload.batch_size,
+        distill_weight=payload.distill_weight,
+        seed=payload.seed,
+    )
+    train(subnet, data, config, teacher=teacher)
+    return float(evaluate(subnet, data.val)[1])
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-friendly scalars of a space's report (Tune keeps them in its results)."""
+    plain: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, (bool, np.bool_)):
+            plain[key] = bool(value)
+        elif isinstance(value, (int, float, np.integer, np.floating)):
+            plain[key] = float(value) if isinstance(value, (float, np.floating)) else int(value)
+        elif isinstance(value, str):
+            plain[key] = value
+        elif isinstance(value, Tensor) and value.numel() == 1:
+            plain[key] = float(value)
+    return plain
+
+
+def _where() -> dict[str, Any]:
+    import ray
+
+    context = ray.get_runtime_context()
+    return {
+        "node_id": context.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+    }
+
+
+def _raised_marker() -> Path | None:
+    """Where a raising trial leaves its error, so a retry does not run it again."""
+    from ray import tune
+
+    try:
+        trial_dir = tune.get_context().get_trial_dir()
+    except Exception:  # not inside a Tune trial (tests calling the function directly)
+        return None
+    return Path(trial_dir) / _RAISED_FILE if trial_dir else None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

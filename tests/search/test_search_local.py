@@ -1,0 +1,141 @@
+"""Searches on a local Ray session (one per module): end to end, a raising trial, a dying worker.
+
+The worker-kill test uses :func:`crash_once_cnn`, a user model (``module:factory``) that kills the
+Ray worker building it the first time, so Tune's failure handling has a real death to retry.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from backend.export import load_subnet
+from backend.measure import count_flops
+from backend.models import ModelRef, create_model
+from estimators import Target
+from search import SearchConfig, run_search
+from search._cluster import ray_session
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+CRASH_ENV = "PRUNETUNE_TEST_CRASH_MARKER"
+DENSE_FLOPS = 617_088  # small_cnn on 8x8 digits
+QUICK: dict[str, Any] = {
+    "dense_epochs": 3,
+    "finetune_epochs": 2,
+    "score_steps": 30,
+    "inner_epochs": 1,
+    "cpus_per_trial": 1,
+}
+
+
+def crash_once_cnn(num_classes: int = 10, in_channels: int = 1) -> nn.Module:
+    """``small_cnn``, except that the first Ray worker to build it dies (``os._exit``).
+
+    The marker file (named by ``$PRUNETUNE_TEST_CRASH_MARKER``) is claimed atomically and holds
+    the id of the trial whose worker died; the driver, which is no Ray actor, never crashes.
+    """
+    import ray
+
+    marker = os.environ.get(CRASH_ENV)
+    if marker and ray.is_initialized() and ray.get_runtime_context().get_actor_id():
+        try:
+            handle = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            from ray import tune
+
+            os.write(handle, str(tune.get_context().get_trial_id()).encode())
+            os.close(handle)
+            os._exit(1)
+    return create_model("small_cnn", num_classes=num_classes, in_channels=in_channels)
+
+
+@pytest.fixture(scope="module")
+def crash_marker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A local Ray session for the whole module, its workers told where the crash marker is."""
+    marker = tmp_path_factory.mktemp("crash") / "crashed"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CRASH_ENV, str(marker))
+        patch.delenv("RAY_ADDRESS", raising=False)
+        with ray_session(None, num_cpus=2):
+            yield marker
+
+
+def test_search_exports_a_subnet_meeting_the_target_and_records_a_raising_trial(
+    crash_marker: Path, tmp_path: Path
+) -> None:
+    config = SearchConfig(
+        model="small_cnn",
+        target=Target.parse("flops<=50%"),
+        spaces=("dsa", "ratios"),
+        # ratios trials raise: the option names a group small_cnn does not have
+        space_options={"ratios": {"ratios": {"no_such_group": 0.5}}},
+        trials=4,
+        name="e2e",
+        runs_dir=str(tmp_path / "runs"),
+        **QUICK,
+    )
+    result = run_search(config)
+
+    failed = [t for t in result.trials if t.status == "failed"]
+    assert len(result.trials) == 4
+    assert failed and all(t.space == "ratios" for t in failed)
+    assert all("ratios name unknown groups no_such_group" in (t.error or "") for t in failed)
+    assert result.best.space == "dsa" and result.best.feasible
+
+    loaded = load_subnet(result.export_dir)
+    measured = count_flops(loaded.model, torch.zeros(1, 1, 8, 8))
+    assert measured <= 0.5 * DENSE_FLOPS
+    assert measured == result.metrics["flops"]
+    report = result.report_path.read_text()
+    assert f"test accuracy: **{100 * result.metrics['test_acc']:.2f}%**" in report
+    assert "| failed |" in report
+    for figure in ("pareto.png", "widths.png"):
+        assert (config.run_dir / figure).stat().st_size > 1000
+    assert (config.run_dir / "dense.pt").is_file()
+
+
+def test_a_trial_whose_worker_dies_is_retried_and_the_search_completes(
+    crash_marker: Path, tmp_path: Path
+) -> None:
+    model = f"{__name__}:crash_once_cnn"
+    assert ModelRef(model).build() is not None  # the driver builds it without dying
+    config = SearchConfig(
+        model=model,
+        target=Target.parse("flops<=60%"),
+        spaces=("ratios",),
+        trials=2,
+        grace_period=100,  # ASHA stops nothing: the retried trial must run to its end
+        name="crash",
+        runs_dir=str(tmp_path / "runs"),
+        **QUICK,
+    )
+    result = run_search(config)
+
+    crashed = crash_marker.read_text()
+    assert crashed in {t.trial_id for t in result.trials}
+    assert all(t.status in ("finished", "stopped") for t in result.trials)
+    assert next(t for t in result.trials if t.trial_id == crashed).status == "finished"
+    assert _failures(config.run_dir / "tune")[crashed] == 1
+    assert load_subnet(result.export_dir).spec == result.spec
+
+
+def _failures(experiment: Path) -> dict[str, int]:
+    """Failures per trial, from Tune's saved experiment state."""
+    (state_file,) = glob.glob(str(experiment / "experiment_state-*.json"))
+    state = json.loads(Path(state_file).read_text())
+    failures = {}
+    for trial_json, metadata_json in state["trial_data"]:
+        metadata = json.loads(metadata_json)
+        failures[json.loads(trial_json)["trial_id"]] = int(metadata["num_failures"])
+    return failures
