@@ -238,6 +238,26 @@ class SubnetSpec:
                 result[group.name] = tuple(range(group.size))
         return result
 
+    def compose(self, inner: SubnetSpec) -> SubnetSpec:
+        """The spec of pruning ``inner`` out of the subnet this spec describes, from the dense.
+
+        ``inner`` was chosen on the already pruned model, so its kept indices count within this
+        subnet; they are mapped back to the dense model's channels, so the result rebuilds from
+        the dense model in one step.
+
+        Raises:
+            SpecError: either spec lacks kept indices.
+        """
+        if self.kept is None or inner.kept is None:
+            raise SpecError("both specs need kept indices to be composed")
+        kept = dict(self.kept)
+        widths = dict(self.widths)
+        for name, indices in inner.kept.items():
+            base = self.kept.get(name)
+            kept[name] = tuple(base[i] for i in indices) if base is not None else indices
+            widths[name] = len(indices)
+        return SubnetSpec(model=self.model, input_shape=self.input_shape, widths=widths, kept=kept)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: ``{"version", "model", "input_shape", "widths", "kept"}``."""
         return {

@@ -18,7 +18,6 @@ import torch
 from backend.errors import InfeasibleTargetError, PrunetuneError
 from backend.export import export_subnet, load_subnet
 from backend.measure import count_flops, count_params
-from backend.spec import SubnetSpec
 from backend.surgery import prune_model
 from backend.train import TrainConfig, evaluate, train
 from estimators import format_metric
@@ -105,7 +104,7 @@ def finish(
         "space": best.space,
         "target": str(config.target),
     }
-    exported_spec = _compose(prepared.base_spec, spec) if prepared.base_spec else spec
+    exported_spec = prepared.base_spec.compose(spec) if prepared.base_spec else spec
     export_dir = config.run_dir / BEST_DIR
     export_subnet(export_dir, subnet, exported_spec, metrics=metrics)
     measured = _verify(prepared, export_dir, metrics["latency_ms"])
@@ -144,20 +143,3 @@ def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str
                 f"above the target's {format_metric(metric, limit)}"
             )
     return measured
-
-
-def _compose(outer: SubnetSpec, inner: SubnetSpec) -> SubnetSpec:
-    """The spec of pruning ``inner`` out of a model already pruned by ``outer``, from the dense.
-
-    Kept indices of ``inner`` count within the subnet; they are mapped back to the dense model's
-    channels so the export rebuilds from the dense model in one step.
-    """
-    if outer.kept is None or inner.kept is None:
-        raise PrunetuneError("both specs need kept indices to be composed")
-    kept = dict(outer.kept)
-    widths = dict(outer.widths)
-    for name, indices in inner.kept.items():
-        base = outer.kept.get(name)
-        kept[name] = tuple(base[i] for i in indices) if base is not None else indices
-        widths[name] = len(indices)
-    return SubnetSpec(model=outer.model, input_shape=outer.input_shape, widths=widths, kept=kept)

@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     spec = SubnetSpec.from_widths(graph, resolved.ref, widths, scores)
     pruned = prune_model(resolved.model, graph, spec)
     if resolved.spec is not None:
-        spec = compose(resolved.spec, spec)
+        spec = resolved.spec.compose(spec)
     dense_costs = budget.evaluate(graph.dense_widths())
     costs = budget.evaluate(widths)
     export_subnet(
@@ -92,20 +92,3 @@ def run(args: argparse.Namespace) -> int:
             )
         print(f"exported to {out}")
     return 0
-
-
-def compose(outer: SubnetSpec, inner: SubnetSpec) -> SubnetSpec:
-    """The spec of pruning ``inner`` out of a model already pruned by ``outer``.
-
-    Kept indices of ``inner`` count within the subnet; they are mapped back to channels of the
-    dense model, so the result rebuilds from the dense model in one step.
-    """
-    if outer.kept is None or inner.kept is None:
-        raise ValueError("both specs need kept indices to be composed")
-    kept = dict(outer.kept)
-    widths = dict(outer.widths)
-    for name, indices in inner.kept.items():
-        base = outer.kept.get(name)
-        kept[name] = tuple(base[i] for i in indices) if base is not None else indices
-        widths[name] = len(indices)
-    return SubnetSpec(model=outer.model, input_shape=outer.input_shape, widths=widths, kept=kept)

@@ -145,3 +145,15 @@ def test_from_json_rejects_malformed_text() -> None:
         SubnetSpec.from_dict(
             {"model": {"name": "r"}, "input_shape": [1, 3, 8, 8], "widths": {"conv1": "8"}}
         )
+
+
+def test_compose_maps_inner_indices_back_to_the_dense_channels() -> None:
+    from backend.models import ModelRef
+    from backend.spec import SubnetSpec
+
+    ref = ModelRef("small_cnn")
+    outer = SubnetSpec(ref, (1, 1, 8, 8), {"a": 3, "b": 2}, {"a": (1, 4, 6), "b": (0, 5)})
+    inner = SubnetSpec(ref, (1, 1, 8, 8), {"a": 2}, {"a": (0, 2)})
+    composed = outer.compose(inner)
+    assert composed.kept == {"a": (1, 6), "b": (0, 5)}
+    assert composed.widths == {"a": 2, "b": 2}
