@@ -14,7 +14,12 @@ from estimators._profile import (
     ProfileError,
     ProfileMismatchWarning,
 )
-from estimators._profiling import ProfileProgress, measure_latency, profile_model
+from estimators._profiling import (
+    ProfileProgress,
+    calibration_widths,
+    measure_latency,
+    profile_model,
+)
 from estimators._proxy import proxy_accuracy, recalibrate_bn
 from estimators._targets import METRICS, Budget, Constraint, Target, format_metric
 
@@ -38,6 +43,7 @@ __all__ = [
     "QuadraticForm",
     "Target",
     "WidthsLike",
+    "calibration_widths",
     "format_metric",
     "graph_fingerprint",
     "measure_latency",

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from backend.errors import SpecError
 from estimators._cost import CostModel
 from estimators._groups import (
     GraphLike,
@@ -133,18 +134,22 @@ class _TableUse:
 
 def _fit(sums: np.ndarray, times: np.ndarray, fit_scale: bool) -> tuple[float, float]:
     """``(scale, overhead)`` with ``times ~ scale * sums + overhead``, ``scale > 0``,
-    ``overhead >= 0``: least squares where that holds, else the nearest of the simpler fits."""
+    ``overhead >= 0``, fitted in relative error (each point weighted by ``1 / time``, so a small
+    subnet's 10% counts as much as a large one's): least squares where the constraints hold,
+    else the best fit with the scale fixed to 1 or the overhead fixed to 0."""
+    weights = 1.0 / times
     if fit_scale:
-        design = np.stack([sums, np.ones_like(sums)], axis=1)
-        (scale, overhead), *_ = np.linalg.lstsq(design, times, rcond=None)
+        design = np.stack([sums * weights, weights], axis=1)
+        (scale, overhead), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
         if scale > 0 and overhead >= 0:
             return float(scale), float(overhead)
-    overhead = float(np.mean(times - sums))
+    overhead = float(((times - sums) * weights**2).sum() / (weights**2).sum())
     if overhead >= 0 or not np.any(sums > 0):
         return 1.0, max(overhead, 0.0)
     # the tables alone exceed the measurements: shrink them rather than subtract a constant,
     # which would predict negative times for small subnets
-    return float(times @ sums / (sums @ sums)), 0.0
+    ratios = sums * weights
+    return float(ratios.sum() / (ratios @ ratios)), 0.0
 
 
 class LatencyPredictor(CostModel):
@@ -152,10 +157,11 @@ class LatencyPredictor(CostModel):
 
     Each conv/linear layer's time is bilinearly interpolated in its table at (input features,
     output channels), depthwise convs and norms linearly in channels; times are multiplied by how
-    often the layer runs and summed. The sum is then calibrated: ``scale * sum + overhead_ms``.
-    By default the overhead makes the dense model match the profile's whole-model measurement
-    (or, when the tables already add up to more, the scale does); :meth:`calibrate` refits both
-    from a few measured subnets.
+    often the layer runs and summed. The sum is then calibrated: ``scale * sum + overhead_ms``,
+    fitted (in relative error) to the whole-model measurements the profile holds: the dense
+    model and the pruned calibration subnets :func:`profile_model` times. With the dense model
+    alone only the overhead is fitted (or, when the tables already add up to more, the scale);
+    :meth:`calibrate` refits both from the caller's own measurements.
 
     Example:
         >>> profile = LatencyProfile.load("runs/resnet56.latency.json")
@@ -210,10 +216,17 @@ class LatencyPredictor(CostModel):
             self._uses.append(_TableUse(table, members))
         self._torch_cache: dict[tuple[torch.dtype, torch.device], list[tuple[Tensor, ...]]] = {}
         self.calibration = Calibration(overhead_ms=0.0)
+        measured: list[tuple[Mapping[str, int], float]] = list(profile.calibration)
         if profile.model_ms is not None and profile.model_ms > 0:
-            dense = self._raw(view.sizes[None, :])
-            scale, overhead = _fit(dense, np.array([profile.model_ms]), fit_scale=False)
-            self.calibration = Calibration(overhead_ms=overhead, scale=scale, points=1)
+            measured.append(({}, profile.model_ms))
+        if measured:
+            try:
+                self.calibrate(measured)
+            except (ValueError, SpecError) as exc:
+                raise ProfileError(
+                    f"latency profile of {profile.model_id} holds calibration measurements "
+                    f"that do not fit this graph ({exc}); measure the profile again"
+                ) from exc
 
     @overload
     def predict(self, widths: Mapping[Any, int] | HasWidths) -> float: ...
@@ -239,7 +252,7 @@ class LatencyPredictor(CostModel):
         self,
         measured: Sequence[tuple[Mapping[Any, int] | HasWidths | np.ndarray, float]],
         *,
-        fit_scale: bool = False,
+        fit_scale: bool | None = None,
     ) -> Calibration:
         """Fit the overhead (and optionally the scale) to whole-model measurements.
 
@@ -248,9 +261,11 @@ class LatencyPredictor(CostModel):
                 and its latency measured with :func:`measure_latency` at the profile's batch size
                 and threads.
             fit_scale: also fit the scale on the summed tables (needs at least two subnets with
-                different predictions); otherwise the scale is 1. Either way the overhead stays
-                non-negative and the scale positive: when the tables alone exceed the
-                measurements, the scale shrinks them instead (so no prediction is negative).
+                different predictions); ``False``: the scale is 1; ``None`` (default): fit it
+                when there are two such subnets. Either way the fit minimises relative error,
+                the overhead stays non-negative and the scale positive: when the tables alone
+                exceed the measurements, the scale shrinks them instead (so no prediction is
+                negative).
 
         Returns:
             The new calibration, also kept by the predictor.
@@ -271,7 +286,10 @@ class LatencyPredictor(CostModel):
         if not np.all(np.isfinite(times)) or np.any(times <= 0):
             raise ValueError(f"measured latencies must be positive, got {times.tolist()}")
         sums = np.array(raw)
-        if fit_scale and np.ptp(sums) <= 1e-9 * max(1.0, float(np.abs(sums).max())):
+        distinct = np.ptp(sums) > 1e-9 * max(1.0, float(np.abs(sums).max()))
+        if fit_scale is None:
+            fit_scale = bool(distinct)
+        if fit_scale and not distinct:
             raise ValueError(
                 "fit_scale needs at least two measured subnets of different size; "
                 f"got {len(measured)} with the same predicted time"

@@ -254,6 +254,9 @@ class LatencyProfile:
             predictor's default overhead is the difference to the sum of its tables.
         settings: how it was measured (grid, warm-up, repeats), for the record.
         created: when it was measured (ISO 8601).
+        calibration: whole-model measurements of a few pruned subnets, ``({group: width}, ms)``
+            pairs (prunable groups only); with :attr:`model_ms` the predictor fits its scale and
+            overhead to them. Empty when none were measured.
     """
 
     device: DeviceInfo
@@ -264,6 +267,7 @@ class LatencyProfile:
     model_ms: float | None = None
     settings: Mapping[str, Any] = field(default_factory=dict)
     created: str = ""
+    calibration: tuple[tuple[Mapping[str, int], float], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (with ``schema`` version)."""
@@ -276,6 +280,7 @@ class LatencyProfile:
             "model_ms": self.model_ms,
             "settings": dict(self.settings),
             "created": self.created,
+            "calibration": [{"widths": dict(w), "ms": ms} for w, ms in self.calibration],
             "tables": {key: table.to_dict() for key, table in sorted(self.tables.items())},
         }
 
@@ -390,6 +395,7 @@ class LatencyProfile:
         settings = data.get("settings", {})
         if not isinstance(settings, dict):
             raise ValueError("'settings' must be an object")
+        calibration = _calibration_points(data.get("calibration", []))
         raw_tables = data.get("tables")
         if not isinstance(raw_tables, dict):
             raise ValueError("'tables' must be an object")
@@ -408,4 +414,26 @@ class LatencyProfile:
             model_ms=None if model_ms is None else float(model_ms),
             settings=settings,
             created=data["created"],
+            calibration=calibration,
         )
+
+
+def _calibration_points(raw: Any) -> tuple[tuple[dict[str, int], float], ...]:
+    """Parse and check the ``calibration`` list of a profile's JSON form."""
+    message = '\'calibration\' must be a list of {"widths": {group: width}, "ms": time} objects'
+    if not isinstance(raw, list):
+        raise ValueError(message)
+    points = []
+    for item in raw:
+        if not isinstance(item, dict) or set(item) != {"widths", "ms"}:
+            raise ValueError(message)
+        widths, ms = item["widths"], item["ms"]
+        if not isinstance(widths, dict) or not all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for k, v in widths.items()
+        ):
+            raise ValueError("'calibration' widths must map group names to positive integers")
+        if not isinstance(ms, int | float) or not math.isfinite(ms) or ms <= 0:
+            raise ValueError(f"'calibration' times must be positive numbers, got {ms!r}")
+        points.append((dict(widths), float(ms)))
+    return tuple(points)

@@ -14,6 +14,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from backend.graph import ChannelGraph
+from backend.models import ModelRef
+from backend.spec import SubnetSpec
+from backend.surgery import prune_model
 from estimators._groups import GraphLike, GroupView, graph_fingerprint
 from estimators._profile import (
     DeviceInfo,
@@ -24,7 +28,7 @@ from estimators._profile import (
     norm_axes,
 )
 
-__all__ = ["ProfileProgress", "measure_latency", "profile_model"]
+__all__ = ["ProfileProgress", "calibration_widths", "measure_latency", "profile_model"]
 
 Statistic = Literal["median", "min"]
 """How repeated timings become one number: the median, or the minimum (steadier when busy)."""
@@ -202,6 +206,39 @@ def measure_latency(
             module.training = training
 
 
+def calibration_widths(graph: ChannelGraph, count: int, seed: int = 0) -> list[dict[str, int]]:
+    """``count`` subnets of ``graph`` spread over sizes, for calibrating a latency predictor.
+
+    Subnet ``k`` keeps about ``s_k`` of every group, ``s_k`` evenly spaced over 0.3-0.9, each
+    group's ratio jittered by up to 25% (seeded), so the subnets span small to large models and
+    are not all uniform scalings. Widths respect each group's step and minimum.
+    """
+    rng = np.random.default_rng(seed)
+    subnets = []
+    for scale in np.linspace(0.3, 0.9, count) if count > 1 else [0.6]:
+        widths = {}
+        for group in graph.prunable_groups:
+            ratio = min(1.0, scale * rng.uniform(0.75, 1.25))
+            width = round(ratio * group.size / group.step) * group.step
+            widths[group.name] = min(group.size, max(group.min_width, width))
+        subnets.append(widths)
+    return subnets
+
+
+def _subnet_ms(
+    model: nn.Module,
+    graph: ChannelGraph,
+    widths: dict[str, int],
+    example: Tensor,
+    timing: tuple[int, int, Statistic],
+) -> float:
+    """Measured latency of ``model`` physically pruned to ``widths``."""
+    warmup, repeats, statistic = timing
+    spec = SubnetSpec.from_widths(graph, ModelRef("profiled-model"), widths)
+    pruned = prune_model(model, graph, spec)
+    return measure_latency(pruned, example, repeats=repeats, warmup=warmup, statistic=statistic)
+
+
 def profile_model(
     model: nn.Module,
     graph: GraphLike,
@@ -214,6 +251,7 @@ def profile_model(
     statistic: Statistic = "median",
     model_id: str | None = None,
     measure_model: bool = True,
+    calibration_subnets: int = 6,
     progress: Callable[[ProfileProgress], None] | None = None,
 ) -> LatencyProfile:
     """Measure latency tables for every layer kind ``graph`` can produce, on this machine (CPU).
@@ -237,6 +275,10 @@ def profile_model(
         model_id: a name for the model in messages (default: its class).
         measure_model: also time the whole dense model on an input of ``graph.input_shape`` (with
             the batch size replaced), which calibrates the predictor's overhead.
+        calibration_subnets: with ``measure_model`` and a ``ChannelGraph``, also prune and time
+            this many subnets of assorted sizes (:func:`calibration_widths`); the predictor fits
+            its scale and overhead to them and the dense model, which absorbs what per-layer
+            tables miss (elementwise ops, dispatch, cache effects between layers). 0: none.
         progress: called after each table with a :class:`ProfileProgress`.
 
     Returns:
@@ -246,6 +288,14 @@ def profile_model(
         ValueError: an option out of range.
     """
     grid = _check_options(batch_size, threads, widths_grid, repeats, warmup, statistic)
+    if (
+        isinstance(calibration_subnets, bool)
+        or not isinstance(calibration_subnets, int)
+        or calibration_subnets < 0
+    ):
+        raise ValueError(
+            f"calibration_subnets must be a non-negative integer, got {calibration_subnets!r}"
+        )
     view = GroupView.from_graph(graph)
     axes: dict[str, TableAxes] = {}
     for layer in graph.layers:
@@ -256,21 +306,36 @@ def profile_model(
         axes.setdefault(item.key, item)
     tables: dict[str, LatencyTable] = {}
     model_ms = None
+    calibration: tuple[tuple[dict[str, int], float], ...] = ()
+    input_shape: tuple[int, ...] = tuple(getattr(graph, "input_shape", None) or ())
+    measure_model = measure_model and bool(input_shape)
+    subnets = calibration_subnets if measure_model and isinstance(graph, ChannelGraph) else 0
+    total = len(axes) + subnets + (1 if measure_model else 0)
+    timing: tuple[int, int, Statistic] = (warmup, repeats, statistic)
     with _torch_threads(threads) as used_threads:
         for done, (key, item) in enumerate(axes.items(), start=1):
-            timing = (warmup, repeats, statistic)
             tables[key] = _measure_table(item, grid, batch_size, timing)
             if progress is not None:
                 config = item.config
-                progress(ProfileProgress(done, len(axes), f"{config['kind']} {key}"))
-        input_shape = getattr(graph, "input_shape", None)
-        if measure_model and input_shape is not None:
+                progress(ProfileProgress(done, total, f"{config['kind']} {key}"))
+        if measure_model:
             parameter = next(model.parameters(), None)
             dtype = parameter.dtype if parameter is not None else torch.float32
-            example = torch.randn(batch_size, *tuple(input_shape)[1:], dtype=dtype)
+            example = torch.randn(batch_size, *input_shape[1:], dtype=dtype)
             model_ms = measure_latency(
                 model, example, repeats=repeats, warmup=warmup, statistic=statistic
             )
+            if progress is not None:
+                progress(ProfileProgress(len(axes) + 1, total, "dense model"))
+        if subnets:
+            assert isinstance(graph, ChannelGraph)
+            points = []
+            for number, widths in enumerate(calibration_widths(graph, subnets), start=1):
+                points.append((widths, _subnet_ms(model, graph, widths, example, timing)))
+                if progress is not None:
+                    done = len(axes) + 1 + number
+                    progress(ProfileProgress(done, total, f"calibration subnet {number}"))
+            calibration = tuple(points)
     return LatencyProfile(
         device=DeviceInfo.current(used_threads),
         batch_size=batch_size,
@@ -286,4 +351,5 @@ def profile_model(
             "min_repeat_s": _MIN_REPEAT_S,
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        calibration=calibration,
     )

@@ -25,6 +25,12 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument("--grid", type=int, default=7, help="widths per axis (default 7)")
     parser.add_argument("--repeats", type=int, default=7, help="timed runs per point")
+    parser.add_argument(
+        "--calibration-subnets",
+        type=int,
+        default=6,
+        help="pruned subnets of assorted sizes timed whole to calibrate the tables (default 6)",
+    )
     parser.add_argument("--out", required=True, help="profile JSON file to write")
     parser.set_defaults(run=run)
 
@@ -47,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         widths_grid=args.grid,
         repeats=args.repeats,
+        calibration_subnets=args.calibration_subnets,
         model_id=resolved.ref.name,
         progress=show,
     )

@@ -23,6 +23,7 @@ from estimators import (
     ProfileError,
     ProfileMismatchWarning,
     ProfileProgress,
+    calibration_widths,
     graph_fingerprint,
     measure_latency,
     profile_model,
@@ -159,6 +160,68 @@ def test_malformed_table_and_missing_file(tmp_path: Path, chain_profile: Latency
         LatencyProfile.load(path)
     with pytest.raises(ProfileError, match=r"cannot read latency profile .*missing\.json"):
         LatencyProfile.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    ("points", "message"),
+    [
+        ({"conv0": 2}, "must be a list"),
+        ([{"widths": {"conv0": 2}}], "must be a list"),
+        ([{"widths": {"conv0": 0}, "ms": 1.0}], "positive integers"),
+        ([{"widths": {"conv0": 2}, "ms": -1.0}], "positive numbers"),
+    ],
+)
+def test_malformed_calibration_is_a_clear_error(
+    tmp_path: Path, chain_profile: LatencyProfile, points: Any, message: str
+) -> None:
+    data = chain_profile.to_dict()
+    data["calibration"] = points
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=message):
+        LatencyProfile.load(path)
+
+
+def test_older_profile_without_calibration_still_loads(
+    tmp_path: Path, chain_profile: LatencyProfile
+) -> None:
+    data = chain_profile.to_dict()
+    del data["calibration"]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    assert LatencyProfile.load(path).calibration == ()
+
+
+def test_predictor_fits_the_profiles_calibration_subnets(
+    chain_profile: LatencyProfile, chain: FakeGraph
+) -> None:
+    plain = with_tables(chain_profile, bilinear_ms)
+    candidates = [{"conv0": 4, "conv1": 8}, {"conv1": 4, "conv3": 2}, {"conv2": 1}]
+    raw = [LatencyPredictor(plain, chain).predict(c) for c in candidates]
+    dense = LatencyPredictor(plain, chain).dense
+    points = tuple((c, 2.0 * r + 0.5) for c, r in zip(candidates, raw, strict=True))
+    profile = dataclasses.replace(plain, model_ms=2.0 * dense + 0.5, calibration=points)
+    predictor = LatencyPredictor(profile, chain)
+    assert predictor.calibration.points == 4
+    assert predictor.calibration.scale == pytest.approx(2.0)
+    assert predictor.calibration.overhead_ms == pytest.approx(0.5)
+    wrong = dataclasses.replace(profile, calibration=(({"no-such-group": 2}, 1.0),))
+    with pytest.raises(ProfileError, match="calibration measurements that do not fit"):
+        LatencyPredictor(wrong, chain)
+
+
+def test_calibration_widths_span_sizes_and_respect_steps() -> None:
+    _, graph, _ = traced("mobilenetv2")
+    subnets = calibration_widths(graph, 5, seed=3)
+    assert subnets == calibration_widths(graph, 5, seed=3) and len(subnets) == 5
+    for widths in subnets:
+        for group in graph.prunable_groups:
+            width = widths[group.name]
+            assert group.min_width <= width <= group.size and width % group.step == 0
+    kept = [sum(w.values()) for w in subnets]
+    assert kept == sorted(kept) and kept[-1] > 2 * kept[0]
+    with pytest.raises(ValueError, match="calibration_subnets must be"):
+        profile_model(torch.nn.Identity(), chain_graph((4,), hw=2), calibration_subnets=-1)
 
 
 def test_profile_from_elsewhere_warns_with_what_differs(
@@ -326,12 +389,23 @@ def test_linear_layer_on_sequences_is_profiled() -> None:
 @pytest.mark.slow
 def test_zoo_profile_round_trip_predict_and_calibrate(tmp_path: Path) -> None:
     model, graph, example = traced("resnet20")
-    profile = profile_model(model, graph, widths_grid=3, repeats=3, warmup=1)
+    steps: list[ProfileProgress] = []
+    profile = profile_model(
+        model, graph, widths_grid=3, repeats=3, warmup=1, calibration_subnets=3,
+        progress=steps.append,
+    )  # fmt: skip
     assert len(profile.tables) < len(graph.layers) + len(graph.norms)  # identical layers share
+    assert [s.done for s in steps] == list(range(1, len(profile.tables) + 5))
+    assert {s.total for s in steps} == {len(profile.tables) + 4}
+    assert [w for w, _ in profile.calibration] == calibration_widths(graph, 3)
     loaded = LatencyProfile.load(profile.save(tmp_path / "resnet20.json"))
+    assert loaded.calibration == profile.calibration
     predictor = LatencyPredictor(loaded, graph)
-    assert profile.model_ms is not None
-    assert predictor.dense == pytest.approx(profile.model_ms, rel=1e-9)
+    assert profile.model_ms is not None and predictor.calibration.points == 4
+    assert predictor.calibration.scale != 1.0  # fitted to the dense model and 3 subnets
+    small, big = (ms for _, ms in (profile.calibration[0], profile.calibration[-1]))
+    assert predictor.predict(profile.calibration[0][0]) == pytest.approx(small, rel=0.5)
+    assert predictor.predict(profile.calibration[-1][0]) == pytest.approx(big, rel=0.5)
     half = {g.name: max(g.step, g.size // 2 // g.step * g.step) for g in graph.prunable_groups}
     measured = measure_latency(pruned("resnet20", half), example, repeats=5)
     fitted = predictor.calibrate([({}, profile.model_ms), (half, measured)], fit_scale=True)

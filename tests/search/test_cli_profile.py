@@ -1,0 +1,95 @@
+"""``prunetune profile`` and ``prunetune estimate`` from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from search.cli import main
+
+FAST = ["--grid", "2", "--repeats", "1", "--calibration-subnets", "2"]
+
+
+@pytest.fixture(scope="module")
+def pruned_small_cnn(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("subnet") / "pruned"
+    assert main(["prune", "--model", "small_cnn", "--flops", "40%", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_cnn_profile(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("profile") / "small_cnn.json"
+    argv = ["profile", "--model", "small_cnn", "--threads", "1", *FAST]
+    assert main([*argv, "--out", str(out)]) == 0
+    return out
+
+
+def test_profile_shows_progress_and_holds_calibration_subnets(
+    small_cnn_profile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = json.loads(small_cnn_profile.read_text())
+    assert data["model_id"] == "small_cnn" and data["device"]["threads"] == 1
+    assert len(data["calibration"]) == 2 and data["model_ms"] > 0
+    out = small_cnn_profile.with_name("again.json")
+    assert main(["profile", "--model", "small_cnn", *FAST, "--out", str(out)]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    assert any("calibration subnet 2" in line for line in lines)
+    assert f"wrote {out}" in lines[-1]
+
+
+def test_estimate_predicts_latency_of_an_export(
+    pruned_small_cnn: Path, small_cnn_profile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["estimate", "--subnet", str(pruned_small_cnn), "--profile", str(small_cnn_profile)]
+    assert main([*argv, "--json"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["flops"] <= 0.4 * figures["dense_flops"]
+    assert 0 < figures["latency_ms"] < figures["dense_latency_ms"]
+    assert main(argv) == 0
+    assert "latency_ms:" in capsys.readouterr().out
+
+
+def test_estimate_refuses_a_profile_of_another_model(
+    tmp_path: Path, pruned_small_cnn: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "resnet20.json"
+    argv = ["profile", "--model", "resnet20", "--input-shape", "1,3,8,8", *FAST]
+    assert main([*argv, "--out", str(other)]) == 0
+    capsys.readouterr()
+    code = main(["estimate", "--subnet", str(pruned_small_cnn), "--profile", str(other)])
+    assert code == 2
+    assert "made for another model" in capsys.readouterr().err
+
+
+def test_estimate_refuses_a_corrupt_profile(
+    tmp_path: Path,
+    pruned_small_cnn: Path,
+    small_cnn_profile: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(small_cnn_profile.read_text()[:100])
+    code = main(["estimate", "--subnet", str(pruned_small_cnn), "--profile", str(corrupt)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "is not valid JSON" in err and str(corrupt) in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+        (["--grid", "1"], "widths_grid must be at least 2"),
+        (["--calibration-subnets", "-1"], "calibration_subnets must be"),
+    ],
+)
+def test_profile_bad_input_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    out = tmp_path / "profile.json"
+    assert main(["profile", "--model", "small_cnn", *argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
