@@ -36,6 +36,12 @@ def register(subparsers: Any) -> None:
         help="channel importance criterion (taylor needs --dataset)",
     )
     parser.add_argument("--allocation", choices=ALLOCATIONS, default="global")
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        help="keep pruned widths at multiples of this, e.g. 8: faster kernels (default 1)",
+    )
     parser.add_argument("--dataset", help="data for the taylor criterion (digits, mnist, cifar10)")
     parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
     parser.add_argument("--out", required=True, help="export directory to write")
@@ -60,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         loader = TensorLoader(data.train, 64, shuffle=True)
         batches = [batch for _, batch in zip(range(8), loader)]
     scores = channel_importance(resolved.model, graph, args.importance, batches)
-    widths = one_shot_widths(graph, budget.fits, args.allocation, scores)
+    widths = one_shot_widths(graph, budget.fits, args.allocation, scores, args.round_to)
     spec = SubnetSpec.from_widths(graph, resolved.ref, widths, scores)
     pruned = prune_model(resolved.model, graph, spec)
     if resolved.spec is not None:

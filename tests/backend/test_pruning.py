@@ -7,10 +7,10 @@ import torch
 
 from backend.data import DatasetSplits, TensorLoader
 from backend.errors import InfeasibleTargetError
-from backend.graph import ChannelGraph
+from backend.graph import ChannelGraph, ChannelGroup
 from backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from backend.models import create_model
-from backend.pruning import one_shot_widths
+from backend.pruning import alignment, one_shot_widths
 from estimators import FlopsModel, ParamsModel, Target
 
 
@@ -82,6 +82,27 @@ def test_one_shot_meets_the_target_tightly(
     if allocation == "uniform":
         ratios = [widths[g.name] / g.size for g in graph.prunable_groups]
         assert max(ratios) - min(ratios) <= 0.2  # one ratio, up to rounding and refill
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "global"])
+def test_round_to_keeps_widths_aligned_and_meets_the_target(
+    allocation: str, resnet20: tuple[torch.nn.Module, ChannelGraph]
+) -> None:
+    model, graph = resnet20
+    flops = FlopsModel.from_graph(graph)
+    budget = Target.parse("flops<=50%").resolve({"flops": flops})
+    scores = channel_importance(model, graph, "l1")
+    widths = one_shot_widths(graph, budget.fits, allocation, scores, round_to=8)
+    assert all(w % 8 == 0 for w in widths.values())
+    assert 0.35 * flops.dense <= flops.evaluate(widths) <= budget.limits["flops"]
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        one_shot_widths(graph, budget.fits, allocation, scores, round_to=0)
+
+
+def test_alignment_falls_back_to_the_step_for_narrow_groups() -> None:
+    assert alignment(ChannelGroup("g", 64, (), step=1), 8) == 8
+    assert alignment(ChannelGroup("g", 48, (), step=3), 8) == 24
+    assert alignment(ChannelGroup("g", 6, (), step=2), 8) == 2
 
 
 def test_one_shot_infeasible(resnet20: tuple[torch.nn.Module, ChannelGraph]) -> None:

@@ -24,6 +24,9 @@ def test_prune_exports_a_subnet_that_meets_the_target(
     measured = count_flops(loaded.model, torch.zeros(1, 3, 16, 16))
     assert measured == summary["flops"] <= 0.5 * summary["dense_flops"]
     assert measured >= 0.45 * summary["dense_flops"]
+    aligned = tmp_path / "aligned"
+    assert main([*argv, "--round-to", "8", "--out", str(aligned)]) == 0
+    assert all(width % 8 == 0 for width in load_subnet(aligned).spec.widths.values())
 
 
 def test_prune_from_a_checkpoint_and_again_from_the_export(tmp_path: Path) -> None:
@@ -51,6 +54,7 @@ def test_prune_from_a_checkpoint_and_again_from_the_export(tmp_path: Path) -> No
         (["--model", "resnet20", "--flops", "50%", "--input-shape", "3,a"], "not a shape"),
         (["--model", "nosuch", "--flops", "50%"], "unknown model 'nosuch'"),
         (["--checkpoint", "/no/such.pt", "--flops", "50%"], "does not exist"),
+        (["--model", "resnet20", "--flops", "50%", "--round-to", "0"], "round_to must be"),
     ],
 )
 def test_prune_bad_input(

@@ -1,0 +1,214 @@
+"""Benchmark real CPU speed-ups: every zoo model pruned to 50% and 25% FLOPs against its dense self.
+
+    python scripts/bench_speedup.py [--threads 1] [--out-dir docs]
+
+Each zoo model (1x3x32x32 input, 10 classes) is pruned in one shot with uniform width scaling
+to each FLOPs target, twice: with free widths (``round_to=1``) and with widths kept at multiples
+of 8 (``round_to=8``, as ``prunetune prune --round-to 8`` does). The dense and pruned models are
+timed at batch 1 and 32 on this machine: each model's latency is the fastest of ``--rounds``
+interleaved measurements (each the minimum of ``--repeats`` runs), so a slow spell on a shared
+machine hits every model alike. Reported per row: latency, speed-up over dense, FLOPs reduction
+(dense / pruned FLOPs) and their ratio (1.0: the FLOPs saving fully turned into speed).
+Goal: ResNet-56 at 50% FLOPs at least 1.7x faster at batch 32.
+
+Writes ``bench_speedup.md`` (table) and ``bench_speedup.png`` (speed-up against FLOPs
+reduction) to ``--out-dir``, atomically; the last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from backend.graph import ChannelGraph
+from backend.io import atomic_write
+from backend.measure import count_flops
+from backend.models import ModelRef, list_models
+from backend.pruning import one_shot_widths
+from backend.spec import SubnetSpec
+from backend.surgery import prune_model
+from estimators import FlopsModel, Target, measure_latency
+
+INPUT = (3, 32, 32)
+METHODS = {"uniform": 1, "uniform-r8": 8}
+"""Method name: ``round_to`` of the uniform one-shot prune."""
+
+
+def pruned_models(
+    name: str, targets: list[float]
+) -> tuple[nn.Module, list[tuple[float, str, nn.Module]]]:
+    """The dense model and, per (target, method), its pruned copy."""
+    ref = ModelRef(name, {"num_classes": 10, "in_channels": INPUT[0]})
+    torch.manual_seed(0)
+    dense = ref.build().eval()
+    graph = ChannelGraph.trace(dense, torch.zeros(1, *INPUT))
+    flops = FlopsModel.from_graph(graph)
+    pruned = []
+    for target in targets:
+        budget = Target.parse(f"flops<={target}%").resolve({"flops": flops})
+        for method, round_to in METHODS.items():
+            widths = one_shot_widths(graph, budget.fits, "uniform", round_to=round_to)
+            spec = SubnetSpec.from_widths(graph, ref, widths)
+            pruned.append((target, method, prune_model(dense, graph, spec).eval()))
+    return dense, pruned
+
+
+def interleaved_ms(
+    models: list[nn.Module], x: torch.Tensor, rounds: int, repeats: int
+) -> np.ndarray:
+    """Fastest of ``rounds`` interleaved measurements of each model, in ms."""
+    best = np.full(len(models), np.inf)
+    for _ in range(rounds):
+        for index, model in enumerate(models):
+            ms = measure_latency(model, x, repeats=repeats, warmup=2, statistic="min")
+            best[index] = min(best[index], ms)
+    return best
+
+
+def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of one zoo model: every (target, method) at every batch size."""
+    dense, pruned = pruned_models(name, args.targets)
+    example = torch.zeros(1, *INPUT)
+    dense_flops = count_flops(dense, example)
+    models = [dense] + [model for _, _, model in pruned]
+    rows = []
+    for batch in args.batches:
+        times = interleaved_ms(models, torch.randn(batch, *INPUT), args.rounds, args.repeats)
+        for (target, method, model), ms in zip(pruned, times[1:], strict=True):
+            reduction = dense_flops / count_flops(model, example)
+            speedup = float(times[0] / ms)
+            rows.append(
+                {
+                    "model": name,
+                    "target": target,
+                    "method": method,
+                    "batch": batch,
+                    "dense_ms": round(float(times[0]), 3),
+                    "ms": round(float(ms), 3),
+                    "speedup": round(speedup, 3),
+                    "flops_reduction": round(reduction, 3),
+                    "efficiency": round(speedup / reduction, 3),
+                }
+            )
+            print(
+                f"{name} {target:g}% {method} batch {batch}: {ms:.2f} ms vs {times[0]:.2f} ms "
+                f"dense, {speedup:.2f}x faster for {reduction:.2f}x fewer FLOPs",
+                flush=True,
+            )
+    return rows
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
+    lines = [
+        "| model | FLOPs target | method | batch | dense ms | pruned ms | speed-up "
+        "| FLOPs reduction | speed-up / FLOPs reduction |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['target']:g}% | {r['method']} | {r['batch']} | "
+            f"{r['dense_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
+            f"{r['flops_reduction']:.2f}x | {r['efficiency']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Speed-up against FLOPs reduction, one marker per batch size and method."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 5))
+    markers = {1: "o", 32: "s"}
+    for (method, batch), colour in zip(
+        [(m, b) for m in METHODS for b in sorted({r["batch"] for r in rows})],
+        plt.get_cmap("tab10").colors,
+        strict=False,
+    ):
+        chosen = [r for r in rows if r["method"] == method and r["batch"] == batch]
+        axes.scatter(
+            [r["flops_reduction"] for r in chosen],
+            [r["speedup"] for r in chosen],
+            marker=markers.get(batch, "^"),
+            color=colour,
+            label=f"{method}, batch {batch}",
+        )
+        for r in chosen:
+            axes.annotate(r["model"], (r["flops_reduction"], r["speedup"]), fontsize=6)
+    limit = max(max(r["flops_reduction"] for r in rows), max(r["speedup"] for r in rows)) * 1.05
+    axes.plot([1, limit], [1, limit], "k--", linewidth=0.8, label="speed-up = FLOPs reduction")
+    axes.set_xlabel("FLOPs reduction (dense / pruned)")
+    axes.set_ylabel("measured speed-up (dense ms / pruned ms)")
+    axes.set_title("CPU speed-up of pruned zoo models")
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    plt.close(figure)
+
+
+def main() -> int:
+    """Prune, time, write the table and plot, print one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(list_models()), help="comma-separated")
+    parser.add_argument("--targets", default="50,25", help="FLOPs targets in percent")
+    parser.add_argument("--batches", default="1,32", help="batch sizes")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved measurement rounds")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
+    parser.add_argument("--out-dir", type=Path, default=Path("docs"))
+    args = parser.parse_args()
+    try:
+        args.targets = [float(t) for t in args.targets.split(",")]
+        args.batches = [int(b) for b in args.batches.split(",")]
+        models = [m for m in args.models.split(",") if m]
+    except ValueError as exc:
+        parser.error(f"--targets and --batches take comma-separated numbers ({exc})")
+    unknown = sorted(set(models) - set(list_models()))
+    if unknown:
+        parser.error(f"unknown model {unknown[0]!r}; the zoo has {', '.join(list_models())}")
+    if not all(0 < t < 100 for t in args.targets) or not all(b > 0 for b in args.batches):
+        parser.error("targets must be percentages in (0, 100) and batch sizes positive")
+    if args.threads < 1 or args.rounds < 1 or args.repeats < 1:
+        parser.error("--threads, --rounds and --repeats must be at least 1")
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    rows = [row for name in models for row in bench_model(name, args)]
+    text = table(rows)
+    print(f"\n{text}\n")
+    command = "python scripts/bench_speedup.py " + " ".join(sys.argv[1:])
+    header = (
+        f"`{command.strip()}` ({datetime.date.today()}, {platform.machine()}, "
+        f"{args.threads} thread(s), torch {torch.__version__}, "
+        f"{time.perf_counter() - started:.0f} s)\n\n"
+    )
+    atomic_write(args.out_dir / "bench_speedup.md", lambda p: p.write_text(header + text + "\n"))
+    plot(rows, args.out_dir / "bench_speedup.png")
+    goal = [r for r in rows if r["model"] == "resnet56" and r["target"] == 50 and r["batch"] == 32]
+    summary = {
+        "benchmark": "speedup",
+        "threads": args.threads,
+        "resnet56_50pct_batch32_speedup": {r["method"]: r["speedup"] for r in goal},
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+        "machine": platform.machine(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
