@@ -17,6 +17,7 @@ from estimators._profile import (
 from estimators._profiling import (
     ProfileProgress,
     calibration_widths,
+    measure_latencies,
     measure_latency,
     profile_model,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "calibration_widths",
     "format_metric",
     "graph_fingerprint",
+    "measure_latencies",
     "measure_latency",
     "profile_model",
     "proxy_accuracy",

@@ -28,7 +28,13 @@ from estimators._profile import (
     norm_axes,
 )
 
-__all__ = ["ProfileProgress", "calibration_widths", "measure_latency", "profile_model"]
+__all__ = [
+    "ProfileProgress",
+    "calibration_widths",
+    "measure_latencies",
+    "measure_latency",
+    "profile_model",
+]
 
 Statistic = Literal["median", "min"]
 """How repeated timings become one number: the median, or the minimum (steadier when busy)."""
@@ -204,6 +210,45 @@ def measure_latency(
     finally:
         for module, training in modes.items():
             module.training = training
+
+
+def measure_latencies(
+    models: Sequence[nn.Module],
+    example_input: Tensor,
+    *,
+    rounds: int = 3,
+    threads: int | None = None,
+    repeats: int = 5,
+    warmup: int = 2,
+    statistic: Statistic = "min",
+) -> np.ndarray:
+    """Latencies (ms) of several models on one input, for comparing them (a speed-up).
+
+    The models are measured in turn, ``rounds`` times over, and each keeps its fastest
+    measurement (each one :func:`measure_latency` with ``repeats`` and ``statistic``). A slow
+    spell of the machine then hits every model alike instead of whichever was running.
+
+    Returns:
+        An array of shape ``(len(models),)``.
+
+    Raises:
+        ValueError: ``rounds``, ``threads``, ``repeats`` or ``warmup`` out of range.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    best = np.full(len(models), np.inf)
+    for _ in range(rounds):
+        for index, model in enumerate(models):
+            ms = measure_latency(
+                model,
+                example_input,
+                threads=threads,
+                repeats=repeats,
+                warmup=warmup,
+                statistic=statistic,
+            )
+            best[index] = min(best[index], ms)
+    return best
 
 
 def calibration_widths(graph: ChannelGraph, count: int, seed: int = 0) -> list[dict[str, int]]:

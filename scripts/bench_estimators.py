@@ -39,7 +39,7 @@ from estimators import (
     LatencyPredictor,
     ParamsModel,
     Target,
-    measure_latency,
+    measure_latencies,
     profile_model,
     proxy_accuracy,
 )
@@ -97,19 +97,6 @@ def spread_widths(graph: ChannelGraph, rng: np.random.Generator) -> dict[str, in
     return widths
 
 
-def measure_interleaved(
-    models: list[torch.nn.Module], x: torch.Tensor, rounds: int, repeats: int
-) -> np.ndarray:
-    """Each model's latency (ms): the fastest of ``rounds`` interleaved measurements (each the
-    minimum of ``repeats`` runs), so a slow spell on the machine hits every model alike."""
-    times = np.full(len(models), np.inf)
-    for _ in range(rounds):
-        for index, model in enumerate(models):
-            ms = measure_latency(model, x, repeats=repeats, warmup=2, statistic="min")
-            times[index] = min(times[index], ms)
-    return times
-
-
 def latency_figures(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
     """Median absolute % error, share within 5% and 10%, and Kendall tau."""
     error = np.abs(predicted / measured - 1.0)
@@ -149,7 +136,7 @@ def bench_latency(
         pruned = [
             prune_model(model, graph, SubnetSpec.from_widths(graph, ref, w)).eval() for w in widths
         ]
-        measured = measure_interleaved(pruned, x, rounds=2, repeats=repeats)
+        measured = measure_latencies(pruned, x, rounds=2, repeats=repeats)
         figures[kind] = latency_figures(predicted, measured)
         everything[0].extend(predicted)
         everything[1].extend(measured)

@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -37,7 +36,7 @@ from backend.models import ModelRef, list_models
 from backend.pruning import one_shot_widths
 from backend.spec import SubnetSpec
 from backend.surgery import prune_model
-from estimators import FlopsModel, Target, measure_latency
+from estimators import FlopsModel, Target, measure_latencies
 
 INPUT = (3, 32, 32)
 METHODS = {"uniform": 1, "uniform-r8": 8}
@@ -63,18 +62,6 @@ def pruned_models(
     return dense, pruned
 
 
-def interleaved_ms(
-    models: list[nn.Module], x: torch.Tensor, rounds: int, repeats: int
-) -> np.ndarray:
-    """Fastest of ``rounds`` interleaved measurements of each model, in ms."""
-    best = np.full(len(models), np.inf)
-    for _ in range(rounds):
-        for index, model in enumerate(models):
-            ms = measure_latency(model, x, repeats=repeats, warmup=2, statistic="min")
-            best[index] = min(best[index], ms)
-    return best
-
-
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows of one zoo model: every (target, method) at every batch size."""
     dense, pruned = pruned_models(name, args.targets)
@@ -83,7 +70,9 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     models = [dense] + [model for _, _, model in pruned]
     rows = []
     for batch in args.batches:
-        times = interleaved_ms(models, torch.randn(batch, *INPUT), args.rounds, args.repeats)
+        times = measure_latencies(
+            models, torch.randn(batch, *INPUT), rounds=args.rounds, repeats=args.repeats
+        )
         for (target, method, model), ms in zip(pruned, times[1:], strict=True):
             reduction = dense_flops / count_flops(model, example)
             speedup = float(times[0] / ms)

@@ -25,6 +25,7 @@ from estimators import (
     ProfileProgress,
     calibration_widths,
     graph_fingerprint,
+    measure_latencies,
     measure_latency,
     profile_model,
 )
@@ -366,6 +367,16 @@ def test_measure_latency_restores_modes_and_threads() -> None:
     assert ms > 0 and math.isfinite(ms)
     assert net.training and all(m.training for m in net.modules())
     assert torch.get_num_threads() == threads
+
+
+def test_measure_latencies_compares_models_interleaved() -> None:
+    small, big = torch.nn.Linear(8, 8), torch.nn.Sequential(*[torch.nn.Linear(8, 8)] * 4)
+    big.train()
+    times = measure_latencies([small, big], torch.randn(2, 8), rounds=2, repeats=1, threads=1)
+    assert times.shape == (2,) and np.all(np.isfinite(times)) and np.all(times > 0)
+    assert big.training  # modes restored, as measure_latency does
+    with pytest.raises(ValueError, match="rounds must be a positive integer"):
+        measure_latencies([small], torch.randn(1, 4), rounds=0)
 
 
 def test_linear_layer_on_sequences_is_profiled() -> None:
