@@ -31,6 +31,7 @@ from backend.errors import InfeasibleTargetError
 from backend.graph import ChannelGraph
 from backend.importance import channel_importance
 from backend.models import ModelRef
+from backend.pruning import alignment
 from backend.spec import SubnetSpec
 from estimators import Budget
 
@@ -62,6 +63,8 @@ class SpaceContext:
         seed: seeds every random choice of the run.
         batch_size: examples per training step.
         importance: per-channel scores by group (L1 of the dense weights when not given).
+        round_to: final widths are multiples of this (and of each group's step) where the
+            group is that wide (:func:`backend.pruning.alignment`); 8 or 16 suit CPU kernels.
     """
 
     model: nn.Module
@@ -72,8 +75,11 @@ class SpaceContext:
     seed: int = 0
     batch_size: int = 64
     importance: dict[str, Tensor] | None = None
+    round_to: int = 1
 
     def __post_init__(self) -> None:
+        for group in self.graph.prunable_groups[:1]:
+            alignment(group, self.round_to)  # a clear error for a bad round_to
         if self.importance is None:
             self.importance = channel_importance(self.model, self.graph, "l1")
 
@@ -186,7 +192,8 @@ def finalize(
 ) -> tuple[SubnetSpec, dict[str, int]]:
     """The final step every space shares: integer widths that meet every limit exactly.
 
-    Widths are rounded (to each group's step, within its bounds). While they overshoot any limit,
+    Widths are rounded (to each group's step, or its alignment to ``context.round_to``, within
+    its bounds). While they overshoot any limit,
     one step of channels goes from the group whose weakest kept channels cost the most per unit
     of importance; then, with ``fill``, steps are given back to the groups with the most
     importance per unit of cost while everything still fits, so no budget is wasted by rounding.
@@ -197,11 +204,11 @@ def finalize(
     graph, budget = context.graph, context.budget
     groups = graph.prunable_groups
     importance = context.importance or {}
-    steps = np.asarray([g.step for g in groups])
-    minimum = np.asarray([g.min_width for g in groups])
+    steps = np.asarray([alignment(g, context.round_to) for g in groups], dtype=np.int64)
+    minimum = steps.copy()
     sizes = np.asarray([g.size for g in groups])
     current = np.asarray(
-        [round(float(widths[g.name]) / g.step) * g.step for g in groups], dtype=np.int64
+        [round(float(widths[g.name]) / s) * s for g, s in zip(groups, steps)], dtype=np.int64
     )
     current = np.clip(current, minimum, sizes)
     ranked = []

@@ -15,7 +15,7 @@ from backend.train import TrainConfig, train
 from estimators import FlopsModel, ParamsModel, Target
 from spaces import SpaceContext
 
-ContextFactory = Callable[[str], SpaceContext]
+ContextFactory = Callable[..., SpaceContext]
 
 
 @pytest.fixture(scope="session")
@@ -36,10 +36,16 @@ def make_context(
     ref, model, graph = pretrained_small_cnn
     costs = {"flops": FlopsModel.from_graph(graph), "params": ParamsModel.from_graph(graph)}
 
-    def make(target: str, seed: int = 0) -> SpaceContext:
+    def make(target: str, seed: int = 0, round_to: int = 1) -> SpaceContext:
         budget = Target.parse(target).resolve(costs)
         return SpaceContext(
-            model=model, graph=graph, model_ref=ref, data=digits, budget=budget, seed=seed
+            model=model,
+            graph=graph,
+            model_ref=ref,
+            data=digits,
+            budget=budget,
+            seed=seed,
+            round_to=round_to,
         )
 
     return make

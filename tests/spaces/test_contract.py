@@ -87,6 +87,20 @@ def test_space_meets_several_targets_at_once(name: str, make_context: ContextFac
     assert costs["params"] <= context.budget.limits["params"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_spaces())
+def test_space_keeps_widths_aligned(name: str, make_context: ContextFactory) -> None:
+    context = make_context("flops<=40%", round_to=8)
+    result, _ = _run(name, context)
+    assert all(width % 8 == 0 for width in result.spec.widths.values()), result.spec.widths
+    assert context.budget.fits(result.spec.widths)
+
+
+def test_bad_round_to_is_refused(make_context: ContextFactory) -> None:
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        make_context("flops<=40%", round_to=0)
+
+
 @pytest.mark.parametrize("name", list_spaces())
 def test_unknown_option_lists_the_valid_ones(name: str) -> None:
     with pytest.raises(ValueError, match=rf"space '{name}' has no option 'colour'; valid options"):
