@@ -22,14 +22,17 @@ __all__ = [
     "ALLOCATIONS",
     "Allocation",
     "alignment",
+    "cost_widths",
     "global_widths",
     "one_shot_widths",
     "uniform_widths",
 ]
 
-Allocation = Literal["uniform", "global"]
+Allocation = Literal["uniform", "global", "cost"]
 ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 Fits = Callable[[dict[str, int]], bool]
+Cost = Callable[[np.ndarray], np.ndarray]
+"""Cost of candidate widths ``(N, P)`` (ordered as ``graph.prunable_groups``), shape ``(N,)``."""
 
 
 def alignment(group: ChannelGroup, round_to: int = 1) -> int:
@@ -130,27 +133,87 @@ def global_widths(
     return after(high)
 
 
+def cost_widths(
+    graph: ChannelGraph,
+    scores: Mapping[str, Tensor],
+    fits: Fits,
+    cost: Cost,
+    round_to: int = 1,
+) -> dict[str, int]:
+    """Remove channels where they save the most ``cost`` per unit of importance, until it fits.
+
+    Greedy, from the dense widths: each step takes one aligned step of channels (the group's
+    least important ones) from the group where ``cost`` falls most per unit of their normalised
+    importance. With a latency estimate as ``cost`` and a FLOPs target as ``fits`` this is
+    latency-aware pruning: the same FLOPs saving, spent where the device gains the most time
+    (on a CPU, wide feature maps with few channels are slow per FLOP).
+
+    Raises:
+        InfeasibleTargetError: even every group at its minimum width does not fit.
+    """
+    groups = graph.prunable_groups
+    steps = np.asarray([alignment(g, round_to) for g in groups], dtype=np.int64)
+    sizes = np.asarray([g.size for g in groups], dtype=np.int64)
+    ranked = []
+    for group in groups:
+        normalised = scores[group.name].double() / (scores[group.name].double().mean() + 1e-12)
+        ranked.append(torch.sort(normalised, descending=True).values.numpy())
+
+    def as_widths(vector: np.ndarray) -> dict[str, int]:
+        return {g.name: int(w) for g, w in zip(groups, vector)}
+
+    current = sizes.copy()
+    while not fits(as_widths(current)):
+        # shrinking a group not at a multiple of its step first lands on one
+        lower = np.where(current % steps, current // steps * steps, current - steps)
+        shrinkable = lower >= steps
+        if not shrinkable.any():
+            raise InfeasibleTargetError(
+                "the target cannot be met: even the smallest subnet (every group at its minimum "
+                "width) exceeds it; relax the target"
+            )
+        smaller = np.where(shrinkable, lower, current)
+        candidates = np.where(np.eye(len(groups), dtype=bool), smaller[None, :], current[None, :])
+        saved = float(cost(current[None, :])[0]) - np.asarray(cost(candidates), dtype=np.float64)
+        value = np.asarray(
+            [
+                ranked[i][lower[i] : current[i]].sum() if shrinkable[i] else 0.0
+                for i in range(len(groups))
+            ]
+        )
+        score = np.where(shrinkable, np.maximum(saved, 0.0) / (value + 1e-9), -np.inf)
+        if not np.any(np.isfinite(score) & (score > 0)):
+            score = np.where(shrinkable, -value, -np.inf)  # nothing saves cost: least value
+        best = int(np.argmax(score))
+        current[best] = lower[best]
+    return as_widths(current)
+
+
 def one_shot_widths(
     graph: ChannelGraph,
     fits: Fits,
     allocation: str = "global",
     scores: Mapping[str, Tensor] | None = None,
     round_to: int = 1,
+    cost: Cost | None = None,
 ) -> dict[str, int]:
-    """Widths for a one-shot prune to a target, by ``uniform`` or ``global`` allocation.
+    """Widths for a one-shot prune to a target, by ``uniform``, ``global`` or ``cost`` allocation.
 
     Args:
         graph: the model's channel graph.
         fits: whether widths meet the target.
-        allocation: ``uniform`` (one keep ratio everywhere) or ``global`` (least important
-            channels first, by ``scores``).
-        scores: channel importance by group name (``global`` only).
+        allocation: ``uniform`` (one keep ratio everywhere), ``global`` (least important
+            channels first, by ``scores``) or ``cost`` (channels first where they save the most
+            ``cost`` per unit of importance, :func:`cost_widths`).
+        scores: channel importance by group name (``global`` and ``cost``).
+        cost: what ``cost`` allocation saves, e.g. a latency estimate's ``evaluate``.
         round_to: keep pruned widths at multiples of this (and of each group's step) where the
             group is that wide: CPU and GPU kernels are often much faster at multiples of 8 or
             16 channels, so aligned subnets turn FLOPs savings into more real speed-up.
 
     Raises:
-        ValueError: unknown allocation, ``global`` without scores, or a bad ``round_to``.
+        ValueError: unknown allocation, ``global`` or ``cost`` without scores, ``cost``
+            without a cost, or a bad ``round_to``.
         InfeasibleTargetError: no subnet fits.
     """
     if allocation not in ALLOCATIONS:
@@ -160,5 +223,9 @@ def one_shot_widths(
     if allocation == "uniform":
         return uniform_widths(graph, fits, round_to=round_to)
     if scores is None:
-        raise ValueError("global allocation needs channel importance scores")
+        raise ValueError(f"{allocation} allocation needs channel importance scores")
+    if allocation == "cost":
+        if cost is None:
+            raise ValueError("cost allocation needs a cost to save (e.g. a latency estimate)")
+        return cost_widths(graph, scores, fits, cost, round_to=round_to)
     return global_widths(graph, scores, fits, round_to=round_to)

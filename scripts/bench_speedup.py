@@ -2,13 +2,17 @@
 
     python scripts/bench_speedup.py [--threads 1] [--out-dir docs]
 
-Each zoo model (1x3x32x32 input, 10 classes) is pruned in one shot with uniform width scaling
-to each FLOPs target, twice: with free widths (``round_to=1``) and with widths kept at multiples
-of 8 (``round_to=8``, as ``prunetune prune --round-to 8`` does). The dense and pruned models are
-timed at batch 1 and 32 on this machine: each model's latency is the fastest of ``--rounds``
-interleaved measurements (each the minimum of ``--repeats`` runs), so a slow spell on a shared
-machine hits every model alike. Reported per row: latency, speed-up over dense, FLOPs reduction
-(dense / pruned FLOPs) and their ratio (1.0: the FLOPs saving fully turned into speed).
+Each zoo model (1x3x32x32 input, 10 classes, He-initialised: only widths matter here) is pruned
+in one shot to each FLOPs target by three methods: uniform width scaling with free widths
+(``uniform``) and with widths kept at multiples of 8 (``uniform-r8``, ``prunetune prune
+--round-to 8``), and latency-aware allocation (``latency-r8``, ``prunetune prune --allocation cost
+--round-to 8 --profile P``): channels go first where they save the most predicted latency per
+unit of L1 importance, from a profile measured here at that batch size. The dense and pruned
+models are timed at batch 1 and 32 on this machine: each model's latency is the fastest of
+``--rounds`` interleaved measurements (each the minimum of ``--repeats`` runs), so a slow spell
+on a shared machine hits every model alike. Reported per row: latency (measured, and predicted
+from the profile), speed-up over dense, FLOPs reduction (dense / pruned FLOPs) and their ratio
+(1.0: the FLOPs saving fully turned into speed).
 Goal: ResNet-56 at 50% FLOPs at least 1.7x faster at batch 32.
 
 Writes ``bench_speedup.md`` (table) and ``bench_speedup.png`` (speed-up against FLOPs
@@ -23,6 +27,7 @@ import json
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,50 +35,80 @@ import torch
 from torch import nn
 
 from backend.graph import ChannelGraph
+from backend.importance import channel_importance
 from backend.io import atomic_write
 from backend.measure import count_flops
 from backend.models import ModelRef, list_models
 from backend.pruning import one_shot_widths
 from backend.spec import SubnetSpec
 from backend.surgery import prune_model
-from estimators import FlopsModel, Target, measure_latencies
+from estimators import (
+    FlopsModel,
+    LatencyPredictor,
+    Target,
+    measure_latencies,
+    profile_model,
+)
 
 INPUT = (3, 32, 32)
-METHODS = {"uniform": 1, "uniform-r8": 8}
-"""Method name: ``round_to`` of the uniform one-shot prune."""
+METHODS = {"uniform": ("uniform", 1), "uniform-r8": ("uniform", 8), "latency-r8": ("cost", 8)}
+"""Method name: allocation and ``round_to`` of its one-shot prune (``cost``: latency-aware)."""
 
 
-def pruned_models(
-    name: str, targets: list[float]
-) -> tuple[nn.Module, list[tuple[float, str, nn.Module]]]:
-    """The dense model and, per (target, method), its pruned copy."""
-    ref = ModelRef(name, {"num_classes": 10, "in_channels": INPUT[0]})
-    torch.manual_seed(0)
-    dense = ref.build().eval()
-    graph = ChannelGraph.trace(dense, torch.zeros(1, *INPUT))
-    flops = FlopsModel.from_graph(graph)
-    pruned = []
-    for target in targets:
-        budget = Target.parse(f"flops<={target}%").resolve({"flops": flops})
-        for method, round_to in METHODS.items():
-            widths = one_shot_widths(graph, budget.fits, "uniform", round_to=round_to)
-            spec = SubnetSpec.from_widths(graph, ref, widths)
-            pruned.append((target, method, prune_model(dense, graph, spec).eval()))
-    return dense, pruned
+@dataclass
+class Case:
+    """One zoo model at one batch size: the dense model and what latency-aware pruning needs."""
+
+    name: str
+    ref: ModelRef
+    dense: nn.Module
+    graph: ChannelGraph
+    flops: FlopsModel
+    latency: LatencyPredictor
+    profile_seconds: float
+
+    @classmethod
+    def build(cls, name: str, batch: int) -> Case:
+        """The model, its graph and a latency profile measured here at ``batch``."""
+        ref = ModelRef(name, {"num_classes": 10, "in_channels": INPUT[0]})
+        torch.manual_seed(0)
+        dense = ref.build().eval()
+        graph = ChannelGraph.trace(dense, torch.zeros(1, *INPUT))
+        started = time.perf_counter()
+        profile = profile_model(dense, graph, batch, statistic="min", model_id=name)
+        seconds = time.perf_counter() - started
+        latency = LatencyPredictor(profile, graph)
+        return cls(name, ref, dense, graph, FlopsModel.from_graph(graph), latency, seconds)
+
+    def prune(self, target: float, method: str) -> tuple[nn.Module, dict[str, int]]:
+        """The dense model pruned in one shot to ``target`` % FLOPs by ``method``."""
+        allocation, round_to = METHODS[method]
+        budget = Target.parse(f"flops<={target}%").resolve({"flops": self.flops})
+        scores = channel_importance(self.dense, self.graph, "l1")
+        widths = one_shot_widths(
+            self.graph, budget.fits, allocation, scores, round_to, self.latency.evaluate
+        )
+        spec = SubnetSpec.from_widths(self.graph, self.ref, widths, scores)
+        return prune_model(self.dense, self.graph, spec).eval(), widths
 
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Rows of one zoo model: every (target, method) at every batch size."""
-    dense, pruned = pruned_models(name, args.targets)
     example = torch.zeros(1, *INPUT)
-    dense_flops = count_flops(dense, example)
-    models = [dense] + [model for _, _, model in pruned]
     rows = []
     for batch in args.batches:
+        case = Case.build(name, batch)
+        dense_flops = count_flops(case.dense, example)
+        pruned = [
+            (target, method, *case.prune(target, method))
+            for target in args.targets
+            for method in METHODS
+        ]
+        models = [case.dense] + [model for _, _, model, _ in pruned]
         times = measure_latencies(
             models, torch.randn(batch, *INPUT), rounds=args.rounds, repeats=args.repeats
         )
-        for (target, method, model), ms in zip(pruned, times[1:], strict=True):
+        for (target, method, model, widths), ms in zip(pruned, times[1:], strict=True):
             reduction = dense_flops / count_flops(model, example)
             speedup = float(times[0] / ms)
             rows.append(
@@ -84,9 +119,11 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     "batch": batch,
                     "dense_ms": round(float(times[0]), 3),
                     "ms": round(float(ms), 3),
+                    "predicted_ms": round(float(case.latency.predict(widths)), 3),
                     "speedup": round(speedup, 3),
                     "flops_reduction": round(reduction, 3),
                     "efficiency": round(speedup / reduction, 3),
+                    "profile_seconds": round(case.profile_seconds, 1),
                 }
             )
             print(
@@ -100,15 +137,15 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| model | FLOPs target | method | batch | dense ms | pruned ms | speed-up "
-        "| FLOPs reduction | speed-up / FLOPs reduction |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | FLOPs target | method | batch | dense ms | pruned ms | predicted ms "
+        "| speed-up | FLOPs reduction | speed-up / FLOPs reduction |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['target']:g}% | {r['method']} | {r['batch']} | "
-            f"{r['dense_ms']:.2f} | {r['ms']:.2f} | {r['speedup']:.2f}x | "
-            f"{r['flops_reduction']:.2f}x | {r['efficiency']:.2f} |"
+            f"{r['dense_ms']:.2f} | {r['ms']:.2f} | {r['predicted_ms']:.2f} | "
+            f"{r['speedup']:.2f}x | {r['flops_reduction']:.2f}x | {r['efficiency']:.2f} |"
         )
     return "\n".join(lines)
 

@@ -35,7 +35,14 @@ def register(subparsers: Any) -> None:
         default="l1",
         help="channel importance criterion (taylor needs --dataset)",
     )
-    parser.add_argument("--allocation", choices=ALLOCATIONS, default="global")
+    parser.add_argument(
+        "--allocation",
+        choices=ALLOCATIONS,
+        default="global",
+        help="uniform: one keep ratio; global: least important channels first (default); "
+        "cost: latency-aware, channels first where they save the most predicted latency per "
+        "unit of importance (needs --profile)",
+    )
     parser.add_argument(
         "--round-to",
         type=int,
@@ -55,9 +62,15 @@ def run(args: argparse.Namespace) -> int:
     target = target_from_args(args)
     if args.importance == "taylor" and not args.dataset:
         raise ValueError("--importance taylor needs --dataset to take gradients on")
+    if args.allocation == "cost" and not args.profile:
+        raise ValueError(
+            "--allocation cost saves predicted latency: give --profile PROFILE.json "
+            "(measure one with prunetune profile)"
+        )
     resolved = resolve_model(args)
     graph = resolved.trace()
-    budget = target.resolve(cost_models(graph, args.profile))
+    metric_costs = cost_models(graph, args.profile)
+    budget = target.resolve(metric_costs)
     batches = None
     if args.importance == "taylor":
         from backend.data import TensorLoader, load_dataset
@@ -66,13 +79,15 @@ def run(args: argparse.Namespace) -> int:
         loader = TensorLoader(data.train, 64, shuffle=True)
         batches = [batch for _, batch in zip(range(8), loader)]
     scores = channel_importance(resolved.model, graph, args.importance, batches)
-    widths = one_shot_widths(graph, budget.fits, args.allocation, scores, args.round_to)
+    latency = metric_costs["latency_ms"].evaluate if args.allocation == "cost" else None
+    widths = one_shot_widths(graph, budget.fits, args.allocation, scores, args.round_to, latency)
     spec = SubnetSpec.from_widths(graph, resolved.ref, widths, scores)
     pruned = prune_model(resolved.model, graph, spec)
     if resolved.spec is not None:
         spec = resolved.spec.compose(spec)
-    dense_costs = budget.evaluate(graph.dense_widths())
-    costs = budget.evaluate(widths)
+    # every estimator, not only the target's: a latency profile's prediction is shown too
+    dense_costs = {m: float(e.evaluate(graph.dense_widths())) for m, e in metric_costs.items()}
+    costs = {m: float(e.evaluate(widths)) for m, e in metric_costs.items()}
     export_subnet(
         out,
         pruned,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -97,6 +98,32 @@ def test_round_to_keeps_widths_aligned_and_meets_the_target(
     assert 0.35 * flops.dense <= flops.evaluate(widths) <= budget.limits["flops"]
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         one_shot_widths(graph, budget.fits, allocation, scores, round_to=0)
+
+
+def test_cost_allocation_cuts_where_the_cost_falls_most(
+    resnet20: tuple[torch.nn.Module, ChannelGraph],
+) -> None:
+    model, graph = resnet20
+    flops = FlopsModel.from_graph(graph)
+    budget = Target.parse("flops<=60%").resolve({"flops": flops})
+    scores = channel_importance(model, graph, "l1")
+    stage1 = np.asarray([g.name.startswith(("conv1", "layer1")) for g in graph.prunable_groups])
+
+    def stage1_cost(widths: np.ndarray) -> np.ndarray:  # only stage-1 channels cost anything
+        return (widths * stage1).sum(axis=1).astype(float)
+
+    widths = one_shot_widths(graph, budget.fits, "cost", scores, round_to=4, cost=stage1_cost)
+    assert flops.evaluate(widths) <= budget.limits["flops"]
+    assert all(w % 4 == 0 for w in widths.values())
+    kept = {g.name: widths[g.name] / g.size for g in graph.prunable_groups}
+    cheap = [r for g, r in kept.items() if not g.startswith(("conv1", "layer1"))]
+    assert max(kept[g] for g in kept if g.startswith(("conv1", "layer1"))) < min(cheap)
+    same_as_flops = one_shot_widths(graph, budget.fits, "cost", scores, cost=flops.evaluate)
+    assert 0.9 * budget.limits["flops"] <= flops.evaluate(same_as_flops) <= budget.limits["flops"]
+    with pytest.raises(ValueError, match="cost allocation needs a cost"):
+        one_shot_widths(graph, budget.fits, "cost", scores)
+    with pytest.raises(InfeasibleTargetError, match="even the smallest subnet"):
+        one_shot_widths(graph, lambda w: False, "cost", scores, cost=flops.evaluate)
 
 
 def test_alignment_falls_back_to_the_step_for_narrow_groups() -> None:

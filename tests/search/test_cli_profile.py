@@ -52,6 +52,17 @@ def test_estimate_predicts_latency_of_an_export(
     assert "latency_ms:" in capsys.readouterr().out
 
 
+def test_latency_aware_prune_meets_the_flops_target(
+    tmp_path: Path, small_cnn_profile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "fast"
+    argv = ["prune", "--model", "small_cnn", "--flops", "50%", "--allocation", "cost"]
+    assert main([*argv, "--profile", str(small_cnn_profile), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert 0.4 * summary["dense_flops"] <= summary["flops"] <= 0.5 * summary["dense_flops"]
+    assert summary["latency_ms"] < summary["dense_latency_ms"]
+
+
 def test_estimate_refuses_a_profile_of_another_model(
     tmp_path: Path, pruned_small_cnn: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -55,6 +55,7 @@ def test_prune_from_a_checkpoint_and_again_from_the_export(tmp_path: Path) -> No
         (["--model", "nosuch", "--flops", "50%"], "unknown model 'nosuch'"),
         (["--checkpoint", "/no/such.pt", "--flops", "50%"], "does not exist"),
         (["--model", "resnet20", "--flops", "50%", "--round-to", "0"], "round_to must be"),
+        (["--model", "resnet20", "--flops", "50%", "--allocation", "cost"], "give --profile"),
     ],
 )
 def test_prune_bad_input(
