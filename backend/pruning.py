@@ -24,6 +24,7 @@ __all__ = [
     "alignment",
     "cost_widths",
     "global_widths",
+    "normalised_importance",
     "one_shot_widths",
     "uniform_widths",
 ]
@@ -33,6 +34,13 @@ ALLOCATIONS: tuple[str, ...] = get_args(Allocation)
 Fits = Callable[[dict[str, int]], bool]
 Cost = Callable[[np.ndarray], np.ndarray]
 """Cost of candidate widths ``(N, P)`` (ordered as ``graph.prunable_groups``), shape ``(N,)``."""
+
+
+def normalised_importance(scores: Tensor) -> Tensor:
+    """A group's channel scores divided by their mean (float64), so groups of different scale
+    compete fairly: raw magnitudes would empty whole layers with small weights."""
+    scores = scores.double()
+    return scores / (scores.mean() + 1e-12)
 
 
 def alignment(group: ChannelGroup, round_to: int = 1) -> int:
@@ -107,7 +115,7 @@ def global_widths(
     order_groups: list[int] = []
     order_scores: list[float] = []
     for index, group in enumerate(groups):
-        normalised = scores[group.name].double() / (scores[group.name].double().mean() + 1e-12)
+        normalised = normalised_importance(scores[group.name])
         removable = group.size - group.min_width
         lowest = torch.sort(normalised).values[:removable]
         order_groups += [index] * removable
@@ -139,14 +147,15 @@ def cost_widths(
     fits: Fits,
     cost: Cost,
     round_to: int = 1,
+    start: Mapping[str, int] | None = None,
 ) -> dict[str, int]:
     """Remove channels where they save the most ``cost`` per unit of importance, until it fits.
 
-    Greedy, from the dense widths: each step takes one aligned step of channels (the group's
-    least important ones) from the group where ``cost`` falls most per unit of their normalised
-    importance. With a latency estimate as ``cost`` and a FLOPs target as ``fits`` this is
-    latency-aware pruning: the same FLOPs saving, spent where the device gains the most time
-    (on a CPU, wide feature maps with few channels are slow per FLOP).
+    Greedy, from the dense widths (or ``start``): each step takes one aligned step of channels
+    (the group's least important ones) from the group where ``cost`` falls most per unit of
+    their normalised importance. With a latency estimate as ``cost`` and a FLOPs target as
+    ``fits`` this is latency-aware pruning: the same FLOPs saving, spent where the device gains
+    the most time (on a CPU, wide feature maps with few channels are slow per FLOP).
 
     Raises:
         InfeasibleTargetError: even every group at its minimum width does not fit.
@@ -156,13 +165,15 @@ def cost_widths(
     sizes = np.asarray([g.size for g in groups], dtype=np.int64)
     ranked = []
     for group in groups:
-        normalised = scores[group.name].double() / (scores[group.name].double().mean() + 1e-12)
+        normalised = normalised_importance(scores[group.name])
         ranked.append(torch.sort(normalised, descending=True).values.numpy())
 
     def as_widths(vector: np.ndarray) -> dict[str, int]:
         return {g.name: int(w) for g, w in zip(groups, vector)}
 
     current = sizes.copy()
+    if start is not None:
+        current = np.asarray([start[g.name] for g in groups], dtype=np.int64)
     while not fits(as_widths(current)):
         # shrinking a group not at a multiple of its step first lands on one
         lower = np.where(current % steps, current // steps * steps, current - steps)

@@ -27,11 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from backend.data import DatasetSplits
-from backend.errors import InfeasibleTargetError
 from backend.graph import ChannelGraph
 from backend.importance import channel_importance
 from backend.models import ModelRef
-from backend.pruning import alignment
+from backend.pruning import alignment, cost_widths, normalised_importance
 from backend.spec import SubnetSpec
 from estimators import Budget
 
@@ -193,10 +192,11 @@ def finalize(
     """The final step every space shares: integer widths that meet every limit exactly.
 
     Widths are rounded (to each group's step, or its alignment to ``context.round_to``, within
-    its bounds). While they overshoot any limit,
-    one step of channels goes from the group whose weakest kept channels cost the most per unit
-    of importance; then, with ``fill``, steps are given back to the groups with the most
-    importance per unit of cost while everything still fits, so no budget is wasted by rounding.
+    its bounds). While they overshoot any limit, one step of channels goes from the group whose
+    weakest kept channels cost the most per unit of importance
+    (:func:`backend.pruning.cost_widths`, with the budget's use as the cost); then, with
+    ``fill``, steps are given back to the groups with the most importance per unit of cost while
+    everything still fits, so no budget is wasted by rounding.
 
     Raises:
         InfeasibleTargetError: no subnet fits (cannot happen for a target that resolved).
@@ -211,33 +211,20 @@ def finalize(
         [round(float(widths[g.name]) / s) * s for g, s in zip(groups, steps)], dtype=np.int64
     )
     current = np.clip(current, minimum, sizes)
+    scores = {g.name: importance.get(g.name, torch.ones(g.size)) for g in groups}
     ranked = []
     for group in groups:
-        scores = importance.get(group.name, torch.ones(group.size)).double()
-        normalised = scores / (scores.mean() + 1e-12)
+        normalised = normalised_importance(scores[group.name])
         ranked.append(torch.sort(normalised, descending=True).values.numpy())
-
-    def step_value(index: int, width: int, count: int) -> float:
-        return float(ranked[index][width - count : width].sum()) if count else 0.0
 
     def usage(candidates: np.ndarray) -> np.ndarray:
         costs = budget.evaluate(candidates)
         return np.max([np.asarray(costs[m]) / limit for m, limit in budget.limits.items()], axis=0)
 
+    start = {g.name: int(w) for g, w in zip(groups, current)}
+    shrunk = cost_widths(graph, scores, budget.fits, usage, context.round_to, start)
+    current = np.asarray([shrunk[g.name] for g in groups], dtype=np.int64)
     eye = np.diag(steps)
-    while not budget.fits(current):
-        shrinkable = current - steps >= minimum
-        if not shrinkable.any():
-            raise InfeasibleTargetError("no subnet meets the target, even at minimum widths")
-        base = usage(current[None])[0]
-        saved = base - usage(np.maximum(current[None] - eye, minimum))
-        value = np.asarray(
-            [step_value(i, int(current[i]), int(steps[i])) for i in range(len(groups))]
-        )
-        score = np.where(shrinkable & (saved > 0), saved / (value + 1e-9), -np.inf)
-        if not np.isfinite(score).any():
-            score = np.where(shrinkable, -value, -np.inf)
-        current[int(np.argmax(score))] -= steps[int(np.argmax(score))]
     while fill:
         growable = current + steps <= sizes
         candidates = np.minimum(current[None] + eye, sizes)
