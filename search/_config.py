@@ -13,14 +13,18 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from backend.data import list_datasets
 from backend.errors import PrunetuneError
 from estimators import Target
 from spaces import create_space, list_spaces
 
-__all__ = ["SearchConfig"]
+__all__ = ["SAMPLERS", "Sampler", "SearchConfig"]
+
+# the Optuna samplers a search may use, by the name ``--sampler`` takes
+Sampler = Literal["tpe", "random"]
+SAMPLERS: tuple[Sampler, ...] = ("tpe", "random")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _TARGET_KEYS = ("flops", "params", "latency")
@@ -43,6 +47,9 @@ class SearchConfig:
         profile: latency profile (``prunetune profile``) of the model, needed by a latency target.
         spaces: names of the spaces to search over (default: every registered space).
         trials: trials to run in all.
+        sampler: how Optuna proposes each trial's space and options: ``tpe`` (Tree-structured
+            Parzen Estimator, the default) or ``random`` (independent uniform draws, a baseline
+            for the search itself). Both are seeded by ``seed``.
         cpus_per_trial: CPUs Ray reserves for each trial (also its torch threads).
         gpus_per_trial: GPUs Ray reserves for each trial.
         address: Ray cluster to connect to (``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``);
@@ -75,6 +82,7 @@ class SearchConfig:
     profile: str | None = None
     spaces: tuple[str, ...] = ()
     trials: int = 16
+    sampler: Sampler = "tpe"
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
     address: str | None = None
@@ -116,6 +124,8 @@ class SearchConfig:
             raise ValueError(f"spaces {', '.join(spaces)} name a space twice")
         object.__setattr__(self, "spaces", spaces)
         _check_number("trials", self.trials, minimum=1, integer=True)
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
         _check_number("cpus_per_trial", self.cpus_per_trial, minimum=0.01)
         _check_number("gpus_per_trial", self.gpus_per_trial, minimum=0.0)
         _check_number("dense_epochs", self.dense_epochs, minimum=0.01)

@@ -35,7 +35,7 @@ __all__ = ["CONFIG_FILE", "RunExistsError", "load_run_settings", "run_search"]
 CONFIG_FILE = "search.json"
 # settings a resumed search must share with the run it continues
 _RESUME_FIXED = (
-    "model", "dataset", "data_dir", "checkpoint", "profile", "spaces", "trials", "seed",
+    "model", "dataset", "data_dir", "checkpoint", "profile", "spaces", "trials", "sampler", "seed",
     "pareto", "inner_epochs", "space_options", "score_steps", "dense_epochs", "distill",
     "batch_size",
 )  # fmt: skip

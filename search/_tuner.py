@@ -2,12 +2,13 @@
 
 The searcher is Optuna with a define-by-run space: it first picks the space (categorical), then
 that space's own hyper-parameters, so each space keeps its conditional options (names are
-prefixed ``<space>/`` and arrive as ``config = {"space": s, s: {...}}``). The first trials run each
-chosen space once (``points_to_evaluate``), so a short search still tries them all. ASHA stops weak
-trials on the spaces' intermediate ``acc`` reports, separately for each space (see
-:mod:`search._scheduler`). With ``pareto`` the searcher is multi-objective (``acc`` up, ``flops``
-down); ASHA then still ranks on ``acc`` alone, and Optuna sees only final results (Ray's
-OptunaSearch skips intermediate values for several objectives).
+prefixed ``<space>/`` and arrive as ``config = {"space": s, s: {...}}``). Optuna's sampler is TPE,
+or with ``sampler="random"`` independent random draws (a baseline for the search itself). The
+first trials run each chosen space once (``points_to_evaluate``), so a short search still tries
+them all. ASHA stops weak trials on the spaces' intermediate ``acc`` reports, separately for each
+space (see :mod:`search._scheduler`). With ``pareto`` the searcher is multi-objective (``acc`` up,
+``flops`` down); ASHA then still ranks on ``acc`` alone, and Optuna sees only final results
+(Ray's OptunaSearch skips intermediate values for several objectives).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from search._scheduler import PerSpaceASHA
 from search._trial import TrialPayload, run_trial
 from spaces import create_space
 
-__all__ = ["EXPERIMENT", "DefineByRun", "make_tuner", "trial_records"]
+__all__ = ["EXPERIMENT", "DefineByRun", "make_sampler", "make_tuner", "trial_records"]
 
 EXPERIMENT = "tune"
 _PRIMITIVE = (type(None), bool, int, float, str)
@@ -122,7 +123,7 @@ def make_tuner(
         metric=metric,
         mode=mode,
         points_to_evaluate=first,
-        seed=config.seed,
+        sampler=make_sampler(config),
     )
     scheduler = PerSpaceASHA(metric="acc", mode="max", grace_period=config.grace_period)
     return tune.Tuner(
@@ -142,6 +143,18 @@ def make_tuner(
             verbose=0,
         ),
     )
+
+
+def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
+    """The Optuna sampler ``config.sampler`` names, seeded by ``config.seed``.
+
+    ``tpe`` is what OptunaSearch would build itself (``TPESampler(seed=seed)``); it is built here
+    so both samplers get their seed the same way (OptunaSearch ignores ``seed`` next to a
+    sampler). A resumed search restores the sampler, with its state, from Tune's checkpoint.
+    """
+    if config.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=config.seed)
+    return optuna.samplers.TPESampler(seed=config.seed)
 
 
 def can_resume(run_dir: Path) -> bool:

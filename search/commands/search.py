@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from search._config import SearchConfig, read_yaml
+from search._config import SAMPLERS, SearchConfig, read_yaml
 from search.commands._common import say
 
 _EPILOG = """\
@@ -52,6 +52,11 @@ def register(subparsers: Any) -> None:
     trials = parser.add_argument_group("trials")
     trials.add_argument("--spaces", help="comma-separated spaces (default: all registered)")
     trials.add_argument("--trials", type=int, help="trials in all (default 16)")
+    trials.add_argument(
+        "--sampler",
+        choices=SAMPLERS,
+        help="how Optuna proposes trials: tpe (default) or random (a baseline)",
+    )
     trials.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
     trials.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (default 0)")
     trials.add_argument(
