@@ -148,13 +148,24 @@ def make_tuner(
 def make_sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
     """The Optuna sampler ``config.sampler`` names, seeded by ``config.seed``.
 
-    ``tpe`` is what OptunaSearch would build itself (``TPESampler(seed=seed)``); it is built here
-    so both samplers get their seed the same way (OptunaSearch ignores ``seed`` next to a
-    sampler). A resumed search restores the sampler, with its state, from Tune's checkpoint.
+    ``tpe`` is TPE with :func:`startup_trials` random start-up trials; both samplers are built
+    here so they get their seed the same way (OptunaSearch ignores ``seed`` next to a sampler).
+    A resumed search restores the sampler, with its state, from Tune's checkpoint.
     """
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
-    return optuna.samplers.TPESampler(seed=config.seed)
+    return optuna.samplers.TPESampler(seed=config.seed, n_startup_trials=startup_trials(config))
+
+
+def startup_trials(config: SearchConfig) -> int:
+    """Trials TPE leaves to random draws before it models the results.
+
+    Optuna's default of 10 would make any search of 10 trials or fewer a random search; here the
+    first trial of each space (``points_to_evaluate``) and a quarter of the rest are start-up,
+    never more than Optuna's 10.
+    """
+    spaces = min(len(config.spaces), config.trials)
+    return min(10, spaces + (config.trials - spaces) // 4)
 
 
 def can_resume(run_dir: Path) -> bool:

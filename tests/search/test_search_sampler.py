@@ -19,7 +19,7 @@ from backend.models import ModelRef
 from estimators import Target
 from search import SearchConfig
 from search._trial import TrialPayload
-from search._tuner import DefineByRun, make_sampler, make_tuner
+from search._tuner import DefineByRun, make_sampler, make_tuner, startup_trials
 from search.cli import build_parser, main
 from search.commands.search import config_from_args
 
@@ -64,6 +64,21 @@ def test_each_sampler_is_seeded_by_the_config(
     assert _proposals(config, graph) == _proposals(config, graph)
     other = SearchConfig(model="small_cnn", target=FLOPS_HALF, sampler=name, seed=4)
     assert _proposals(other, graph) != _proposals(config, graph)
+
+
+@pytest.mark.parametrize(
+    ("spaces", "trials", "startup"),
+    [(("dsa", "dais", "ddpnas", "ratios"), 8, 5), (("ratios",), 12, 3), (("ratios",), 2, 1),
+     (("dsa", "dais", "ddpnas", "ratios"), 100, 10)],
+)  # fmt: skip
+def test_tpe_models_results_early_in_a_short_search(
+    spaces: tuple[str, ...], trials: int, startup: int
+) -> None:
+    config = SearchConfig(model="small_cnn", target=FLOPS_HALF, spaces=spaces, trials=trials)
+    assert startup_trials(config) == startup
+    sampler = make_sampler(config)
+    assert isinstance(sampler, optuna.samplers.TPESampler)
+    assert sampler._n_startup_trials == startup  # no public accessor
 
 
 def test_make_tuner_hands_the_random_sampler_to_optuna(graph: ChannelGraph, tmp_path: Path) -> None:
