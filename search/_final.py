@@ -1,7 +1,8 @@
 """After the trials: pick the best subnet, finetune it fully, export it, check it, report.
 
 The best subnet is the most accurate (after the common score finetune) of the trials whose subnet
-meets every target; ties go to fewer FLOPs. It is pruned from the dense model, finetuned for
+meets every target; ties go to fewer FLOPs. It continues from the weights its trial scored (kept
+in the trial's folder; the dense model's, pruned, when they cannot be read), is finetuned for
 ``finetune_epochs`` (distilled from the dense model by default), evaluated on the test split and
 exported to ``runs/<name>/best``. The export is then reloaded and its FLOPs and parameters measured
 again: a subnet that misses a target is an error, never a result.
@@ -9,6 +10,7 @@ again: a subnet that misses a target is an error, never a result.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -69,10 +71,11 @@ def finish(
     spec.validate(prepared.graph)
     dense = prepared.model
     subnet = prune_model(dense, prepared.graph, spec)
+    start = _load_trial_weights(subnet, best, say)
     say(
         f"best trial {best.trial_id} ({best.space}, val acc {100 * (best.acc or 0):.2f}%): "
-        f"finetuning for {config.finetune_epochs:g} epochs"
-        + (" distilled from the dense model" if config.distill else "")
+        f"finetuning for {config.finetune_epochs:g} epochs from {start}"
+        + (", distilled from the dense model" if config.distill else "")
     )
     train(
         subnet,
@@ -122,6 +125,25 @@ def finish(
         trials=tuple(records),
         elapsed_s=elapsed(),
     )
+
+
+def _load_trial_weights(
+    subnet: torch.nn.Module, best: TrialRecord, say: Callable[[str], None]
+) -> str:
+    """Load the best trial's scored weights into ``subnet`` where it kept them; say which start.
+
+    A missing or unreadable file (an older run, a trial folder on another node) is not an error:
+    the subnet then starts from the dense model's weights, as pruned.
+    """
+    if not best.weights:
+        return "the dense weights"
+    try:
+        state = torch.load(best.weights, map_location="cpu", weights_only=True)
+        subnet.load_state_dict(state)
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+        say(f"  cannot use the trial's weights ({type(exc).__name__}: {exc}); using the dense ones")
+        return "the dense weights"
+    return "the trial's weights"
 
 
 def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str, float]:

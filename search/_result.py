@@ -35,6 +35,7 @@ class TrialRecord:
         node_id: the Ray node that ran it last.
         config: the hyper-parameters Tune gave it.
         spec_json: the subnet of a finished trial, as JSON.
+        weights: the file holding a finished trial's scored subnet weights, if it was kept.
     """
 
     trial_id: str
@@ -49,6 +50,7 @@ class TrialRecord:
     node_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     spec_json: str | None = None
+    weights: str | None = None
 
     @property
     def spec(self) -> SubnetSpec | None:

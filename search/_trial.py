@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from backend.data import DatasetSplits, TensorLoader, load_dataset
 from backend.errors import PrunetuneError
 from backend.graph import ChannelGraph
+from backend.io import atomic_write
 from backend.measure import count_flops, count_params
 from backend.models import ModelRef
 from backend.spec import SubnetSpec
@@ -37,9 +38,11 @@ from estimators import LatencyProfile, Target
 from search._setup import cost_models
 from spaces import SpaceContext, create_space
 
-__all__ = ["TrialFailedError", "TrialPayload", "run_trial", "score_subnet"]
+__all__ = ["WEIGHTS_FILE", "TrialFailedError", "TrialPayload", "run_trial", "score_subnet"]
 
 _RAISED_FILE = "prunetune-raised.txt"
+WEIGHTS_FILE = "subnet.pt"
+"""A finished trial's scored subnet weights (a state dict), in its trial folder."""
 
 
 class TrialFailedError(PrunetuneError):
@@ -141,6 +144,7 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
         start.load_state_dict(result.state_dict)
     subnet = prune_model(start, graph, result.spec)
     acc = score_subnet(subnet, dense, data, payload)
+    _save_weights(subnet)
     measured = {
         "flops": float(count_flops(subnet, torch.zeros(payload.input_shape))),
         "params": float(count_params(subnet)),
@@ -209,15 +213,30 @@ def _where() -> dict[str, Any]:
     }
 
 
-def _raised_marker() -> Path | None:
-    """Where a raising trial leaves its error, so a retry does not run it again."""
+def _save_weights(subnet: nn.Module) -> None:
+    """Keep the scored subnet's weights in the trial's folder: if it wins, the final finetune
+    continues from them instead of starting again from the dense weights."""
+    trial_dir = _trial_dir()
+    if trial_dir is not None:
+        state = {k: v.detach().cpu() for k, v in subnet.state_dict().items()}
+        atomic_write(trial_dir / WEIGHTS_FILE, lambda path: torch.save(state, path))
+
+
+def _trial_dir() -> Path | None:
+    """This trial's folder, ``None`` outside a Tune trial."""
     from ray import tune
 
     try:
         trial_dir = tune.get_context().get_trial_dir()
     except Exception:  # not inside a Tune trial (tests calling the function directly)
         return None
-    return Path(trial_dir) / _RAISED_FILE if trial_dir else None
+    return Path(trial_dir) if trial_dir else None
+
+
+def _raised_marker() -> Path | None:
+    """Where a raising trial leaves its error, so a retry does not run it again."""
+    trial_dir = _trial_dir()
+    return trial_dir / _RAISED_FILE if trial_dir is not None else None
 
 
 def _one_line(exc: BaseException) -> str:

@@ -27,7 +27,7 @@ from search._config import SearchConfig
 from search._progress import ProgressLine
 from search._result import TrialRecord
 from search._scheduler import PerSpaceASHA
-from search._trial import TrialPayload, run_trial
+from search._trial import WEIGHTS_FILE, TrialPayload, run_trial
 from spaces import create_space
 
 __all__ = ["EXPERIMENT", "DefineByRun", "make_sampler", "make_tuner", "trial_records"]
@@ -208,9 +208,18 @@ def trial_records(results: tune.ResultGrid) -> list[TrialRecord]:
                 node_id=metrics.get("node_id"),
                 config=config,
                 spec_json=metrics.get("spec_json") if status == "finished" else None,
+                weights=_weights_file(result.path) if status == "finished" else None,
             )
         )
     return records
+
+
+def _weights_file(trial_path: str | None) -> str | None:
+    """The trial's kept subnet weights, when its folder holds them."""
+    if not trial_path:
+        return None
+    path = Path(trial_path) / WEIGHTS_FILE
+    return str(path) if path.is_file() else None
 
 
 def _error_line(error: BaseException) -> str:

@@ -92,6 +92,9 @@ def test_search_exports_a_subnet_meeting_the_target_and_records_a_raising_trial(
     assert failed and all(t.space == "ratios" for t in failed)
     assert all("ratios name unknown groups no_such_group" in (t.error or "") for t in failed)
     assert result.best.space == "dsa" and result.best.feasible
+    # the final finetune continued from the weights the best trial scored
+    assert result.best.weights is not None and Path(result.best.weights).is_file()
+    assert all(t.weights is None for t in failed)
 
     loaded = load_subnet(result.export_dir)
     measured = count_flops(loaded.model, torch.zeros(1, 1, 8, 8))
@@ -139,3 +142,26 @@ def _failures(experiment: Path) -> dict[str, int]:
         metadata = json.loads(metadata_json)
         failures[json.loads(trial_json)["trial_id"]] = int(metadata["num_failures"])
     return failures
+
+
+def test_final_finetune_falls_back_to_dense_weights_when_the_trials_are_unreadable(
+    tmp_path: Path,
+) -> None:
+    from search._final import _load_trial_weights
+    from search._result import TrialRecord
+
+    subnet = create_model("small_cnn")
+    before = {k: v.clone() for k, v in subnet.state_dict().items()}
+    notes: list[str] = []
+    corrupt = tmp_path / "subnet.pt"
+    corrupt.write_bytes(b"not a state dict")
+    record = TrialRecord(trial_id="t", space="dsa", status="finished", weights=str(corrupt))
+    assert _load_trial_weights(subnet, record, notes.append) == "the dense weights"
+    assert notes and "cannot use the trial's weights" in notes[0]
+    assert all(torch.equal(v, before[k]) for k, v in subnet.state_dict().items())
+    other = create_model("small_cnn")
+    torch.save(other.state_dict(), corrupt)
+    assert _load_trial_weights(subnet, record, notes.append) == "the trial's weights"
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in subnet.state_dict().items())
+    none = TrialRecord(trial_id="t", space="dsa", status="finished")
+    assert _load_trial_weights(subnet, none, notes.append) == "the dense weights"

@@ -1,0 +1,742 @@
+"""Benchmark the full search against one-shot pruning, Torch-Pruning and random search (MNIST).
+
+    python scripts/bench_search.py [--quick] [--data-dir ../shared/data/mnist-t10k]
+
+The defaults take about 35 minutes on 2 CPU cores (dense training is cached for reruns);
+``--quick`` checks the whole pipeline in about 3 minutes on tiny settings and writes its table
+and plot to the work directory, never to ``docs/``.
+
+Data: the MNIST test set in ``--data-dir``, split once (seed 0) into 8,000 images to learn from
+(7,200 train, 800 validation: every search chooses on validation) and 2,000 held-out test images
+that only score the final models. Model: the zoo's ResNet-20 (1 input channel, 10 classes),
+trained dense once and cached in ``--work-dir`` (``dense.pt``, reused when trained with the same
+epochs and seed).
+
+At every FLOPs target (default 50%, 25%, 10% of the dense model) each method yields one pruned
+model:
+
+- ``uniform``: every channel group scaled by one common keep ratio (one shot);
+- ``global-l1``: channels ranked by L1 norm across all groups (one shot, ours);
+- ``torch-pruning``: Torch-Pruning's global magnitude pruner (``GroupMagnitudeImportance(p=1)``,
+  final classifier kept), iterative steps until our FLOPs count reaches the target; its FLOPs
+  are also counted by our estimator on a trace of its model and checked against FlopCounterMode;
+- ``dsa``, ``dais``, ``ddpnas``, ``ratios``: each space alone, run once with its default
+  hyper-parameters and the same inner length as one search trial (``--inner-epochs``; DSA and
+  DDPNAS count whole epochs, at least one); the subnet starts its finetune from the weights the
+  space learned (its ``state_dict``), as in ``bench_spaces.py``;
+- ``random-search``: ``run_search`` over the ``ratios`` space with the random sampler;
+- ``search``: the full ``run_search`` over every space (TPE), the same trials and settings.
+
+Both searches start from the cached dense checkpoint, run two trials at a time (one CPU and one
+torch thread each) and choose their best subnet by their own validation score (``--score-steps``
+of distilled finetune per trial). Their wall time is ``run_search``'s whole run. The finetune
+budget is the same for every method: the benchmark finetunes every pruned model itself, with one
+``TrainConfig`` (``--finetune-epochs`` epochs, lr 0.01, batch 64, seed 0, distilled from the
+dense model at weight 0.7, as the search's own final step does). The searches' own final
+finetune is cut to 0.01 epochs and ignored; their chosen subnet starts, as the search's own final
+step does, from the weights its trial scored (so it carries the trial's ``--score-steps`` of
+finetune, part of the search's cost and wall time) and gets the common finetune.
+
+Reported per target and method: test accuracy, FLOPs (FlopCounterMode / 2 on the final model,
+and our estimator on its trace), parameters, latency at batch 1 and 32 (median, this machine,
+``--threads`` threads) and wall time of pruning (or searching) and finetuning. The table goes to
+``docs/bench_search.md``, the plot (test accuracy vs FLOPs kept, one line per method) to
+``docs/bench_search.png`` (with ``--quick``: to the work directory); the reading names every
+target where the full search does not beat both one-shot baselines and random search. The last
+line printed is one JSON object with every figure.
+
+Torch-Pruning is not a dependency of prunetune; install it for the benchmark only:
+``.venv/bin/pip install -c constraints.txt torch-pruning``. Without it, ``torch-pruning`` is
+skipped (with a note) unless named in ``--methods``, which is then an error (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from torch import Tensor, nn
+
+from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from backend.data import DatasetSplits, load_dataset
+from backend.errors import PrunetuneError
+from backend.graph import ChannelGraph
+from backend.importance import channel_importance
+from backend.io import atomic_write, check_writable
+from backend.measure import count_flops, count_params
+from backend.models import ModelRef
+from backend.pruning import one_shot_widths
+from backend.spec import SubnetSpec
+from backend.surgery import prune_model
+from backend.train import TrainConfig, evaluate, train
+from estimators import Budget, FlopsModel, ParamsModel, Target, measure_latencies
+from search import SearchConfig
+from spaces import SpaceContext, create_space, list_spaces
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"
+SEARCHES = ("random-search", "search")
+METHODS = ("uniform", "global-l1", "torch-pruning", *list_spaces(), *SEARCHES)
+BATCH_SIZE = 64  # every finetune and search step, as the search's default
+FINETUNE_LR = 0.01
+DISTILL_WEIGHT = 0.7
+SEED = 0
+LATENCY_ROUNDS, LATENCY_REPEATS = 3, 5
+# defaults of the full run (about 35 min on 2 cores) and of --quick (a few minutes)
+FULL: dict[str, Any] = dict(
+    targets="50,25,10", trials=8, dense_epochs=4.0, finetune_epochs=1.0, inner_epochs=0.5,
+    score_steps=100,
+)  # fmt: skip
+QUICK: dict[str, Any] = dict(
+    targets="25", trials=2, dense_epochs=0.3, finetune_epochs=0.05, inner_epochs=0.1,
+    score_steps=10,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The benchmark's knobs, resolved from the flags (``--quick`` changes the defaults)."""
+
+    targets: tuple[float, ...]
+    methods: tuple[str, ...]
+    trials: int
+    dense_epochs: float
+    finetune_epochs: float
+    inner_epochs: float
+    score_steps: int
+    threads: int
+    quick: bool
+    data_dir: Path
+    work_dir: Path
+    out_dir: Path
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Bench:
+    """What every method shares: the data, the trained dense model and its graph and costs."""
+
+    settings: Settings
+    data: DatasetSplits
+    ref: ModelRef
+    dense: nn.Module
+    dense_path: Path
+    dense_info: dict[str, float]
+    graph: ChannelGraph
+    flops: FlopsModel
+    params: ParamsModel
+    scores: dict[str, Tensor]
+    example: Tensor
+
+    def budget(self, target: float) -> Budget:
+        """The FLOPs target ``target``% of the dense model, resolved."""
+        return Target.parse(f"flops<={target:g}%").resolve({"flops": self.flops})
+
+
+@dataclass
+class Pruned:
+    """One method's pruned model at one target, before the common finetune."""
+
+    target: float
+    method: str
+    model: nn.Module | None
+    prune_s: float
+    note: str = ""
+
+
+class BenchError(Exception):
+    """Bad input the user must fix: printed in one line, exit code 2."""
+
+
+def parse_settings(argv: list[str] | None = None) -> Settings:
+    """The flags, checked; ``--quick`` picks small defaults that explicit flags override.
+
+    Raises:
+        BenchError: unknown methods, bad targets or numbers, torch-pruning named but not
+            installed.
+    """
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny settings: a check, no docs")
+    parser.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA, help="the MNIST t10k IDX files"
+    )
+    parser.add_argument("--work-dir", type=Path, help="dense cache and search runs")
+    parser.add_argument("--out-dir", type=Path, help="table and plot (default docs/)")
+    parser.add_argument("--targets", help=f"FLOPs targets in %% (default {FULL['targets']})")
+    parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
+    for flag, kind, what in (
+        ("--trials", int, "trials of each search"),
+        ("--dense-epochs", float, "epochs of dense training"),
+        ("--finetune-epochs", float, "epochs of the common finetune"),
+        ("--inner-epochs", float, "length of one space run (alone or in a trial)"),
+        ("--score-steps", int, "steps of a trial's score finetune"),
+    ):
+        default = FULL[flag[2:].replace("-", "_")]
+        parser.add_argument(flag, type=kind, help=f"{what} (default {default:g})")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    pick = {key: value if (value := getattr(args, key)) is not None else defaults[key]
+            for key in FULL}  # fmt: skip
+    for key in ("trials", "dense_epochs", "finetune_epochs", "inner_epochs", "score_steps"):
+        if not pick[key] > 0:
+            raise BenchError(f"--{key.replace('_', '-')} must be positive, got {pick[key]}")
+    if args.threads < 1:
+        raise BenchError(f"--threads must be at least 1, got {args.threads}")
+    work_dir = args.work_dir or REPO / "runs" / f"bench_search{'_quick' if args.quick else ''}"
+    methods, skipped = _methods(args.methods)
+    return Settings(
+        targets=_targets(str(pick["targets"])),
+        methods=methods,
+        trials=int(pick["trials"]),
+        dense_epochs=float(pick["dense_epochs"]),
+        finetune_epochs=float(pick["finetune_epochs"]),
+        inner_epochs=float(pick["inner_epochs"]),
+        score_steps=int(pick["score_steps"]),
+        threads=args.threads,
+        quick=args.quick,
+        data_dir=args.data_dir.resolve(),
+        work_dir=work_dir.resolve(),
+        out_dir=(args.out_dir or (work_dir if args.quick else REPO / "docs")).resolve(),
+        skipped=skipped,
+    )
+
+
+def _targets(text: str) -> tuple[float, ...]:
+    try:
+        targets = tuple(float(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise BenchError(f"--targets {text!r} must be percentages like 50,25,10") from None
+    if not targets or not all(0 < t < 100 for t in targets):
+        raise BenchError(f"--targets {text!r} must be percentages between 0 and 100")
+    return targets
+
+
+def _methods(text: str | None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The methods to run, and those skipped (torch-pruning when not installed) with why."""
+    named = tuple(m.strip() for m in (text or "").split(",") if m.strip()) or METHODS
+    unknown = [m for m in named if m not in METHODS]
+    if unknown:
+        raise BenchError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+    skipped = {}
+    if "torch-pruning" in named and not _has_torch_pruning():
+        hint = "not installed: .venv/bin/pip install -c constraints.txt torch-pruning"
+        if text:
+            raise BenchError(f"method torch-pruning needs Torch-Pruning, {hint}")
+        skipped["torch-pruning"] = hint
+    return tuple(m for m in named if m not in skipped), skipped
+
+
+def _has_torch_pruning() -> bool:
+    try:
+        import torch_pruning  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def prepare(settings: Settings, say: Callable[[str], None]) -> Bench:
+    """Load the data, train (or reload) the dense model, trace it and score its channels.
+
+    Raises:
+        BenchError: the data directory is missing or unreadable, an output directory cannot be
+            written, or a target is infeasible.
+    """
+    try:
+        data = load_dataset("mnist", root=settings.data_dir, seed=SEED)
+    except PrunetuneError as exc:
+        raise BenchError(f"{exc} (pass --data-dir: the MNIST t10k IDX files)") from None
+    ref = ModelRef("resnet20", {"num_classes": data.num_classes, "in_channels": data.in_channels})
+    example = torch.zeros(data.input_shape(1))
+    dense_path = settings.work_dir / "dense.pt"
+    try:  # an unwritable output must fail now, not after the run
+        check_writable(settings.work_dir, directory=True)
+        check_writable(settings.out_dir, directory=True)
+    except PrunetuneError as exc:
+        raise BenchError(str(exc)) from None
+    graph = ChannelGraph.trace(ref.build(), example)
+    flops, params = FlopsModel.from_graph(graph), ParamsModel.from_graph(graph)
+    for target in settings.targets:  # an infeasible target fails before any training
+        try:
+            Target.parse(f"flops<={target:g}%").resolve({"flops": flops})
+        except (PrunetuneError, ValueError) as exc:
+            raise BenchError(str(exc)) from None
+    dense, info = dense_model(settings, data, ref, dense_path, say)
+    graph = ChannelGraph.trace(dense, example)
+    return Bench(
+        settings=settings,
+        data=data,
+        ref=ref,
+        dense=dense,
+        dense_path=dense_path,
+        dense_info=info,
+        graph=graph,
+        flops=flops,
+        params=params,
+        scores=channel_importance(dense, graph, "l1"),
+        example=example,
+    )
+
+
+def dense_model(
+    settings: Settings, data: DatasetSplits, ref: ModelRef, path: Path, say: Callable[[str], None]
+) -> tuple[nn.Module, dict[str, float]]:
+    """The dense ResNet-20, from the cache when trained with the same epochs and seed."""
+    if path.is_file():
+        try:
+            model, info = load_checkpoint(path, expect=ref)
+        except PrunetuneError as exc:
+            say(f"dense cache {path} unusable ({exc}); training again")
+        else:
+            same = (
+                info.model == ref
+                and info.dataset == data.name
+                and info.metrics.get("epochs") == settings.dense_epochs
+                and info.metrics.get("seed") == float(SEED)
+            )
+            if same:
+                say(f"dense model from {path}")
+                return model, dict(info.metrics)
+    say(f"training the dense resnet20 for {settings.dense_epochs:g} epochs")
+    torch.manual_seed(SEED)
+    model = ref.build()
+    started = time.perf_counter()
+    config = TrainConfig(epochs=settings.dense_epochs, seed=SEED, distill_weight=0.0)
+    train(model, data, config, on_epoch=lambda report: say("  " + report.line()))
+    metrics = {
+        "epochs": settings.dense_epochs,
+        "seed": float(SEED),
+        "train_s": time.perf_counter() - started,
+        "test_acc": evaluate(model, data.test)[1],
+    }
+    info = Checkpoint(ref, data.input_shape(1), dataset=data.name, metrics=metrics)
+    save_checkpoint(path, model, info)
+    return model, metrics
+
+
+def search_config(bench: Bench, target: float, method: str) -> SearchConfig:
+    """The search ``method`` runs at ``target`` (also fixes each space's inner run length)."""
+    settings = bench.settings
+    random = method == "random-search"
+    return SearchConfig(
+        target=Target.parse(f"flops<={target:g}%"),
+        checkpoint=str(bench.dense_path),
+        dataset="mnist",
+        data_dir=str(settings.data_dir),  # trials run in their own folders: absolute paths
+        spaces=("ratios",) if random else (),
+        trials=settings.trials,
+        sampler="random" if random else "tpe",
+        cpus_per_trial=1.0,
+        name=f"{method}-{target:g}",
+        runs_dir=str(settings.work_dir / "searches"),
+        overwrite=True,
+        seed=SEED,
+        finetune_epochs=0.01,  # the benchmark finetunes the chosen subnet itself
+        score_steps=settings.score_steps,
+        inner_epochs=settings.inner_epochs,
+        batch_size=BATCH_SIZE,
+        distill=True,
+    )
+
+
+def one_shot(bench: Bench, target: float, allocation: str) -> tuple[nn.Module, str]:
+    """Uniform or global-L1 one-shot widths, pruned from the dense weights."""
+    widths = one_shot_widths(bench.graph, bench.budget(target).fits, allocation, bench.scores)
+    spec = SubnetSpec.from_widths(bench.graph, bench.ref, widths, bench.scores)
+    return prune_model(bench.dense, bench.graph, spec), ""
+
+
+def torch_pruning(bench: Bench, target: float, steps: int = 400) -> tuple[nn.Module, str]:
+    """Torch-Pruning's global L1 magnitude pruner, stepped until our FLOPs count fits.
+
+    Raises:
+        PrunetuneError: the target is not reached within ``steps`` steps.
+    """
+    import torch_pruning as tp
+
+    model = copy.deepcopy(bench.dense).eval()
+    classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    pruner = tp.pruner.MetaPruner(
+        model,
+        bench.example,
+        importance=tp.importance.GroupMagnitudeImportance(p=1),
+        global_pruning=True,
+        pruning_ratio=0.95,
+        iterative_steps=steps,
+        ignored_layers=[classifier],
+    )
+    limit = bench.budget(target).limits["flops"]
+    done = 0
+    while count_flops(model, bench.example) > limit:
+        if done == steps:
+            raise PrunetuneError(f"Torch-Pruning did not reach {target:g}% FLOPs in {steps} steps")
+        pruner.step()
+        done += 1
+    macs, _ = tp.utils.count_ops_and_params(model, bench.example)
+    return model, f"{done} steps; its own op counter: {macs / 1e6:.2f}M"
+
+
+def space_alone(bench: Bench, target: float, space: str) -> tuple[nn.Module, str]:
+    """One run of ``space`` with its defaults and a search trial's inner length."""
+    options = search_config(bench, target, "search").fixed_options(space)
+    context = SpaceContext(
+        model=bench.dense,
+        graph=bench.graph,
+        model_ref=bench.ref,
+        data=bench.data,
+        budget=bench.budget(target),
+        seed=SEED,
+        batch_size=BATCH_SIZE,
+        importance=bench.scores,
+    )
+    result = create_space(space, **options).run(context)
+    start = copy.deepcopy(bench.dense)
+    if result.state_dict is not None:
+        start.load_state_dict(result.state_dict)
+    note = ", ".join(f"{k}={v}" for k, v in options.items())
+    return prune_model(start, bench.graph, result.spec), note
+
+
+def searched(
+    bench: Bench, target: float, method: str, say: Callable[[str], None]
+) -> tuple[nn.Module, str]:
+    """``run_search`` (full or random); its chosen subnet, with the weights its trial scored (as
+    the search's own final step starts from them)."""
+    from search import run_search
+
+    result = run_search(search_config(bench, target, method), say=lambda m: say("  " + m))
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
+    note = f"best trial {result.best.space} (val {100 * (result.best.acc or 0):.1f}%); {counts}"
+    model = prune_model(bench.dense, bench.graph, result.spec)
+    if result.best.weights is None:
+        return model, note + "; from the dense weights (the trial kept none)"
+    model.load_state_dict(torch.load(result.best.weights, map_location="cpu", weights_only=True))
+    return model, note
+
+
+def prune(bench: Bench, target: float, method: str, say: Callable[[str], None]) -> Pruned:
+    """One method's pruned model at ``target``, timed; a failure is recorded, not raised."""
+    runners: dict[str, Callable[[], tuple[nn.Module, str]]] = {
+        "uniform": partial(one_shot, bench, target, "uniform"),
+        "global-l1": partial(one_shot, bench, target, "global"),
+        "torch-pruning": partial(torch_pruning, bench, target),
+        **{space: partial(space_alone, bench, target, space) for space in list_spaces()},
+        **{name: partial(searched, bench, target, name, say) for name in SEARCHES},
+    }
+    started = time.perf_counter()
+    try:
+        model, note = runners[method]()
+    except Exception as exc:  # one broken method must not lose the others' figures
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        say(f"{target:g}% {method}: FAILED: {type(exc).__name__}: {first}")
+        return Pruned(target, method, None, time.perf_counter() - started, f"failed: {first}")
+    seconds = time.perf_counter() - started
+    say(f"{target:g}% {method}: pruned in {seconds:.1f}s {note}".rstrip())
+    return Pruned(target, method, model, seconds, note)
+
+
+def prune_locally(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
+    """Every method but the searches, at every target."""
+    methods = [m for m in bench.settings.methods if m not in SEARCHES]
+    return [prune(bench, t, m, say) for t in bench.settings.targets for m in methods]
+
+
+def prune_by_search(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
+    """Both searches at every target, in one Ray session (started once, shut down after)."""
+    from search._cluster import ray_session
+
+    runs = [(t, m) for t in bench.settings.targets for m in bench.settings.methods if m in SEARCHES]
+    if not runs:
+        return []
+    try:
+        with ray_session(None):
+            return [prune(bench, t, m, say) for t, m in runs]
+    except Exception as exc:  # Ray would not start: the other methods' figures still count
+        say(f"searches FAILED: {type(exc).__name__}: {exc}")
+        return [Pruned(t, m, None, 0.0, f"failed: Ray: {exc}") for t, m in runs]
+
+
+def finetune_config(settings: Settings) -> TrainConfig:
+    """The finetune every method gets: the same epochs, schedule, seed and distillation."""
+    return TrainConfig(
+        epochs=settings.finetune_epochs,
+        lr=FINETUNE_LR,
+        batch_size=BATCH_SIZE,
+        distill_weight=DISTILL_WEIGHT,
+        seed=SEED,
+    )
+
+
+def estimated_flops(model: nn.Module, example: Tensor) -> float | None:
+    """Our estimator's FLOPs for any model, by tracing it (``None`` if it cannot be traced)."""
+    try:
+        graph = ChannelGraph.trace(model, example)
+    except PrunetuneError:
+        return None
+    return float(FlopsModel.from_graph(graph).evaluate(graph.dense_widths()))
+
+
+def measure(bench: Bench, model: nn.Module) -> dict[str, Any]:
+    """Test accuracy, FLOPs (counter and estimator) and parameters of a final model."""
+    flops = count_flops(model, bench.example)
+    estimate = estimated_flops(model, bench.example)
+    return {
+        "test_acc": round(evaluate(model, bench.data.test)[1], 4),
+        "flops": flops,
+        "flops_pct": round(100 * flops / bench.flops.dense, 2),
+        "flops_estimator": estimate,
+        "flops_agree": estimate is not None and round(estimate) == flops,
+        "params": count_params(model),
+    }
+
+
+def add_latencies(bench: Bench, rows: list[dict[str, Any]], models: list[nn.Module | None]) -> None:
+    """Latency at batch 1 and 32 of every final model (and the dense one, in ``dense_info``).
+
+    All models are measured in turn, ``LATENCY_ROUNDS`` rounds over (``measure_latencies``), so
+    a slow spell of the machine hits every method alike; each keeps its fastest run.
+    """
+    measured = [(row, model) for row, model in zip(rows, models, strict=True) if model]
+    for batch in (1, 32):
+        example = torch.zeros(batch, *bench.data.image_shape)
+        all_models = [bench.dense, *(model for _, model in measured)]
+        ms = measure_latencies(
+            all_models,
+            example,
+            rounds=LATENCY_ROUNDS,
+            repeats=LATENCY_REPEATS,
+            statistic="min",
+            threads=bench.settings.threads,
+        )
+        bench.dense_info[f"latency_bs{batch}_ms"] = round(float(ms[0]), 3)
+        for (row, _), value in zip(measured, ms[1:], strict=True):
+            row[f"latency_bs{batch}_ms"] = round(float(value), 3)
+
+
+def finish_row(bench: Bench, pruned: Pruned, say: Callable[[str], None]) -> dict[str, Any]:
+    """The common finetune, then the figures, of one pruned model."""
+    row: dict[str, Any] = {
+        "target": pruned.target,
+        "method": pruned.method,
+        "prune_s": round(pruned.prune_s, 1),
+        "note": pruned.note,
+    }
+    if pruned.model is None:
+        return row
+    torch.manual_seed(SEED)
+    started = time.perf_counter()
+    train(pruned.model, bench.data, finetune_config(bench.settings), teacher=bench.dense)
+    row["finetune_s"] = round(time.perf_counter() - started, 1)
+    row.update(measure(bench, pruned.model))
+    say(
+        f"{pruned.target:g}% {pruned.method}: test {100 * row['test_acc']:.2f}% at "
+        f"{row['flops_pct']:.1f}% FLOPs, finetuned in {row['finetune_s']:.0f}s"
+    )
+    return row
+
+
+def reading(rows: list[dict[str, Any]], trials: int) -> list[str]:
+    """Per target: does the full search beat both one-shot baselines and random search?
+
+    To beat is to score a strictly higher test accuracy (one test image is 0.05%); every method
+    at or above the full search is named.
+    """
+    lines = []
+    for target in sorted({r["target"] for r in rows}, reverse=True):
+        at = {r["method"]: r for r in rows if r["target"] == target and "test_acc" in r}
+        if "search" not in at:
+            lines.append(f"{target:g}% FLOPs: no full-search result to compare.")
+            continue
+        best = at["search"]["test_acc"]
+        rivals = [m for m in ("uniform", "global-l1", "random-search") if m in at]
+        lost = [m for m in rivals if at[m]["test_acc"] >= best]
+        others = [m for m in at if m not in (*rivals, "search") and at[m]["test_acc"] >= best]
+        verdict = (
+            f"does NOT beat {_listing(at, lost)}"
+            if lost
+            else f"beats {', '.join(rivals) or 'no baseline run'}"
+        )
+        line = f"{target:g}% FLOPs: the full search ({100 * best:.2f}%) {verdict}"
+        if others:
+            line += f"; also at or above it: {_listing(at, others)}"
+        lines.append(line + ".")
+    tpe = inspect.signature(optuna.samplers.TPESampler).parameters
+    random_start = tpe["n_startup_trials"].default
+    if trials <= random_start:
+        lines.append(
+            f"With {trials} trials the full search's TPE never leaves its {random_start} random "
+            "start-up trials: it differs from random search by its spaces, not its sampler."
+        )
+    return lines
+
+
+def _listing(at: dict[str, dict[str, Any]], methods: list[str]) -> str:
+    return ", ".join(f"{m} ({100 * at[m]['test_acc']:.2f}%)" for m in methods)
+
+
+def markdown(bench: Bench, rows: list[dict[str, Any]], lines: list[str], wall_s: float) -> str:
+    """The benchmark's page: how it was produced, the settings, the table and the reading."""
+    s = bench.settings
+    command = "python scripts/bench_search.py " + shlex.join(sys.argv[1:])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# Search benchmark: the full search vs one-shot, Torch-Pruning and random search",
+        "",
+        f"Written by `{command.strip()}` on {date}, on {_machine()}; the run took "
+        f"{wall_s / 60:.1f} min. Method and fairness rules: the docstring of "
+        "`scripts/bench_search.py`.",
+        "",
+        f"- data: MNIST test set, {len(bench.data.train)} train / {len(bench.data.val)} val / "
+        f"{len(bench.data.test)} test (seed {SEED})",
+        f"- model: resnet20, dense {bench.flops.dense / 1e6:.2f}M FLOPs, "
+        f"{bench.params.dense / 1e6:.3f}M params, {s.dense_epochs:g} epochs, test accuracy "
+        f"{100 * bench.dense_info['test_acc']:.2f}%, {_dense_latency(bench)}",
+        f"- latency: {s.threads} torch thread(s), the fastest of {LATENCY_ROUNDS} interleaved "
+        f"rounds of {LATENCY_REPEATS} runs per model",
+        f"- every method: {s.finetune_epochs:g} epochs of finetune (lr {FINETUNE_LR}, batch "
+        f"{BATCH_SIZE}, distilled at {DISTILL_WEIGHT}); searches: {s.trials} trials, inner "
+        f"length {s.inner_epochs:g} epochs, {s.score_steps} score steps",
+        *(f"- {m} skipped: {why}" for m, why in s.skipped.items()),
+        "",
+        _table(rows),
+        "",
+        "## Reading",
+        "",
+        *(f"- {line}" for line in lines),
+        "",
+        "![test accuracy vs FLOPs kept, one line per method](bench_search.png)",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _dense_latency(bench: Bench) -> str:
+    info = bench.dense_info
+    if "latency_bs1_ms" not in info:
+        return "latency not measured"
+    return f"{info['latency_bs1_ms']:.2f} ms at batch 1, {info['latency_bs32_ms']:.1f} ms at 32"
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| FLOPs target | method | test acc | FLOPs | kept | estimator = counter | params | "
+        "ms bs 1 | ms bs 32 | prune/search s | finetune s | note |"
+    )
+    out = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        if "test_acc" not in r:
+            out.append(f"| {r['target']:g}% | {r['method']} |" + " - |" * 9 + f" {r['note']} |")
+            continue
+        out.append(
+            f"| {r['target']:g}% | {r['method']} | {100 * r['test_acc']:.2f}% | "
+            f"{r['flops'] / 1e6:.2f}M | {r['flops_pct']:.1f}% | "
+            f"{'yes' if r['flops_agree'] else 'NO'} | {r['params'] / 1e3:.1f}k | "
+            f"{r['latency_bs1_ms']:.2f} | {r['latency_bs32_ms']:.1f} | {r['prune_s']:.1f} | "
+            f"{r['finetune_s']:.1f} | {r['note'].replace('|', '/')} |"
+        )
+    return "\n".join(out)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.system()}"
+
+
+def plot(bench: Bench, rows: list[dict[str, Any]], path: Path) -> None:
+    """Test accuracy vs FLOPs kept, one line per method, the dense model as a flat line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    markers = "osD^v<>Ph*X"
+    scored = [r for r in rows if "test_acc" in r]
+    for index, method in enumerate(m for m in METHODS if any(r["method"] == m for r in scored)):
+        points = sorted(
+            (r["flops_pct"], 100 * r["test_acc"]) for r in scored if r["method"] == method
+        )
+        axes.plot(*zip(*points, strict=True), marker=markers[index % len(markers)], label=method)
+    axes.axhline(100 * bench.dense_info["test_acc"], color="black", linestyle="--", label="dense")
+    axes.set_xlabel("FLOPs kept (% of the dense model, measured)")
+    axes.set_ylabel("test accuracy (%)")
+    axes.set_title("ResNet-20 on MNIST: pruned and finetuned with the same budget")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, ncol=2)
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; returns the exit code (2 for input the user must fix)."""
+    started = time.perf_counter()
+
+    def say(message: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
+
+    try:
+        settings = parse_settings(argv)
+        torch.set_num_threads(settings.threads)
+        for method, why in settings.skipped.items():
+            say(f"skipping {method}: {why}")
+        bench = prepare(settings, say)
+    except BenchError as exc:
+        print(f"bench_search.py: error: {exc}", file=sys.stderr)
+        return 2
+    say(f"dense test accuracy {100 * bench.dense_info['test_acc']:.2f}%")
+    pruned = prune_locally(bench, say)
+    rows = [finish_row(bench, one, say) for one in pruned]
+    by_search = prune_by_search(bench, say)  # Ray is down again before any latency is measured
+    rows += [finish_row(bench, one, say) for one in by_search]
+    say("measuring latencies")
+    add_latencies(bench, rows, [one.model for one in pruned + by_search])
+    rows.sort(key=lambda r: (-r["target"], METHODS.index(r["method"])))
+    lines = reading(rows, settings.trials)
+    wall_s = time.perf_counter() - started
+    page = markdown(bench, rows, lines, wall_s)
+    md_path = settings.out_dir / "bench_search.md"
+    atomic_write(md_path, partial(_write_text, text=page))
+    plot(bench, rows, settings.out_dir / "bench_search.png")
+    print("\n" + _table(rows) + "\n\n" + "\n".join(f"- {line}" for line in lines))
+    print(f"\nwrote {md_path} and bench_search.png ({wall_s / 60:.1f} min)\n")
+    figures = {
+        "benchmark": "search",
+        "settings": {k: v for k, v in vars(settings).items() if not isinstance(v, Path)},
+        "dense": {**bench.dense_info, "flops": bench.flops.dense, "params": bench.params.dense},
+        "rows": rows,
+        "reading": lines,
+        "wall_s": round(wall_s, 1),
+    }
+    print(json.dumps(figures, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
