@@ -70,6 +70,8 @@ class SearchConfig:
         distill: distil the dense model into the subnet while finetuning (score and final).
         pareto: search accuracy against FLOPs (multi-objective) instead of accuracy alone.
         batch_size: examples per training step in trials and finetuning.
+        round_to: keep every searched width at a multiple of this where the group is that wide
+            (8 or 16 suit CPU and GPU kernels: the same FLOPs run faster); 1: any width.
         grace_period: reports a trial makes before ASHA may stop it.
         max_failures: retries of a trial whose worker process dies.
     """
@@ -99,6 +101,7 @@ class SearchConfig:
     distill: bool = True
     pareto: bool = False
     batch_size: int = 64
+    round_to: int = 1
     grace_period: int = 2
     max_failures: int = 2
 
@@ -126,6 +129,7 @@ class SearchConfig:
         _check_number("trials", self.trials, minimum=1, integer=True)
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; valid: {', '.join(SAMPLERS)}")
+        _check_number("round_to", self.round_to, minimum=1, integer=True)
         _check_number("cpus_per_trial", self.cpus_per_trial, minimum=0.01)
         _check_number("gpus_per_trial", self.gpus_per_trial, minimum=0.0)
         _check_number("dense_epochs", self.dense_epochs, minimum=0.01)

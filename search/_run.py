@@ -37,7 +37,7 @@ CONFIG_FILE = "search.json"
 _RESUME_FIXED = (
     "model", "dataset", "data_dir", "checkpoint", "profile", "spaces", "trials", "sampler", "seed",
     "pareto", "inner_epochs", "space_options", "score_steps", "dense_epochs", "distill",
-    "batch_size",
+    "batch_size", "round_to",
 )  # fmt: skip
 
 
@@ -107,6 +107,7 @@ def payload_of(prepared: Prepared) -> TrialPayload:
         seed=config.seed,
         threads=max(1, int(config.cpus_per_trial)),
         batch_size=config.batch_size,
+        round_to=config.round_to,
         score_steps=config.score_steps,
         distill_weight=0.7 if config.distill else 0.0,
         fixed_options={name: config.fixed_options(name) for name in config.spaces},

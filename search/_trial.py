@@ -65,6 +65,7 @@ class TrialPayload:
         seed: the split's and every trial's seed.
         threads: torch threads per trial (the CPUs Ray gives it).
         batch_size: examples per training step.
+        round_to: every space keeps widths at multiples of this (``SpaceContext.round_to``).
         score_steps: steps of the common score finetune.
         distill_weight: share of distillation from the dense model in that finetune.
         fixed_options: options set (not searched) by space name.
@@ -81,6 +82,7 @@ class TrialPayload:
     seed: int = 0
     threads: int = 1
     batch_size: int = 64
+    round_to: int = 1
     score_steps: int = 150
     distill_weight: float = 0.7
     fixed_options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -130,6 +132,7 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
         budget=budget,
         seed=payload.seed,
         batch_size=payload.batch_size,
+        round_to=payload.round_to,
     )
 
     where = _where()

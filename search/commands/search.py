@@ -70,6 +70,11 @@ def register(subparsers: Any) -> None:
     )
     trials.add_argument("--score-steps", type=int, help="steps of every trial's score finetune")
     trials.add_argument(
+        "--round-to",
+        type=int,
+        help="keep widths at multiples of this, e.g. 8: faster kernels (default 1: any width)",
+    )
+    trials.add_argument(
         "--pareto", action="store_true", default=None, help="multi-objective: accuracy vs FLOPs"
     )
     trials.add_argument(

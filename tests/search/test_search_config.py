@@ -37,6 +37,7 @@ def test_defaults_search_every_registered_space() -> None:
         ({"spaces": ("ratios", "nosuch")}, r"unknown space 'nosuch'; valid: .*ratios"),
         ({"trials": 0}, "trials must be at least 1, got 0"),
         ({"trials": 2.5}, "trials must be an integer"),
+        ({"round_to": 0}, "round_to must be at least 1, got 0"),
         ({"cpus_per_trial": 0}, "cpus_per_trial must be at least"),
         ({"name": "../escape"}, "run name '../escape' is invalid"),
         ({"resume": True, "overwrite": True}, "pick one"),

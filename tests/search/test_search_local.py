@@ -81,6 +81,7 @@ def test_search_exports_a_subnet_meeting_the_target_and_records_a_raising_trial(
         # ratios trials raise: the option names a group small_cnn does not have
         space_options={"ratios": {"ratios": {"no_such_group": 0.5}}},
         trials=4,
+        round_to=8,
         name="e2e",
         runs_dir=str(tmp_path / "runs"),
         **QUICK,
@@ -92,6 +93,7 @@ def test_search_exports_a_subnet_meeting_the_target_and_records_a_raising_trial(
     assert failed and all(t.space == "ratios" for t in failed)
     assert all("ratios name unknown groups no_such_group" in (t.error or "") for t in failed)
     assert result.best.space == "dsa" and result.best.feasible
+    assert all(width % 8 == 0 for width in result.spec.widths.values())
     # the final finetune continued from the weights the best trial scored
     assert result.best.weights is not None and Path(result.best.weights).is_file()
     assert all(t.weights is None for t in failed)
