@@ -135,21 +135,28 @@ class _TableUse:
 def _fit(sums: np.ndarray, times: np.ndarray, fit_scale: bool) -> tuple[float, float]:
     """``(scale, overhead)`` with ``times ~ scale * sums + overhead``, ``scale > 0``,
     ``overhead >= 0``, fitted in relative error (each point weighted by ``1 / time``, so a small
-    subnet's 10% counts as much as a large one's): least squares where the constraints hold,
-    else the best fit with the scale fixed to 1 or the overhead fixed to 0."""
+    subnet's 10% counts as much as a large one's).
+
+    With ``fit_scale`` the best of the free fit, the scale alone and the overhead alone that
+    keeps both constraints wins. Without, the scale stays 1 unless the tables alone exceed the
+    measurements: shrinking them then beats subtracting a constant (which would predict
+    negative times for small subnets).
+    """
     weights = 1.0 / times
-    if fit_scale:
-        design = np.stack([sums * weights, weights], axis=1)
-        (scale, overhead), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
-        if scale > 0 and overhead >= 0:
-            return float(scale), float(overhead)
-    overhead = float(((times - sums) * weights**2).sum() / (weights**2).sum())
-    if overhead >= 0 or not np.any(sums > 0):
-        return 1.0, max(overhead, 0.0)
-    # the tables alone exceed the measurements: shrink them rather than subtract a constant,
-    # which would predict negative times for small subnets
     ratios = sums * weights
-    return float(ratios.sum() / (ratios @ ratios)), 0.0
+
+    def error(fit: tuple[float, float]) -> float:
+        residual = (fit[0] * sums + fit[1] - times) * weights
+        return float(residual @ residual)
+
+    scale_only = (float(ratios.sum() / (ratios @ ratios)), 0.0) if ratios.any() else (1.0, 0.0)
+    overhead_only = (1.0, float(((times - sums) * weights**2).sum() / (weights**2).sum()))
+    if not fit_scale:
+        return overhead_only if overhead_only[1] >= 0 else scale_only
+    design = np.stack([ratios, weights], axis=1)
+    (scale, overhead), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
+    candidates = [(float(scale), float(overhead)), scale_only, overhead_only]
+    return min((c for c in candidates if c[0] > 0 and c[1] >= 0), key=error)
 
 
 class LatencyPredictor(CostModel):
