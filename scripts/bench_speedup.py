@@ -3,11 +3,12 @@
     python scripts/bench_speedup.py [--threads 1] [--out-dir docs]
 
 Each zoo model (1x3x32x32 input, 10 classes, He-initialised: only widths matter here) is pruned
-in one shot to each FLOPs target by three methods: uniform width scaling with free widths
+in one shot to each FLOPs target by four methods: uniform width scaling with free widths
 (``uniform``) and with widths kept at multiples of 8 (``uniform-r8``, ``prunetune prune
---round-to 8``), and latency-aware allocation (``latency-r8``, ``prunetune prune --allocation cost
---round-to 8 --profile P``): channels go first where they save the most predicted latency per
-unit of L1 importance, from a profile measured here at that batch size. The dense and pruned
+--round-to 8``), and latency-aware allocation, free and aligned (``latency``, ``latency-r8``,
+``prunetune prune --allocation cost [--round-to 8] --profile P``): channels go first where they
+save the most predicted latency per unit of L1 importance, from a profile measured here at that
+batch size. The dense and pruned
 models are timed at batch 1 and 32 on this machine: each model's latency is the fastest of
 ``--rounds`` interleaved measurements (each the minimum of ``--repeats`` runs), so a slow spell
 on a shared machine hits every model alike. Reported per row: latency (measured, and predicted
@@ -51,7 +52,12 @@ from estimators import (
 )
 
 INPUT = (3, 32, 32)
-METHODS = {"uniform": ("uniform", 1), "uniform-r8": ("uniform", 8), "latency-r8": ("cost", 8)}
+METHODS = {
+    "uniform": ("uniform", 1),
+    "uniform-r8": ("uniform", 8),
+    "latency": ("cost", 1),
+    "latency-r8": ("cost", 8),
+}
 """Method name: allocation and ``round_to`` of its one-shot prune (``cost``: latency-aware)."""
 
 
@@ -151,37 +157,39 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """Speed-up against FLOPs reduction, one marker per batch size and method."""
+    """Speed-up per model and target, one bar per method, one panel per batch size; the FLOPs
+    reduction (the speed-up FLOPs alone would promise) as a black tick over each group."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(7, 5))
-    markers = {1: "o", 32: "s"}
-    for (method, batch), colour in zip(
-        [(m, b) for m in METHODS for b in sorted({r["batch"] for r in rows})],
-        plt.get_cmap("tab10").colors,
-        strict=False,
-    ):
-        chosen = [r for r in rows if r["method"] == method and r["batch"] == batch]
-        axes.scatter(
-            [r["flops_reduction"] for r in chosen],
-            [r["speedup"] for r in chosen],
-            marker=markers.get(batch, "^"),
-            color=colour,
-            label=f"{method}, batch {batch}",
-        )
-        for r in chosen:
-            axes.annotate(r["model"], (r["flops_reduction"], r["speedup"]), fontsize=6)
-    limit = max(max(r["flops_reduction"] for r in rows), max(r["speedup"] for r in rows)) * 1.05
-    axes.plot([1, limit], [1, limit], "k--", linewidth=0.8, label="speed-up = FLOPs reduction")
-    axes.set_xlabel("FLOPs reduction (dense / pruned)")
-    axes.set_ylabel("measured speed-up (dense ms / pruned ms)")
-    axes.set_title("CPU speed-up of pruned zoo models")
-    axes.legend(fontsize=7)
+    batches = sorted({r["batch"] for r in rows})
+    cases = list(dict.fromkeys((r["model"], r["target"]) for r in rows))
+    figure, panels = plt.subplots(len(batches), 1, figsize=(11, 3.6 * len(batches)), squeeze=False)
+    width = 0.8 / len(METHODS)
+    for panel, batch in zip(panels[:, 0], batches, strict=True):
+        for offset, method in enumerate(METHODS):
+            chosen = {
+                (r["model"], r["target"]): r
+                for r in rows
+                if r["batch"] == batch and r["method"] == method
+            }
+            heights = [chosen[c]["speedup"] if c in chosen else 0.0 for c in cases]
+            positions = [i - 0.4 + (offset + 0.5) * width for i in range(len(cases))]
+            panel.bar(positions, heights, width, label=method)
+        for index, case in enumerate(cases):
+            ideal = [r["flops_reduction"] for r in rows if (r["model"], r["target"]) == case]
+            panel.hlines(min(ideal), index - 0.4, index + 0.4, colors="black", linewidth=1.5)
+        panel.set_xticks(range(len(cases)))
+        panel.set_xticklabels([f"{m}\n{t:g}% FLOPs" for m, t in cases], fontsize=7)
+        panel.set_ylabel("speed-up over dense")
+        panel.set_title(f"batch {batch} (black: FLOPs reduction)", fontsize=9)
+        panel.grid(axis="y", alpha=0.3)
+    panels[0, 0].legend(fontsize=7, ncol=len(METHODS))
+    figure.suptitle("Measured CPU speed-up of pruned zoo models (1 thread)")
     figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
+    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=110))
     plt.close(figure)
 
 
