@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -32,9 +33,13 @@ from estimators._profile import (
 __all__ = ["Calibration", "LatencyPredictor"]
 
 
+_Array = TypeVar("_Array", np.ndarray, Tensor)
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """``latency = scale * sum(table lookups) + overhead_ms``, as fitted by least squares.
+    """``latency = scale * sum(table lookups) ** exponent + overhead_ms``, fitted to
+    whole-model measurements.
 
     Attributes:
         overhead_ms: time the tables do not see (pooling, additions, Python, allocation).
@@ -42,12 +47,22 @@ class Calibration:
         rms_error_ms: root-mean-square error on the measurements it was fitted to.
         points: how many whole-model measurements it was fitted to (0: none, or only the
             profile's dense-model measurement counted as 1).
+        exponent: 1 for the linear fit; fitted (with no overhead) where summed tables grow
+            faster or slower than whole models do, as on MobileNetV2 at batch 32, where
+            isolated layers run slower than in the model at full width and faster when narrow.
     """
 
     overhead_ms: float
     scale: float = 1.0
     rms_error_ms: float = 0.0
     points: int = 0
+    exponent: float = 1.0
+
+    def apply(self, sums: _Array) -> _Array:
+        """Calibrated latency (ms) of summed table times (array or tensor, differentiable)."""
+        if self.exponent == 1.0:
+            return self.scale * sums + self.overhead_ms
+        return self.scale * sums.clip(min=1e-12) ** self.exponent + self.overhead_ms
 
 
 def _locate_np(grid: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -68,9 +83,6 @@ def _locate_torch(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     low = low.clamp(0, grid.numel() - 2)
     t = ((x - grid[low]) / (grid[low + 1] - grid[low])).clamp(0.0, 1.0)
     return low, t
-
-
-_Array = TypeVar("_Array", np.ndarray, Tensor)
 
 
 def _bilinear(
@@ -132,31 +144,42 @@ class _TableUse:
         return values @ self.calls
 
 
-def _fit(sums: np.ndarray, times: np.ndarray, fit_scale: bool) -> tuple[float, float]:
-    """``(scale, overhead)`` with ``times ~ scale * sums + overhead``, ``scale > 0``,
-    ``overhead >= 0``, fitted in relative error (each point weighted by ``1 / time``, so a small
-    subnet's 10% counts as much as a large one's).
+def _fit(sums: np.ndarray, times: np.ndarray, fit_scale: bool) -> Calibration:
+    """The calibration of ``times`` against summed tables ``sums``, fitted in relative error
+    (each point weighted by ``1 / time``, so a small subnet's 10% counts as much as a large
+    one's), with ``scale > 0`` and ``overhead >= 0``.
 
-    With ``fit_scale`` the best of the free fit, the scale alone and the overhead alone that
-    keeps both constraints wins. Without, the scale stays 1 unless the tables alone exceed the
-    measurements: shrinking them then beats subtracting a constant (which would predict
-    negative times for small subnets).
+    With ``fit_scale`` the best of the free linear fit, the scale alone, the overhead alone and
+    (from three points) a power law ``scale * sums ** exponent`` wins, among those that keep the
+    constraints. Without, the scale stays 1 unless the tables alone exceed the measurements:
+    shrinking them then beats subtracting a constant (which would predict negative times for
+    small subnets).
     """
     weights = 1.0 / times
     ratios = sums * weights
 
-    def error(fit: tuple[float, float]) -> float:
-        residual = (fit[0] * sums + fit[1] - times) * weights
+    def error(fit: Calibration) -> float:
+        residual = (fit.apply(sums) - times) * weights
         return float(residual @ residual)
 
-    scale_only = (float(ratios.sum() / (ratios @ ratios)), 0.0) if ratios.any() else (1.0, 0.0)
-    overhead_only = (1.0, float(((times - sums) * weights**2).sum() / (weights**2).sum()))
+    scale_only = Calibration(0.0, float(ratios.sum() / (ratios @ ratios))) if ratios.any() else None
+    overhead_only = Calibration(float(((times - sums) * weights**2).sum() / (weights**2).sum()))
     if not fit_scale:
-        return overhead_only if overhead_only[1] >= 0 else scale_only
+        if overhead_only.overhead_ms >= 0 or scale_only is None:
+            return Calibration(max(overhead_only.overhead_ms, 0.0))
+        return scale_only
     design = np.stack([ratios, weights], axis=1)
     (scale, overhead), *_ = np.linalg.lstsq(design, np.ones_like(times), rcond=None)
-    candidates = [(float(scale), float(overhead)), scale_only, overhead_only]
-    return min((c for c in candidates if c[0] > 0 and c[1] >= 0), key=error)
+    candidates = [Calibration(float(overhead), float(scale)), overhead_only]
+    if scale_only is not None:
+        candidates.append(scale_only)
+    if len(sums) >= 3 and np.all(sums > 0):
+        logs = np.stack([np.ones_like(sums), np.log(sums)], axis=1)
+        (log_scale, exponent), *_ = np.linalg.lstsq(logs, np.log(times), rcond=None)
+        if 0.5 <= exponent <= 1.5:  # time grows with work, if not in proportion
+            candidates.append(Calibration(0.0, float(np.exp(log_scale)), exponent=float(exponent)))
+    valid = [c for c in candidates if c.scale > 0 and c.overhead_ms >= 0]
+    return min(valid or [Calibration(0.0)], key=error)
 
 
 class LatencyPredictor(CostModel):
@@ -301,13 +324,10 @@ class LatencyPredictor(CostModel):
                 "fit_scale needs at least two measured subnets of different size; "
                 f"got {len(measured)} with the same predicted time"
             )
-        scale, overhead = _fit(sums, times, fit_scale)
-        residual = times - (scale * sums + overhead)
-        self.calibration = Calibration(
-            overhead_ms=float(overhead),
-            scale=float(scale),
-            rms_error_ms=float(math.sqrt(np.mean(residual**2))),
-            points=len(measured),
+        fit = _fit(sums, times, fit_scale)
+        residual = times - fit.apply(sums)
+        self.calibration = dataclasses.replace(
+            fit, rms_error_ms=float(math.sqrt(np.mean(residual**2))), points=len(measured)
         )
         return self.calibration
 
@@ -319,7 +339,7 @@ class LatencyPredictor(CostModel):
         return total
 
     def _evaluate_full(self, full_widths: np.ndarray) -> np.ndarray:
-        return self.calibration.scale * self._raw(full_widths) + self.calibration.overhead_ms
+        return self.calibration.apply(self._raw(full_widths))
 
     def relaxed(self, alpha: Tensor) -> Tensor:
         """Predicted latency (ms) at keep ratios ``alpha``, differentiable (piecewise linear).
@@ -355,5 +375,5 @@ class LatencyPredictor(CostModel):
                 v0, v1 = flat[base], flat[base + use.stride]
                 values = v0 + t_in * (v1 - v0)
             total = total + values @ calls
-        result = self.calibration.scale * total + self.calibration.overhead_ms
+        result = self.calibration.apply(total)
         return result.reshape(alpha.shape[:-1])

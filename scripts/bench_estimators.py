@@ -145,6 +145,7 @@ def bench_latency(
     figures["calibration"] = {
         "scale": round(predictor.calibration.scale, 4),
         "overhead_ms": round(predictor.calibration.overhead_ms, 4),
+        "exponent": round(predictor.calibration.exponent, 4),
         "points": predictor.calibration.points,
     }
     figures["profile_seconds"] = round(profile_seconds, 1)

@@ -351,6 +351,25 @@ def test_calibration_fits_overhead_and_scale(
         predictor.calibrate([(candidates[0], -1.0)])
 
 
+def test_calibration_fits_a_power_law_when_tables_grow_faster_than_models(
+    chain_profile: LatencyProfile, chain: FakeGraph
+) -> None:
+    predictor = LatencyPredictor(with_tables(chain_profile, bilinear_ms), chain)
+    candidates = [{"conv0": 4, "conv1": 8}, {"conv1": 4, "conv3": 2}, {}, {"conv2": 1}]
+    raw = [predictor.predict(c) for c in candidates]
+    fitted = predictor.calibrate([(c, 3.0 * r**0.8) for c, r in zip(candidates, raw, strict=True)])
+    assert fitted.exponent == pytest.approx(0.8) and fitted.scale == pytest.approx(3.0)
+    assert fitted.overhead_ms == 0.0 and fitted.rms_error_ms == pytest.approx(0.0, abs=1e-9)
+    assert predictor.predict(candidates[1]) == pytest.approx(3.0 * raw[1] ** 0.8)
+    alpha = torch.ones(len(predictor.groups), dtype=torch.float64, requires_grad=True)
+    relaxed = predictor.relaxed(alpha)
+    assert relaxed.item() == pytest.approx(3.0 * raw[2] ** 0.8)
+    relaxed.backward()
+    assert alpha.grad is not None and torch.all(alpha.grad >= 0)
+    linear = predictor.calibrate([(c, 2.0 * r + 0.5) for c, r in zip(candidates, raw, strict=True)])
+    assert linear.exponent == 1.0  # a linear relation stays linear
+
+
 def test_dense_measurement_sets_the_default_overhead() -> None:
     graph = tiny_graph()
     profile = profile_model(tiny_net({}), graph, widths_grid=2, repeats=1, warmup=1)
