@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     graph = resolved.trace()
 
     def show(progress: ProfileProgress) -> None:
-        say(f"profiling: {progress}")
+        say(f"profiling {progress.done}/{progress.total}: {progress.description}")
 
     profile = profile_model(
         resolved.model,
