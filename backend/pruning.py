@@ -22,6 +22,7 @@ __all__ = [
     "ALLOCATIONS",
     "Allocation",
     "alignment",
+    "check_round_to",
     "cost_widths",
     "global_widths",
     "normalised_importance",
@@ -43,12 +44,21 @@ def normalised_importance(scores: Tensor) -> Tensor:
     return scores / (scores.mean() + 1e-12)
 
 
+def check_round_to(round_to: object) -> int:
+    """``round_to`` itself if it is a positive integer.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    return round_to
+
+
 def alignment(group: ChannelGroup, round_to: int = 1) -> int:
     """The multiple a pruned width of ``group`` is kept at: ``lcm(step, round_to)``, or just the
     group's ``step`` where that would exceed the group's size."""
-    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-        raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
-    aligned = math.lcm(group.step, round_to)
+    aligned = math.lcm(group.step, check_round_to(round_to))
     return aligned if aligned <= group.size else group.step
 
 
@@ -229,8 +239,7 @@ def one_shot_widths(
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
-    if graph.prunable_groups:
-        alignment(graph.prunable_groups[0], round_to)  # checks round_to
+    check_round_to(round_to)
     if allocation == "uniform":
         return uniform_widths(graph, fits, round_to=round_to)
     if scores is None:

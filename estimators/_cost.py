@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, overload
 
@@ -337,13 +337,13 @@ class FlopsModel(_QuadraticCost):
         Raises:
             ValueError: the graph's groups are inconsistent (duplicate names, unknown groups).
         """
-        view = GroupView.from_graph(graph)
-        index = view.index
-        terms = _Terms()
-        for layer in graph.layers:
-            _check_layer(layer, index)
-            per_pair = math.prod(layer.output_hw) * math.prod(layer.kernel_size) * layer.calls
-            terms.add_layer(layer, index, per_pair=per_pair, per_out=0)
+        view, terms = _layer_terms(
+            graph,
+            lambda layer: (
+                math.prod(layer.output_hw) * math.prod(layer.kernel_size) * layer.calls,
+                0,
+            ),
+        )
         return cls(view, terms)
 
 
@@ -363,13 +363,10 @@ class ParamsModel(_QuadraticCost):
         Raises:
             ValueError: the graph's groups are inconsistent (duplicate names, unknown groups).
         """
-        view = GroupView.from_graph(graph)
+        view, terms = _layer_terms(
+            graph, lambda layer: (math.prod(layer.kernel_size), int(layer.bias))
+        )
         index = view.index
-        terms = _Terms()
-        for layer in graph.layers:
-            _check_layer(layer, index)
-            kernel = math.prod(layer.kernel_size)
-            terms.add_layer(layer, index, per_pair=kernel, per_out=int(layer.bias))
         for norm in graph.norms:
             for segment in norm_segments(norm):
                 if segment.group not in index:
@@ -378,6 +375,25 @@ class ParamsModel(_QuadraticCost):
                     terms.add_linear(index[segment.group], 2 * segment.multiplier)
         terms.constant += int(graph.other_params)
         return cls(view, terms)
+
+
+def _layer_terms(
+    graph: GraphLike, coefficients: Callable[[LayerInfo], tuple[int, int]]
+) -> tuple[GroupView, _Terms]:
+    """The graph's group view and the terms of its conv/linear layers, each layer adding
+    ``per_pair`` per (output, input feature) pair and ``per_out`` per output channel, as
+    ``coefficients(layer)`` gives them.
+
+    Raises:
+        ValueError: a layer names an unknown group or has ``groups < 1``.
+    """
+    view = GroupView.from_graph(graph)
+    terms = _Terms()
+    for layer in graph.layers:
+        _check_layer(layer, view.index)
+        per_pair, per_out = coefficients(layer)
+        terms.add_layer(layer, view.index, per_pair=per_pair, per_out=per_out)
+    return view, terms
 
 
 def _check_layer(layer: LayerInfo, index: Mapping[str, int]) -> None:

@@ -30,7 +30,7 @@ from backend.data import DatasetSplits
 from backend.graph import ChannelGraph
 from backend.importance import channel_importance
 from backend.models import ModelRef
-from backend.pruning import alignment, cost_widths, normalised_importance
+from backend.pruning import alignment, check_round_to, cost_widths, normalised_importance
 from backend.spec import SubnetSpec
 from estimators import Budget
 
@@ -77,8 +77,7 @@ class SpaceContext:
     round_to: int = 1
 
     def __post_init__(self) -> None:
-        for group in self.graph.prunable_groups[:1]:
-            alignment(group, self.round_to)  # a clear error for a bad round_to
+        check_round_to(self.round_to)
         if self.importance is None:
             self.importance = channel_importance(self.model, self.graph, "l1")
 
