@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from backend.graph import ChannelGraph
 from backend.importance import channel_importance
@@ -71,6 +71,7 @@ class Case:
     graph: ChannelGraph
     flops: FlopsModel
     latency: LatencyPredictor
+    scores: dict[str, Tensor]
     profile_seconds: float
 
     @classmethod
@@ -84,17 +85,18 @@ class Case:
         profile = profile_model(dense, graph, batch, statistic="min", model_id=name)
         seconds = time.perf_counter() - started
         latency = LatencyPredictor(profile, graph)
-        return cls(name, ref, dense, graph, FlopsModel.from_graph(graph), latency, seconds)
+        scores = channel_importance(dense, graph, "l1")
+        flops = FlopsModel.from_graph(graph)
+        return cls(name, ref, dense, graph, flops, latency, scores, seconds)
 
     def prune(self, target: float, method: str) -> tuple[nn.Module, dict[str, int]]:
         """The dense model pruned in one shot to ``target`` % FLOPs by ``method``."""
         allocation, round_to = METHODS[method]
         budget = Target.parse(f"flops<={target}%").resolve({"flops": self.flops})
-        scores = channel_importance(self.dense, self.graph, "l1")
         widths = one_shot_widths(
-            self.graph, budget.fits, allocation, scores, round_to, self.latency.evaluate
+            self.graph, budget.fits, allocation, self.scores, round_to, self.latency.evaluate
         )
-        spec = SubnetSpec.from_widths(self.graph, self.ref, widths, scores)
+        spec = SubnetSpec.from_widths(self.graph, self.ref, widths, self.scores)
         return prune_model(self.dense, self.graph, spec).eval(), widths
 
 
