@@ -56,7 +56,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import shlex
 import sys
 import time
@@ -68,6 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _bench_search_page import page, plot, reading, table
 from torch import Tensor, nn
 
 from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -82,7 +82,7 @@ from backend.pruning import one_shot_widths
 from backend.spec import SubnetSpec
 from backend.surgery import prune_model
 from backend.train import TrainConfig, evaluate, train
-from estimators import Budget, FlopsModel, ParamsModel, Target, measure_latencies
+from estimators import Budget, DeviceInfo, FlopsModel, ParamsModel, Target, measure_latencies
 from search import SearchConfig
 from search._tuner import startup_trials
 from spaces import SpaceContext, create_space, list_spaces
@@ -549,145 +549,42 @@ def finish_row(bench: Bench, pruned: Pruned, say: Callable[[str], None]) -> dict
     return row
 
 
-def reading(rows: list[dict[str, Any]], trials: int, startup: int) -> list[str]:
-    """Per target: does the full search beat both one-shot baselines and random search?
-
-    To beat is to score a strictly higher test accuracy (one test image is 0.05%); every method
-    at or above the full search is named.
-    """
-    lines = []
-    for target in sorted({r["target"] for r in rows}, reverse=True):
-        at = {r["method"]: r for r in rows if r["target"] == target and "test_acc" in r}
-        if "search" not in at:
-            lines.append(f"{target:g}% FLOPs: no full-search result to compare.")
-            continue
-        best = at["search"]["test_acc"]
-        rivals = [m for m in ("uniform", "global-l1", "random-search") if m in at]
-        lost = [m for m in rivals if at[m]["test_acc"] >= best]
-        others = [m for m in at if m not in (*rivals, "search") and at[m]["test_acc"] >= best]
-        verdict = (
-            f"does NOT beat {_listing(at, lost)}"
-            if lost
-            else f"beats {', '.join(rivals) or 'no baseline run'}"
-        )
-        line = f"{target:g}% FLOPs: the full search ({100 * best:.2f}%) {verdict}"
-        if others:
-            line += f"; also at or above it: {_listing(at, others)}"
-        lines.append(line + ".")
-    lines.append(
-        f"Of the full search's {trials} trials, the first {startup} are TPE's random start-up "
-        "(one per space, then a quarter of the rest); the others are proposed by TPE."
+def facts(bench: Bench) -> list[str]:
+    """The settings and the dense model, one line each, for the page."""
+    s, info = bench.settings, bench.dense_info
+    latency = (
+        f"{info['latency_bs1_ms']:.2f} ms at batch 1, {info['latency_bs32_ms']:.1f} ms at 32"
+        if "latency_bs1_ms" in info
+        else "latency not measured"
     )
-    return lines
-
-
-def _listing(at: dict[str, dict[str, Any]], methods: list[str]) -> str:
-    return ", ".join(f"{m} ({100 * at[m]['test_acc']:.2f}%)" for m in methods)
-
-
-def markdown(bench: Bench, rows: list[dict[str, Any]], lines: list[str], wall_s: float) -> str:
-    """The benchmark's page: how it was produced, the settings, the table and the reading."""
-    s = bench.settings
-    command = "python scripts/bench_search.py " + shlex.join(sys.argv[1:])
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    out = [
-        "# Search benchmark: the full search vs one-shot, Torch-Pruning and random search",
-        "",
-        f"Written by `{command.strip()}` on {date}, on {_machine()}; the run took "
-        f"{wall_s / 60:.1f} min. Method and fairness rules: the docstring of "
-        "`scripts/bench_search.py`.",
-        "",
-        f"- data: MNIST test set, {len(bench.data.train)} train / {len(bench.data.val)} val / "
+    return [
+        f"data: MNIST test set, {len(bench.data.train)} train / {len(bench.data.val)} val / "
         f"{len(bench.data.test)} test (seed {SEED})",
-        f"- model: resnet20, dense {bench.flops.dense / 1e6:.2f}M FLOPs, "
+        f"model: resnet20, dense {bench.flops.dense / 1e6:.2f}M FLOPs, "
         f"{bench.params.dense / 1e6:.3f}M params, {s.dense_epochs:g} epochs, test accuracy "
-        f"{100 * bench.dense_info['test_acc']:.2f}%, {_dense_latency(bench)}",
-        f"- latency: {s.threads} torch thread(s), the fastest of {LATENCY_ROUNDS} interleaved "
+        f"{100 * info['test_acc']:.2f}%, {latency}",
+        f"latency: {s.threads} torch thread(s), the fastest of {LATENCY_ROUNDS} interleaved "
         f"rounds of {LATENCY_REPEATS} runs per model",
-        f"- every method: {s.finetune_epochs:g} epochs of finetune (lr {FINETUNE_LR}, batch "
+        f"every method: {s.finetune_epochs:g} epochs of finetune (lr {FINETUNE_LR}, batch "
         f"{BATCH_SIZE}, distilled at {DISTILL_WEIGHT}); searches: {s.trials} trials, inner "
         f"length {s.inner_epochs:g} epochs, {s.score_steps} score steps",
-        *(f"- {m} skipped: {why}" for m, why in s.skipped.items()),
-        "",
-        _table(rows),
-        "",
-        "## Reading",
-        "",
-        *(f"- {line}" for line in lines),
-        "",
-        "![test accuracy vs FLOPs kept, one line per method](bench_search.png)",
-        "",
+        *(f"{m} skipped: {why}" for m, why in s.skipped.items()),
     ]
-    return "\n".join(out)
 
 
-def _dense_latency(bench: Bench) -> str:
-    info = bench.dense_info
-    if "latency_bs1_ms" not in info:
-        return "latency not measured"
-    return f"{info['latency_bs1_ms']:.2f} ms at batch 1, {info['latency_bs32_ms']:.1f} ms at 32"
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    head = (
-        "| FLOPs target | method | test acc | FLOPs | kept | estimator = counter | params | "
-        "ms bs 1 | ms bs 32 | prune/search s | finetune s | note |"
+def provenance(threads: int, wall_s: float) -> str:
+    """Which command wrote the page, when, on what machine, and how long it took."""
+    command = "python scripts/bench_search.py " + shlex.join(sys.argv[1:])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    device = DeviceInfo.current(threads)
+    machine = (
+        f"{device.cpu_model}, {os.cpu_count()} CPUs, torch {device.torch_version}, {device.system}"
     )
-    out = [head, "|" + "---|" * (head.count("|") - 1)]
-    for r in rows:
-        if "test_acc" not in r:
-            out.append(f"| {r['target']:g}% | {r['method']} |" + " - |" * 9 + f" {r['note']} |")
-            continue
-        out.append(
-            f"| {r['target']:g}% | {r['method']} | {100 * r['test_acc']:.2f}% | "
-            f"{r['flops'] / 1e6:.2f}M | {r['flops_pct']:.1f}% | "
-            f"{'yes' if r['flops_agree'] else 'NO'} | {r['params'] / 1e3:.1f}k | "
-            f"{r['latency_bs1_ms']:.2f} | {r['latency_bs32_ms']:.1f} | {r['prune_s']:.1f} | "
-            f"{r['finetune_s']:.1f} | {r['note'].replace('|', '/')} |"
-        )
-    return "\n".join(out)
-
-
-def _write_text(path: Path, text: str) -> None:
-    path.write_text(text, encoding="utf-8")
-
-
-def _machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__}, {platform.system()}"
-
-
-def plot(bench: Bench, rows: list[dict[str, Any]], path: Path) -> None:
-    """Test accuracy vs FLOPs kept, one line per method, the dense model as a flat line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(8, 5))
-    markers = "osD^v<>Ph*X"
-    scored = [r for r in rows if "test_acc" in r]
-    for index, method in enumerate(m for m in METHODS if any(r["method"] == m for r in scored)):
-        points = sorted(
-            (r["flops_pct"], 100 * r["test_acc"]) for r in scored if r["method"] == method
-        )
-        axes.plot(*zip(*points, strict=True), marker=markers[index % len(markers)], label=method)
-    axes.axhline(100 * bench.dense_info["test_acc"], color="black", linestyle="--", label="dense")
-    axes.set_xlabel("FLOPs kept (% of the dense model, measured)")
-    axes.set_ylabel("test accuracy (%)")
-    axes.set_title("ResNet-20 on MNIST: pruned and finetuned with the same budget")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8, ncol=2)
-    figure.tight_layout()
-    atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=120))
-    plt.close(figure)
+    return (
+        f"Written by `{command.strip()}` on {date}, on {machine}; the run took "
+        f"{wall_s / 60:.1f} min. Method and fairness rules: the docstring of "
+        "`scripts/bench_search.py`."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -717,11 +614,18 @@ def main(argv: list[str] | None = None) -> int:
     startup = startup_trials(search_config(bench, settings.targets[0], "search"))
     lines = reading(rows, settings.trials, startup)
     wall_s = time.perf_counter() - started
-    page = markdown(bench, rows, lines, wall_s)
+    text = page(
+        "Search benchmark: the full search vs one-shot, Torch-Pruning and random search",
+        provenance(settings.threads, wall_s),
+        facts(bench),
+        rows,
+        lines,
+    )
     md_path = settings.out_dir / "bench_search.md"
-    atomic_write(md_path, partial(_write_text, text=page))
-    plot(bench, rows, settings.out_dir / "bench_search.png")
-    print("\n" + _table(rows) + "\n\n" + "\n".join(f"- {line}" for line in lines))
+    atomic_write(md_path, lambda path: path.write_text(text, encoding="utf-8"))
+    png_path = settings.out_dir / "bench_search.png"
+    plot(rows, METHODS, bench.dense_info["test_acc"], png_path)
+    print("\n" + table(rows) + "\n\n" + "\n".join(f"- {line}" for line in lines))
     print(f"\nwrote {md_path} and bench_search.png ({wall_s / 60:.1f} min)\n")
     figures = {
         "benchmark": "search",
