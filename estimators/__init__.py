@@ -17,9 +17,11 @@ from estimators._profile import (
 from estimators._profiling import (
     ProfileProgress,
     calibration_widths,
+    cpu_channel_block,
     measure_latencies,
     measure_latency,
     profile_model,
+    steady_allocator,
 )
 from estimators._proxy import proxy_accuracy, recalibrate_bn
 from estimators._targets import METRICS, Budget, Constraint, Target, format_metric
@@ -45,6 +47,7 @@ __all__ = [
     "Target",
     "WidthsLike",
     "calibration_widths",
+    "cpu_channel_block",
     "format_metric",
     "graph_fingerprint",
     "measure_latencies",
@@ -52,4 +55,5 @@ __all__ = [
     "profile_model",
     "proxy_accuracy",
     "recalibrate_bn",
+    "steady_allocator",
 ]

@@ -85,6 +85,31 @@ def _locate_torch(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
     return low, t
 
 
+def _blocks_np(
+    grid: np.ndarray, block: int, factor: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For every integer width ``0..grid[-1]``: its cell and position on ``grid`` after
+    rounding up to a multiple of ``block`` (at most the grid's top), and the factor on its time:
+    ``factor`` where it was rounded up to a multiple, else 1."""
+    widths = np.arange(grid[-1] + 1.0)
+    rounded = np.minimum(np.ceil(widths / block) * block, grid[-1])
+    scale = np.where((rounded != widths) & (rounded % block == 0), factor, 1.0)
+    return (*_locate_np(grid, rounded), scale)
+
+
+def _blocks_torch(
+    grid: Tensor, x: Tensor, block: int, factor: float
+) -> tuple[Tensor, Tensor, Tensor | float]:
+    """:func:`_blocks_np` for real widths ``x``: the value is the table's at the rounded width,
+    the gradient its slope there (straight through the rounding)."""
+    if block == 1:
+        return (*_locate_torch(grid, x), 1.0)
+    whole = torch.ceil(x.detach() - 1e-6)  # a float width that is an integer stays where it is
+    rounded = torch.minimum(torch.ceil(whole / block) * block, grid[-1])
+    scale = torch.where((rounded != whole) & (rounded % block == 0), factor, 1.0)
+    return (*_locate_torch(grid, x + (rounded - x.detach())), scale)
+
+
 def _bilinear(
     v00: _Array, v01: _Array, v10: _Array, v11: _Array, t_in: _Array, t_out: _Array
 ) -> _Array:
@@ -98,12 +123,15 @@ class _TableUse:
     The table is edge-padded by one row and column and flattened, so the four corners of a cell
     are ``flat[base]``, ``flat[base + 1]``, ``flat[base + stride]``, ``flat[base + stride + 1]``
     with ``base = low_in * stride + low_out``. Integer points are located through lookup arrays
-    indexed by the point itself (no search).
+    indexed by the point itself (no search), which also hold the table's rounding to its
+    channel block and the factors for unaligned widths.
     """
 
     def __init__(self, table: LatencyTable, members: list[tuple[np.ndarray, int, int]]) -> None:
         self.in_grid = np.array(table.in_grid, dtype=np.float64)
         self.out_grid = np.array(table.out_grid, dtype=np.float64)
+        self.blocks = table.blocks
+        self.unaligned = table.unaligned
         ms = table.ms if table.out_grid else table.ms[:, None]
         padded = np.pad(ms, ((0, 1), (0, 1)), mode="edge")
         self.stride = padded.shape[1]
@@ -111,11 +139,13 @@ class _TableUse:
         self.in_matrix = np.stack([m[0] for m in members], axis=1).astype(np.int64)
         self.out_columns = np.array([m[1] for m in members], dtype=np.int64)
         self.calls = np.array([m[2] for m in members], dtype=np.float64)
-        self.in_low, self.in_t = _locate_np(self.in_grid, np.arange(table.in_grid[-1] + 1.0))
-        self.out_low, self.out_t = np.zeros(1, dtype=np.int64), np.zeros(1)
+        self.in_low, self.in_t, self.in_scale = _blocks_np(
+            self.in_grid, self.blocks[0], self.unaligned[0]
+        )
+        self.out_low, self.out_t, self.out_scale = np.zeros(1, np.int64), np.zeros(1), np.ones(1)
         if table.out_grid:
-            self.out_low, self.out_t = _locate_np(
-                self.out_grid, np.arange(table.out_grid[-1] + 1.0)
+            self.out_low, self.out_t, self.out_scale = _blocks_np(
+                self.out_grid, self.blocks[1], self.unaligned[1]
             )
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
@@ -137,10 +167,12 @@ class _TableUse:
             t_out = self.out_t[outputs]
             v00, v01 = self.flat[base], self.flat[base + 1]
             v10, v11 = self.flat[base + self.stride], self.flat[base + self.stride + 1]
-            values = _bilinear(v00, v01, v10, v11, t_in, t_out)
+            values = _bilinear(v00, v01, v10, v11, t_in, t_out) * self.out_scale[outputs]
         else:
             v0, v1 = self.flat[base], self.flat[base + self.stride]
             values = v0 + t_in * (v1 - v0)
+        if self.blocks[0] > 1:
+            values = values * self.in_scale[features]
         return values @ self.calls
 
 
@@ -186,8 +218,10 @@ class LatencyPredictor(CostModel):
     """Predicted latency (ms) of a subnet from a :class:`LatencyProfile` of its dense model.
 
     Each conv/linear layer's time is bilinearly interpolated in its table at (input features,
-    output channels), depthwise convs and norms linearly in channels; times are multiplied by how
-    often the layer runs and summed. The sum is then calibrated: ``scale * sum + overhead_ms``,
+    output channels), depthwise convs and norms linearly in channels. Convs first round widths
+    up to their table's channel block (a kernel computes whole blocks) and pay the table's
+    measured factor for a partial block. Times are multiplied by how often the layer runs and
+    summed. The sum is then calibrated: ``scale * sum + overhead_ms``,
     fitted (in relative error) to the whole-model measurements the profile holds: the dense
     model and the pruned calibration subnets :func:`profile_model` times. With the dense model
     alone only the overhead is fitted (or, when the tables already add up to more, the scale);
@@ -363,17 +397,21 @@ class LatencyPredictor(CostModel):
         for use, (in_grid, out_grid, flat, in_matrix, calls, columns) in zip(
             self._uses, self._torch_cache[key], strict=True
         ):
-            low_in, t_in = _locate_torch(in_grid, widths @ in_matrix)
+            low_in, t_in, scale_in = _blocks_torch(
+                in_grid, widths @ in_matrix, use.blocks[0], use.unaligned[0]
+            )
             base = low_in * use.stride
             if out_grid.numel():
-                low_out, t_out = _locate_torch(out_grid, widths[:, columns])
+                low_out, t_out, scale_out = _blocks_torch(
+                    out_grid, widths[:, columns], use.blocks[1], use.unaligned[1]
+                )
                 base = base + low_out
                 v00, v01 = flat[base], flat[base + 1]
                 v10, v11 = flat[base + use.stride], flat[base + use.stride + 1]
-                values = _bilinear(v00, v01, v10, v11, t_in, t_out)
+                values = _bilinear(v00, v01, v10, v11, t_in, t_out) * scale_out
             else:
                 v0, v1 = flat[base], flat[base + use.stride]
                 values = v0 + t_in * (v1 - v0)
-            total = total + values @ calls
+            total = total + (values * scale_in) @ calls
         result = self.calibration.apply(total)
         return result.reshape(alpha.shape[:-1])

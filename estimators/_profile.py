@@ -122,14 +122,20 @@ class TableAxes:
         text = json.dumps([dict(self.config), list(self.in_range), self.out_range], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
-    def grid(self, widths_grid: int | tuple[float, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Grid points of both axes (the output axis is empty for 1-D tables)."""
-        out = () if self.out_range is None else _axis_grid(self.out_range, widths_grid)
-        return _axis_grid(self.in_range, widths_grid), out
+    def grid(
+        self, widths_grid: int | tuple[float, ...], blocks: tuple[int, int] = (1, 1)
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Grid points of both axes (the output axis is empty for 1-D tables): multiples of
+        the axis's block (and step), plus its highest width."""
+        out = () if self.out_range is None else _axis_grid(self.out_range, widths_grid, blocks[1])
+        return _axis_grid(self.in_range, widths_grid, blocks[0]), out
 
 
-def _axis_grid(axis: tuple[int, int, int], widths_grid: int | tuple[float, ...]) -> tuple[int, ...]:
+def _axis_grid(
+    axis: tuple[int, int, int], widths_grid: int | tuple[float, ...], block: int = 1
+) -> tuple[int, ...]:
     low, high, step = axis
+    step = math.lcm(step, block)
     low = min(high, -(-low // step) * step)
     if low == high:
         return (high,)
@@ -185,12 +191,21 @@ class LatencyTable:
         in_grid: input-axis grid points, ascending.
         out_grid: output-axis grid points, ascending; empty for 1-D tables.
         ms: median milliseconds, shape ``(len(in_grid), len(out_grid))`` or ``(len(in_grid),)``.
+        blocks: the channel block of the input (first) and output (second) axis: where the
+            layer's kernel computes whole blocks of channels (oneDNN's blocked convs, 16 wide
+            on AVX-512), a width between two multiples costs about what the upper one costs,
+            so widths are rounded up to a multiple before the lookup and the grid holds
+            multiples. 1: the time is interpolated at the width itself.
+        unaligned: factors on the time when the input or output width was rounded up to a
+            multiple ``m`` of its block: ``time(m - block / 2) / time(m)`` as measured.
     """
 
     config: Mapping[str, Any]
     in_grid: tuple[int, ...]
     out_grid: tuple[int, ...]
     ms: np.ndarray
+    blocks: tuple[int, int] = (1, 1)
+    unaligned: tuple[float, float] = (1.0, 1.0)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -199,6 +214,8 @@ class LatencyTable:
             "in_grid": list(self.in_grid),
             "out_grid": list(self.out_grid),
             "ms": self.ms.tolist(),
+            "blocks": list(self.blocks),
+            "unaligned": list(self.unaligned),
         }
 
     @classmethod
@@ -234,7 +251,34 @@ class LatencyTable:
         config = data.get("config")
         if not isinstance(config, dict):
             raise ValueError("'config' must be an object")
-        return cls(config, grids[0], grids[1], ms)
+        blocks = data.get("blocks", [1, 1])  # absent in profiles made before blocks were measured
+        if not (
+            isinstance(blocks, list)
+            and len(blocks) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in blocks)
+        ):
+            raise ValueError(f"'blocks' must be two positive integers, got {blocks!r}")
+        unaligned = data.get("unaligned", [1.0, 1.0])
+        if (
+            not isinstance(unaligned, list)
+            or len(unaligned) != 2
+            or not all(
+                isinstance(v, int | float)
+                and not isinstance(v, bool)
+                and math.isfinite(v)
+                and v > 0
+                for v in unaligned
+            )
+        ):
+            raise ValueError(f"'unaligned' must be two positive numbers, got {unaligned!r}")
+        return cls(
+            config,
+            grids[0],
+            grids[1],
+            ms,
+            (blocks[0], blocks[1]),
+            (float(unaligned[0]), float(unaligned[1])),
+        )
 
 
 @dataclass(frozen=True, eq=False)

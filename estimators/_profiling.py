@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
+import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +33,11 @@ from estimators._profile import (
 __all__ = [
     "ProfileProgress",
     "calibration_widths",
+    "cpu_channel_block",
     "measure_latencies",
     "measure_latency",
     "profile_model",
+    "steady_allocator",
 ]
 
 Statistic = Literal["median", "min"]
@@ -48,6 +52,52 @@ _NORMS: dict[int, Callable[..., nn.Module]] = {
     3: nn.BatchNorm3d,
 }
 _CONVS: dict[int, Callable[..., nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+
+
+_BLOCKS = {"AVX512": 16, "AVX2": 8, "SVE256": 8}
+"""Channel block of oneDNN's conv kernels by torch's CPU capability: the SIMD width in floats."""
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+_steady = False
+
+
+def cpu_channel_block() -> int:
+    """The channel block convolutions are computed in on this CPU (16 with AVX-512, 8 with AVX2;
+    1, meaning none assumed, where torch reports another capability).
+
+    A conv's time then steps up at each multiple of it: 33 to 48 channels cost about what 48
+    do. :func:`profile_model` places table points on these multiples.
+    """
+    return _BLOCKS.get(torch.backends.cpu.get_cpu_capability(), 1)
+
+
+def steady_allocator() -> bool:
+    """Keep freed memory in this process instead of giving it back to the OS (glibc only).
+
+    By default glibc's ``malloc`` maps large blocks (a batch-32 activation) fresh and returns
+    freed memory at the top of the heap, so a forward pass may page-fault its activations in
+    again: on this project's machine the same dense MobileNetV2 at batch 32 took 121 ms or
+    188 ms (35,000 page faults per pass) depending on the allocator's history, and an isolated
+    1x1 conv of 64 channels took 16 ms against 8 ms for one of 96. Latency profiles and
+    measurements call this first so that their times are the steady ones; a server gets the
+    same by setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in its environment
+    or by preloading jemalloc or tcmalloc.
+
+    The change lasts for the life of the process: memory it frees is reused by it, not
+    returned (up to 1 GiB of free heap top is kept).
+
+    Returns:
+        Whether the steady setting is in effect (``False`` where the C library has no glibc
+        ``mallopt``, as on macOS or musl).
+    """
+    global _steady
+    if not _steady:
+        try:
+            mallopt = ctypes.CDLL(None).mallopt
+        except (OSError, AttributeError):
+            return False
+        _steady = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+    return _steady
 
 
 @dataclass(frozen=True)
@@ -162,24 +212,61 @@ def _layer_runner(
     return lambda: module(inputs)
 
 
+def _blocked(config: dict[str, Any]) -> bool:
+    """Whether a table's kernel may compute whole blocks of channels: convs without groups,
+    and depthwise ones. Grouped convs, linear layers and norms are interpolated as measured."""
+    if config["kind"] in ("norm", "linear"):
+        return False
+    return bool(config["groups"] == 1 or config["depthwise"])
+
+
+def _axis_block(high: int, block: int, time_at: Callable[[int], float]) -> tuple[int, float]:
+    """``(block, unaligned factor)`` of one table axis, probed at a multiple ``m`` of ``block``
+    in the lower part of the axis (where one block is a large share of the work): ``time_at``
+    the width ``m - block``, ``m - block / 2`` and ``m``. A kernel that computes whole blocks
+    costs at mid-block about what it costs at ``m`` (a step); one that does not, about halfway
+    between (a slope). Whether oneDNN picks a blocked kernel depends on the shapes (on this
+    project's machine: at batch 32, not at batch 1), so it is measured, not assumed. Axes
+    shorter than two blocks are interpolated: their grid points are close enough."""
+    if block == 1 or high < 2 * block:
+        return 1, 1.0
+    multiple = min(max(2, math.ceil(high / 4 / block)), high // block) * block
+    below, middle, top = (time_at(w) for w in (multiple - block, multiple - block // 2, multiple))
+    rise = top - below
+    if rise <= 0.1 * top or (middle - below) / rise < 0.75:
+        return 1, 1.0
+    return block, middle / top
+
+
 def _measure_table(
     axes: TableAxes,
     widths_grid: int | tuple[float, ...],
     batch_size: int,
     timing: tuple[int, int, Statistic],
+    block: int,
 ) -> LatencyTable:
-    in_grid, out_grid = axes.grid(widths_grid)
     config = dict(axes.config)
+
+    def time_at(in_width: int, out_width: int) -> float:
+        return _time_ms(_layer_runner(config, in_width, out_width, batch_size), *timing)
+
+    blocks, unaligned = [1, 1], [1.0, 1.0]
+    if _blocked(config):
+        in_high = axes.in_range[1]
+        if axes.out_range is None:  # depthwise: the output follows the input
+            blocks[0], unaligned[0] = _axis_block(in_high, block, lambda w: time_at(w, w))
+        else:
+            out_high = axes.out_range[1]
+            blocks[0], unaligned[0] = _axis_block(in_high, block, lambda w: time_at(w, out_high))
+            blocks[1], unaligned[1] = _axis_block(out_high, block, lambda w: time_at(in_high, w))
+    in_grid, out_grid = axes.grid(widths_grid, (blocks[0], blocks[1]))
     if not out_grid:
-        ms = np.array([_time_ms(_layer_runner(config, w, w, batch_size), *timing) for w in in_grid])
+        ms = np.array([time_at(w, w) for w in in_grid])
     else:
-        ms = np.array(
-            [
-                [_time_ms(_layer_runner(config, i, o, batch_size), *timing) for o in out_grid]
-                for i in in_grid
-            ]
-        )
-    return LatencyTable(config, in_grid, out_grid, ms)
+        ms = np.array([[time_at(i, o) for o in out_grid] for i in in_grid])
+    return LatencyTable(
+        config, in_grid, out_grid, ms, (blocks[0], blocks[1]), (unaligned[0], unaligned[1])
+    )
 
 
 def measure_latency(
@@ -194,7 +281,8 @@ def measure_latency(
     """The median latency of one forward pass of ``model`` on ``example_input``, in ms.
 
     The model runs in eval mode under ``torch.inference_mode`` with ``threads`` torch threads;
-    its train/eval flags and torch's thread count are restored afterwards. Whole-model
+    its train/eval flags and torch's thread count are restored afterwards. The process is
+    switched to :func:`steady_allocator` first, as profiles are. Whole-model
     measurements like this one are what :meth:`LatencyPredictor.calibrate` fits to; use the
     profile's ``threads``, ``statistic`` and batch size.
 
@@ -202,6 +290,7 @@ def measure_latency(
         ValueError: ``threads``, ``repeats`` or ``warmup`` out of range.
     """
     _check_options(1, threads, 2, repeats, warmup, statistic)
+    steady_allocator()
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -297,6 +386,7 @@ def profile_model(
     model_id: str | None = None,
     measure_model: bool = True,
     calibration_subnets: int = 6,
+    channel_block: int | None = None,
     progress: Callable[[ProfileProgress], None] | None = None,
 ) -> LatencyProfile:
     """Measure latency tables for every layer kind ``graph`` can produce, on this machine (CPU).
@@ -305,7 +395,11 @@ def profile_model(
     is timed once over a grid of (input features, output channels) with ``widths_grid`` points
     per axis between its smallest and largest width; depthwise convs and norm layers (timed with
     a ReLU after them) over a 1-D grid of channels. Each point is the median of ``repeats``
-    timed runs after ``warmup`` runs.
+    timed runs after ``warmup`` runs. Conv grids sit on multiples of the CPU's channel block
+    (:func:`cpu_channel_block`) where a probe finds that their time steps up at those
+    multiples, with the cost of a partial block measured too (:attr:`LatencyTable.unaligned`).
+
+    Measuring switches this process to :func:`steady_allocator` first.
 
     Args:
         model: the dense model ``graph`` was traced from (timed whole when ``measure_model``).
@@ -324,6 +418,9 @@ def profile_model(
             this many subnets of assorted sizes (:func:`calibration_widths`); the predictor fits
             its scale and overhead to them and the dense model, which absorbs what per-layer
             tables miss (elementwise ops, dispatch, cache effects between layers). 0: none.
+        channel_block: the channel block to probe conv tables for (default:
+            :func:`cpu_channel_block`); 1: no probe, grids placed evenly and interpolated, as
+            for other layers.
         progress: called after each table with a :class:`ProfileProgress`.
 
     Returns:
@@ -341,6 +438,11 @@ def profile_model(
         raise ValueError(
             f"calibration_subnets must be a non-negative integer, got {calibration_subnets!r}"
         )
+    if channel_block is None:
+        channel_block = cpu_channel_block()
+    elif isinstance(channel_block, bool) or not isinstance(channel_block, int) or channel_block < 1:
+        raise ValueError(f"channel_block must be a positive integer, got {channel_block!r}")
+    steady = steady_allocator()
     view = GroupView.from_graph(graph)
     axes: dict[str, TableAxes] = {}
     for layer in graph.layers:
@@ -359,7 +461,7 @@ def profile_model(
     timing: tuple[int, int, Statistic] = (warmup, repeats, statistic)
     with _torch_threads(threads) as used_threads:
         for done, (key, item) in enumerate(axes.items(), start=1):
-            tables[key] = _measure_table(item, grid, batch_size, timing)
+            tables[key] = _measure_table(item, grid, batch_size, timing, channel_block)
             if progress is not None:
                 config = item.config
                 progress(ProfileProgress(done, total, f"{config['kind']} {key}"))
@@ -394,6 +496,8 @@ def profile_model(
             "warmup": warmup,
             "statistic": statistic,
             "min_repeat_s": _MIN_REPEAT_S,
+            "channel_block": channel_block,
+            "allocator": "steady" if steady else "system",
         },
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         calibration=calibration,

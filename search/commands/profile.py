@@ -31,6 +31,13 @@ def register(subparsers: Any) -> None:
         default=6,
         help="pruned subnets of assorted sizes timed whole to calibrate the tables (default 6)",
     )
+    parser.add_argument(
+        "--channel-block",
+        type=int,
+        default=None,
+        help="channel block to probe conv kernels for (default: this CPU's SIMD width in "
+        "floats, 16 with AVX-512); 1 turns the probe off",
+    )
     parser.add_argument("--out", required=True, help="profile JSON file to write")
     parser.set_defaults(run=run)
 
@@ -54,9 +61,14 @@ def run(args: argparse.Namespace) -> int:
         widths_grid=args.grid,
         repeats=args.repeats,
         calibration_subnets=args.calibration_subnets,
+        channel_block=args.channel_block,
         model_id=resolved.ref.name,
         progress=show,
     )
     profile.save(out)
-    say(f"wrote {out} ({len(profile.tables)} tables)")
+    blocked = sum(1 for table in profile.tables.values() if max(table.blocks) > 1)
+    say(
+        f"wrote {out} ({len(profile.tables)} tables, {blocked} with blocked channels; "
+        f"allocator {profile.settings['allocator']})"
+    )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -24,15 +25,26 @@ from estimators import (
     ProfileMismatchWarning,
     ProfileProgress,
     calibration_widths,
+    cpu_channel_block,
     graph_fingerprint,
     measure_latencies,
     measure_latency,
     profile_model,
+    steady_allocator,
 )
+from estimators._groups import GroupView
+from estimators._profile import layer_axes
+from estimators._profiling import _axis_block
 from tests.estimators._fakes import TINY_INPUT, FakeGraph, chain_graph, tiny_graph, tiny_net
 from tests.estimators._zoo import pruned, traced
 
-FAST: dict[str, Any] = {"widths_grid": 3, "repeats": 1, "warmup": 1, "measure_model": False}
+FAST: dict[str, Any] = {
+    "widths_grid": 3,
+    "repeats": 1,
+    "warmup": 1,
+    "measure_model": False,
+    "channel_block": 1,  # grids independent of this CPU's SIMD width
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +62,7 @@ def with_tables(
 ) -> LatencyProfile:
     """``profile`` with every table's times replaced by ``make_ms(table)``."""
     tables = {
-        key: LatencyTable(t.config, t.in_grid, t.out_grid, np.asarray(make_ms(t), dtype=float))
+        key: dataclasses.replace(t, ms=np.asarray(make_ms(t), dtype=float))
         for key, t in profile.tables.items()
     }
     return dataclasses.replace(profile, tables=tables, model_ms=None)
@@ -114,13 +126,92 @@ def test_profile_options_are_checked(chain: FakeGraph) -> None:
 def test_grid_of_keep_ratios_and_steps() -> None:
     graph = tiny_graph()
     profile = profile_model(
-        tiny_net({}), graph, widths_grid=(0.5, 1.0), repeats=1, warmup=1, measure_model=False
-    )
+        tiny_net({}), graph, widths_grid=(0.5, 1.0), repeats=1, warmup=1, measure_model=False,
+        channel_block=1,
+    )  # fmt: skip
     grids = {(t.config["kind"], t.config.get("groups")): t for t in profile.tables.values()}
     grouped = grids["conv", 2]  # stem (2..16 step 2) -> mid (2..12 step 2), groups=2
     assert grouped.in_grid == (2, 8, 16) and grouped.out_grid == (2, 6, 12)
     depthwise = grids["conv", 16]
     assert depthwise.in_grid == (2, 8, 16) and depthwise.out_grid == ()
+
+
+def test_axis_block_is_probed_step_or_slope() -> None:
+    def step(width: int) -> float:  # a kernel computing whole blocks of 8, 10% extra unaligned
+        return (1 + math.ceil(width / 8)) * (1.1 if width % 8 else 1.0)
+
+    calls: list[int] = []
+    assert _axis_block(64, 8, lambda w: calls.append(w) or step(w)) == (8, pytest.approx(1.1))
+    assert calls == [8, 12, 16]  # at the multiple nearest a quarter of the axis, at least 2 blocks
+    assert _axis_block(64, 8, lambda w: 1.0 + w) == (1, 1.0)  # a slope: interpolated
+    assert _axis_block(64, 8, lambda w: 5.0) == (1, 1.0)  # flat: nothing to model
+    assert _axis_block(12, 8, step) == (1, 1.0)  # shorter than two blocks: the grid covers it
+    assert _axis_block(64, 1, step) == (1, 1.0)
+
+
+def test_conv_grids_sit_on_their_blocks() -> None:
+    graph = chain_graph((24, 40), hw=4)  # image -> conv0 (24) -> conv1 (40) -> fc (10)
+    axes = [layer_axes(layer, GroupView.from_graph(graph)) for layer in graph.layers[:2]]
+    assert axes[0].grid(3, (8, 8)) == ((3,), (8, 16, 24))  # 3 image channels: not a multiple
+    assert axes[1].grid(3, (8, 8)) == ((8, 16, 24), (8, 24, 40))
+    assert axes[1].grid(3, (1, 8)) == ((1, 12, 24), (8, 24, 40))
+    profile = profile_model(torch.nn.Identity(), graph, **{**FAST, "channel_block": 8})
+    assert profile.settings["channel_block"] == 8
+    for table in profile.tables.values():  # whatever the probe found on this CPU
+        for grid, block, factor in zip(
+            (table.in_grid, table.out_grid), table.blocks, table.unaligned, strict=True
+        ):
+            assert all(point % block == 0 for point in grid[:-1])
+            assert (block, factor) == (1, 1.0) or (block == 8 and 0.5 < factor < 2)
+        if table.config["kind"] != "conv":
+            assert table.blocks == (1, 1)
+    with pytest.raises(ValueError, match="channel_block must be a positive integer, got 0"):
+        profile_model(torch.nn.Identity(), graph, **{**FAST, "channel_block": 0})
+
+
+def test_blocked_tables_round_widths_up_and_charge_partial_blocks() -> None:
+    graph = two_conv_graph()  # image -> conv0 (8) -> conv1 (12)
+    profile = with_tables(
+        profile_model(torch.nn.Identity(), graph, **{**FAST, "widths_grid": (0.5, 1.0)}),
+        bilinear_ms,
+    )
+    tables = {  # blocks of 4 on both axes; unaligned factors 1.5 (first conv), 1.25 and 2
+        key: dataclasses.replace(
+            t, blocks=(4, 4), unaligned=(1.0, 1.5) if t.in_grid == (3,) else (1.25, 2.0)
+        )
+        for key, t in profile.tables.items()
+    }
+    profile = dataclasses.replace(profile, tables=tables)
+    first, second = sorted(profile.tables.values(), key=lambda t: len(t.in_grid))
+
+    def table(t: LatencyTable, i: int, o: int) -> float:
+        return 1 + 0.1 * i + 0.2 * o + 0.01 * i * o  # bilinear_ms: exact on any grid
+
+    predictor = LatencyPredictor(profile, graph)
+    cases = {  # (conv0, conv1): widths looked up, factors charged
+        (8, 12): table(first, 3, 8) + table(second, 8, 12),
+        (6, 12): table(first, 3, 8) * 1.5 + table(second, 8, 12) * 1.25,
+        (8, 9): table(first, 3, 8) + table(second, 8, 12) * 2.0,
+        (5, 10): table(first, 3, 8) * 1.5 + table(second, 8, 12) * 1.25 * 2.0,
+        (4, 3): table(first, 3, 4) + table(second, 4, 4) * 2.0,
+    }
+    for (a, b), expected in cases.items():
+        assert predictor.predict({"conv0": a, "conv1": b}) == pytest.approx(expected, rel=1e-12)
+    rows = np.array(list(cases))
+    np.testing.assert_allclose(predictor.predict(rows), list(cases.values()), rtol=1e-12)
+    alpha = torch.tensor(rows / predictor.sizes, dtype=torch.float64, requires_grad=True)
+    relaxed = predictor.relaxed(alpha)  # the same values at integer widths
+    np.testing.assert_allclose(relaxed.detach().numpy(), list(cases.values()), rtol=1e-12)
+    relaxed.sum().backward()  # with the table's slope as gradient (straight through)
+    assert alpha.grad is not None and (alpha.grad > 0).all()
+
+
+def test_steady_allocator_and_channel_block() -> None:
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert steady_allocator() is glibc and steady_allocator() is glibc  # idempotent
+    assert cpu_channel_block() in (1, 8, 16)
+    profile = profile_model(torch.nn.Identity(), chain_graph((4,), hw=2), **FAST)
+    assert profile.settings["allocator"] == ("steady" if glibc else "system")
 
 
 def test_save_load_round_trip(tmp_path: Path, chain_profile: LatencyProfile) -> None:
@@ -191,6 +282,23 @@ def test_older_profile_without_calibration_still_loads(
     path = tmp_path / "profile.json"
     path.write_text(json.dumps(data))
     assert LatencyProfile.load(path).calibration == ()
+
+
+def test_older_tables_without_blocks_load_unblocked(
+    tmp_path: Path, chain_profile: LatencyProfile
+) -> None:
+    data = chain_profile.to_dict()
+    for table in data["tables"].values():
+        del table["blocks"], table["unaligned"]
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(data))
+    tables = LatencyProfile.load(path).tables.values()
+    assert all(t.blocks == (1, 1) and t.unaligned == (1.0, 1.0) for t in tables)
+    key = next(iter(data["tables"]))
+    data["tables"][key]["unaligned"] = [1.0, -2.0]
+    path.write_text(json.dumps(data))
+    with pytest.raises(ProfileError, match=f"table '{key}': 'unaligned' must be two positive"):
+        LatencyProfile.load(path)
 
 
 def test_predictor_fits_the_profiles_calibration_subnets(
