@@ -46,6 +46,15 @@ Statistic = Literal["median", "min"]
 _MIN_REPEAT_S = 1e-3
 """Each timed repeat runs the op enough times to last at least this long (timer resolution)."""
 
+_POINT_MIN_S = 0.02
+"""Each table point is timed for at least this long in all: tables of small layers (batch 1)
+then take a minimum over tens of repeats, not 7, and vary less from one profile to the next."""
+
+_MODEL_MIN_S = 0.2
+"""Whole models are timed for at least this long in all (more repeats than asked for if need
+be): on this project's machine the minimum of 7 single runs of MobileNetV2 at batch 1 varied
+by +-7% between measurements, the minimum over 0.2 s (about 30 runs) by +-2.5%."""
+
 _NORMS: dict[int, Callable[..., nn.Module]] = {
     1: nn.BatchNorm1d,
     2: nn.BatchNorm2d,
@@ -120,7 +129,13 @@ def _torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-def _time_ms(run: Callable[[], object], warmup: int, repeats: int, statistic: Statistic) -> float:
+def _time_ms(
+    run: Callable[[], object],
+    warmup: int,
+    repeats: int,
+    statistic: Statistic,
+    min_total_s: float = 0.0,
+) -> float:
     with torch.inference_mode():
         for _ in range(warmup):
             run()
@@ -131,8 +146,10 @@ def _time_ms(run: Callable[[], object], warmup: int, repeats: int, statistic: St
             probes.append(time.perf_counter() - start)
         # the fastest probe sizes the inner loop: one stalled run must not shrink it
         inner = max(1, int(_MIN_REPEAT_S / max(min(probes), 1e-9)))
-        samples = []
-        for _ in range(repeats):
+        samples: list[float] = []
+        while len(samples) < repeats or (
+            sum(samples) * inner < min_total_s and len(samples) < 100 * repeats
+        ):
             start = time.perf_counter()
             for _ in range(inner):
                 run()
@@ -248,7 +265,8 @@ def _measure_table(
     config = dict(axes.config)
 
     def time_at(in_width: int, out_width: int) -> float:
-        return _time_ms(_layer_runner(config, in_width, out_width, batch_size), *timing)
+        runner = _layer_runner(config, in_width, out_width, batch_size)
+        return _time_ms(runner, *timing, _POINT_MIN_S)
 
     blocks, unaligned = [1, 1], [1.0, 1.0]
     if _blocked(config):
@@ -278,13 +296,15 @@ def measure_latency(
     warmup: int = 3,
     statistic: Statistic = "median",
 ) -> float:
-    """The median latency of one forward pass of ``model`` on ``example_input``, in ms.
+    """The latency of one forward pass of ``model`` on ``example_input``, in ms: the median
+    (or, with ``statistic="min"``, the minimum) of the timed runs.
 
-    The model runs in eval mode under ``torch.inference_mode`` with ``threads`` torch threads;
-    its train/eval flags and torch's thread count are restored afterwards. The process is
-    switched to :func:`steady_allocator` first, as profiles are. Whole-model
-    measurements like this one are what :meth:`LatencyPredictor.calibrate` fits to; use the
-    profile's ``threads``, ``statistic`` and batch size.
+    At least ``repeats`` runs are timed, and more until they add up to 0.2 s, which steadies
+    the figure for small models. The model runs in eval mode under ``torch.inference_mode``
+    with ``threads`` torch threads; its train/eval flags and torch's thread count are restored
+    afterwards. The process is switched to :func:`steady_allocator` first, as profiles are.
+    Whole-model measurements like this one are what :meth:`LatencyPredictor.calibrate` fits
+    to; use the profile's ``threads``, ``statistic`` and batch size.
 
     Raises:
         ValueError: ``threads``, ``repeats`` or ``warmup`` out of range.
@@ -295,7 +315,8 @@ def measure_latency(
     model.eval()
     try:
         with _torch_threads(threads):
-            return _time_ms(lambda: model(example_input), warmup, repeats, statistic)
+            run = lambda: model(example_input)  # noqa: E731
+            return _time_ms(run, warmup, repeats, statistic, _MODEL_MIN_S)
     finally:
         for module, training in modes.items():
             module.training = training
@@ -385,7 +406,7 @@ def profile_model(
     statistic: Statistic = "median",
     model_id: str | None = None,
     measure_model: bool = True,
-    calibration_subnets: int = 6,
+    calibration_subnets: int = 12,
     channel_block: int | None = None,
     progress: Callable[[ProfileProgress], None] | None = None,
 ) -> LatencyProfile:
@@ -496,6 +517,8 @@ def profile_model(
             "warmup": warmup,
             "statistic": statistic,
             "min_repeat_s": _MIN_REPEAT_S,
+            "point_min_s": _POINT_MIN_S,
+            "model_min_s": _MODEL_MIN_S,
             "channel_block": channel_block,
             "allocator": "steady" if steady else "system",
         },

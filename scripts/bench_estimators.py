@@ -7,9 +7,11 @@
    FlopCounterMode on the physically pruned model (mismatches, goal 0), and the per-candidate
    speed ratio of the vectorised estimator against pruning and counting (goal >= 1000x).
 2. Latency: ResNet-56 and MobileNetV2 at batch 1 and 32, profiled on this machine (tables, the
-   dense model and 6 pruned calibration subnets, as `prunetune profile` does), then predicted vs
+   dense model and 12 pruned calibration subnets, as `prunetune profile` does), then predicted vs
    measured on held-out random subnets, of random sizes and of near-equal size: median absolute
-   % error, share within 5% / 10%, Kendall tau (goal >= 90% within 10%, tau >= 0.9).
+   % error, share within 5% / 10%, Kendall tau (goal >= 90% within 10%, tau >= 0.9). Each set
+   is measured in two interleaved rounds; the tau of one round against the other
+   (``repeat_kendall_tau``) is how well the measurements rank themselves.
 3. Proxy: Kendall tau between the BN-recalibrated proxy and accuracy after a short finetune, for
    random subnets of small_cnn on digits at the same FLOPs.
 
@@ -115,7 +117,7 @@ def latency_figures(predicted: np.ndarray, measured: np.ndarray) -> dict[str, fl
 def bench_latency(
     name: str, batch: int, subnets: int, grid: int, repeats: int, rng: np.random.Generator
 ) -> dict[str, Any]:
-    """Profile (tables, the dense model and 6 calibration subnets), then predict held-out
+    """Profile (tables, the dense model and 12 calibration subnets), then predict held-out
     subnets of two kinds: random sizes (``spread``) and independent per-group ratios, which
     all land near the same size (``same_size``, the harder ranking)."""
     ref = ModelRef(name, {"num_classes": 10, "in_channels": 3})

@@ -28,8 +28,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--calibration-subnets",
         type=int,
-        default=6,
-        help="pruned subnets of assorted sizes timed whole to calibrate the tables (default 6)",
+        default=12,
+        help="pruned subnets of assorted sizes timed whole to calibrate the tables (default 12)",
     )
     parser.add_argument(
         "--channel-block",

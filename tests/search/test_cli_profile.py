@@ -37,7 +37,8 @@ def test_profile_shows_progress_and_holds_calibration_subnets(
     assert main(["profile", "--model", "small_cnn", *FAST, "--out", str(out)]) == 0
     lines = capsys.readouterr().err.splitlines()
     assert any("calibration subnet 2" in line for line in lines)
-    assert f"wrote {out}" in lines[-1]
+    assert f"wrote {out}" in lines[-1] and "with blocked channels; allocator" in lines[-1]
+    assert data["settings"]["allocator"] in ("steady", "system")
 
 
 def test_estimate_predicts_latency_of_an_export(
@@ -95,6 +96,7 @@ def test_estimate_refuses_a_corrupt_profile(
         (["--batch-size", "0"], "--batch-size must be at least 1"),
         (["--grid", "1"], "widths_grid must be at least 2"),
         (["--calibration-subnets", "-1"], "calibration_subnets must be"),
+        (["--channel-block", "0"], "channel_block must be a positive integer"),
     ],
 )
 def test_profile_bad_input_writes_nothing(
