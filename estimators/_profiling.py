@@ -50,6 +50,9 @@ _POINT_MIN_S = 0.02
 """Each table point is timed for at least this long in all: tables of small layers (batch 1)
 then take a minimum over tens of repeats, not 7, and vary less from one profile to the next."""
 
+_CALIBRATION_ROUNDS = 3
+"""Rounds over the dense model and calibration subnets in a profile (each keeps its best)."""
+
 _MODEL_MIN_S = 0.2
 """Whole models are timed for at least this long in all (more repeats than asked for if need
 be): on this project's machine the minimum of 7 single runs of MobileNetV2 at batch 1 varied
@@ -380,18 +383,27 @@ def calibration_widths(graph: ChannelGraph, count: int, seed: int = 0) -> list[d
     return subnets
 
 
-def _subnet_ms(
-    model: nn.Module,
-    graph: ChannelGraph,
-    widths: dict[str, int],
+def _whole_models_ms(
+    models: Sequence[tuple[str, nn.Module]],
     example: Tensor,
     timing: tuple[int, int, Statistic],
-) -> float:
-    """Measured latency of ``model`` physically pruned to ``widths``."""
+    report: Callable[[int, str], None],
+) -> list[float]:
+    """The dense model's and the calibration subnets' latencies, timed in
+    :data:`_CALIBRATION_ROUNDS` interleaved rounds, each keeping its best: a slow spell of the
+    machine then has to last all rounds to move the calibration. ``report(index, label)`` is
+    called as each model's last round ends."""
     warmup, repeats, statistic = timing
-    spec = SubnetSpec.from_widths(graph, ModelRef("profiled-model"), widths)
-    pruned = prune_model(model, graph, spec)
-    return measure_latency(pruned, example, repeats=repeats, warmup=warmup, statistic=statistic)
+    best = [math.inf] * len(models)
+    for round_number in range(_CALIBRATION_ROUNDS):
+        for index, (label, model) in enumerate(models):
+            ms = measure_latency(
+                model, example, repeats=repeats, warmup=warmup, statistic=statistic
+            )
+            best[index] = min(best[index], ms)
+            if round_number == _CALIBRATION_ROUNDS - 1:
+                report(index, label)
+    return best
 
 
 def profile_model(
@@ -439,6 +451,7 @@ def profile_model(
             this many subnets of assorted sizes (:func:`calibration_widths`); the predictor fits
             its scale and overhead to them and the dense model, which absorbs what per-layer
             tables miss (elementwise ops, dispatch, cache effects between layers). 0: none.
+            The dense model and these are timed in 3 interleaved rounds, each keeping its best.
         channel_block: the channel block to probe conv tables for (default:
             :func:`cpu_channel_block`); 1: no probe, grids placed evenly and interpolated, as
             for other layers.
@@ -490,20 +503,22 @@ def profile_model(
             parameter = next(model.parameters(), None)
             dtype = parameter.dtype if parameter is not None else torch.float32
             example = torch.randn(batch_size, *input_shape[1:], dtype=dtype)
-            model_ms = measure_latency(
-                model, example, repeats=repeats, warmup=warmup, statistic=statistic
-            )
-            if progress is not None:
-                progress(ProfileProgress(len(axes) + 1, total, "dense model"))
-        if subnets:
-            assert isinstance(graph, ChannelGraph)
-            points = []
-            for number, widths in enumerate(calibration_widths(graph, subnets), start=1):
-                points.append((widths, _subnet_ms(model, graph, widths, example, timing)))
+            widths_list = []
+            if subnets:
+                assert isinstance(graph, ChannelGraph)
+                widths_list = calibration_widths(graph, subnets)
+            models: list[tuple[str, nn.Module]] = [("dense model", model)]
+            for number, widths in enumerate(widths_list, start=1):
+                assert isinstance(graph, ChannelGraph)
+                spec = SubnetSpec.from_widths(graph, ModelRef("profiled-model"), widths)
+                models.append((f"calibration subnet {number}", prune_model(model, graph, spec)))
+
+            def report(index: int, label: str) -> None:
                 if progress is not None:
-                    done = len(axes) + 1 + number
-                    progress(ProfileProgress(done, total, f"calibration subnet {number}"))
-            calibration = tuple(points)
+                    progress(ProfileProgress(len(axes) + 1 + index, total, label))
+
+            model_ms, *subnet_ms = _whole_models_ms(models, example, timing, report)
+            calibration = tuple(zip(widths_list, subnet_ms, strict=True))
     return LatencyProfile(
         device=DeviceInfo.current(used_threads),
         batch_size=batch_size,
