@@ -221,11 +221,11 @@ class LatencyPredictor(CostModel):
     output channels), depthwise convs and norms linearly in channels. Convs first round widths
     up to their table's channel block (a kernel computes whole blocks) and pay the table's
     measured factor for a partial block. Times are multiplied by how often the layer runs and
-    summed. The sum is then calibrated: ``scale * sum + overhead_ms``,
-    fitted (in relative error) to the whole-model measurements the profile holds: the dense
-    model and the pruned calibration subnets :func:`profile_model` times. With the dense model
-    alone only the overhead is fitted (or, when the tables already add up to more, the scale);
-    :meth:`calibrate` refits both from the caller's own measurements.
+    summed. The sum is then calibrated (:class:`Calibration`), fitted in relative error to the
+    whole-model measurements the profile holds: the dense model and the pruned calibration
+    subnets :func:`profile_model` times. With the dense model alone only the overhead is
+    fitted (or, when the tables already add up to more, the scale); :meth:`calibrate` refits
+    from the caller's own measurements.
 
     Example:
         >>> profile = LatencyProfile.load("runs/resnet56.latency.json")
