@@ -27,6 +27,7 @@ __all__ = [
     "global_widths",
     "normalised_importance",
     "one_shot_widths",
+    "ratio_widths",
     "uniform_widths",
 ]
 
@@ -70,6 +71,12 @@ def _round_width(group: ChannelGroup, width: float, round_to: int = 1) -> int:
     return int(min(group.size, max(step, step * int(width // step))))
 
 
+def ratio_widths(graph: ChannelGraph, ratio: float, round_to: int = 1) -> dict[str, int]:
+    """Every prunable group at ``ratio`` of its size, rounded down to its alignment (at least
+    one aligned step, at most the full size)."""
+    return {g.name: _round_width(g, ratio * g.size, round_to) for g in graph.prunable_groups}
+
+
 def uniform_widths(
     graph: ChannelGraph, fits: Fits, resolution: int = 40, round_to: int = 1
 ) -> dict[str, int]:
@@ -85,7 +92,7 @@ def uniform_widths(
     groups = graph.prunable_groups
 
     def at(ratio: float) -> dict[str, int]:
-        return {g.name: _round_width(g, ratio * g.size, round_to) for g in groups}
+        return ratio_widths(graph, ratio, round_to)
 
     if not fits(at(0.0)):
         raise InfeasibleTargetError(

@@ -167,7 +167,9 @@ class _TableUse:
             t_out = self.out_t[outputs]
             v00, v01 = self.flat[base], self.flat[base + 1]
             v10, v11 = self.flat[base + self.stride], self.flat[base + self.stride + 1]
-            values = _bilinear(v00, v01, v10, v11, t_in, t_out) * self.out_scale[outputs]
+            values = _bilinear(v00, v01, v10, v11, t_in, t_out)
+            if self.blocks[1] > 1:
+                values = values * self.out_scale[outputs]
         else:
             v0, v1 = self.flat[base], self.flat[base + self.stride]
             values = v0 + t_in * (v1 - v0)

@@ -503,15 +503,15 @@ def profile_model(
             parameter = next(model.parameters(), None)
             dtype = parameter.dtype if parameter is not None else torch.float32
             example = torch.randn(batch_size, *input_shape[1:], dtype=dtype)
+            models: list[tuple[str, nn.Module]] = [("dense model", model)]
             widths_list = []
             if subnets:
                 assert isinstance(graph, ChannelGraph)
                 widths_list = calibration_widths(graph, subnets)
-            models: list[tuple[str, nn.Module]] = [("dense model", model)]
-            for number, widths in enumerate(widths_list, start=1):
-                assert isinstance(graph, ChannelGraph)
-                spec = SubnetSpec.from_widths(graph, ModelRef("profiled-model"), widths)
-                models.append((f"calibration subnet {number}", prune_model(model, graph, spec)))
+                for number, widths in enumerate(widths_list, start=1):
+                    spec = SubnetSpec.from_widths(graph, ModelRef("profiled-model"), widths)
+                    pruned = prune_model(model, graph, spec)
+                    models.append((f"calibration subnet {number}", pruned))
 
             def report(index: int, label: str) -> None:
                 if progress is not None:

@@ -24,6 +24,7 @@ import torch
 
 from backend.graph import ChannelGraph
 from backend.models import ModelRef, list_models
+from backend.pruning import ratio_widths
 from backend.spec import SubnetSpec
 from backend.surgery import prune_model
 from estimators import steady_allocator
@@ -65,11 +66,8 @@ def main() -> None:
     print(f"{args.model} batch {args.batch}, steady_allocator: {steady}, env: {environment}")
     rows: list[dict[str, Any]] = []
     for ratio in (1.0, 0.75, 0.5, 0.3):
-        widths = {
-            g.name: max(g.min_width, round(ratio * g.size / g.step) * g.step)
-            for g in graph.prunable_groups
-        }
-        pruned = prune_model(model, graph, SubnetSpec.from_widths(graph, ref, widths)).eval()
+        spec = SubnetSpec.from_widths(graph, ref, ratio_widths(graph, ratio))
+        pruned = prune_model(model, graph, spec).eval()
         ms, faults = per_pass(pruned, x, args.passes)
         rows.append({"keep": ratio, "ms": round(ms, 2), "faults_per_pass": round(faults, 1)})
         print(f"keep {ratio:.2f}: {ms:8.2f} ms per pass, {faults:9.1f} page faults per pass")

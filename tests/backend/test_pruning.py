@@ -11,7 +11,7 @@ from backend.errors import InfeasibleTargetError
 from backend.graph import ChannelGraph, ChannelGroup
 from backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from backend.models import create_model
-from backend.pruning import alignment, one_shot_widths
+from backend.pruning import alignment, one_shot_widths, ratio_widths
 from estimators import FlopsModel, ParamsModel, Target
 
 
@@ -138,3 +138,15 @@ def test_one_shot_infeasible(resnet20: tuple[torch.nn.Module, ChannelGraph]) -> 
         one_shot_widths(graph, lambda widths: False, "uniform")
     with pytest.raises(ValueError, match="unknown allocation 'random'"):
         one_shot_widths(graph, lambda widths: True, "random")
+
+
+def test_ratio_widths_round_down_to_alignment_within_bounds(
+    resnet20: tuple[torch.nn.Module, ChannelGraph],
+) -> None:
+    _, graph = resnet20
+    groups = graph.prunable_groups
+    assert ratio_widths(graph, 1.0) == {g.name: g.size for g in groups}
+    assert ratio_widths(graph, 0.0) == {g.name: g.min_width for g in groups}
+    half = ratio_widths(graph, 0.55, round_to=8)
+    for group in groups:  # 16 -> 8, 32 -> 16, 64 -> 32: 0.55 of the size, down to a multiple of 8
+        assert half[group.name] == group.size * 0.55 // 8 * 8
