@@ -21,6 +21,7 @@ from estimators._profiling import (
     measure_latencies,
     measure_latency,
     profile_model,
+    recalibrate_profile,
     steady_allocator,
 )
 from estimators._proxy import proxy_accuracy, recalibrate_bn
@@ -55,5 +56,6 @@ __all__ = [
     "profile_model",
     "proxy_accuracy",
     "recalibrate_bn",
+    "recalibrate_profile",
     "steady_allocator",
 ]

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import datetime
 import math
 import statistics
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from backend.errors import SpecError
 from backend.graph import ChannelGraph
 from backend.models import ModelRef
 from backend.spec import SubnetSpec
@@ -25,6 +27,7 @@ from estimators._profile import (
     DeviceInfo,
     LatencyProfile,
     LatencyTable,
+    ProfileError,
     TableAxes,
     layer_axes,
     norm_axes,
@@ -37,6 +40,7 @@ __all__ = [
     "measure_latencies",
     "measure_latency",
     "profile_model",
+    "recalibrate_profile",
     "steady_allocator",
 ]
 
@@ -383,6 +387,25 @@ def calibration_widths(graph: ChannelGraph, count: int, seed: int = 0) -> list[d
     return subnets
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _calibration_models(
+    model: nn.Module, graph: GraphLike, widths_list: Sequence[Mapping[str, int]]
+) -> list[tuple[str, nn.Module]]:
+    """The dense model and its pruned calibration subnets, labelled for progress messages."""
+    models: list[tuple[str, nn.Module]] = [("dense model", model)]
+    if not widths_list:
+        return models
+    if not isinstance(graph, ChannelGraph):
+        raise ValueError("pruning calibration subnets needs the model's ChannelGraph")
+    for number, widths in enumerate(widths_list, start=1):
+        spec = SubnetSpec.from_widths(graph, ModelRef("profiled-model"), dict(widths))
+        models.append((f"calibration subnet {number}", prune_model(model, graph, spec)))
+    return models
+
+
 def _whole_models_ms(
     models: Sequence[tuple[str, nn.Module]],
     example: Tensor,
@@ -503,15 +526,12 @@ def profile_model(
             parameter = next(model.parameters(), None)
             dtype = parameter.dtype if parameter is not None else torch.float32
             example = torch.randn(batch_size, *input_shape[1:], dtype=dtype)
-            models: list[tuple[str, nn.Module]] = [("dense model", model)]
-            widths_list = []
-            if subnets:
-                assert isinstance(graph, ChannelGraph)
-                widths_list = calibration_widths(graph, subnets)
-                for number, widths in enumerate(widths_list, start=1):
-                    spec = SubnetSpec.from_widths(graph, ModelRef("profiled-model"), widths)
-                    pruned = prune_model(model, graph, spec)
-                    models.append((f"calibration subnet {number}", pruned))
+            widths_list = (
+                calibration_widths(graph, subnets)
+                if subnets and isinstance(graph, ChannelGraph)
+                else []
+            )
+            models = _calibration_models(model, graph, widths_list)
 
             def report(index: int, label: str) -> None:
                 if progress is not None:
@@ -537,6 +557,89 @@ def profile_model(
             "channel_block": channel_block,
             "allocator": "steady" if steady else "system",
         },
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=_now(),
         calibration=calibration,
+    )
+
+
+def recalibrate_profile(
+    profile: LatencyProfile,
+    model: nn.Module,
+    graph: GraphLike,
+    *,
+    progress: Callable[[ProfileProgress], None] | None = None,
+) -> LatencyProfile:
+    """``profile`` with its whole-model measurements taken again, here and now; tables kept.
+
+    The dense model and the profile's calibration subnets (the same widths) are timed as
+    :func:`profile_model` timed them: the profile's batch size, threads, warm-up, repeats and
+    statistic, 3 interleaved rounds each keeping its best. Use it where whole models run at
+    another speed than when the profile was measured: on a shared or virtual machine the same
+    MobileNetV2 subnets at batch 1 measured 15% faster or slower a minute after profiling, while
+    the tables, which the calibration scales, still ranked them as before. Refreshing the
+    calibration (a few seconds) is then much cheaper than profiling again.
+
+    Args:
+        profile: a profile of ``model`` measured on this machine with this torch.
+        model: the dense model the profile was made for.
+        graph: its traced graph; its ``input_shape`` gives the input (batch size replaced).
+        progress: called after each model's last round with a :class:`ProfileProgress`.
+
+    Returns:
+        A new profile with ``model_ms`` and ``calibration`` measured again and
+        ``settings["recalibrated"]`` the time it was done (ISO 8601); save it with
+        :meth:`LatencyProfile.save`.
+
+    Raises:
+        ProfileError: the profile is of another model, was measured on another machine, CPU or
+            torch version, or its calibration subnets do not fit ``graph``.
+        ValueError: ``graph`` has no input shape to time the model with.
+    """
+    fingerprint = graph_fingerprint(graph)
+    if profile.fingerprint != fingerprint:
+        raise ProfileError(
+            f"latency profile was made for another model ({profile.model_id}, graph fingerprint "
+            f"{profile.fingerprint}); this graph's fingerprint is {fingerprint}"
+        )
+    here = DeviceInfo.current(profile.device.threads)
+    differences = profile.device.differences(here)
+    if differences:
+        raise ProfileError(
+            f"latency profile of {profile.model_id} was measured on another setup (profile vs "
+            f"here: {'; '.join(differences)}): recalibrating would fit its tables to another "
+            "machine. Measure a new profile here with `prunetune profile`."
+        )
+    input_shape = tuple(getattr(graph, "input_shape", None) or ())
+    if not input_shape:
+        raise ValueError("the graph has no input shape to time the model with; trace it again")
+    settings = profile.settings
+    timing: tuple[int, int, Statistic] = (
+        int(settings.get("warmup", 3)),
+        int(settings.get("repeats", 7)),
+        "min" if settings.get("statistic") == "min" else "median",
+    )
+    widths_list = [dict(widths) for widths, _ in profile.calibration]
+    try:
+        models = _calibration_models(model, graph, widths_list)
+    except SpecError as exc:
+        raise ProfileError(
+            f"latency profile of {profile.model_id} holds calibration subnets that do not fit "
+            f"this graph ({exc}); measure the profile again"
+        ) from exc
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    example = torch.randn(profile.batch_size, *input_shape[1:], dtype=dtype)
+    steady_allocator()
+
+    def report(index: int, label: str) -> None:
+        if progress is not None:
+            progress(ProfileProgress(index + 1, len(models), label))
+
+    with _torch_threads(profile.device.threads):
+        model_ms, *subnet_ms = _whole_models_ms(models, example, timing, report)
+    return dataclasses.replace(
+        profile,
+        model_ms=model_ms,
+        calibration=tuple(zip(widths_list, subnet_ms, strict=True)),
+        settings={**settings, "recalibrated": _now()},
     )

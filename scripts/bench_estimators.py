@@ -11,7 +11,11 @@
    measured on held-out random subnets, of random sizes and of near-equal size: median absolute
    % error, share within 5% / 10%, Kendall tau (goal >= 90% within 10%, tau >= 0.9). Each set
    is measured in two interleaved rounds; the tau of one round against the other
-   (``repeat_kendall_tau``) is how well the measurements rank themselves.
+   (``repeat_kendall_tau``) is how well the measurements rank themselves. The dense model and
+   the calibration subnets are timed again in the same rounds: their ratio to the profile's own
+   times (``calibration_drift``) shows how far the machine moved since profiling, and the
+   figures are given twice, with the profile's calibration and ``recalibrated`` to those
+   fresh times (what ``prunetune profile --recalibrate`` does).
 3. Proxy: Kendall tau between the BN-recalibrated proxy and accuracy after a short finetune, for
    random subnets of small_cnn on digits at the same FLOPs.
 
@@ -114,6 +118,31 @@ def latency_figures(predicted: np.ndarray, measured: np.ndarray) -> dict[str, fl
     }
 
 
+def held_out_figures(
+    predictor: LatencyPredictor,
+    held_out: dict[str, list[dict[str, int]]],
+    rounds: list[np.ndarray],
+    start: int,
+) -> dict[str, Any]:
+    """Figures of each held-out set (measured from index ``start`` of both rounds, set after
+    set) and of all of them, against the better of the two rounds."""
+    measured = np.minimum(*rounds)
+    figures: dict[str, Any] = {}
+    predicted_all = []
+    for kind, widths in held_out.items():
+        part = slice(start, start + len(widths))
+        start += len(widths)
+        predicted = predictor.predict(np.stack([[w[g] for g in predictor.groups] for w in widths]))
+        predicted_all.append(predicted)
+        figures[kind] = latency_figures(predicted, measured[part])
+        figures[kind]["repeat_kendall_tau"] = round(
+            float(kendalltau(rounds[0][part], rounds[1][part]).statistic), 3
+        )
+    first = start - sum(len(widths) for widths in held_out.values())
+    figures.update(latency_figures(np.concatenate(predicted_all), measured[first:start]))
+    return figures
+
+
 def bench_latency(
     name: str, batch: int, subnets: int, grid: int, repeats: int, rng: np.random.Generator
 ) -> dict[str, Any]:
@@ -135,28 +164,43 @@ def bench_latency(
         "spread": [spread_widths(graph, rng) for _ in range(subnets)],
         "same_size": [random_widths(graph, rng, 0.2) for _ in range(subnets)],
     }
-    figures: dict[str, Any] = {"model": name, "batch": batch, "subnets": subnets}
-    everything = ([], [])
-    for kind, widths in held_out.items():
-        predicted = predictor.predict(np.stack([[w[g] for g in predictor.groups] for w in widths]))
-        pruned = [
-            prune_model(model, graph, SubnetSpec.from_widths(graph, ref, w)).eval() for w in widths
-        ]
-        # two interleaved rounds, kept apart: how well one round ranks the other bounds what
-        # any predictor can show against these measurements
-        first, second = (measure_latencies(pruned, x, rounds=1, repeats=repeats) for _ in "ab")
-        measured = np.minimum(first, second)
-        figures[kind] = latency_figures(predicted, measured)
-        figures[kind]["repeat_kendall_tau"] = round(float(kendalltau(first, second).statistic), 3)
-        everything[0].extend(predicted)
-        everything[1].extend(measured)
-    figures.update(latency_figures(np.array(everything[0]), np.array(everything[1])))
-    figures["dense_ms"] = round(float(profile.model_ms or 0.0), 3)
+    # the dense model and the profile's calibration subnets are timed again in the same rounds
+    # as the held-out subnets: a fresh calibration (``recalibrated``), and how far whole models
+    # have drifted since profiling (``calibration_drift``, measured now / in the profile)
+    assert profile.model_ms is not None
+    calibration = [({}, profile.model_ms), *profile.calibration]
+    widths = [w for w, _ in calibration] + [w for kind in held_out.values() for w in kind]
+    pruned = [
+        prune_model(model, graph, SubnetSpec.from_widths(graph, ref, w)).eval() if w else model
+        for w in widths
+    ]
+    # two interleaved rounds, kept apart: how well one round ranks the other bounds what any
+    # predictor can show against these measurements
+    rounds = [measure_latencies(pruned, x, rounds=1, repeats=repeats) for _ in "ab"]
+    now = np.minimum(*rounds)
+    refreshed = LatencyPredictor(profile, graph)
+    refreshed.calibrate(list(zip([w for w, _ in calibration], now, strict=False)))
+    figures: dict[str, Any] = {
+        "model": name,
+        "batch": batch,
+        "subnets": subnets,
+        "calibration_drift": round(
+            float(np.median(now[: len(calibration)] / [ms for _, ms in calibration])), 3
+        ),
+    }
+    start = len(calibration)
+    figures.update(held_out_figures(predictor, held_out, rounds, start))
+    figures["recalibrated"] = held_out_figures(refreshed, held_out, rounds, start)
+    figures["dense_ms"] = round(profile.model_ms, 3)
     figures["calibration"] = {
         "scale": round(predictor.calibration.scale, 4),
         "overhead_ms": round(predictor.calibration.overhead_ms, 4),
         "exponent": round(predictor.calibration.exponent, 4),
         "points": predictor.calibration.points,
+    }
+    figures["recalibrated"]["calibration"] = {
+        "scale": round(refreshed.calibration.scale, 4),
+        "exponent": round(refreshed.calibration.exponent, 4),
     }
     figures["profile_seconds"] = round(profile_seconds, 1)
     print(f"latency {name} batch {batch}: {figures}", flush=True)

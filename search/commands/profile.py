@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
+import warnings
 from typing import Any
 
 from backend.io import check_writable
-from estimators import ProfileProgress, profile_model
+from estimators import (
+    LatencyProfile,
+    ProfileMismatchWarning,
+    ProfileProgress,
+    profile_model,
+    recalibrate_profile,
+)
 from search.commands._common import say
 from search.commands._models import add_model_options, resolve_model
 
@@ -21,14 +30,13 @@ def register(subparsers: Any) -> None:
         "machine, thread count and batch size.",
     )
     add_model_options(parser)
-    parser.add_argument("--batch-size", type=int, default=1, help="batch size to measure at")
+    parser.add_argument("--batch-size", type=int, help="batch size to measure at (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
-    parser.add_argument("--grid", type=int, default=7, help="widths per axis (default 7)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed runs per point")
+    parser.add_argument("--grid", type=int, help="widths per axis (default 7)")
+    parser.add_argument("--repeats", type=int, help="timed runs per point (default 7)")
     parser.add_argument(
         "--calibration-subnets",
         type=int,
-        default=12,
         help="pruned subnets of assorted sizes timed whole to calibrate the tables (default 12)",
     )
     parser.add_argument(
@@ -38,37 +46,91 @@ def register(subparsers: Any) -> None:
         help="channel block to probe conv kernels for (default: this CPU's SIMD width in "
         "floats, 16 with AVX-512); 1 turns the probe off",
     )
-    parser.add_argument("--out", required=True, help="profile JSON file to write")
+    parser.add_argument(
+        "--recalibrate",
+        metavar="PROFILE",
+        help="keep this profile's tables and time only the dense model and its calibration "
+        "subnets again (seconds, not minutes), for when whole models now run at another "
+        "speed than when it was measured; its own batch size, threads and settings are used",
+    )
+    parser.add_argument(
+        "--out", help="profile JSON file to write (with --recalibrate: default, that file)"
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Profile and save."""
+    """Profile (or recalibrate) and save."""
+    if args.recalibrate:
+        return _recalibrate(args)
+    if args.out is None:
+        raise ValueError("--out is required: the profile JSON file to write")
     out = check_writable(args.out)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    batch_size = 1 if args.batch_size is None else args.batch_size
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     resolved = resolve_model(args)
     graph = resolved.trace()
-
-    def show(progress: ProfileProgress) -> None:
-        say(f"profiling {progress.done}/{progress.total}: {progress.description}")
-
     profile = profile_model(
         resolved.model,
         graph,
-        args.batch_size,
+        batch_size,
         threads=args.threads,
-        widths_grid=args.grid,
-        repeats=args.repeats,
-        calibration_subnets=args.calibration_subnets,
+        widths_grid=7 if args.grid is None else args.grid,
+        repeats=7 if args.repeats is None else args.repeats,
+        calibration_subnets=12 if args.calibration_subnets is None else args.calibration_subnets,
         channel_block=args.channel_block,
         model_id=resolved.ref.name,
-        progress=show,
+        progress=_show,
     )
     profile.save(out)
     blocked = sum(1 for table in profile.tables.values() if max(table.blocks) > 1)
     say(
         f"wrote {out} ({len(profile.tables)} tables, {blocked} with blocked channels; "
         f"allocator {profile.settings['allocator']})"
+    )
+    return 0
+
+
+def _show(progress: ProfileProgress) -> None:
+    say(f"profiling {progress.done}/{progress.total}: {progress.description}")
+
+
+def _recalibrate(args: argparse.Namespace) -> int:
+    """Time the whole models of an existing profile again; keep its tables."""
+    fixed = [
+        f"--{name.replace('_', '-')}"
+        for name in ("grid", "repeats", "calibration_subnets", "channel_block")
+        if getattr(args, name) is not None
+    ]
+    if fixed:
+        raise ValueError(
+            f"{', '.join(fixed)} cannot change with --recalibrate, which keeps the profile's "
+            "tables and settings; leave them out, or measure a new profile without --recalibrate"
+        )
+    out = check_writable(args.out or args.recalibrate)
+    with warnings.catch_warnings():
+        # the profile's own threads and batch size are used; another machine raises below
+        warnings.simplefilter("ignore", ProfileMismatchWarning)
+        old = LatencyProfile.load(args.recalibrate)
+    for option, asked, own in (
+        ("--batch-size", args.batch_size, old.batch_size),
+        ("--threads", args.threads, old.device.threads),
+    ):
+        if asked is not None and asked != own:
+            raise ValueError(
+                f"{option} {asked} differs from the profile's {own}; --recalibrate measures "
+                f"with the profile's own (leave {option} out)"
+            )
+    resolved = resolve_model(args)
+    profile = recalibrate_profile(old, resolved.model, resolved.trace(), progress=_show)
+    profile.save(out)
+    pairs = [(new, was) for (_, new), (_, was) in zip(profile.calibration, old.calibration)]
+    if old.model_ms and profile.model_ms:
+        pairs.append((profile.model_ms, old.model_ms))
+    drift = statistics.median(new / was for new, was in pairs) if pairs else math.nan
+    say(
+        f"wrote {out}: {len(pairs)} whole models timed again now take {drift:.3f}x what they "
+        f"took when profiled (median); dense model {profile.model_ms:.3f} ms"
     )
     return 0

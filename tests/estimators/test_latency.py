@@ -30,6 +30,7 @@ from estimators import (
     measure_latencies,
     measure_latency,
     profile_model,
+    recalibrate_profile,
     steady_allocator,
 )
 from estimators._groups import GroupView
@@ -552,3 +553,44 @@ def test_zoo_profile_round_trip_predict_and_calibrate(tmp_path: Path) -> None:
     _, other, _ = traced("resnet32")
     with pytest.raises(ProfileError, match="made for another model"):
         LatencyPredictor(loaded, other)
+
+
+def test_recalibrate_times_the_whole_models_again_and_keeps_the_tables() -> None:
+    model, graph, _ = traced("small_cnn")
+    profile = profile_model(
+        model, graph, widths_grid=2, repeats=1, warmup=1, calibration_subnets=2, channel_block=1
+    )
+    assert profile.model_ms is not None
+    # as if whole models had run 10x slower while profiling
+    slow = dataclasses.replace(
+        profile,
+        model_ms=10 * profile.model_ms,
+        calibration=tuple((w, 10 * ms) for w, ms in profile.calibration),
+    )
+    steps: list[ProfileProgress] = []
+    fresh = recalibrate_profile(slow, model, graph, progress=steps.append)
+    assert fresh.tables == slow.tables and fresh.created == slow.created
+    assert [w for w, _ in fresh.calibration] == [w for w, _ in slow.calibration]
+    assert fresh.model_ms is not None and fresh.model_ms < 0.5 * slow.model_ms
+    assert all(ms < 0.5 * old for (_, ms), (_, old) in zip(fresh.calibration, slow.calibration))
+    assert fresh.settings["recalibrated"] >= fresh.created
+    assert [(s.done, s.total) for s in steps] == [(1, 3), (2, 3), (3, 3)]
+    assert steps[0].description == "dense model"
+    dense = LatencyPredictor(fresh, graph).dense
+    assert dense == pytest.approx(fresh.model_ms, rel=0.2)
+    assert LatencyPredictor(slow, graph).dense > 5 * dense
+
+
+def test_recalibrate_refuses_other_machines_models_and_subnets() -> None:
+    model, graph, _ = traced("small_cnn")
+    profile = profile_model(model, graph, widths_grid=2, repeats=1, warmup=1, channel_block=1)
+    device = dataclasses.replace(profile.device, cpu_model="Imaginary CPU 9000")
+    elsewhere = dataclasses.replace(profile, device=device)
+    with pytest.raises(ProfileError, match=r"another setup .*cpu_model 'Imaginary CPU 9000'"):
+        recalibrate_profile(elsewhere, model, graph)
+    other_model, other_graph, _ = traced("resnet20")
+    with pytest.raises(ProfileError, match="made for another model"):
+        recalibrate_profile(profile, other_model, other_graph)
+    misfit = dataclasses.replace(profile, calibration=(({"no-such-group": 2}, 1.0),))
+    with pytest.raises(ProfileError, match="calibration subnets that do not fit"):
+        recalibrate_profile(misfit, model, graph)

@@ -90,6 +90,60 @@ def test_estimate_refuses_a_corrupt_profile(
     assert "is not valid JSON" in err and str(corrupt) in err
 
 
+def test_recalibrate_refreshes_a_profile_in_place(
+    tmp_path: Path, small_cnn_profile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "small_cnn.json"
+    path.write_text(small_cnn_profile.read_text())
+    before = json.loads(path.read_text())
+    assert main(["profile", "--model", "small_cnn", "--recalibrate", str(path)]) == 0
+    after = json.loads(path.read_text())
+    assert after["tables"] == before["tables"] and "recalibrated" in after["settings"]
+    assert [c["widths"] for c in after["calibration"]] == [
+        c["widths"] for c in before["calibration"]
+    ]
+    assert after["device"]["threads"] == 1  # the profile's own, not this process's
+    err = capsys.readouterr().err.splitlines()
+    assert any("calibration subnet 2" in line for line in err)
+    assert f"wrote {path}: 3 whole models timed again now take" in err[-1]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--grid", "3"], "--grid cannot change with --recalibrate"),
+        (["--batch-size", "4"], "--batch-size 4 differs from the profile's 1"),
+        (["--threads", "2"], "--threads 2 differs from the profile's 1"),
+        (["--model", "resnet20"], "made for another model"),
+    ],
+)
+def test_recalibrate_bad_input_leaves_the_profile_alone(
+    tmp_path: Path,
+    small_cnn_profile: Path,
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    path = tmp_path / "small_cnn.json"
+    path.write_text(small_cnn_profile.read_text())
+    argv = ["--model", "small_cnn", *argv] if "--model" not in argv else argv
+    assert main(["profile", *argv, "--recalibrate", str(path)]) == 2
+    assert message in capsys.readouterr().err
+    assert path.read_text() == small_cnn_profile.read_text()
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_recalibrate_a_corrupt_profile_or_without_out(
+    tmp_path: Path, small_cnn_profile: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(small_cnn_profile.read_text()[:100])
+    assert main(["profile", "--model", "small_cnn", "--recalibrate", str(corrupt)]) == 2
+    assert "is not valid JSON" in capsys.readouterr().err
+    assert main(["profile", "--model", "small_cnn"]) == 2
+    assert "--out is required" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
