@@ -12,10 +12,10 @@
    % error, share within 5% / 10%, Kendall tau (goal >= 90% within 10%, tau >= 0.9). Each set
    is measured in two interleaved rounds; the tau of one round against the other
    (``repeat_kendall_tau``) is how well the measurements rank themselves. The dense model and
-   the calibration subnets are timed again in the same rounds: their ratio to the profile's own
-   times (``calibration_drift``) shows how far the machine moved since profiling, and the
-   figures are given twice, with the profile's calibration and ``recalibrated`` to those
-   fresh times (what ``prunetune profile --recalibrate`` does).
+   the calibration subnets are timed again, spread through the same rounds: their ratio to the
+   profile's own times (``calibration_drift``) shows how far the machine moved since profiling,
+   and the figures are given twice, with the profile's calibration and ``recalibrated`` to
+   those fresh times (what ``prunetune profile --recalibrate`` does).
 3. Proxy: Kendall tau between the BN-recalibrated proxy and accuracy after a short finetune, for
    random subnets of small_cnn on digits at the same FLOPs.
 
@@ -118,6 +118,21 @@ def latency_figures(predicted: np.ndarray, measured: np.ndarray) -> dict[str, fl
     }
 
 
+def interleaved(
+    models: list[torch.nn.Module], first: int, x: torch.Tensor, repeats: int, forward: bool
+) -> np.ndarray:
+    """One round of latencies of ``models``, its ``first`` models spread evenly among the rest
+    (in reverse order when not ``forward``); returned in the order given."""
+    keys = [(i + 0.5) / first for i in range(first)]
+    keys += [(i + 0.5) / (len(models) - first) for i in range(len(models) - first)]
+    order = np.argsort(keys, kind="stable")
+    if not forward:
+        order = order[::-1]
+    times = np.empty(len(models))
+    times[order] = measure_latencies([models[i] for i in order], x, rounds=1, repeats=repeats)
+    return times
+
+
 def held_out_figures(
     predictor: LatencyPredictor,
     held_out: dict[str, list[dict[str, int]]],
@@ -175,8 +190,12 @@ def bench_latency(
         for w in widths
     ]
     # two interleaved rounds, kept apart: how well one round ranks the other bounds what any
-    # predictor can show against these measurements
-    rounds = [measure_latencies(pruned, x, rounds=1, repeats=repeats) for _ in "ab"]
+    # predictor can show against these measurements. The calibration models are spread evenly
+    # through each round, so a slow spell does not fall on them alone.
+    rounds = [
+        interleaved(pruned, len(calibration), x, repeats, spread_first)
+        for spread_first in (True, False)
+    ]
     now = np.minimum(*rounds)
     refreshed = LatencyPredictor(profile, graph)
     refreshed.calibrate(list(zip([w for w, _ in calibration], now, strict=False)))
