@@ -575,9 +575,10 @@ def recalibrate_profile(
     :func:`profile_model` timed them: the profile's batch size, threads, warm-up, repeats and
     statistic, 3 interleaved rounds each keeping its best. Use it where whole models run at
     another speed than when the profile was measured: on a shared or virtual machine the same
-    MobileNetV2 subnets at batch 1 measured 15% faster or slower a minute after profiling, while
-    the tables, which the calibration scales, still ranked them as before. Refreshing the
-    calibration (a few seconds) is then much cheaper than profiling again.
+    MobileNetV2 subnets at batch 1 measured up to 15% slower or 12% faster a minute after
+    profiling, while the tables, which the calibration scales, still ranked them as well as
+    repeated measurements did. Refreshing the calibration (seconds) is much cheaper than
+    profiling again; it cannot help against swings within the seconds it takes.
 
     Args:
         profile: a profile of ``model`` measured on this machine with this torch.
