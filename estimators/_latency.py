@@ -19,7 +19,6 @@ from estimators._groups import (
     GroupView,
     HasWidths,
     WidthsLike,
-    graph_fingerprint,
     norm_segments,
 )
 from estimators._profile import (
@@ -245,13 +244,7 @@ class LatencyPredictor(CostModel):
     def __init__(self, profile: LatencyProfile, graph: GraphLike) -> None:
         view = GroupView.from_graph(graph)
         super().__init__(view)
-        fingerprint = graph_fingerprint(graph)
-        if profile.fingerprint != fingerprint:
-            raise ProfileError(
-                f"latency profile was made for another model ({profile.model_id}, graph "
-                f"fingerprint {profile.fingerprint}); this graph's fingerprint is {fingerprint}. "
-                "Measure a profile for this model with `prunetune profile`."
-            )
+        profile.check_graph(graph)
         self.profile = profile
         layers: dict[str, list[tuple[np.ndarray, int, int]]] = {}
         columns = len(view.names)

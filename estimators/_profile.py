@@ -24,7 +24,7 @@ import torch
 
 from backend.errors import CheckpointError
 from backend.graph import LayerInfo, NormInfo
-from estimators._groups import GroupView, layer_config, norm_segments
+from estimators._groups import GraphLike, GroupView, graph_fingerprint, layer_config, norm_segments
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -327,6 +327,16 @@ class LatencyProfile:
             "calibration": [{"widths": dict(w), "ms": ms} for w, ms in self.calibration],
             "tables": {key: table.to_dict() for key, table in sorted(self.tables.items())},
         }
+
+    def check_graph(self, graph: GraphLike) -> None:
+        """Raise :class:`ProfileError` unless this profile was made for ``graph``'s model."""
+        fingerprint = graph_fingerprint(graph)
+        if self.fingerprint != fingerprint:
+            raise ProfileError(
+                f"latency profile was made for another model ({self.model_id}, graph "
+                f"fingerprint {self.fingerprint}); this graph's fingerprint is {fingerprint}. "
+                "Measure a profile for this model with `prunetune profile`."
+            )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the profile as JSON, atomically (a temporary file, then a rename).

@@ -596,12 +596,7 @@ def recalibrate_profile(
             torch version, or its calibration subnets do not fit ``graph``.
         ValueError: ``graph`` has no input shape to time the model with.
     """
-    fingerprint = graph_fingerprint(graph)
-    if profile.fingerprint != fingerprint:
-        raise ProfileError(
-            f"latency profile was made for another model ({profile.model_id}, graph fingerprint "
-            f"{profile.fingerprint}); this graph's fingerprint is {fingerprint}"
-        )
+    profile.check_graph(graph)
     here = DeviceInfo.current(profile.device.threads)
     differences = profile.device.differences(here)
     if differences:
