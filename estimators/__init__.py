@@ -18,14 +18,12 @@ from estimators._profiling import (
     ProfileProgress,
     calibration_widths,
     cpu_channel_block,
-    measure_latencies,
-    measure_latency,
     profile_model,
     recalibrate_profile,
-    steady_allocator,
 )
 from estimators._proxy import proxy_accuracy, recalibrate_bn
 from estimators._targets import METRICS, Budget, Constraint, Target, format_metric
+from estimators._timing import measure_latencies, measure_latency, steady_allocator
 
 __all__ = [
     "METRICS",

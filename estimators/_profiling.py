@@ -1,17 +1,14 @@
-"""Measuring latency tables on this machine: :func:`profile_model` and :func:`measure_latency`."""
+"""Latency profiles of a model on this machine: tables (:func:`profile_model`) and the
+whole-model measurements that calibrate them (:func:`recalibrate_profile`)."""
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import datetime
 import math
-import statistics
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,23 +29,24 @@ from estimators._profile import (
     layer_axes,
     norm_axes,
 )
+from estimators._timing import (
+    MIN_REPEAT_S,
+    MODEL_MIN_S,
+    Statistic,
+    check_timing,
+    measure_latency,
+    steady_allocator,
+    time_ms,
+    torch_threads,
+)
 
 __all__ = [
     "ProfileProgress",
     "calibration_widths",
     "cpu_channel_block",
-    "measure_latencies",
-    "measure_latency",
     "profile_model",
     "recalibrate_profile",
-    "steady_allocator",
 ]
-
-Statistic = Literal["median", "min"]
-"""How repeated timings become one number: the median, or the minimum (steadier when busy)."""
-
-_MIN_REPEAT_S = 1e-3
-"""Each timed repeat runs the op enough times to last at least this long (timer resolution)."""
 
 _POINT_MIN_S = 0.02
 """Each table point is timed for at least this long in all: tables of small layers (batch 1)
@@ -56,11 +54,6 @@ then take a minimum over tens of repeats, not 7, and vary less from one profile 
 
 _CALIBRATION_ROUNDS = 3
 """Rounds over the dense model and calibration subnets in a profile (each keeps its best)."""
-
-_MODEL_MIN_S = 0.2
-"""Whole models are timed for at least this long in all (more repeats than asked for if need
-be): on this project's machine the minimum of 7 single runs of MobileNetV2 at batch 1 varied
-by +-7% between measurements, the minimum over 0.2 s (about 30 runs) by +-2.5%."""
 
 _NORMS: dict[int, Callable[..., nn.Module]] = {
     1: nn.BatchNorm1d,
@@ -73,9 +66,6 @@ _CONVS: dict[int, Callable[..., nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn
 _BLOCKS = {"AVX512": 16, "AVX2": 8, "SVE256": 8}
 """Channel block of oneDNN's conv kernels by torch's CPU capability: the SIMD width in floats."""
 
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
-_steady = False
-
 
 def cpu_channel_block() -> int:
     """The channel block convolutions are computed in on this CPU (16 with AVX-512, 8 with AVX2;
@@ -87,35 +77,6 @@ def cpu_channel_block() -> int:
     return _BLOCKS.get(torch.backends.cpu.get_cpu_capability(), 1)
 
 
-def steady_allocator() -> bool:
-    """Keep freed memory in this process instead of giving it back to the OS (glibc only).
-
-    By default glibc's ``malloc`` maps large blocks (a batch-32 activation) fresh and returns
-    freed memory at the top of the heap, so a forward pass may page-fault its activations in
-    again: on this project's machine the same dense MobileNetV2 at batch 32 took 121 ms or
-    188 ms (35,000 page faults per pass) depending on the allocator's history, and an isolated
-    1x1 conv of 64 channels took 16 ms against 8 ms for one of 96. Latency profiles and
-    measurements call this first so that their times are the steady ones; a server gets the
-    same by setting ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824`` in its environment
-    or by preloading jemalloc or tcmalloc.
-
-    The change lasts for the life of the process: memory it frees is reused by it, not
-    returned (up to 1 GiB of free heap top is kept).
-
-    Returns:
-        Whether the steady setting is in effect (``False`` where the C library has no glibc
-        ``mallopt``, as on macOS or musl).
-    """
-    global _steady
-    if not _steady:
-        try:
-            mallopt = ctypes.CDLL(None).mallopt
-        except (OSError, AttributeError):
-            return False
-        _steady = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    return _steady
-
-
 @dataclass(frozen=True)
 class ProfileProgress:
     """Where :func:`profile_model` is: ``done`` of ``total`` tables, the last one described."""
@@ -123,45 +84,6 @@ class ProfileProgress:
     done: int
     total: int
     description: str
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[int]:
-    previous = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _time_ms(
-    run: Callable[[], object],
-    warmup: int,
-    repeats: int,
-    statistic: Statistic,
-    min_total_s: float = 0.0,
-) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            run()
-        probes = []
-        for _ in range(3):
-            start = time.perf_counter()
-            run()
-            probes.append(time.perf_counter() - start)
-        # the fastest probe sizes the inner loop: one stalled run must not shrink it
-        inner = max(1, int(_MIN_REPEAT_S / max(min(probes), 1e-9)))
-        samples: list[float] = []
-        while len(samples) < repeats or (
-            sum(samples) * inner < min_total_s and len(samples) < 100 * repeats
-        ):
-            start = time.perf_counter()
-            for _ in range(inner):
-                run()
-            samples.append((time.perf_counter() - start) / inner)
-    return (statistics.median(samples) if statistic == "median" else min(samples)) * 1e3
 
 
 def _check_options(
@@ -174,14 +96,7 @@ def _check_options(
 ) -> int | tuple[float, ...]:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if threads is not None and (not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive integer, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
-    if statistic not in ("median", "min"):
-        raise ValueError(f"statistic must be 'median' or 'min', got {statistic!r}")
+    check_timing(threads, repeats, warmup, statistic)
     if isinstance(widths_grid, int) and not isinstance(widths_grid, bool):
         if widths_grid < 2:
             raise ValueError(f"widths_grid must be at least 2 points per axis, got {widths_grid}")
@@ -273,7 +188,7 @@ def _measure_table(
 
     def time_at(in_width: int, out_width: int) -> float:
         runner = _layer_runner(config, in_width, out_width, batch_size)
-        return _time_ms(runner, *timing, _POINT_MIN_S)
+        return time_ms(runner, *timing, _POINT_MIN_S)
 
     blocks, unaligned = [1, 1], [1.0, 1.0]
     if _blocked(config):
@@ -292,80 +207,6 @@ def _measure_table(
     return LatencyTable(
         config, in_grid, out_grid, ms, (blocks[0], blocks[1]), (unaligned[0], unaligned[1])
     )
-
-
-def measure_latency(
-    model: nn.Module,
-    example_input: Tensor,
-    *,
-    threads: int | None = None,
-    repeats: int = 10,
-    warmup: int = 3,
-    statistic: Statistic = "median",
-) -> float:
-    """The latency of one forward pass of ``model`` on ``example_input``, in ms: the median
-    (or, with ``statistic="min"``, the minimum) of the timed runs.
-
-    At least ``repeats`` runs are timed, and more until they add up to 0.2 s, which steadies
-    the figure for small models. The model runs in eval mode under ``torch.inference_mode``
-    with ``threads`` torch threads; its train/eval flags and torch's thread count are restored
-    afterwards. The process is switched to :func:`steady_allocator` first, as profiles are.
-    Whole-model measurements like this one are what :meth:`LatencyPredictor.calibrate` fits
-    to; use the profile's ``threads``, ``statistic`` and batch size.
-
-    Raises:
-        ValueError: ``threads``, ``repeats`` or ``warmup`` out of range.
-    """
-    _check_options(1, threads, 2, repeats, warmup, statistic)
-    steady_allocator()
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    try:
-        with _torch_threads(threads):
-            run = lambda: model(example_input)  # noqa: E731
-            return _time_ms(run, warmup, repeats, statistic, _MODEL_MIN_S)
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def measure_latencies(
-    models: Sequence[nn.Module],
-    example_input: Tensor,
-    *,
-    rounds: int = 3,
-    threads: int | None = None,
-    repeats: int = 5,
-    warmup: int = 2,
-    statistic: Statistic = "min",
-) -> np.ndarray:
-    """Latencies (ms) of several models on one input, for comparing them (a speed-up).
-
-    The models are measured in turn, ``rounds`` times over, and each keeps its fastest
-    measurement (each one :func:`measure_latency` with ``repeats`` and ``statistic``). A slow
-    spell of the machine then hits every model alike instead of whichever was running.
-
-    Returns:
-        An array of shape ``(len(models),)``.
-
-    Raises:
-        ValueError: ``rounds``, ``threads``, ``repeats`` or ``warmup`` out of range.
-    """
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    best = np.full(len(models), np.inf)
-    for _ in range(rounds):
-        for index, model in enumerate(models):
-            ms = measure_latency(
-                model,
-                example_input,
-                threads=threads,
-                repeats=repeats,
-                warmup=warmup,
-                statistic=statistic,
-            )
-            best[index] = min(best[index], ms)
-    return best
 
 
 def calibration_widths(graph: ChannelGraph, count: int, seed: int = 0) -> list[dict[str, int]]:
@@ -389,6 +230,13 @@ def calibration_widths(graph: ChannelGraph, count: int, seed: int = 0) -> list[d
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _example_input(model: nn.Module, batch_size: int, input_shape: Sequence[int]) -> Tensor:
+    """A random input of ``input_shape`` with the batch size replaced, in the model's dtype."""
+    parameter = next(model.parameters(), None)
+    dtype = parameter.dtype if parameter is not None else torch.float32
+    return torch.randn(batch_size, *input_shape[1:], dtype=dtype)
 
 
 def _calibration_models(
@@ -516,16 +364,14 @@ def profile_model(
     subnets = calibration_subnets if measure_model and isinstance(graph, ChannelGraph) else 0
     total = len(axes) + subnets + (1 if measure_model else 0)
     timing: tuple[int, int, Statistic] = (warmup, repeats, statistic)
-    with _torch_threads(threads) as used_threads:
+    with torch_threads(threads) as used_threads:
         for done, (key, item) in enumerate(axes.items(), start=1):
             tables[key] = _measure_table(item, grid, batch_size, timing, channel_block)
             if progress is not None:
                 config = item.config
                 progress(ProfileProgress(done, total, f"{config['kind']} {key}"))
         if measure_model:
-            parameter = next(model.parameters(), None)
-            dtype = parameter.dtype if parameter is not None else torch.float32
-            example = torch.randn(batch_size, *input_shape[1:], dtype=dtype)
+            example = _example_input(model, batch_size, input_shape)
             widths_list = (
                 calibration_widths(graph, subnets)
                 if subnets and isinstance(graph, ChannelGraph)
@@ -551,9 +397,9 @@ def profile_model(
             "repeats": repeats,
             "warmup": warmup,
             "statistic": statistic,
-            "min_repeat_s": _MIN_REPEAT_S,
+            "min_repeat_s": MIN_REPEAT_S,
             "point_min_s": _POINT_MIN_S,
-            "model_min_s": _MODEL_MIN_S,
+            "model_min_s": MODEL_MIN_S,
             "channel_block": channel_block,
             "allocator": "steady" if steady else "system",
         },
@@ -622,16 +468,14 @@ def recalibrate_profile(
             f"latency profile of {profile.model_id} holds calibration subnets that do not fit "
             f"this graph ({exc}); measure the profile again"
         ) from exc
-    parameter = next(model.parameters(), None)
-    dtype = parameter.dtype if parameter is not None else torch.float32
-    example = torch.randn(profile.batch_size, *input_shape[1:], dtype=dtype)
+    example = _example_input(model, profile.batch_size, input_shape)
     steady_allocator()
 
     def report(index: int, label: str) -> None:
         if progress is not None:
             progress(ProfileProgress(index + 1, len(models), label))
 
-    with _torch_threads(profile.device.threads):
+    with torch_threads(profile.device.threads):
         model_ms, *subnet_ms = _whole_models_ms(models, example, timing, report)
     return dataclasses.replace(
         profile,

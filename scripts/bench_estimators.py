@@ -144,17 +144,17 @@ def held_out_figures(
     measured = np.minimum(*rounds)
     figures: dict[str, Any] = {}
     predicted_all = []
+    end = start
     for kind, widths in held_out.items():
-        part = slice(start, start + len(widths))
-        start += len(widths)
+        part = slice(end, end + len(widths))
+        end += len(widths)
         predicted = predictor.predict(np.stack([[w[g] for g in predictor.groups] for w in widths]))
         predicted_all.append(predicted)
         figures[kind] = latency_figures(predicted, measured[part])
         figures[kind]["repeat_kendall_tau"] = round(
             float(kendalltau(rounds[0][part], rounds[1][part]).statistic), 3
         )
-    first = start - sum(len(widths) for widths in held_out.values())
-    figures.update(latency_figures(np.concatenate(predicted_all), measured[first:start]))
+    figures.update(latency_figures(np.concatenate(predicted_all), measured[start:end]))
     return figures
 
 
