@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from backend.errors import CheckpointError, UnsupportedModelError
-from backend.io import atomic_write
-from backend.models import ModelRef
+from prunetune.backend.errors import CheckpointError, UnsupportedModelError
+from prunetune.backend.io import atomic_write
+from prunetune.backend.models import ModelRef
 
 __all__ = ["CHECKPOINT_FORMAT", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 

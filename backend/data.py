@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.errors import DataError
+from prunetune.backend.errors import DataError
 
 __all__ = ["DATASETS", "DatasetSplits", "TensorLoader", "list_datasets", "load_dataset"]
 

@@ -27,16 +27,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backend.checkpoint import load_checkpoint, load_state
-from backend.errors import CheckpointError, PrunetuneError, SpecError
-from backend.graph import ChannelGraph
-from backend.io import atomic_directory
-from backend.measure import count_flops, count_params
-from backend.models import ModelRef
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
+from prunetune.backend.checkpoint import load_checkpoint, load_state
+from prunetune.backend.errors import CheckpointError, PrunetuneError, SpecError
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.io import atomic_directory
+from prunetune.backend.measure import count_flops, count_params
+from prunetune.backend.models import ModelRef
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
 
-__all__ = ["EXPORT_FORMAT", "LoadedModel", "export_subnet", "load_model", "load_subnet"]
+__all__ = [
+    "EXPORT_FORMAT",
+    "LoadedModel",
+    "export_subnet",
+    "load_export",
+    "load_model",
+    "load_subnet",
+]
 
 EXPORT_FORMAT = "prunetune.subnet/1"
 _FILES = ("weights.pt", "model.pt2", "model.onnx")
@@ -194,54 +201,101 @@ def _read_record(directory: Path) -> dict[str, Any]:
     return record
 
 
-def load_subnet(directory: str | Path) -> LoadedModel:
-    """Rebuild an exported subnet from ``subnet.json`` and ``weights.pt``.
+def _verify_files(root: Path, record: dict[str, Any]) -> None:
+    """Check every file the export recorded against its SHA-256; weights.pt must be recorded."""
+    recorded = record.get("files")
+    if not isinstance(recorded, dict) or "weights.pt" not in recorded:
+        raise CheckpointError(
+            f"subnet.json in {str(root)!r} records no checksum for weights.pt: it was not "
+            "written by prunetune's export, or was edited; export the subnet again"
+        )
+    for name in _FILES:
+        if name not in recorded:
+            continue
+        path = root / name
+        if not path.is_file():
+            raise CheckpointError(f"export {str(root)!r} has no {name} (subnet.json lists it)")
+        if recorded[name] != _sha256(path):
+            raise CheckpointError(
+                f"{str(path)!r} does not match the checksum in subnet.json: the file was changed "
+                "or corrupted after export; export the subnet again"
+            )
 
-    The dense model is rebuilt from the zoo or the user's factory, traced, pruned to the spec and
-    loaded with the exported weights (``weights_only=True``).
+
+def load_export(
+    directory: str | Path, dense: nn.Module | None = None, allow_factory: bool = False
+) -> LoadedModel:
+    """Rebuild an exported subnet, verifying every recorded checksum first.
+
+    The pruned module comes from, in order: ``dense`` when given (traced, pruned to the spec,
+    loaded with ``weights.pt``); the zoo when the spec names a zoo model; the user's factory
+    named in the spec, only with ``allow_factory`` (importing it runs its code); else the
+    export's own ``torch.export`` program (``model.pt2``), which needs no source code.
 
     Raises:
-        CheckpointError: files missing, tampered with (checksum), or weights that do not fit.
+        CheckpointError: not an export, files missing or changed since export, weights that do
+            not fit, or no way to rebuild the model.
         SpecError: the spec does not fit the model it names.
     """
     root = Path(directory)
     record = _read_record(root)
-    weights = root / "weights.pt"
-    if not weights.is_file():
-        raise CheckpointError(f"export {str(root)!r} has no weights.pt")
-    expected_sum = (record.get("files") or {}).get("weights.pt")
-    if expected_sum != _sha256(weights):
-        raise CheckpointError(
-            f"{str(weights)!r} does not match the checksum in subnet.json: the file was changed "
-            "or corrupted after export; export the subnet again"
-        )
+    _verify_files(root, record)
     try:
         spec = SubnetSpec.from_dict(record["spec"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SpecError(f"subnet.json in {str(root)!r} has a malformed spec: {exc}") from exc
-    dense = spec.model.build()
+    metrics = dict(record.get("metrics") or {})
+    if dense is None and spec.model.buildable and (spec.model.is_zoo or allow_factory):
+        dense = spec.model.build()
+    if dense is None:
+        return LoadedModel(_load_program(root, spec), spec.model, spec.input_shape, spec, metrics)
     graph = ChannelGraph.trace(dense, torch.zeros(spec.input_shape))
     spec.validate(graph)
     pruned = prune_model(dense, graph, spec)
+    weights = root / "weights.pt"
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{str(weights)!r} cannot be read: {exc}") from exc
     load_state(pruned, state, str(weights))
-    return LoadedModel(
-        model=pruned.eval(),
-        ref=spec.model,
-        input_shape=spec.input_shape,
-        spec=spec,
-        metrics=dict(record.get("metrics") or {}),
-    )
+    return LoadedModel(pruned.eval(), spec.model, spec.input_shape, spec, metrics)
+
+
+def _load_program(root: Path, spec: SubnetSpec) -> nn.Module:
+    path = root / "model.pt2"
+    if not path.is_file():
+        raise CheckpointError(
+            f"export {str(root)!r} is of model {spec.model.name!r}, which is not in the zoo, "
+            "and it has no model.pt2 to load without the source: pass the dense model "
+            "(prunetune.load(directory, model=...))"
+        )
+    try:
+        program = torch.export.load(str(path))
+    except Exception as exc:  # torch.export raises many types for a corrupt program
+        raise CheckpointError(f"{str(path)!r} cannot be loaded: {exc}") from exc
+    module: nn.Module = program.module()
+    return module
+
+
+def load_subnet(directory: str | Path) -> LoadedModel:
+    """Rebuild an exported subnet from ``subnet.json`` and ``weights.pt``.
+
+    The dense model is rebuilt from the zoo or the user's factory, traced, pruned to the spec and
+    loaded with the exported weights (``weights_only=True``); see :func:`load_export`.
+
+    Raises:
+        CheckpointError: files missing, tampered with (checksum), or weights that do not fit.
+        SpecError: the spec does not fit the model it names.
+    """
+    return load_export(directory, allow_factory=True)
 
 
 def load_model(path: str | Path, expect: ModelRef | None = None) -> LoadedModel:
     """Load what ``--checkpoint`` names: a dense checkpoint file or a subnet export directory.
 
     Raises:
-        CheckpointError: see :func:`load_subnet` and :func:`backend.checkpoint.load_checkpoint`.
+        CheckpointError: see :func:`load_subnet` and
+        :func:`prunetune.backend.checkpoint.load_checkpoint`.
     """
     source = Path(path)
     if source.is_dir():

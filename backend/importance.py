@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph
 
 __all__ = ["IMPORTANCE_CRITERIA", "Criterion", "channel_importance"]
 

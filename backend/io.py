@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from backend.errors import PrunetuneError
+from prunetune.backend.errors import PrunetuneError
 
 __all__ = ["atomic_directory", "atomic_write", "check_writable"]
 

@@ -13,8 +13,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from backend.graph import ChannelGraph, ChannelSegment
-from backend.spec import SubnetSpec
+from prunetune.backend.graph import ChannelGraph, ChannelSegment
+from prunetune.backend.spec import SubnetSpec
 
 __all__ = ["ChannelMasker", "masks_from_spec"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.errors import InfeasibleTargetError
-from backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.errors import InfeasibleTargetError
+from prunetune.backend.graph import ChannelGraph, ChannelGroup
 
 __all__ = [
     "ALLOCATIONS",

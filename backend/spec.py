@@ -1,6 +1,7 @@
 """``SubnetSpec``: the one record that says which subnet of a model to build.
 
-A spec names the model (:class:`~backend.models.ModelRef`), the input shape it was traced with,
+A spec names the model (:class:`~prunetune.backend.models.ModelRef`), the input shape it was traced
+with,
 the kept width of every prunable channel group and, once chosen, the kept channel indices. It
 passes from a search space to the backend and from a trial to the export, as JSON.
 """
@@ -15,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from backend.errors import SpecError
-from backend.graph import ChannelGraph, ChannelGroup
-from backend.models import ModelRef
+from prunetune.backend.errors import SpecError
+from prunetune.backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.models import ModelRef
 
 __all__ = ["SubnetSpec", "select_channels"]
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo
-from backend.spec import SubnetSpec
+from prunetune.backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.spec import SubnetSpec
 
 __all__ = ["feature_indices", "prune_model", "zero_pruned_channels"]
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backend.data import DatasetSplits, Split, TensorLoader
+from prunetune.backend.data import DatasetSplits, Split, TensorLoader
 
 __all__ = ["EpochReport", "TrainConfig", "TrainResult", "evaluate", "train"]
 

@@ -4,26 +4,26 @@ Every estimator is a :class:`CostModel` built once per traced graph; it evaluate
 exactly (one candidate or thousands at once) and keep ratios differentiably (``relaxed``).
 """
 
-from estimators._cost import CostModel, FlopsModel, ParamsModel, QuadraticForm
-from estimators._groups import GraphLike, HasWidths, WidthsLike, graph_fingerprint
-from estimators._latency import Calibration, LatencyPredictor
-from estimators._profile import (
+from prunetune.estimators._cost import CostModel, FlopsModel, ParamsModel, QuadraticForm
+from prunetune.estimators._groups import GraphLike, HasWidths, WidthsLike, graph_fingerprint
+from prunetune.estimators._latency import Calibration, LatencyPredictor
+from prunetune.estimators._profile import (
     DeviceInfo,
     LatencyProfile,
     LatencyTable,
     ProfileError,
     ProfileMismatchWarning,
 )
-from estimators._profiling import (
+from prunetune.estimators._profiling import (
     ProfileProgress,
     calibration_widths,
     cpu_channel_block,
     profile_model,
     recalibrate_profile,
 )
-from estimators._proxy import proxy_accuracy, recalibrate_bn
-from estimators._targets import METRICS, Budget, Constraint, Target, format_metric
-from estimators._timing import measure_latencies, measure_latency, steady_allocator
+from prunetune.estimators._proxy import proxy_accuracy, recalibrate_bn
+from prunetune.estimators._targets import METRICS, Budget, Constraint, Target, format_metric
+from prunetune.estimators._timing import measure_latencies, measure_latency, steady_allocator
 
 __all__ = [
     "METRICS",

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.graph import LayerInfo
-from estimators._groups import GraphLike, GroupView, HasWidths, WidthsLike, norm_segments
+from prunetune.backend.graph import LayerInfo
+from prunetune.estimators._groups import GraphLike, GroupView, HasWidths, WidthsLike, norm_segments
 
 __all__ = ["CostModel", "FlopsModel", "ParamsModel", "QuadraticForm"]
 

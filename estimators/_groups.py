@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.errors import SpecError
-from backend.graph import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.errors import SpecError
+from prunetune.backend.graph import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
 
 __all__ = [
     "GraphLike",

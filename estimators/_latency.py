@@ -12,16 +12,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.errors import SpecError
-from estimators._cost import CostModel
-from estimators._groups import (
+from prunetune.backend.errors import SpecError
+from prunetune.estimators._cost import CostModel
+from prunetune.estimators._groups import (
     GraphLike,
     GroupView,
     HasWidths,
     WidthsLike,
     norm_segments,
 )
-from estimators._profile import (
+from prunetune.estimators._profile import (
     LatencyProfile,
     LatencyTable,
     ProfileError,
@@ -80,8 +80,11 @@ def _locate_torch(grid: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros(x.shape, dtype=torch.int64, device=x.device), torch.zeros_like(x)
     low = torch.searchsorted(grid, x.detach().contiguous(), right=True) - 1
     low = low.clamp(0, grid.numel() - 2)
-    t = ((x - grid[low]) / (grid[low + 1] - grid[low])).clamp(0.0, 1.0)
-    return low, t
+    raw = (x - grid[low]) / (grid[low + 1] - grid[low])
+    # the cell's slope as gradient on the whole closed cell: torch >= 2.14 gives clamp a zero
+    # gradient at its bounds, which would zero it at every grid point (integer widths often are)
+    inside = (raw >= 0.0) & (raw <= 1.0)
+    return low, torch.where(inside, raw, raw.detach().clamp(0.0, 1.0))
 
 
 def _blocks_np(

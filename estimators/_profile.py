@@ -22,9 +22,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from backend.errors import CheckpointError
-from backend.graph import LayerInfo, NormInfo
-from estimators._groups import GraphLike, GroupView, graph_fingerprint, layer_config, norm_segments
+from prunetune.backend.errors import CheckpointError
+from prunetune.backend.graph import LayerInfo, NormInfo
+from prunetune.estimators._groups import (
+    GraphLike,
+    GroupView,
+    graph_fingerprint,
+    layer_config,
+    norm_segments,
+)
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from backend.errors import SpecError
-from backend.graph import ChannelGraph
-from backend.models import ModelRef
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from estimators._groups import GraphLike, GroupView, graph_fingerprint
-from estimators._profile import (
+from prunetune.backend.errors import SpecError
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.estimators._groups import GraphLike, GroupView, graph_fingerprint
+from prunetune.estimators._profile import (
     DeviceInfo,
     LatencyProfile,
     LatencyTable,
@@ -29,7 +29,7 @@ from estimators._profile import (
     layer_axes,
     norm_axes,
 )
-from estimators._timing import (
+from prunetune.estimators._timing import (
     MIN_REPEAT_S,
     MODEL_MIN_S,
     Statistic,

@@ -13,8 +13,8 @@ import copy
 import torch
 from torch import nn
 
-from backend.data import Split, TensorLoader
-from backend.train import evaluate
+from prunetune.backend.data import Split, TensorLoader
+from prunetune.backend.train import evaluate
 
 __all__ = ["proxy_accuracy", "recalibrate_bn"]
 

@@ -16,8 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from backend.errors import InfeasibleTargetError
-from estimators._cost import CostModel
+from prunetune.backend.errors import InfeasibleTargetError
+from prunetune.estimators._cost import CostModel
 
 __all__ = ["METRICS", "Budget", "Constraint", "Metric", "Target", "format_metric"]
 

@@ -14,17 +14,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from backend.data import DatasetSplits
-from backend.errors import PrunetuneError
-from backend.graph import ChannelGraph
-from backend.measure import count_flops
-from backend.models import ModelRef
-from backend.pruning import one_shot_widths
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from estimators import Budget, FlopsModel, ParamsModel, Target
-from search import SearchConfig
-from spaces import SpaceContext, create_space, list_spaces
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.errors import PrunetuneError
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.measure import count_flops
+from prunetune.backend.models import ModelRef
+from prunetune.backend.pruning import one_shot_widths
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.estimators import Budget, FlopsModel, ParamsModel, Target
+from prunetune.search import SearchConfig
+from prunetune.spaces import SpaceContext, create_space, list_spaces
 
 SEARCHES = ("random-search", "search")
 METHODS = ("uniform", "global-l1", "torch-pruning", *list_spaces(), *SEARCHES)
@@ -171,7 +171,7 @@ def searched(
 ) -> tuple[nn.Module, str]:
     """``run_search`` (full or random); its chosen subnet, with the weights its trial scored (as
     the search's own final step starts from them)."""
-    from search import run_search
+    from prunetune.search import run_search
 
     result = run_search(search_config(bench, target, method), say=lambda m: say("  " + m))
     counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
@@ -212,7 +212,7 @@ def prune_locally(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
 
 def prune_by_search(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
     """Both searches at every target, in one Ray session (started once, shut down after)."""
-    from search._cluster import ray_session
+    from prunetune.search._cluster import ray_session
 
     runs = [(t, m) for t in bench.settings.targets for m in bench.settings.methods if m in SEARCHES]
     if not runs:

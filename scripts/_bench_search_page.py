@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from backend.io import atomic_write
+from prunetune.backend.io import atomic_write
 
 __all__ = ["page", "plot", "reading", "table"]
 

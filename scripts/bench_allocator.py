@@ -5,7 +5,8 @@
 
 glibc's malloc maps large blocks (batch-32 activations) fresh and hands freed memory back to
 the OS, so a pass can page-fault its activations in again. Run this once as it is and once with
-the environment above (or ``--steady``, which calls :func:`estimators.steady_allocator`) to see
+the environment above (or ``--steady``, which calls :func:`prunetune.estimators.steady_allocator`)
+to see
 what that costs on your machine. Latency profiles are measured in the steady regime.
 
 The last line printed is one JSON object.
@@ -22,12 +23,12 @@ from typing import Any
 
 import torch
 
-from backend.graph import ChannelGraph
-from backend.models import ModelRef, list_models
-from backend.pruning import ratio_widths
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from estimators import steady_allocator
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef, list_models
+from prunetune.backend.pruning import ratio_widths
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.estimators import steady_allocator
 
 
 def per_pass(model: torch.nn.Module, x: torch.Tensor, passes: int) -> tuple[float, float]:

@@ -35,14 +35,14 @@ import numpy as np
 import torch
 from scipy.stats import kendalltau
 
-from backend.data import load_dataset
-from backend.graph import ChannelGraph
-from backend.measure import count_flops
-from backend.models import ModelRef, list_models
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from backend.train import TrainConfig, evaluate, train
-from estimators import (
+from prunetune.backend.data import load_dataset
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.measure import count_flops
+from prunetune.backend.models import ModelRef, list_models
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.estimators import (
     FlopsModel,
     LatencyPredictor,
     ParamsModel,

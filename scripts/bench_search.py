@@ -78,17 +78,17 @@ from _bench_search_methods import (
 from _bench_search_page import page, plot, reading, table
 from torch import Tensor, nn
 
-from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from backend.data import DatasetSplits, load_dataset
-from backend.errors import PrunetuneError
-from backend.graph import ChannelGraph
-from backend.importance import channel_importance
-from backend.io import atomic_write, check_writable
-from backend.measure import count_flops, count_params
-from backend.models import ModelRef
-from backend.train import TrainConfig, evaluate, train
-from estimators import DeviceInfo, FlopsModel, ParamsModel, Target, measure_latencies
-from search._tuner import startup_trials
+from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from prunetune.backend.data import DatasetSplits, load_dataset
+from prunetune.backend.errors import PrunetuneError
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import channel_importance
+from prunetune.backend.io import atomic_write, check_writable
+from prunetune.backend.measure import count_flops, count_params
+from prunetune.backend.models import ModelRef
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.estimators import DeviceInfo, FlopsModel, ParamsModel, Target, measure_latencies
+from prunetune.search._tuner import startup_trials
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"

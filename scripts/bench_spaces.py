@@ -19,17 +19,17 @@ from typing import Any
 
 import torch
 
-from backend.data import load_dataset
-from backend.graph import ChannelGraph
-from backend.importance import channel_importance
-from backend.measure import count_flops
-from backend.models import ModelRef
-from backend.pruning import one_shot_widths
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from backend.train import TrainConfig, evaluate, train
-from estimators import FlopsModel, ParamsModel, Target
-from spaces import SpaceContext, create_space, list_spaces
+from prunetune.backend.data import load_dataset
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import channel_importance
+from prunetune.backend.measure import count_flops
+from prunetune.backend.models import ModelRef
+from prunetune.backend.pruning import one_shot_widths
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.estimators import FlopsModel, ParamsModel, Target
+from prunetune.spaces import SpaceContext, create_space, list_spaces
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 

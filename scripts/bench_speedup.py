@@ -35,15 +35,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from backend.graph import ChannelGraph
-from backend.importance import channel_importance
-from backend.io import atomic_write
-from backend.measure import count_flops
-from backend.models import ModelRef, list_models
-from backend.pruning import one_shot_widths
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from estimators import (
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import channel_importance
+from prunetune.backend.io import atomic_write
+from prunetune.backend.measure import count_flops
+from prunetune.backend.models import ModelRef, list_models
+from prunetune.backend.pruning import one_shot_widths
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.estimators import (
     FlopsModel,
     LatencyPredictor,
     Target,

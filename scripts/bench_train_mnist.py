@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from backend.checkpoint import load_checkpoint
+from prunetune.backend.checkpoint import load_checkpoint
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnist-t10k"
 
@@ -36,7 +36,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as workdir:
         out = Path(workdir) / "dense.pt"
         command = [
-            sys.executable, "-m", "search.cli", "train", "--model", args.model,
+            sys.executable, "-m", "prunetune.cli", "train", "--model", args.model,
             "--dataset", "mnist", "--data-dir", str(args.data_dir),
             "--epochs", str(args.epochs), "--seed", str(args.seed), "--out", str(out),
         ]  # fmt: skip

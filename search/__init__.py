@@ -8,18 +8,18 @@ locally or on a cluster, resumable), then the best subnet finetuned, exported to
 
 from typing import TYPE_CHECKING, Any
 
-from search._config import SearchConfig
-from search._result import SearchResult, TrialRecord
+from prunetune.search._config import SearchConfig
+from prunetune.search._result import SearchResult, TrialRecord
 
 if TYPE_CHECKING:
-    from search._run import run_search
+    from prunetune.search._run import run_search
 
 __all__ = ["SearchConfig", "SearchResult", "TrialRecord", "run_search"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "run_search":  # imports Ray Tune: only when used, so the other commands start fast
-        from search._run import run_search
+        from prunetune.search._run import run_search
 
         return run_search
-    raise AttributeError(f"module 'search' has no attribute {name!r}")
+    raise AttributeError(f"module 'prunetune.search' has no attribute {name!r}")

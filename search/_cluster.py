@@ -3,7 +3,7 @@
 Without an address (and without ``RAY_ADDRESS``) Ray starts here with every server on the
 loopback interface; an address connects to an existing cluster, checked first with a short TCP
 probe so an unreachable one fails in seconds with one line. A session the caller already opened
-(``ray.init`` before :func:`search.run_search`) is used as it is and left open.
+(``ray.init`` before :func:`prunetune.search.run_search`) is used as it is and left open.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from backend.errors import PrunetuneError
+from prunetune.backend.errors import PrunetuneError
 
 __all__ = ["ClusterError", "ClusterInfo", "ray_session"]
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from backend.data import list_datasets
-from backend.errors import PrunetuneError
-from estimators import Target
-from spaces import create_space, list_spaces
+from prunetune.backend.data import list_datasets
+from prunetune.backend.errors import PrunetuneError
+from prunetune.estimators import Target
+from prunetune.spaces import create_space, list_spaces
 
 __all__ = ["SAMPLERS", "Sampler", "SearchConfig"]
 

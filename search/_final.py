@@ -17,15 +17,15 @@ from typing import Any
 
 import torch
 
-from backend.errors import InfeasibleTargetError, PrunetuneError
-from backend.export import export_subnet, load_subnet
-from backend.measure import count_flops, count_params
-from backend.surgery import prune_model
-from backend.train import TrainConfig, evaluate, train
-from estimators import format_metric
-from search._report import write_report
-from search._result import SearchResult, TrialRecord
-from search._setup import Prepared, cost_models
+from prunetune.backend.errors import InfeasibleTargetError, PrunetuneError
+from prunetune.backend.export import export_subnet, load_export
+from prunetune.backend.measure import count_flops, count_params
+from prunetune.backend.surgery import prune_model
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.estimators import format_metric
+from prunetune.search._report import write_report
+from prunetune.search._result import SearchResult, TrialRecord
+from prunetune.search._setup import Prepared, cost_models
 
 __all__ = ["NoFeasibleTrialError", "choose_best", "finish"]
 
@@ -124,6 +124,7 @@ def finish(
         report_path=report,
         trials=tuple(records),
         elapsed_s=elapsed(),
+        model=subnet.eval(),
     )
 
 
@@ -152,7 +153,10 @@ def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str
     Raises:
         InfeasibleTargetError: the exported model misses a target (a bug, never silent).
     """
-    loaded = load_subnet(export_dir)
+    # a module object has no factory: rebuild from it (a zoo model or factory is rebuilt alone,
+    # which also checks an export of an export against the original dense model)
+    dense = None if prepared.ref.buildable else prepared.model
+    loaded = load_export(export_dir, dense=dense, allow_factory=True)
     measured = {
         "flops": float(count_flops(loaded.model, torch.zeros(prepared.input_shape))),
         "params": float(count_params(loaded.model)),

@@ -9,13 +9,13 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from backend.io import atomic_write
-from backend.spec import SubnetSpec
-from estimators import format_metric
-from search._result import TrialRecord
+from prunetune.backend.io import atomic_write
+from prunetune.backend.spec import SubnetSpec
+from prunetune.estimators import format_metric
+from prunetune.search._result import TrialRecord
 
 if TYPE_CHECKING:
-    from search._setup import Prepared
+    from prunetune.search._setup import Prepared
 
 __all__ = ["REPORT_FILE", "write_report"]
 

@@ -8,8 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from backend.spec import SubnetSpec
-from estimators import format_metric
+from torch import nn
+
+from prunetune.backend.spec import SubnetSpec
+from prunetune.estimators import format_metric
 
 __all__ = ["SearchResult", "TrialRecord", "TrialStatus"]
 
@@ -68,7 +70,7 @@ class TrialRecord:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The outcome of :func:`search.run_search`.
+    """The outcome of :func:`prunetune.search.run_search`.
 
     Attributes:
         name: the run's name.
@@ -81,6 +83,8 @@ class SearchResult:
         report_path: ``runs/<name>/report.md``.
         trials: every trial, in the order Tune created them.
         elapsed_s: seconds the whole run took.
+        model: the finetuned pruned module (eval mode), as exported; ``None`` only for results
+            rebuilt from disk.
     """
 
     name: str
@@ -92,6 +96,7 @@ class SearchResult:
     report_path: Path
     trials: tuple[TrialRecord, ...]
     elapsed_s: float
+    model: nn.Module | None = field(default=None, repr=False, compare=False)
 
     @property
     def counts(self) -> dict[str, int]:

@@ -19,16 +19,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from backend.errors import PrunetuneError
-from backend.io import atomic_write, check_writable
-from search._cluster import ray_session
-from search._config import SearchConfig
-from search._final import BEST_DIR, finish
-from search._report import REPORT_FILE
-from search._result import SearchResult
-from search._setup import Prepared, prepare, train_dense
-from search._trial import TrialPayload
-from search._tuner import EXPERIMENT, can_resume, make_tuner, trial_records
+from torch import nn
+
+from prunetune.backend.errors import PrunetuneError
+from prunetune.backend.io import atomic_write, check_writable
+from prunetune.search._cluster import ray_session
+from prunetune.search._config import SearchConfig
+from prunetune.search._final import BEST_DIR, finish
+from prunetune.search._report import REPORT_FILE
+from prunetune.search._result import SearchResult
+from prunetune.search._setup import Prepared, prepare, train_dense
+from prunetune.search._trial import TrialPayload
+from prunetune.search._tuner import EXPERIMENT, can_resume, make_tuner, trial_records
 
 __all__ = ["CONFIG_FILE", "RunExistsError", "load_run_settings", "run_search"]
 
@@ -45,12 +47,20 @@ class RunExistsError(PrunetuneError):
     """The run directory holds a search already, or none to resume."""
 
 
-def run_search(config: SearchConfig, say: Callable[[str], None] | None = None) -> SearchResult:
+def run_search(
+    config: SearchConfig,
+    say: Callable[[str], None] | None = None,
+    *,
+    module: nn.Module | None = None,
+) -> SearchResult:
     """Run a search end to end and return its result.
 
     Args:
         config: the search.
         say: receives progress messages (default: stderr). The live trial line goes to stderr.
+        module: the dense model as a module object (its weights count as trained); it reaches
+            every trial through Ray's object store, so its class must be importable on the
+            workers or defined where cloudpickle can ship it by value.
 
     Returns:
         The best subnet's figures, its export and report, and every trial.
@@ -60,7 +70,7 @@ def run_search(config: SearchConfig, say: Callable[[str], None] | None = None) -
             trial meeting the target.
 
     Example:
-        >>> from estimators import Target
+        >>> from prunetune.estimators import Target
         >>> config = SearchConfig(model="small_cnn", target=Target.parse("flops<=50%"),
         ...                       spaces=("ratios",), trials=4, name="demo")
         >>> result = run_search(config)
@@ -70,7 +80,7 @@ def run_search(config: SearchConfig, say: Callable[[str], None] | None = None) -
     started = time.monotonic()
     check_writable(config.run_dir, directory=True)
     _check_run_state(config)
-    prepared = prepare(config)
+    prepared = prepare(config, module)
     with ray_session(config.address) as cluster, _quiet_tune():
         concurrency = cluster.concurrency(config.cpus_per_trial, config.gpus_per_trial)
         if config.overwrite:
@@ -97,6 +107,7 @@ def payload_of(prepared: Prepared) -> TrialPayload:
     config = prepared.config
     return TrialPayload(
         model_ref=prepared.ref.to_dict(),
+        module=None if prepared.ref.buildable else prepared.model,
         state_dict={k: v.detach().cpu().clone() for k, v in prepared.model.state_dict().items()},
         input_shape=prepared.input_shape,
         target=config.target.to_dict(),

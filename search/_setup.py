@@ -7,6 +7,7 @@ that writes: the dense model trained from scratch, cached as ``runs/<name>/dense
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,16 +17,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from backend.data import DatasetSplits, load_dataset
-from backend.errors import CheckpointError, PrunetuneError
-from backend.export import load_model
-from backend.graph import ChannelGraph
-from backend.models import ModelRef, create_model, dataset_kwargs
-from backend.spec import SubnetSpec
-from backend.train import TrainConfig, evaluate, train
-from estimators import Budget, CostModel, FlopsModel, LatencyProfile, ParamsModel
-from search._config import SearchConfig
+from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from prunetune.backend.data import DatasetSplits, load_dataset
+from prunetune.backend.errors import CheckpointError, PrunetuneError
+from prunetune.backend.export import load_model
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef, create_model, dataset_kwargs
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.estimators import Budget, CostModel, FlopsModel, LatencyProfile, ParamsModel
+from prunetune.search._config import SearchConfig
 
 __all__ = ["DENSE_FILE", "Prepared", "cost_models", "prepare", "train_dense"]
 
@@ -82,14 +83,19 @@ def cost_models(graph: ChannelGraph, profile: LatencyProfile | None) -> dict[str
         "params": ParamsModel.from_graph(graph),
     }
     if profile is not None:
-        from estimators import LatencyPredictor
+        from prunetune.estimators import LatencyPredictor
 
         costs["latency_ms"] = LatencyPredictor(profile, graph)
     return costs
 
 
-def prepare(config: SearchConfig) -> Prepared:
+def prepare(config: SearchConfig, module: nn.Module | None = None) -> Prepared:
     """Load and check everything the search starts from; write nothing.
+
+    Args:
+        config: the search.
+        module: the dense model as a module object (the Python API), used as it is (its weights
+            count as trained) instead of building ``config.model``.
 
     Raises:
         PrunetuneError: unknown model, unreadable checkpoint or profile, missing data, a
@@ -107,6 +113,9 @@ def prepare(config: SearchConfig) -> Prepared:
                 f"checkpoint {config.checkpoint!r} takes {'x'.join(map(str, shape[1:]))} inputs, "
                 f"but {config.dataset} images are {'x'.join(map(str, data.image_shape))}"
             )
+    elif module is not None:
+        model, ref = copy.deepcopy(module), ModelRef.for_instance(module)
+        shape, trained, source = data.input_shape(1), True, "the module given"
     else:
         name = str(config.model)  # SearchConfig requires a model without a checkpoint
         if ":" not in name:

@@ -25,18 +25,18 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from backend.data import DatasetSplits, TensorLoader, load_dataset
-from backend.errors import PrunetuneError
-from backend.graph import ChannelGraph
-from backend.io import atomic_write
-from backend.measure import count_flops, count_params
-from backend.models import ModelRef
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from backend.train import TrainConfig, evaluate, train
-from estimators import LatencyProfile, Target
-from search._setup import cost_models
-from spaces import SpaceContext, create_space
+from prunetune.backend.data import DatasetSplits, TensorLoader, load_dataset
+from prunetune.backend.errors import PrunetuneError
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.io import atomic_write
+from prunetune.backend.measure import count_flops, count_params
+from prunetune.backend.models import ModelRef
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.estimators import LatencyProfile, Target
+from prunetune.search._setup import cost_models
+from prunetune.spaces import SpaceContext, create_space
 
 __all__ = ["WEIGHTS_FILE", "TrialFailedError", "TrialPayload", "run_trial", "score_subnet"]
 
@@ -69,6 +69,8 @@ class TrialPayload:
         score_steps: steps of the common score finetune.
         distill_weight: share of distillation from the dense model in that finetune.
         fixed_options: options set (not searched) by space name.
+        module: the dense model itself when it was given as a module object (it has no
+            factory to rebuild it from ``model_ref``).
     """
 
     model_ref: dict[str, Any]
@@ -86,10 +88,14 @@ class TrialPayload:
     score_steps: int = 150
     distill_weight: float = 0.7
     fixed_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    module: nn.Module | None = None
 
     def build_model(self) -> nn.Module:
         """The dense model with its weights (pruned first when the checkpoint was an export)."""
-        model = ModelRef.from_dict(self.model_ref).build()
+        if self.module is not None:
+            model = copy.deepcopy(self.module)
+        else:
+            model = ModelRef.from_dict(self.model_ref).build()
         if self.base_spec is not None:
             spec = SubnetSpec.from_dict(self.base_spec)
             graph = ChannelGraph.trace(model, torch.zeros(spec.input_shape))

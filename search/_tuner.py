@@ -6,7 +6,8 @@ prefixed ``<space>/`` and arrive as ``config = {"space": s, s: {...}}``). Optuna
 or with ``sampler="random"`` independent random draws (a baseline for the search itself). The
 first trials run each chosen space once (``points_to_evaluate``), so a short search still tries
 them all. ASHA stops weak trials on the spaces' intermediate ``acc`` reports, separately for each
-space (see :mod:`search._scheduler`). With ``pareto`` the searcher is multi-objective (``acc`` up,
+space (see :mod:`prunetune.search._scheduler`). With ``pareto`` the searcher is multi-objective
+(``acc`` up,
 ``flops`` down); ASHA then still ranks on ``acc`` alone, and Optuna sees only final results
 (Ray's OptunaSearch skips intermediate values for several objectives).
 """
@@ -22,13 +23,13 @@ import optuna
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from backend.graph import ChannelGraph
-from search._config import SearchConfig
-from search._progress import ProgressLine
-from search._result import TrialRecord
-from search._scheduler import PerSpaceASHA
-from search._trial import WEIGHTS_FILE, TrialPayload, run_trial
-from spaces import create_space
+from prunetune.backend.graph import ChannelGraph
+from prunetune.search._config import SearchConfig
+from prunetune.search._progress import ProgressLine
+from prunetune.search._result import TrialRecord
+from prunetune.search._scheduler import PerSpaceASHA
+from prunetune.search._trial import WEIGHTS_FILE, TrialPayload, run_trial
+from prunetune.spaces import create_space
 
 __all__ = ["EXPERIMENT", "DefineByRun", "make_sampler", "make_tuner", "trial_records"]
 

@@ -4,8 +4,8 @@
 """
 
 # importing the implementations registers them
-from spaces import _dais, _ddpnas, _dsa, _ratios  # noqa: F401
-from spaces._base import (
+from prunetune.spaces import _dais, _ddpnas, _dsa, _ratios  # noqa: F401
+from prunetune.spaces._base import (
     Report,
     Space,
     SpaceContext,

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from backend.data import DatasetSplits
-from backend.graph import ChannelGraph
-from backend.importance import channel_importance
-from backend.models import ModelRef
-from backend.pruning import alignment, check_round_to, cost_widths, normalised_importance
-from backend.spec import SubnetSpec
-from estimators import Budget
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import channel_importance
+from prunetune.backend.models import ModelRef
+from prunetune.backend.pruning import alignment, check_round_to, cost_widths, normalised_importance
+from prunetune.backend.spec import SubnetSpec
+from prunetune.estimators import Budget
 
 __all__ = [
     "Report",
@@ -63,7 +63,8 @@ class SpaceContext:
         batch_size: examples per training step.
         importance: per-channel scores by group (L1 of the dense weights when not given).
         round_to: final widths are multiples of this (and of each group's step) where the
-            group is that wide (:func:`backend.pruning.alignment`); 8 or 16 suit CPU kernels.
+            group is that wide (:func:`prunetune.backend.pruning.alignment`); 8 or 16 suit CPU
+            kernels.
     """
 
     model: nn.Module
@@ -103,7 +104,7 @@ class SpaceContext:
 
 
 def _fallback_cost(context: SpaceContext, metric: str) -> Any:
-    from estimators import FlopsModel, ParamsModel
+    from prunetune.estimators import FlopsModel, ParamsModel
 
     cache = context.__dict__.setdefault("_costs", {})
     if metric not in cache:
@@ -193,7 +194,7 @@ def finalize(
     Widths are rounded (to each group's step, or its alignment to ``context.round_to``, within
     its bounds). While they overshoot any limit, one step of channels goes from the group whose
     weakest kept channels cost the most per unit of importance
-    (:func:`backend.pruning.cost_widths`, with the budget's use as the cost); then, with
+    (:func:`prunetune.backend.pruning.cost_widths`, with the budget's use as the cost); then, with
     ``fill``, steps are given back to the groups with the most importance per unit of cost while
     everything still fits, so no budget is wasted by rounding.
 

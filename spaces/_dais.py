@@ -1,7 +1,8 @@
 """DAIS: differentiable annealing indicator search (Guan et al., arXiv 2011.02166).
 
 Every channel of every prunable group has an indicator ``I = sigmoid(a / T)`` multiplied onto its
-output (through :class:`~backend.masks.ChannelMasker`, so coupled channels share one indicator).
+output (through :class:`~prunetune.backend.masks.ChannelMasker`, so coupled channels share one
+indicator).
 The temperature ``T`` is annealed towards ``T_min`` so the indicators become binary. Search is
 bi-level and first order (DARTS style): each step, one SGD step on the weights with the training
 loss at the current indicators, then one Adam step on the logits ``a`` with
@@ -11,7 +12,7 @@ loss at the current indicators, then one Adam step on the logits ``a`` with
 where the expected costs take the indicator sums as widths (``alpha_k = sum(I_k) / C_k``) and the
 band regulariser ``R_F`` is zero while the expected cost lies in ``[band * limit, limit]``.
 Extraction keeps the channels with ``I > 0.5``, bisects a global threshold on ``a / T`` when the
-exact cost leaves the band, and ends with :func:`~spaces.finalize`.
+exact cost leaves the band, and ends with :func:`~prunetune.spaces.finalize`.
 
 Adaptations (ours, not the paper's):
 
@@ -25,7 +26,7 @@ Adaptations (ours, not the paper's):
   steps``, so a logit can cross from ``a0`` to the cut (0) in a fixed share of the run before the
   temperature freezes it. The paper's 3e-4 suits its tens of thousands of steps; our inner runs
   take a few hundred (about 0.1 by default on digits), and a fixed rate froze short runs.
-- :func:`~spaces.finalize` ranks channels by ``softplus(a / T - threshold)``, so the kept
+- :func:`~prunetune.spaces.finalize` ranks channels by ``softplus(a / T - threshold)``, so the kept
   channels are the ones the indicators chose, also where it trims or fills a group.
 - Logits start from the dense model's channel importance, ``a = a0 * clip(s / mean(s), 0, 2)``
   per group, so indicators start near 1 and the least important channels nearest the cut.
@@ -49,13 +50,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from backend.data import TensorLoader
-from backend.graph import ChannelGraph, ChannelGroup
-from backend.masks import ChannelMasker, masks_from_spec
-from backend.spec import SubnetSpec
-from backend.train import evaluate
-from estimators import Budget, recalibrate_bn
-from spaces._base import Report, Space, SpaceContext, SpaceResult, finalize, register_space
+from prunetune.backend.data import TensorLoader
+from prunetune.backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.masks import ChannelMasker, masks_from_spec
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.train import evaluate
+from prunetune.estimators import Budget, recalibrate_bn
+from prunetune.spaces._base import (
+    Report,
+    Space,
+    SpaceContext,
+    SpaceResult,
+    finalize,
+    register_space,
+)
 
 __all__ = ["DaisSpace", "anneal_temperature", "band_penalty", "threshold_widths"]
 

@@ -4,7 +4,8 @@ After Zheng et al., "Dynamic Distribution Pruning for Efficient Network Architec
 (arXiv 1905.13543), adapted to channel widths. Every prunable group ``l`` has a categorical
 distribution ``theta_l`` over K width options (keep ratios); a supernet shares the dense weights,
 and a width-``w`` option keeps the ``w`` most important channels of its group (a 0/1 mask through
-:class:`~backend.masks.ChannelMasker`). Each epoch runs R rounds; in a round every active option
+:class:`~prunetune.backend.masks.ChannelMasker`). Each epoch runs R rounds; in a round every active
+option
 of every group is sampled once (without replacement), its subnet trained for a few steps and
 scored on validation data, ``P_r[l, x_l] = reward``. Then::
 
@@ -14,7 +15,7 @@ scored on validation data, ``P_r[l, x_l] = reward``. Then::
 
 until one option per group is left (or ``max_epochs``). The budget enters at the end as a small
 knapsack: one option per group maximising ``sum_l log theta_l[x_l]`` subject to the exact budget
-(:func:`constrained_choice`), then :func:`spaces.finalize`.
+(:func:`constrained_choice`), then :func:`prunetune.spaces.finalize`.
 
 Our adaptations (not in the paper):
 
@@ -49,13 +50,20 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from backend.data import TensorLoader
-from backend.graph import ChannelGraph
-from backend.masks import ChannelMasker, masks_from_spec
-from backend.train import evaluate
-from estimators import Budget
-from estimators._proxy import recalibrate_bn
-from spaces._base import Report, Space, SpaceContext, SpaceResult, finalize, register_space
+from prunetune.backend.data import TensorLoader
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.masks import ChannelMasker, masks_from_spec
+from prunetune.backend.train import evaluate
+from prunetune.estimators import Budget
+from prunetune.estimators._proxy import recalibrate_bn
+from prunetune.spaces._base import (
+    Report,
+    Space,
+    SpaceContext,
+    SpaceResult,
+    finalize,
+    register_space,
+)
 
 __all__ = [
     "DDPNASOptions",

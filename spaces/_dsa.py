@@ -11,7 +11,7 @@ The budget is handled by ADMM between ``theta`` (loss side) and a copy ``z`` (bu
 weight steps with freshly sampled masks alternate with ADMM steps until the relaxed costs of
 ``alpha`` meet every limit, then the weights keep training while ``beta2`` grows and the masks
 harden. Extraction: ``n_k = round(alpha_k * C_k)`` channels of highest importance, then the shared
-:func:`~spaces.finalize` check.
+:func:`~prunetune.spaces.finalize` check.
 
 Adaptations (ours, not the paper's):
 
@@ -48,12 +48,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backend.data import Split, TensorLoader
-from backend.graph import ChannelGraph, ChannelGroup
-from backend.masks import ChannelMasker, masks_from_spec
-from backend.spec import select_channels
-from backend.train import evaluate
-from spaces._base import Report, Space, SpaceContext, SpaceResult, finalize, register_space
+from prunetune.backend.data import Split, TensorLoader
+from prunetune.backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.masks import ChannelMasker, masks_from_spec
+from prunetune.backend.spec import select_channels
+from prunetune.backend.train import evaluate
+from prunetune.spaces._base import (
+    Report,
+    Space,
+    SpaceContext,
+    SpaceResult,
+    finalize,
+    register_space,
+)
 
 __all__ = ["DSASpace", "keep_probabilities", "solve_log_threshold"]
 

@@ -17,11 +17,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from backend.graph import ChannelGraph
-from backend.surgery import prune_model
-from backend.train import TrainConfig, train
-from estimators import proxy_accuracy
-from spaces._base import Report, Space, SpaceContext, SpaceResult, finalize, register_space
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.surgery import prune_model
+from prunetune.backend.train import TrainConfig, train
+from prunetune.estimators import proxy_accuracy
+from prunetune.spaces._base import (
+    Report,
+    Space,
+    SpaceContext,
+    SpaceResult,
+    finalize,
+    register_space,
+)
 
 __all__ = ["DirectRatios"]
 

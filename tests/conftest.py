@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.data import DatasetSplits, load_dataset
+from prunetune.backend.data import DatasetSplits, load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("PRUNETUNE_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))

@@ -1,7 +1,13 @@
 """Model tracing: the channel graph of a model, its coupled channel groups and layer records."""
 
-from backend.graph._channel_graph import ChannelGraph, MaskPoint
-from backend.graph._records import ChannelGroup, ChannelMember, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.graph._channel_graph import ChannelGraph, MaskPoint
+from prunetune.backend.graph._records import (
+    ChannelGroup,
+    ChannelMember,
+    ChannelSegment,
+    LayerInfo,
+    NormInfo,
+)
 
 __all__ = [
     "ChannelGraph",

@@ -12,11 +12,11 @@ from typing import Any, cast
 
 from torch import fx, nn
 
-from backend.graph import _rules as rules
-from backend.graph._groups import Channels, Segment
-from backend.graph._records import ChannelMember
-from backend.graph._state import AnalysisState, LayerRecord, Many, NormRecord, is_multi
-from backend.graph._trace import node_shape
+from prunetune.backend.graph import _rules as rules
+from prunetune.backend.graph._groups import Channels, Segment
+from prunetune.backend.graph._records import ChannelMember
+from prunetune.backend.graph._state import AnalysisState, LayerRecord, Many, NormRecord, is_multi
+from prunetune.backend.graph._trace import node_shape
 
 __all__ = ["ChannelAnalysis"]
 

@@ -8,11 +8,11 @@ from typing import NamedTuple, cast
 import networkx as nx
 from torch import Tensor, fx, nn
 
-from backend.graph._analysis import ChannelAnalysis
-from backend.graph._groups import Channels
-from backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
-from backend.graph._state import LayerRecord
-from backend.graph._trace import build_dag, propagate_shapes, trace_module
+from prunetune.backend.graph._analysis import ChannelAnalysis
+from prunetune.backend.graph._groups import Channels
+from prunetune.backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.graph._state import LayerRecord
+from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
 
 __all__ = ["ChannelGraph", "MaskPoint"]
 

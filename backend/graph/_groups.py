@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from backend.graph._records import ChannelGroup, ChannelMember
+from prunetune.backend.graph._records import ChannelGroup, ChannelMember
 
 __all__ = ["Channels", "Segment", "SlotSet"]
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import fx, nn
 
-from backend.graph._groups import Channels, Segment
+from prunetune.backend.graph._groups import Channels, Segment
 
 __all__ = [
     "CAT_OPS",

@@ -8,7 +8,7 @@ from typing import Any, Literal, TypeGuard
 from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
-from backend.graph._groups import Channels, Segment, SlotSet
+from prunetune.backend.graph._groups import Channels, Segment, SlotSet
 
 __all__ = ["AnalysisState", "LayerRecord", "Many", "NormRecord", "is_multi"]
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
 
-from backend.errors import UnsupportedModelError
+from prunetune.backend.errors import UnsupportedModelError
 
 __all__ = ["build_dag", "node_shape", "propagate_shapes", "trace_module"]
 

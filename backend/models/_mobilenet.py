@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from backend.models._registry import register_model
+from prunetune.backend.models._registry import register_model
 
 # (expansion t, output channels c, repeats n, first stride s); CIFAR keeps 32x32 longer.
 _CIFAR_SETTINGS = (

@@ -10,11 +10,14 @@ from typing import Any
 
 from torch import nn
 
-from backend.errors import UnsupportedModelError
+from prunetune.backend.errors import UnsupportedModelError
 
 ModelFactory = Callable[..., nn.Module]
 
 _REGISTRY: dict[str, ModelFactory] = {}
+
+INSTANCE_PREFIX = "instance:"
+"""Names of :class:`ModelRef` s that record a module object's class; they cannot be rebuilt."""
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -44,6 +47,8 @@ class ModelRef:
     """Where a model comes from: a zoo name or ``package.module:factory``, and its arguments.
 
     It is the model's identity in checkpoints and exports, so it must stay JSON-serialisable.
+    A model given as an ``nn.Module`` object has the reference :meth:`for_instance`, which names
+    its class for the reader but cannot be rebuilt (:attr:`buildable` is false).
     """
 
     name: str
@@ -67,8 +72,35 @@ class ModelRef:
             raise ValueError(f"a model reference's 'kwargs' must be an object, got {kwargs!r}")
         return cls(name=data["name"], kwargs=dict(kwargs))
 
+    @classmethod
+    def for_instance(cls, model: nn.Module) -> ModelRef:
+        """The identity of a module object: ``instance:package.module.ClassName``."""
+        kind = type(model)
+        return cls(f"{INSTANCE_PREFIX}{kind.__module__}.{kind.__qualname__}")
+
+    @property
+    def buildable(self) -> bool:
+        """Whether :meth:`build` can construct the model (a zoo name or a factory path)."""
+        return not self.name.startswith(INSTANCE_PREFIX)
+
+    @property
+    def is_zoo(self) -> bool:
+        """Whether the name is one of the zoo's models (needs no import of user code)."""
+        return self.name in _REGISTRY
+
     def build(self) -> nn.Module:
-        """Construct the (dense, freshly initialised) model."""
+        """Construct the (dense, freshly initialised) model.
+
+        Raises:
+            UnsupportedModelError: the reference records a module object (it has no factory),
+                or see :func:`create_model`.
+        """
+        if not self.buildable:
+            raise UnsupportedModelError(
+                f"model {self.name.removeprefix(INSTANCE_PREFIX)!r} was given as a module object "
+                "and cannot be rebuilt from its name; pass the module itself (from Python: "
+                "prunetune.load(directory, model=...)), or load the export's own program"
+            )
         return create_model(self.name, **self.kwargs)
 
 

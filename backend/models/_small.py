@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from backend.models._registry import register_model
+from prunetune.backend.models._registry import register_model
 
 
 class SmallCNN(nn.Module):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backend.models import create_model, list_models
+from prunetune.backend.models import create_model, list_models
 
 
 def _conv_bn(

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from backend.errors import CheckpointError
-from backend.models import ModelRef
+from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from prunetune.backend.errors import CheckpointError
+from prunetune.backend.models import ModelRef
 
 
 def _saved(tmp_path: Path) -> tuple[Path, torch.nn.Module]:

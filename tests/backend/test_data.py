@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from backend.data import DatasetSplits, TensorLoader, load_dataset
-from backend.errors import DataError
+from prunetune.backend.data import DatasetSplits, TensorLoader, load_dataset
+from prunetune.backend.errors import DataError
 
 
 def test_digits_splits_are_deterministic_and_disjoint(digits: DatasetSplits) -> None:

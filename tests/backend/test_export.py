@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.errors import CheckpointError, SpecError
-from backend.export import export_subnet, load_model, load_subnet
-from backend.graph import ChannelGraph
-from backend.measure import count_flops
-from backend.models import ModelRef
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
+from prunetune.backend.errors import CheckpointError, SpecError
+from prunetune.backend.export import export_subnet, load_model, load_subnet
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.measure import count_flops
+from prunetune.backend.models import ModelRef
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
 from tests.backend.architectures import ALL_MODELS, ARCHITECTURES, build
 
 Exported = tuple[Path, torch.nn.Module, SubnetSpec]

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from backend.errors import UnsupportedModelError
-from backend.graph import ChannelGraph, ChannelGroup, ChannelMember, ChannelSegment
+from prunetune.backend.errors import UnsupportedModelError
+from prunetune.backend.graph import ChannelGraph, ChannelGroup, ChannelMember, ChannelSegment
 from tests.backend.architectures import (
     ALL_MODELS,
     ChannelShuffleNet,

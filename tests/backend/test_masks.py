@@ -8,11 +8,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from backend.graph import ChannelGraph
-from backend.masks import ChannelMasker, masks_from_spec
-from backend.models import ModelRef
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.masks import ChannelMasker, masks_from_spec
+from prunetune.backend.models import ModelRef
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
 from tests.backend.architectures import build
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend.data import DatasetSplits
-from backend.errors import UnsupportedModelError
-from backend.models import ModelRef, create_model, dataset_kwargs, list_models
-from backend.train import TrainConfig, train
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.errors import UnsupportedModelError
+from prunetune.backend.models import ModelRef, create_model, dataset_kwargs, list_models
+from prunetune.backend.train import TrainConfig, train
 
 ZOO = ("mobilenetv2", "resnet20", "resnet32", "resnet56", "small_cnn", "vgg16_bn")
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend.data import DatasetSplits, TensorLoader
-from backend.errors import InfeasibleTargetError
-from backend.graph import ChannelGraph, ChannelGroup
-from backend.importance import IMPORTANCE_CRITERIA, channel_importance
-from backend.models import create_model
-from backend.pruning import alignment, one_shot_widths, ratio_widths
-from estimators import FlopsModel, ParamsModel, Target
+from prunetune.backend.data import DatasetSplits, TensorLoader
+from prunetune.backend.errors import InfeasibleTargetError
+from prunetune.backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
+from prunetune.backend.models import create_model
+from prunetune.backend.pruning import alignment, one_shot_widths, ratio_widths
+from prunetune.estimators import FlopsModel, ParamsModel, Target
 
 
 @pytest.fixture(scope="module")

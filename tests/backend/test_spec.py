@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from backend.errors import SpecError
-from backend.graph import ChannelGraph, ChannelGroup, ChannelMember
-from backend.models import ModelRef
-from backend.spec import SubnetSpec, select_channels
+from prunetune.backend.errors import SpecError
+from prunetune.backend.graph import ChannelGraph, ChannelGroup, ChannelMember
+from prunetune.backend.models import ModelRef
+from prunetune.backend.spec import SubnetSpec, select_channels
 from tests.backend.architectures import ALL_MODELS, build
 
 X = torch.randn(1, 3, 32, 32)
@@ -148,8 +148,8 @@ def test_from_json_rejects_malformed_text() -> None:
 
 
 def test_compose_maps_inner_indices_back_to_the_dense_channels() -> None:
-    from backend.models import ModelRef
-    from backend.spec import SubnetSpec
+    from prunetune.backend.models import ModelRef
+    from prunetune.backend.spec import SubnetSpec
 
     ref = ModelRef("small_cnn")
     outer = SubnetSpec(ref, (1, 1, 8, 8), {"a": 3, "b": 2}, {"a": (1, 4, 6), "b": (0, 5)})

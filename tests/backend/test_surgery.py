@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from backend.errors import SpecError
-from backend.graph import ChannelGraph
-from backend.masks import ChannelMasker, masks_from_spec
-from backend.models import ModelRef
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model, zero_pruned_channels
+from prunetune.backend.errors import SpecError
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.masks import ChannelMasker, masks_from_spec
+from prunetune.backend.models import ModelRef
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model, zero_pruned_channels
 from tests.backend.architectures import ALL_MODELS, build
 
 SLOW_MODELS = {"mobilenetv2", "resnet56", "vgg16_bn"}

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from backend.graph import (
+from prunetune.backend.graph import (
     ChannelGroup,
     ChannelMember,
     ChannelSegment,

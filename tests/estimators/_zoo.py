@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from backend.graph import ChannelGraph
-from backend.models import ModelRef, create_model
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef, create_model
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
 
 
 @functools.cache

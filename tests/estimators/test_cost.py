@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from backend.errors import SpecError
-from backend.models import ModelRef, list_models
-from backend.spec import SubnetSpec
-from estimators import CostModel, FlopsModel, ParamsModel
+from prunetune.backend.errors import SpecError
+from prunetune.backend.models import ModelRef, list_models
+from prunetune.backend.spec import SubnetSpec
+from prunetune.estimators import CostModel, FlopsModel, ParamsModel
 from tests.estimators._fakes import TINY_INPUT, FakeGraph, chain_graph, tiny_graph, tiny_net
 from tests.estimators._zoo import pruned, traced
 from tests.estimators._zoo import random_widths as zoo_random_widths

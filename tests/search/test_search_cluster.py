@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from backend.export import load_subnet
-from backend.measure import count_flops
-from estimators import Target
-from search import SearchConfig, run_search
+from prunetune.backend.export import load_subnet
+from prunetune.backend.measure import count_flops
+from prunetune.estimators import Target
+from prunetune.search import SearchConfig, run_search
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -13,18 +13,18 @@ import pytest
 import torch
 from ray import tune
 
-from backend.graph import ChannelGraph
-from backend.models import ModelRef
-from estimators import Target, profile_model
-from search import SearchConfig
-from search._tuner import DefineByRun
-from search.cli import main
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef
+from prunetune.cli import main
+from prunetune.estimators import Target, profile_model
+from prunetune.search import SearchConfig
+from prunetune.search._tuner import DefineByRun
 
 FLOPS_HALF = Target.parse("flops<=50%")
 
 
 def test_defaults_search_every_registered_space() -> None:
-    from spaces import list_spaces
+    from prunetune.spaces import list_spaces
 
     config = SearchConfig(model="small_cnn", target=FLOPS_HALF)
     assert config.spaces == tuple(list_spaces())

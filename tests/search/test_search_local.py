@@ -17,12 +17,12 @@ import pytest
 import torch
 from torch import nn
 
-from backend.export import load_subnet
-from backend.measure import count_flops
-from backend.models import ModelRef, create_model
-from estimators import Target
-from search import SearchConfig, run_search
-from search._cluster import ray_session
+from prunetune.backend.export import load_subnet
+from prunetune.backend.measure import count_flops
+from prunetune.backend.models import ModelRef, create_model
+from prunetune.estimators import Target
+from prunetune.search import SearchConfig, run_search
+from prunetune.search._cluster import ray_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -149,8 +149,8 @@ def _failures(experiment: Path) -> dict[str, int]:
 def test_final_finetune_falls_back_to_dense_weights_when_the_trials_are_unreadable(
     tmp_path: Path,
 ) -> None:
-    from search._final import _load_trial_weights
-    from search._result import TrialRecord
+    from prunetune.search._final import _load_trial_weights
+    from prunetune.search._result import TrialRecord
 
     subnet = create_model("small_cnn")
     before = {k: v.clone() for k, v in subnet.state_dict().items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.export import load_subnet
+from prunetune.backend.export import load_subnet
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ TRIALS = 6
 
 
 def _prunetune(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "search.cli", *argv]
+    return [sys.executable, "-m", "prunetune.cli", *argv]
 
 
 def _states(experiment: Path) -> dict[str, str]:

@@ -14,14 +14,14 @@ import pytest
 import torch
 from ray import tune
 
-from backend.graph import ChannelGraph
-from backend.models import ModelRef
-from estimators import Target
-from search import SearchConfig
-from search._trial import TrialPayload
-from search._tuner import DefineByRun, make_sampler, make_tuner, startup_trials
-from search.cli import build_parser, main
-from search.commands.search import config_from_args
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef
+from prunetune.cli import build_parser, main
+from prunetune.cli.commands.search import config_from_args
+from prunetune.estimators import Target
+from prunetune.search import SearchConfig
+from prunetune.search._trial import TrialPayload
+from prunetune.search._tuner import DefineByRun, make_sampler, make_tuner, startup_trials
 
 FLOPS_HALF = Target.parse("flops<=50%")
 

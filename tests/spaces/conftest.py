@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from backend.data import DatasetSplits
-from backend.graph import ChannelGraph
-from backend.models import ModelRef
-from backend.train import TrainConfig, train
-from estimators import FlopsModel, ParamsModel, Target
-from spaces import SpaceContext
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef
+from prunetune.backend.train import TrainConfig, train
+from prunetune.estimators import FlopsModel, ParamsModel, Target
+from prunetune.spaces import SpaceContext
 
 ContextFactory = Callable[..., SpaceContext]
 

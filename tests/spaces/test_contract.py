@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import torch
 
-from backend.errors import InfeasibleTargetError
-from backend.graph import ChannelGraph
-from backend.surgery import prune_model
-from estimators import FlopsModel, ParamsModel, Target
-from spaces import SpaceResult, create_space, list_spaces
+from prunetune.backend.errors import InfeasibleTargetError
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.surgery import prune_model
+from prunetune.estimators import FlopsModel, ParamsModel, Target
+from prunetune.spaces import SpaceResult, create_space, list_spaces
 from tests.spaces.conftest import ContextFactory
 
 FAST: dict[str, dict[str, Any]] = {
@@ -51,7 +51,7 @@ def test_space_contract(name: str, make_context: ContextFactory) -> None:
     # meets the target exactly, measured on the physically pruned model, without waste
     limit = context.budget.limits["flops"]
     pruned = prune_model(context.model, context.graph, result.spec)
-    from backend.measure import count_flops
+    from prunetune.backend.measure import count_flops
 
     flops = count_flops(pruned.eval(), torch.zeros(1, 1, 8, 8))
     assert flops <= limit

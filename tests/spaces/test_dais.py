@@ -12,15 +12,15 @@ import pytest
 import torch
 from torch import Tensor
 
-from backend.data import DatasetSplits
-from backend.graph import ChannelGraph
-from backend.models import ModelRef
-from backend.train import TrainConfig, train
-from estimators import CostModel, FlopsModel, ParamsModel
-from estimators._groups import GroupView
-from estimators._targets import Target
-from spaces import SpaceContext, create_space
-from spaces._dais import (
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef
+from prunetune.backend.train import TrainConfig, train
+from prunetune.estimators import CostModel, FlopsModel, ParamsModel
+from prunetune.estimators._groups import GroupView
+from prunetune.estimators._targets import Target
+from prunetune.spaces import SpaceContext, create_space
+from prunetune.spaces._dais import (
     DaisSpace,
     anneal_temperature,
     band_penalty,

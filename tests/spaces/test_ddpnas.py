@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from backend.data import DatasetSplits
-from backend.graph import ChannelGraph, ChannelGroup
-from backend.models import ModelRef
-from backend.train import TrainConfig, train
-from estimators import FlopsModel, ParamsModel, Target
-from spaces import SpaceContext, create_space
-from spaces._ddpnas import (
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.models import ModelRef
+from prunetune.backend.train import TrainConfig, train
+from prunetune.estimators import FlopsModel, ParamsModel, Target
+from prunetune.spaces import SpaceContext, create_space
+from prunetune.spaces._ddpnas import (
     DDPNASOptions,
     constrained_choice,
     history_scores,

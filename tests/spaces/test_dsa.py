@@ -7,12 +7,12 @@ from typing import Any
 import pytest
 import torch
 
-from backend.data import DatasetSplits, TensorLoader
-from backend.graph import ChannelGraph
-from backend.models import ModelRef
-from estimators import FlopsModel, LatencyPredictor, ParamsModel, Target, profile_model
-from spaces import SpaceContext, create_space
-from spaces._dsa import _DSARun, keep_probabilities, solve_log_threshold
+from prunetune.backend.data import DatasetSplits, TensorLoader
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef
+from prunetune.estimators import FlopsModel, LatencyPredictor, ParamsModel, Target, profile_model
+from prunetune.spaces import SpaceContext, create_space
+from prunetune.spaces._dsa import _DSARun, keep_probabilities, solve_log_threshold
 from tests.spaces.conftest import ContextFactory
 
 STANDARD = ("acc", "flops", "params", "latency_ms", "feasible", "step")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from backend.graph import ChannelGraph
-from estimators import CostModel, FlopsModel, ParamsModel, Target
+from prunetune.backend.graph import ChannelGraph
+from prunetune.estimators import CostModel, FlopsModel, ParamsModel, Target
 
 __all__ = ["add_target_options", "cost_models", "target_from_args"]
 
@@ -38,7 +38,7 @@ def cost_models(graph: ChannelGraph, profile: str | None = None) -> dict[str, Co
         "params": ParamsModel.from_graph(graph),
     }
     if profile:
-        from estimators import LatencyPredictor, LatencyProfile
+        from prunetune.estimators import LatencyPredictor, LatencyProfile
 
         costs["latency_ms"] = LatencyPredictor(LatencyProfile.load(profile), graph)
     return costs

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backend.export import load_model
-from backend.graph import ChannelGraph
-from backend.models import ModelRef, dataset_kwargs
-from backend.spec import SubnetSpec
+from prunetune.backend.export import load_model
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.models import ModelRef, dataset_kwargs
+from prunetune.backend.spec import SubnetSpec
 
 __all__ = ["ResolvedModel", "add_model_options", "parse_shape", "resolve_model"]
 
@@ -70,7 +70,7 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
 
     Raises:
         ValueError: neither a model nor a checkpoint is named.
-        PrunetuneError: see :func:`backend.export.load_model` and the zoo.
+        PrunetuneError: see :func:`prunetune.backend.export.load_model` and the zoo.
     """
     if args.checkpoint:
         expect = ModelRef(args.model) if args.model else None

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from backend.export import load_subnet
-from backend.measure import count_flops
-from search.cli import main
+from prunetune.backend.export import load_subnet
+from prunetune.backend.measure import count_flops
+from prunetune.cli import main
 
 
 def test_prune_exports_a_subnet_that_meets_the_target(

@@ -6,16 +6,16 @@ import argparse
 import json
 from typing import Any
 
-from backend.export import export_subnet
-from backend.importance import IMPORTANCE_CRITERIA, channel_importance
-from backend.io import check_writable
-from backend.pruning import ALLOCATIONS, one_shot_widths
-from backend.spec import SubnetSpec
-from backend.surgery import prune_model
-from estimators import Target, format_metric
-from search.commands._common import say
-from search.commands._costs import add_target_options, cost_models, target_from_args
-from search.commands._models import add_model_options, resolve_model
+from prunetune.backend.export import export_subnet
+from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
+from prunetune.backend.io import check_writable
+from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.cli.commands._common import say
+from prunetune.cli.commands._costs import add_target_options, cost_models, target_from_args
+from prunetune.cli.commands._models import add_model_options, resolve_model
+from prunetune.estimators import Target, format_metric
 
 
 def register(subparsers: Any) -> None:
@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     budget = target.resolve(metric_costs)
     batches = None
     if args.importance == "taylor":
-        from backend.data import TensorLoader, load_dataset
+        from prunetune.backend.data import TensorLoader, load_dataset
 
         data = load_dataset(args.dataset, root=args.data_dir)
         loader = TensorLoader(data.train, 64, shuffle=True)

@@ -6,9 +6,9 @@ import argparse
 import json
 from typing import Any
 
-from estimators import format_metric
-from search.commands._costs import cost_models
-from search.commands._models import add_model_options, resolve_model
+from prunetune.cli.commands._costs import cost_models
+from prunetune.cli.commands._models import add_model_options, resolve_model
+from prunetune.estimators import format_metric
 
 
 def register(subparsers: Any) -> None:

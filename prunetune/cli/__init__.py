@@ -1,4 +1,5 @@
-"""The ``prunetune`` command line: one subcommand per module in :mod:`search.commands`.
+"""The ``prunetune`` command line: one subcommand per module in
+:mod:`prunetune.cli.commands`.
 
 Errors the user can fix (a ``PrunetuneError`` or a ``ValueError`` from argument checks) print one
 line on stderr and exit with code 2, as argparse does for malformed options.
@@ -10,8 +11,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from backend.errors import PrunetuneError
-from search.commands import COMMANDS
+from prunetune.backend.errors import PrunetuneError
+from prunetune.cli.commands import COMMANDS
 
 __all__ = ["build_parser", "main"]
 
@@ -45,7 +46,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"prunetune {args.command}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,16 +8,16 @@ import statistics
 import warnings
 from typing import Any
 
-from backend.io import check_writable
-from estimators import (
+from prunetune.backend.io import check_writable
+from prunetune.cli.commands._common import say
+from prunetune.cli.commands._models import add_model_options, resolve_model
+from prunetune.estimators import (
     LatencyProfile,
     ProfileMismatchWarning,
     ProfileProgress,
     profile_model,
     recalibrate_profile,
 )
-from search.commands._common import say
-from search.commands._models import add_model_options, resolve_model
 
 
 def register(subparsers: Any) -> None:

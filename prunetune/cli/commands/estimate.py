@@ -8,10 +8,10 @@ from typing import Any
 
 import torch
 
-from backend.export import load_subnet
-from backend.graph import ChannelGraph
-from estimators import format_metric
-from search.commands._costs import cost_models
+from prunetune.backend.export import load_subnet
+from prunetune.backend.graph import ChannelGraph
+from prunetune.cli.commands._costs import cost_models
+from prunetune.estimators import format_metric
 
 
 def register(subparsers: Any) -> None:

@@ -15,8 +15,8 @@ from typing import Any
 
 import yaml
 
-from search._config import SAMPLERS, SearchConfig, read_yaml
-from search.commands._common import say
+from prunetune.cli.commands._common import say
+from prunetune.search._config import SAMPLERS, SearchConfig, read_yaml
 
 _EPILOG = """\
 Ray: without --address (and RAY_ADDRESS) Ray starts on this machine, bound to 127.0.0.1.
@@ -115,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         ValueError: a flag or setting the config rejects.
         PrunetuneError: an unreadable ``--config`` file.
     """
-    from search._run import load_run_settings
+    from prunetune.search._run import load_run_settings
 
     flags = {
         key: value
@@ -137,7 +137,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run the search and print the summary (or JSON)."""
-    from search._run import run_search
+    from prunetune.search._run import run_search
 
     config = config_from_args(args)
     result = run_search(config, say=say)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from search.cli import main
+from prunetune.cli import main
 
 FAST = ["--grid", "2", "--repeats", "1", "--calibration-subnets", "2"]
 

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from backend.data import DatasetSplits, list_datasets, load_dataset
-from backend.models import ModelRef, dataset_kwargs
+from prunetune.backend.data import DatasetSplits, list_datasets, load_dataset
+from prunetune.backend.models import ModelRef, dataset_kwargs
 
 __all__ = ["add_data_options", "dataset_from_args", "model_ref_for", "say", "set_threads"]
 

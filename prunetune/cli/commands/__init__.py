@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from search.commands import estimate, inspect, profile, prune, search, train
+from prunetune.cli.commands import estimate, inspect, profile, prune, search, train
 
 COMMANDS: tuple[ModuleType, ...] = (train, prune, inspect, profile, estimate, search)
 

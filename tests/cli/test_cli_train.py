@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.checkpoint import load_checkpoint
-from search.cli import main
+from prunetune.backend.checkpoint import load_checkpoint
+from prunetune.cli import main
 
 
 def test_train_writes_a_loadable_checkpoint(

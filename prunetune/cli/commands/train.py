@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from backend.io import check_writable
-from backend.models import create_model
-from backend.train import TrainConfig, evaluate, train
-from search.commands._common import (
+from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from prunetune.backend.io import check_writable
+from prunetune.backend.models import create_model
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.cli.commands._common import (
     add_data_options,
     dataset_from_args,
     model_ref_for,

@@ -1,0 +1,23 @@
+"""The Python API over module objects (re-exported by :mod:`prunetune`)."""
+
+from prunetune.api._oneshot import (
+    GroupSummary,
+    Inspection,
+    PruneResult,
+    as_target,
+    inspect,
+    load,
+    prune,
+)
+from prunetune.api._search import run_search
+
+__all__ = [
+    "GroupSummary",
+    "Inspection",
+    "PruneResult",
+    "as_target",
+    "inspect",
+    "load",
+    "prune",
+    "run_search",
+]

@@ -1,0 +1,504 @@
+"""The Python front door: prune, inspect, load and search any ``nn.Module`` object.
+
+These functions are what ``prunetune/__init__.py`` re-exports; the command line
+(:mod:`prunetune.cli`) is a thin layer over the same calls, so a one-shot prune from Python and
+``prunetune prune`` take one path. The shape of the API follows the libraries people already prune
+with: one call from a model, an example input and constraints to a pruned model (NVIDIA
+ModelOpt's ``prune(model, mode, constraints, dummy_input, config)``), and the pieces usable on
+their own (Torch-Pruning's dependency graph and pruners used as a library).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from prunetune.backend.errors import CheckpointError, PrunetuneError
+from prunetune.backend.export import LoadedModel, export_subnet, load_export
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
+from prunetune.backend.measure import count_flops, count_params
+from prunetune.backend.models import ModelRef
+from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
+from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.surgery import prune_model
+from prunetune.estimators import (
+    CostModel,
+    FlopsModel,
+    LatencyPredictor,
+    LatencyProfile,
+    ParamsModel,
+    Target,
+    format_metric,
+)
+
+__all__ = [
+    "GroupSummary",
+    "Inspection",
+    "PruneResult",
+    "as_target",
+    "inspect",
+    "load",
+    "prune",
+]
+
+TargetLike = Target | str | Mapping[str, str]
+
+
+def as_target(target: TargetLike) -> Target:
+    """A :class:`~prunetune.estimators.Target` from any of the forms the API accepts.
+
+    Args:
+        target: a ``Target``; a string such as ``"flops<=50%"`` or
+            ``"flops<=50%,params<=1.2M"``; or a mapping such as ``{"flops": "50%"}``.
+
+    Raises:
+        ValueError: the target cannot be read (the message says which part and the valid forms).
+        TypeError: ``target`` is none of those forms.
+    """
+    if isinstance(target, Target):
+        return target
+    if isinstance(target, str):
+        return Target.parse(target)
+    if isinstance(target, Mapping):
+        unknown = set(target) - {"flops", "params", "latency"}
+        if unknown:
+            raise ValueError(
+                f"unknown target metric {sorted(unknown)[0]!r}; valid: flops, params, latency"
+            )
+        return Target.from_options(**{k: str(v) for k, v in target.items()})
+    raise TypeError(
+        f"target must be a Target, a string like 'flops<=50%' or a mapping like "
+        f"{{'flops': '50%'}}, got {type(target).__name__}"
+    )
+
+
+def _check_model(model: Any) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"model must be a torch.nn.Module instance, got {type(model).__name__}; "
+            "to prune a zoo model or a factory, build it first (prunetune.backend.models."
+            "create_model('resnet20'))"
+        )
+    return model
+
+
+def _check_input(example_input: Any) -> Tensor:
+    if not isinstance(example_input, Tensor):
+        raise TypeError(
+            f"example_input must be a torch.Tensor of shape [N, ...] (e.g. "
+            f"torch.randn(1, 3, 224, 224)), got {type(example_input).__name__}"
+        )
+    if example_input.dim() < 2 or example_input.shape[0] < 1:
+        raise ValueError(
+            f"example_input must have a batch dimension first, shape [N, ...]; got "
+            f"{tuple(example_input.shape)}"
+        )
+    return example_input[:1].detach().float()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode (what is exported), then put back each submodule's mode."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    model.eval()
+    try:
+        yield model
+    finally:
+        for name, module in model.named_modules():
+            module.training = modes.get(name, module.training)
+
+
+def _trace(
+    model: nn.Module, example: Tensor, leaf_modules: Sequence[type[nn.Module]]
+) -> ChannelGraph:
+    with _eval_mode(model):
+        return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
+
+
+def _cost_models(graph: ChannelGraph, profile: LatencyProfile | str | None) -> dict[str, CostModel]:
+    costs: dict[str, Any] = {
+        "flops": FlopsModel.from_graph(graph),
+        "params": ParamsModel.from_graph(graph),
+    }
+    if profile is not None:
+        loaded = profile if isinstance(profile, LatencyProfile) else LatencyProfile.load(profile)
+        costs["latency_ms"] = LatencyPredictor(loaded, graph)
+    return costs
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One channel group of a traced model, as :func:`inspect` reports it.
+
+    Attributes:
+        name: the group's name (the first member layer that produces it).
+        size: channels in the dense model.
+        prunable: whether the group may be made narrower.
+        step: widths are kept at multiples of this (e.g. channels that feed a grouped conv).
+        members: the layers whose channels are coupled in this group.
+        reason: why the group is kept whole, when it is.
+    """
+
+    name: str
+    size: int
+    prunable: bool
+    step: int
+    members: tuple[str, ...]
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """What :func:`inspect` finds in a model.
+
+    Attributes:
+        input_shape: the example input's shape, batch 1 (costs are per example).
+        costs: ``flops`` (multiply-accumulates), ``params`` (count) and, with a profile,
+            ``latency_ms`` (predicted milliseconds at the profile's batch size) of the dense model.
+        groups: every channel group, prunable or not.
+        kept_whole: layer (or group) name -> the reason it cannot be pruned.
+        graph: the traced :class:`~prunetune.backend.graph.ChannelGraph`, for further use.
+    """
+
+    input_shape: tuple[int, ...]
+    costs: dict[str, float]
+    groups: tuple[GroupSummary, ...]
+    kept_whole: dict[str, str]
+    graph: ChannelGraph = field(repr=False)
+
+    @property
+    def prunable_groups(self) -> tuple[GroupSummary, ...]:
+        """The groups that may be made narrower."""
+        return tuple(g for g in self.groups if g.prunable)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (what ``prunetune inspect --json`` prints, less the model)."""
+        return {
+            "input_shape": list(self.input_shape),
+            **self.costs,
+            "groups": [
+                {
+                    "name": g.name,
+                    "size": g.size,
+                    "prunable": g.prunable,
+                    "step": g.step,
+                    "members": list(g.members),
+                    **({"reason": g.reason} if g.reason else {}),
+                }
+                for g in self.groups
+            ],
+            "unprunable": dict(self.kept_whole),
+        }
+
+    def __str__(self) -> str:
+        lines = [f"input {'x'.join(map(str, self.input_shape))}"]
+        lines += [f"  {metric}: {format_metric(metric, v)}" for metric, v in self.costs.items()]
+        prunable = self.prunable_groups
+        lines.append(f"{len(prunable)} prunable channel groups:")
+        width = max((len(g.name) for g in prunable), default=0)
+        for group in prunable:
+            step = f" (step {group.step})" if group.step > 1 else ""
+            lines.append(
+                f"  {group.name:<{width}}  {group.size:>5}{step}  {', '.join(group.members)}"
+            )
+        if self.kept_whole:
+            lines.append("kept whole:")
+            lines += [f"  {name}: {reason}" for name, reason in self.kept_whole.items()]
+        return "\n".join(lines)
+
+
+def _inspection(
+    graph: ChannelGraph, shape: tuple[int, ...], costs: Mapping[str, CostModel]
+) -> Inspection:
+    dense = graph.dense_widths()
+    return Inspection(
+        input_shape=shape,
+        costs={metric: float(cost.evaluate(dense)) for metric, cost in costs.items()},
+        groups=tuple(
+            GroupSummary(
+                name=g.name,
+                size=g.size,
+                prunable=g.prunable,
+                step=g.step,
+                members=tuple(sorted({m.module for m in g.members})),
+                reason=g.reason or None,
+            )
+            for g in graph.groups
+        ),
+        kept_whole=dict(graph.unprunable),
+        graph=graph,
+    )
+
+
+def inspect(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    profile: LatencyProfile | str | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+) -> Inspection:
+    """Trace ``model`` and report its coupled channel groups, dense costs and kept-whole layers.
+
+    The model is traced in eval mode (what is exported and deployed) and left as it was: its
+    weights, buffers and train/eval mode are unchanged.
+
+    Args:
+        model: any ``nn.Module``.
+        example_input: a float tensor of shape ``[N, ...]`` (e.g. ``[1, 3, 224, 224]``); only
+            its first example is used, so costs are per example.
+        profile: a latency profile (object or path to ``prunetune profile``'s JSON) of this
+            model: adds the predicted ``latency_ms``.
+        leaf_modules: module classes not to trace into (untraceable custom blocks); they are
+            kept whole.
+
+    Returns:
+        An :class:`Inspection`; ``print()`` it for a table.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``example_input`` not a tensor.
+        UnsupportedModelError: the model cannot be traced (the message quotes the line).
+        ProfileError: the profile is unreadable or of another model.
+
+    Example:
+        >>> import torch, prunetune
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(),
+        ...                     nn.Conv2d(16, 8, 3))
+        >>> found = prunetune.inspect(net, torch.randn(1, 3, 16, 16))
+        >>> [g.size for g in found.prunable_groups], int(found.costs["flops"])
+        ([16], 250560)
+    """
+    model = _check_model(model)
+    example = _check_input(example_input)
+    graph = _trace(model, example, leaf_modules)
+    return _inspection(graph, tuple(example.shape), _cost_models(graph, profile))
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """A physically pruned model and what it costs.
+
+    Attributes:
+        model: the pruned module (a copy: the dense model is untouched), in eval mode, with the
+            dense weights of the kept channels.
+        spec: the kept channels of every group (JSON round-trippable).
+        flops: multiply-accumulates of one example through :attr:`model`, measured with
+            ``torch.utils.flop_counter.FlopCounterMode`` (total / 2).
+        params: parameters of :attr:`model`.
+        dense_flops: the same for the dense model.
+        dense_params: the same for the dense model.
+        costs: every estimator's figure for the subnet (``flops``, ``params`` and, with a
+            profile, the *predicted* ``latency_ms``).
+        dense_costs: the same for the dense model.
+    """
+
+    model: nn.Module
+    spec: SubnetSpec
+    flops: int
+    params: int
+    dense_flops: int
+    dense_params: int
+    costs: dict[str, float]
+    dense_costs: dict[str, float]
+
+    def export(
+        self, directory: str | Path, *, progress: Callable[[str], None] | None = None
+    ) -> Path:
+        """Write the subnet to ``directory`` and check every format against PyTorch.
+
+        The directory holds ``subnet.json`` (spec, figures, checksums), ``weights.pt``,
+        ``model.pt2`` (``torch.export``) and ``model.onnx``; :func:`load` reads it back.
+
+        Raises:
+            ExportParityError: an exported format computes something else than :attr:`model`.
+            PrunetuneError: ``directory`` cannot be written.
+        """
+        from prunetune.backend.io import check_writable
+
+        out = check_writable(directory, directory=True)
+        metrics = {f"dense_{m}": float(v) for m, v in self.dense_costs.items()}
+        if "latency_ms" in self.costs:
+            metrics["predicted_latency_ms"] = float(self.costs["latency_ms"])
+        return export_subnet(out, self.model, self.spec, metrics=metrics, progress=progress)
+
+    def summary(self) -> str:
+        """One line per figure: dense -> pruned (share of dense)."""
+        lines = []
+        for metric, value in self.costs.items():
+            dense = float(self.dense_costs[metric])
+            label = "latency_ms (predicted)" if metric == "latency_ms" else metric
+            lines.append(
+                f"{label}: {format_metric(metric, dense)} -> {format_metric(metric, value)}"
+                f" ({100 * value / dense:.1f}% of dense)"
+            )
+        return "\n".join(lines)
+
+
+def prune(
+    model: nn.Module,
+    example_input: Tensor,
+    target: TargetLike,
+    *,
+    importance: str = "l1",
+    allocation: str = "global",
+    round_to: int = 1,
+    profile: LatencyProfile | str | None = None,
+    batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    model_ref: ModelRef | None = None,
+    base_spec: SubnetSpec | None = None,
+) -> PruneResult:
+    """One-shot prune ``model`` to ``target`` by channel importance, physically.
+
+    Channels are scored once (``importance``), the target is met by removing the least
+    important ones (``allocation``), and a smaller copy of the model is built with the kept
+    weights: the baseline any search must beat, and a deployable model on its own.
+
+    Args:
+        model: any traceable ``nn.Module``; it is not modified.
+        example_input: a float tensor of shape ``[N, ...]``; costs are per example.
+        target: ``"flops<=50%"``, ``{"flops": "50%", "params": "1M"}`` or a ``Target``.
+            FLOPs are multiply-accumulates; latency needs ``profile``.
+        importance: channel score: ``l1`` or ``l2`` (weight norms, Li et al. 2017), ``bn`` (BN
+            scale, Liu et al. 2017) or ``taylor`` (first-order loss change, Molchanov et al.
+            2019; needs ``batches``).
+        allocation: ``uniform`` (one keep ratio everywhere), ``global`` (least important
+            channels of the whole model first) or ``cost`` (channels first where they save the
+            most predicted latency per unit of importance; needs ``profile``).
+        round_to: keep pruned widths at multiples of this (8 or 16 suit CPU/GPU kernels).
+        profile: a latency profile of this model (object or JSON path).
+        batches: ``(inputs, labels)`` batches for ``taylor``.
+        leaf_modules: module classes not to trace into; they are kept whole.
+        model_ref: the model's identity recorded in the export (defaults to the module's class).
+        base_spec: when ``model`` is itself a pruned export, the spec it was pruned with; the
+            result's spec composes both (so it stays relative to the original dense model).
+
+    Returns:
+        A :class:`PruneResult` whose ``model`` meets the target by ``FlopCounterMode``.
+
+    Raises:
+        TypeError: ``model`` is not a module or ``example_input`` not a tensor.
+        ValueError: an unknown importance or allocation, a bad target, ``taylor`` without
+            batches, ``cost`` without a profile.
+        InfeasibleTargetError: no subnet of this model meets the target.
+        UnsupportedModelError: the model cannot be traced.
+
+    Example:
+        >>> import torch, prunetune
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        ...                     nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        ...                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+        >>> result = prunetune.prune(net, torch.randn(1, 3, 32, 32), "flops<=50%")
+        >>> result.flops <= 0.5 * result.dense_flops
+        True
+        >>> result.model(torch.randn(4, 3, 32, 32)).shape
+        torch.Size([4, 10])
+    """
+    model = _check_model(model)
+    example = _check_input(example_input)
+    if importance not in IMPORTANCE_CRITERIA:
+        raise ValueError(
+            f"unknown importance {importance!r}; valid: {', '.join(IMPORTANCE_CRITERIA)}"
+        )
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+    if importance == "taylor" and batches is None:
+        raise ValueError(
+            "importance='taylor' takes gradients: pass batches=[(inputs, labels), ...]"
+        )
+    if allocation == "cost" and profile is None:
+        raise ValueError(
+            "allocation='cost' saves predicted latency: pass profile= (measure one with "
+            "prunetune profile)"
+        )
+    goal = as_target(target)
+    graph = _trace(model, example, leaf_modules)
+    costs = _cost_models(graph, profile)
+    budget = goal.resolve(costs)
+    with _eval_mode(model):
+        scores = channel_importance(model, graph, importance, batches)
+    latency = costs["latency_ms"].evaluate if allocation == "cost" else None
+    widths = one_shot_widths(graph, budget.fits, allocation, scores, round_to, latency)
+    ref = model_ref or ModelRef.for_instance(model)
+    spec = SubnetSpec.from_widths(graph, ref, widths, scores)
+    pruned = prune_model(model, graph, spec).eval()
+    dense_flops = count_flops(_eval_copy(model), example)
+    if base_spec is not None:
+        spec = base_spec.compose(spec)
+    return PruneResult(
+        model=pruned,
+        spec=spec,
+        flops=count_flops(pruned, example),
+        params=count_params(pruned),
+        dense_flops=dense_flops,
+        dense_params=count_params(model),
+        costs={m: float(c.evaluate(widths)) for m, c in costs.items()},
+        dense_costs={m: float(c.evaluate(graph.dense_widths())) for m, c in costs.items()},
+    )
+
+
+def _eval_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).eval()
+
+
+def load(
+    directory: str | Path,
+    *,
+    model: nn.Module | Callable[[], nn.Module] | None = None,
+) -> LoadedModel:
+    """The pruned module back from an export directory (:meth:`PruneResult.export`, a search).
+
+    Every file the export records a checksum for is verified first. The module is then rebuilt
+    from, in order: ``model`` when given (the dense module, or a callable returning it: pruned
+    to the spec, loaded with the exported weights), the zoo when the export names a zoo model,
+    else the export's own ``model.pt2`` program (``torch.export``), which needs no source code:
+    this is how an export of a model defined in a notebook or a function comes back. No
+    reference read from the files is ever imported.
+
+    Args:
+        directory: an export directory.
+        model: the dense model the export was pruned from (or a zero-argument factory).
+
+    Returns:
+        A :class:`~prunetune.backend.export.LoadedModel`: ``.model`` (eval mode), ``.spec``,
+        ``.input_shape``, ``.metrics``.
+
+    Raises:
+        CheckpointError: not an export, a file missing, or a file changed since export.
+        SpecError: the spec does not fit ``model``.
+
+    Example:
+        >>> import tempfile, torch, prunetune
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 4, 3))
+        >>> result = prunetune.prune(net, torch.randn(1, 3, 12, 12), {"flops": "60%"})
+        >>> out = result.export(tempfile.mkdtemp() + "/subnet")
+        >>> back = prunetune.load(out)
+        >>> x = torch.randn(2, 3, 12, 12)
+        >>> torch.allclose(back.model(x), result.model(x), atol=1e-5)
+        True
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        if not callable(model):
+            raise TypeError(
+                f"model must be an nn.Module or a callable returning one, got "
+                f"{type(model).__name__}"
+            )
+        built = model()
+        if not isinstance(built, nn.Module):
+            raise TypeError(f"model() returned {type(built).__name__}, not an nn.Module")
+        model = built
+    try:
+        return load_export(directory, dense=model)
+    except PrunetuneError:
+        raise
+    except OSError as exc:
+        raise CheckpointError(f"cannot read export {str(directory)!r}: {exc}") from exc

@@ -1,0 +1,7 @@
+"""``python -m prunetune.cli``: the command line."""
+
+import sys
+
+from prunetune.cli import main
+
+sys.exit(main())
