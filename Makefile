@@ -22,7 +22,7 @@ demo: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check prunetune backend estimators spaces search
+	$(BIN)/ruff format --check src backend estimators spaces search
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
