@@ -55,10 +55,18 @@ class ChannelMasker(nn.Module):
     residual add), it is multiplied by its mask at each.
 
     Example:
+        >>> import torch
+        >>> from prunetune.backend.graph import ChannelGraph
+        >>> from prunetune.backend.masks import ChannelMasker
+        >>> from prunetune.backend.models import create_model
+        >>> model, x = create_model("resnet20"), torch.randn(2, 3, 32, 32)
+        >>> graph = ChannelGraph.trace(model, x[:1])
         >>> masker = ChannelMasker(model, graph)
-        >>> alpha = torch.full((16,), 0.5, requires_grad=True)
+        >>> alpha = torch.full((16,), 0.5, requires_grad=True)  # keep ratios of group conv1
         >>> masker.set_masks({"conv1": alpha})
-        >>> masker(x).sum().backward()  # alpha.grad is set
+        >>> masker(x).sum().backward()
+        >>> alpha.grad.shape
+        torch.Size([16])
 
     Args:
         model: the model ``graph`` was traced from (or one with the same module names).

@@ -103,7 +103,13 @@ class SubnetSpec:
             the first channels of each group (see :func:`select_channels`).
 
     Example:
-        >>> spec = SubnetSpec.from_widths(graph, ModelRef("resnet20"), {"conv1": 8, ...})
+        >>> import torch
+        >>> from prunetune.backend.graph import ChannelGraph
+        >>> from prunetune.backend.models import ModelRef
+        >>> ref = ModelRef("resnet20")
+        >>> graph = ChannelGraph.trace(ref.build(), torch.zeros(1, 3, 32, 32))
+        >>> widths = {**graph.dense_widths(), "conv1": 8}
+        >>> spec = SubnetSpec.from_widths(graph, ref, widths)
         >>> SubnetSpec.from_json(spec.to_json()) == spec
         True
     """

@@ -6,7 +6,7 @@ exactly (one candidate or thousands at once) and keep ratios differentiably (``r
 
 from prunetune.estimators._cost import CostModel, FlopsModel, ParamsModel, QuadraticForm
 from prunetune.estimators._groups import GraphLike, HasWidths, WidthsLike, graph_fingerprint
-from prunetune.estimators._latency import Calibration, LatencyPredictor
+from prunetune.estimators._latency import Calibration, LatencyPredictor, cost_models
 from prunetune.estimators._profile import (
     DeviceInfo,
     LatencyProfile,
@@ -46,6 +46,7 @@ __all__ = [
     "Target",
     "WidthsLike",
     "calibration_widths",
+    "cost_models",
     "cpu_channel_block",
     "format_metric",
     "graph_fingerprint",

@@ -322,10 +322,18 @@ class FlopsModel(_QuadraticCost):
     a depthwise conv scales with its one group.
 
     Example:
+        >>> import numpy as np, torch
+        >>> from prunetune.backend.graph import ChannelGraph
+        >>> from prunetune.backend.models import create_model
+        >>> graph = ChannelGraph.trace(create_model("resnet20"), torch.zeros(1, 3, 32, 32))
         >>> flops = FlopsModel.from_graph(graph)
-        >>> flops.evaluate({"layer1.0.conv1": 8})       # one candidate, an int
-        >>> flops.evaluate(widths)                       # (N, P) int array -> (N,) int64
-        >>> flops.relaxed(alpha).backward()              # alpha: (P,) tensor, requires_grad
+        >>> flops.dense, flops.evaluate({"layer1.0.conv1": 8})  # one candidate, an int
+        (40813184, 38453888)
+        >>> widths = np.stack([flops.sizes, flops.sizes // 2])  # (N, P) ints
+        >>> flops.evaluate(widths).shape                           # (N,) int64
+        (2,)
+        >>> alpha = torch.full((len(flops.groups),), 0.5, dtype=torch.float64, requires_grad=True)
+        >>> flops.relaxed(alpha).backward()                      # d FLOPs / d keep ratio
     """
 
     metric: ClassVar[str] = "flops"

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from prunetune.backend.errors import SpecError
-from prunetune.estimators._cost import CostModel
+from prunetune.estimators._cost import CostModel, FlopsModel, ParamsModel
 from prunetune.estimators._groups import (
     GraphLike,
     GroupView,
@@ -232,10 +232,10 @@ class LatencyPredictor(CostModel):
     from the caller's own measurements.
 
     Example:
-        >>> profile = LatencyProfile.load("runs/resnet56.latency.json")
-        >>> latency = LatencyPredictor(profile, graph)
-        >>> latency.predict({"layer1.0.conv1": 8})            # ms, one candidate
-        >>> latency.calibrate([(spec.widths, measured_ms)])  # optional refinement
+        >>> profile = LatencyProfile.load("r56-bs32.json")  # doctest: +SKIP
+        >>> latency = LatencyPredictor(profile, graph)  # doctest: +SKIP
+        >>> latency.predict({"layer1.0.conv1": 8})  # ms, one candidate  # doctest: +SKIP
+        >>> latency.calibrate([(spec.widths, measured_ms)])  # refit  # doctest: +SKIP
 
     Raises:
         ProfileError: the profile was made for another model (its graph fingerprint differs) or
@@ -413,3 +413,26 @@ class LatencyPredictor(CostModel):
             total = total + (values * scale_in) @ calls
         result = self.calibration.apply(total)
         return result.reshape(alpha.shape[:-1])
+
+
+def cost_models(graph: GraphLike, profile: LatencyProfile | str | None = None) -> dict[str, Any]:
+    """Every estimator of ``graph``: ``flops`` and ``params``, plus ``latency_ms`` with a profile.
+
+    Args:
+        graph: the traced model (a :class:`~prunetune.backend.graph.ChannelGraph`).
+        profile: a latency profile, or the path of one written by ``prunetune profile``.
+
+    Returns:
+        ``{metric: CostModel}`` in the order flops, params, latency_ms.
+
+    Raises:
+        ProfileError: the profile cannot be read, or was measured for another model.
+    """
+    costs: dict[str, Any] = {
+        "flops": FlopsModel.from_graph(graph),
+        "params": ParamsModel.from_graph(graph),
+    }
+    if profile is not None and profile != "":
+        loaded = profile if isinstance(profile, LatencyProfile) else LatencyProfile.load(profile)
+        costs["latency_ms"] = LatencyPredictor(loaded, graph)
+    return costs

@@ -22,10 +22,10 @@ from prunetune.backend.export import export_subnet, load_export
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.surgery import prune_model
 from prunetune.backend.train import TrainConfig, evaluate, train
-from prunetune.estimators import format_metric
+from prunetune.estimators import cost_models, format_metric
 from prunetune.search._report import write_report
 from prunetune.search._result import SearchResult, TrialRecord
-from prunetune.search._setup import Prepared, cost_models
+from prunetune.search._setup import Prepared
 
 __all__ = ["NoFeasibleTrialError", "choose_best", "finish"]
 

@@ -73,8 +73,8 @@ def run_search(
         >>> from prunetune.estimators import Target
         >>> config = SearchConfig(model="small_cnn", target=Target.parse("flops<=50%"),
         ...                       spaces=("ratios",), trials=4, name="demo")
-        >>> result = run_search(config)
-        >>> result.metrics["test_acc"], result.export_dir
+        >>> result = run_search(config)  # doctest: +SKIP
+        >>> result.metrics["test_acc"], result.export_dir  # doctest: +SKIP
     """
     say = say or _stderr
     started = time.monotonic()

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -25,10 +24,10 @@ from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef, create_model, dataset_kwargs
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.train import TrainConfig, evaluate, train
-from prunetune.estimators import Budget, CostModel, FlopsModel, LatencyProfile, ParamsModel
+from prunetune.estimators import Budget, LatencyProfile, cost_models
 from prunetune.search._config import SearchConfig
 
-__all__ = ["DENSE_FILE", "Prepared", "cost_models", "prepare", "train_dense"]
+__all__ = ["DENSE_FILE", "Prepared", "prepare", "train_dense"]
 
 DENSE_FILE = "dense.pt"
 
@@ -70,23 +69,6 @@ class Prepared:
         widths = self.graph.dense_widths()
         costs = cost_models(self.graph, self.profile)
         return {metric: float(cost.evaluate(widths)) for metric, cost in costs.items()}
-
-
-def cost_models(graph: ChannelGraph, profile: LatencyProfile | None) -> dict[str, CostModel]:
-    """FLOPs and params estimators of ``graph``, plus latency when a profile is given.
-
-    Raises:
-        ProfileError: the profile was measured for another model.
-    """
-    costs: dict[str, Any] = {
-        "flops": FlopsModel.from_graph(graph),
-        "params": ParamsModel.from_graph(graph),
-    }
-    if profile is not None:
-        from prunetune.estimators import LatencyPredictor
-
-        costs["latency_ms"] = LatencyPredictor(profile, graph)
-    return costs
 
 
 def prepare(config: SearchConfig, module: nn.Module | None = None) -> Prepared:

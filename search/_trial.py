@@ -34,8 +34,7 @@ from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
 from prunetune.backend.train import TrainConfig, evaluate, train
-from prunetune.estimators import LatencyProfile, Target
-from prunetune.search._setup import cost_models
+from prunetune.estimators import LatencyProfile, Target, cost_models
 from prunetune.spaces import SpaceContext, create_space
 
 __all__ = ["WEIGHTS_FILE", "TrialFailedError", "TrialPayload", "run_trial", "score_subnet"]

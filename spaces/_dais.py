@@ -164,7 +164,7 @@ class DaisSpace(Space):
     """Channel indicators ``sigmoid(a / T)`` learned bi-level under an annealed temperature.
 
     Example:
-        >>> result = create_space("dais", epochs=4).run(context, report=print)
+        >>> result = create_space("dais", epochs=4).run(context, report=print)  # doctest: +SKIP
     """
 
     name: ClassVar[str] = "dais"

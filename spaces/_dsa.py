@@ -178,7 +178,7 @@ class DSASpace(Space):
     """Differentiable sparsity allocation (Ning et al., 2020): keep ratios learned under ADMM.
 
     Example:
-        >>> result = create_space("dsa", epochs=6).run(context, report=print)
+        >>> result = create_space("dsa", epochs=6).run(context, report=print)  # doctest: +SKIP
     """
 
     name: ClassVar[str] = "dsa"

@@ -37,6 +37,9 @@ class ChannelGraph:
     :attr:`unprunable`.
 
     Example:
+        >>> import torch
+        >>> from prunetune.backend.graph import ChannelGraph
+        >>> from prunetune.backend.models import create_model
         >>> graph = ChannelGraph.trace(create_model("resnet20"), torch.randn(1, 3, 32, 32))
         >>> [g.name for g in graph.prunable_groups][:2]
         ['conv1', 'layer1.0.conv1']

@@ -24,7 +24,7 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
     """Register a factory under ``name``; the factory takes ``num_classes`` and ``in_channels``.
 
     Example:
-        >>> @register_model("tiny")
+        >>> @register_model("tiny")  # doctest: +SKIP
         ... def tiny(num_classes: int = 10, in_channels: int = 3) -> nn.Module: ...
     """
 
@@ -168,7 +168,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
 def dataset_kwargs(name: str, num_classes: int, in_channels: int) -> dict[str, Any]:
     """The ``num_classes``/``in_channels`` keyword arguments that model ``name`` accepts.
 
-    Zoo models take both; a user factory gets only those its signature names.
+    Zoo models take both; a user factory gets those its signature names, and one that takes
+    ``**kwargs`` (torchvision's and timm's builders) gets ``num_classes`` alone, the keyword
+    those libraries share (torchvision's ``ResNet`` rejects ``in_channels``).
     """
     factory = _import_factory(name) if ":" in name else _REGISTRY.get(name)
     if factory is None:
@@ -178,6 +180,7 @@ def dataset_kwargs(name: str, num_classes: int, in_channels: int) -> dict[str, A
         parameters = inspect.signature(factory).parameters  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return wanted
+    named = {k: v for k, v in wanted.items() if k in parameters}
     if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
-        return wanted
-    return {k: v for k, v in wanted.items() if k in parameters}
+        named.setdefault("num_classes", num_classes)
+    return named

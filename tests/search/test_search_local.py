@@ -135,6 +135,47 @@ def test_a_trial_whose_worker_dies_is_retried_and_the_search_completes(
     assert load_subnet(result.export_dir).spec == result.spec
 
 
+def test_a_module_object_is_searched_through_the_python_api(
+    crash_marker: Path, tmp_path: Path
+) -> None:
+    import prunetune
+
+    class Tiny(nn.Module):  # defined here: the trials get it by value through the object store
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(
+                nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            )  # fmt: skip
+            self.classifier = nn.Linear(32, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.classifier(self.features(x).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    net = Tiny()
+    result = prunetune.run_search(
+        net,
+        "flops<=50%",
+        data="digits",
+        spaces=("ratios",),
+        trials=2,
+        name="module",
+        runs_dir=str(tmp_path / "runs"),
+        options={k: v for k, v in QUICK.items() if k != "dense_epochs"},
+    )
+    assert isinstance(result.model, Tiny)
+    example = torch.zeros(1, 1, 8, 8)
+    dense = count_flops(net, example)
+    assert count_flops(result.model, example) == result.metrics["flops"] <= 0.5 * dense
+    assert (
+        result.spec.model.name.endswith("Tiny") and not (tmp_path / "runs/module/dense.pt").exists()
+    )
+    back = prunetune.load(result.export_dir)  # the export's own program: Tiny is not importable
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(back.model(x), result.model(x), rtol=1e-5, atol=1e-5)
+
+
 def _failures(experiment: Path) -> dict[str, int]:
     """Failures per trial, from Tune's saved experiment state."""
     (state_file,) = glob.glob(str(experiment / "experiment_state-*.json"))

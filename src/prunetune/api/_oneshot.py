@@ -28,15 +28,7 @@ from prunetune.backend.models import ModelRef
 from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
-from prunetune.estimators import (
-    CostModel,
-    FlopsModel,
-    LatencyPredictor,
-    LatencyProfile,
-    ParamsModel,
-    Target,
-    format_metric,
-)
+from prunetune.estimators import CostModel, LatencyProfile, Target, cost_models, format_metric
 
 __all__ = [
     "GroupSummary",
@@ -120,17 +112,6 @@ def _trace(
 ) -> ChannelGraph:
     with _eval_mode(model):
         return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
-
-
-def _cost_models(graph: ChannelGraph, profile: LatencyProfile | str | None) -> dict[str, CostModel]:
-    costs: dict[str, Any] = {
-        "flops": FlopsModel.from_graph(graph),
-        "params": ParamsModel.from_graph(graph),
-    }
-    if profile is not None:
-        loaded = profile if isinstance(profile, LatencyProfile) else LatencyProfile.load(profile)
-        costs["latency_ms"] = LatencyPredictor(loaded, graph)
-    return costs
 
 
 @dataclass(frozen=True)
@@ -278,7 +259,7 @@ def inspect(
     model = _check_model(model)
     example = _check_input(example_input)
     graph = _trace(model, example, leaf_modules)
-    return _inspection(graph, tuple(example.shape), _cost_models(graph, profile))
+    return _inspection(graph, tuple(example.shape), cost_models(graph, profile))
 
 
 @dataclass(frozen=True)
@@ -421,7 +402,7 @@ def prune(
         )
     goal = as_target(target)
     graph = _trace(model, example, leaf_modules)
-    costs = _cost_models(graph, profile)
+    costs = cost_models(graph, profile)
     budget = goal.resolve(costs)
     with _eval_mode(model):
         scores = channel_importance(model, graph, importance, batches)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
-from prunetune.backend.graph import ChannelGraph
-from prunetune.estimators import CostModel, FlopsModel, ParamsModel, Target
+from prunetune.estimators import Target
 
-__all__ = ["add_target_options", "cost_models", "target_from_args"]
+__all__ = ["add_target_options", "target_from_args"]
 
 
 def add_target_options(parser: argparse.ArgumentParser) -> None:
@@ -29,16 +27,3 @@ def target_from_args(args: argparse.Namespace) -> Target:
     if args.flops is None and args.params is None and args.latency is None:
         raise ValueError("give a target: --flops, --params and/or --latency (e.g. --flops 50%)")
     return Target.from_options(args.flops, args.params, args.latency)
-
-
-def cost_models(graph: ChannelGraph, profile: str | None = None) -> dict[str, CostModel]:
-    """FLOPs and params estimators of ``graph``, plus latency when a profile is given."""
-    costs: dict[str, Any] = {
-        "flops": FlopsModel.from_graph(graph),
-        "params": ParamsModel.from_graph(graph),
-    }
-    if profile:
-        from prunetune.estimators import LatencyPredictor, LatencyProfile
-
-        costs["latency_ms"] = LatencyPredictor(LatencyProfile.load(profile), graph)
-    return costs

@@ -10,8 +10,7 @@ import torch
 
 from prunetune.backend.export import load_subnet
 from prunetune.backend.graph import ChannelGraph
-from prunetune.cli.commands._costs import cost_models
-from prunetune.estimators import format_metric
+from prunetune.estimators import cost_models, format_metric
 
 
 def register(subparsers: Any) -> None:

@@ -6,16 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from prunetune.backend.export import export_subnet
-from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
+import torch
+
+from prunetune.api import prune
+from prunetune.backend.importance import IMPORTANCE_CRITERIA
 from prunetune.backend.io import check_writable
-from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
-from prunetune.backend.spec import SubnetSpec
-from prunetune.backend.surgery import prune_model
+from prunetune.backend.pruning import ALLOCATIONS
 from prunetune.cli.commands._common import say
-from prunetune.cli.commands._costs import add_target_options, cost_models, target_from_args
+from prunetune.cli.commands._costs import add_target_options, target_from_args
 from prunetune.cli.commands._models import add_model_options, resolve_model
-from prunetune.estimators import Target, format_metric
 
 
 def register(subparsers: Any) -> None:
@@ -57,7 +56,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Prune, export, print what was kept."""
+    """Prune through :func:`prunetune.prune` (the API's path), export, print what was kept."""
     out = check_writable(args.out, directory=True)
     target = target_from_args(args)
     if args.importance == "taylor" and not args.dataset:
@@ -68,9 +67,6 @@ def run(args: argparse.Namespace) -> int:
             "(measure one with prunetune profile)"
         )
     resolved = resolve_model(args)
-    graph = resolved.trace()
-    metric_costs = cost_models(graph, args.profile)
-    budget = target.resolve(metric_costs)
     batches = None
     if args.importance == "taylor":
         from prunetune.backend.data import TensorLoader, load_dataset
@@ -78,38 +74,29 @@ def run(args: argparse.Namespace) -> int:
         data = load_dataset(args.dataset, root=args.data_dir)
         loader = TensorLoader(data.train, 64, shuffle=True)
         batches = [batch for _, batch in zip(range(8), loader)]
-    scores = channel_importance(resolved.model, graph, args.importance, batches)
-    latency = metric_costs["latency_ms"].evaluate if args.allocation == "cost" else None
-    widths = one_shot_widths(graph, budget.fits, args.allocation, scores, args.round_to, latency)
-    spec = SubnetSpec.from_widths(graph, resolved.ref, widths, scores)
-    pruned = prune_model(resolved.model, graph, spec)
-    if resolved.spec is not None:
-        spec = resolved.spec.compose(spec)
-    # every estimator, not only the target's: a latency profile's prediction is shown too
-    dense_costs = {m: float(e.evaluate(graph.dense_widths())) for m, e in metric_costs.items()}
-    costs = {m: float(e.evaluate(widths)) for m, e in metric_costs.items()}
-    export_subnet(
-        out,
-        pruned,
-        spec,
-        metrics={f"dense_{m}": float(v) for m, v in dense_costs.items()},
-        progress=say,
+    result = prune(
+        resolved.model,
+        torch.zeros(resolved.input_shape),
+        target,
+        importance=args.importance,
+        allocation=args.allocation,
+        round_to=args.round_to,
+        profile=args.profile,
+        batches=batches,
+        model_ref=resolved.ref,
+        base_spec=resolved.spec,
     )
-    summary = {
-        "out": str(out),
-        "target": str(Target.from_dict(target.to_dict())),
-        "widths": widths,
-        **{m: float(v) for m, v in costs.items()},
-        **{f"dense_{m}": float(v) for m, v in dense_costs.items()},
-    }
+    result.export(out, progress=say)
     if args.json:
+        summary = {
+            "out": str(out),
+            "target": str(target),
+            "widths": dict(result.spec.widths),
+            **result.costs,
+            **{f"dense_{m}": v for m, v in result.dense_costs.items()},
+        }
         print(json.dumps(summary))
     else:
-        for metric, value in costs.items():
-            dense = float(dense_costs[metric])
-            print(
-                f"{metric}: {format_metric(metric, dense)} -> {format_metric(metric, float(value))}"
-                f" ({100 * float(value) / dense:.1f}% of dense)"
-            )
+        print(result.summary())
         print(f"exported to {out}")
     return 0
