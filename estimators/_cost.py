@@ -3,7 +3,7 @@
 Both costs are quadratic in the channel widths: a conv or linear layer costs a constant times
 (output width) x (input width), a depthwise conv, a bias or a norm layer a constant times one
 width. Written in keep ratios ``alpha`` (width / dense width, one per prunable group) this is the
-form of METHODS.md section 0, ``F(alpha) = alpha^T A alpha + B^T alpha + F0``.
+form of docs/methods.md §0, ``F(alpha) = alpha^T A alpha + B^T alpha + F0``.
 """
 
 from __future__ import annotations

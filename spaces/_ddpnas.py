@@ -1,4 +1,4 @@
-"""DDPNAS: dynamically pruned architecture distributions over channel widths (METHODS.md §3).
+"""DDPNAS: dynamically pruned architecture distributions over channel widths (docs/methods.md §3).
 
 After Zheng et al., "Dynamic Distribution Pruning for Efficient Network Architecture Search"
 (arXiv 1905.13543), adapted to channel widths. Every prunable group ``l`` has a categorical
@@ -21,7 +21,7 @@ Our adaptations (not in the paper):
 
 - Target-aware reward: ``reward = acc - budget_penalty * max(0, utilisation - 1)`` where
   utilisation is the sampled subnet's largest exact cost/limit ratio, so the widest option does
-  not win every group (METHODS.md recommends making the reward aware of the target).
+  not win every group (the usual advice when adapting it to a budget).
 - Options are deduplicated per group: keep ratios that round to the same width (the group's step,
   its minimum width) are one option, so small groups may have fewer than K options; a round then
   pads their sampling sequence with uniform draws among their active options (a repeated option's

@@ -1,4 +1,4 @@
-"""DSA: differentiable sparsity allocation under a budget, solved by ADMM (METHODS.md section 1).
+"""DSA: differentiable sparsity allocation under a budget, solved by ADMM (docs/methods.md §1).
 
 Ning et al., "DSA: More Efficient Budgeted Pruning via Differentiable Sparsity Allocation"
 (ECCV 2020, arXiv 2004.02164). Every prunable channel group ``k`` has a keep ratio

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -27,7 +28,22 @@ def run(*command: str | Path, cwd: Path = REPO) -> str:
 
 
 def test_the_wheel_adds_only_prunetune_and_runs_from_a_fresh_venv(tmp_path: Path) -> None:
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", tmp_path / "dist", REPO)
+    # build from a copy: setuptools reuses build/ in the source tree, where files removed since
+    # an earlier build would still be packed
+    source = tmp_path / "source"
+    skip = shutil.ignore_patterns(".git", ".venv", "build", "runs", "*.egg-info", "__pycache__")
+    shutil.copytree(REPO, source, symlinks=True, ignore=skip)
+    run(
+        sys.executable,
+        "-m",
+        "pip",
+        "wheel",
+        "--no-deps",
+        "--quiet",
+        "-w",
+        tmp_path / "dist",
+        source,
+    )
     (wheel,) = (tmp_path / "dist").glob("prunetune-*.whl")
     with zipfile.ZipFile(wheel) as archive:
         tops = {name.split("/")[0] for name in archive.namelist()}
