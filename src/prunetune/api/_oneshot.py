@@ -11,7 +11,6 @@ their own (Torch-Pruning's dependency graph and pruners used as a library).
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,12 +405,12 @@ def prune(
     budget = goal.resolve(costs)
     with _eval_mode(model):
         scores = channel_importance(model, graph, importance, batches)
+        dense_flops = count_flops(model, example)
     latency = costs["latency_ms"].evaluate if allocation == "cost" else None
     widths = one_shot_widths(graph, budget.fits, allocation, scores, round_to, latency)
     ref = model_ref or ModelRef.for_instance(model)
     spec = SubnetSpec.from_widths(graph, ref, widths, scores)
     pruned = prune_model(model, graph, spec).eval()
-    dense_flops = count_flops(_eval_copy(model), example)
     if base_spec is not None:
         spec = base_spec.compose(spec)
     return PruneResult(
@@ -424,10 +423,6 @@ def prune(
         costs={m: float(c.evaluate(widths)) for m, c in costs.items()},
         dense_costs={m: float(c.evaluate(graph.dense_widths())) for m, c in costs.items()},
     )
-
-
-def _eval_copy(model: nn.Module) -> nn.Module:
-    return copy.deepcopy(model).eval()
 
 
 def load(
