@@ -113,9 +113,13 @@ def _import_factory(path: str) -> ModelFactory:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
+        hint = (
+            "install it with pip install 'prunetune[vision]'"
+            if module_name.split(".")[0] == "torchvision"
+            else "make sure it is installed or on PYTHONPATH"
+        )
         raise UnsupportedModelError(
-            f"cannot import module {module_name!r} for user model {path!r}: {exc}; "
-            "make sure it is installed or on PYTHONPATH"
+            f"cannot import module {module_name!r} for user model {path!r}: {exc}; {hint}"
         ) from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):

@@ -76,3 +76,20 @@ def tiny_factory(width: int = 2) -> torch.nn.Module:
 
 def not_a_module() -> int:
     return 3
+
+
+def test_a_missing_torchvision_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now fails
+    with pytest.raises(UnsupportedModelError, match=r"pip install 'prunetune\[vision\]'"):
+        create_model("torchvision.models:resnet18")
+
+
+def test_torchvision_builders_get_num_classes_alone() -> None:
+    pytest.importorskip("torchvision")
+    kwargs = dataset_kwargs("torchvision.models:resnet18", 7, 1)
+    assert kwargs == {"num_classes": 7}
+    assert create_model("torchvision.models:resnet18", **kwargs).fc.out_features == 7

@@ -81,3 +81,27 @@ def test_inspect_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "--model", "mobilenetv2"]) == 0
     out = capsys.readouterr().out
     assert "prunable channel groups" in out and "kept whole" in out
+
+
+@pytest.mark.slow
+def test_a_torchvision_model_by_name_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("torchvision")
+    model = "torchvision.models:mobilenet_v3_small"
+    shape = ["--input-shape", "1,3,32,32"]
+    assert main(["inspect", "--model", model, *shape, "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found["model"]["kwargs"] == {"num_classes": 10}  # no in_channels: ResNet-style builders
+    out = tmp_path / "mnv3"
+    assert main(["prune", "--model", model, *shape, "--flops", "50%", "--out", str(out)]) == 0
+    loaded = load_subnet(out)
+    measured = count_flops(loaded.model, torch.zeros(1, 3, 32, 32))
+    assert measured == json.loads((out / "subnet.json").read_text())["metrics"]["flops"]
+    assert measured <= 0.5 * found["flops"]
+    assert (
+        main(
+            ["prune", "--checkpoint", str(out), "--flops", "50%", "--out", str(tmp_path / "again")]
+        )
+        == 0
+    )
