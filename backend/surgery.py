@@ -54,7 +54,7 @@ def _parameter(value: Tensor, like: Tensor) -> nn.Parameter:
 
 
 def _pruned_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Tensor) -> nn.Module:
-    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
+    if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         raise TypeError(f"layer {layer.name!r} is a {type(conv).__name__}, expected a conv")
     weight = conv.weight.detach()
     if layer.depthwise:

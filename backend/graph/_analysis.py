@@ -8,6 +8,7 @@ understood, in which case its inputs are fixed and its output is a new fixed slo
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 from torch import fx, nn
@@ -312,13 +313,17 @@ class ChannelAnalysis(AnalysisState):
 
     # --- layers ----------------------------------------------------------------------------
 
-    def _record_call(self, node: fx.Node, name: str, channels: Channels, what: str) -> Any:
-        """A later call of a shared module: couple its input with the first call's."""
+    def _record_call(
+        self, node: fx.Node, name: str, channels: Channels, what: str, positions: int = 0
+    ) -> Any:
+        """A later call of a shared module: couple its input with the first call's and add this
+        call's ``positions`` (output positions per example) to the layer's."""
         record: LayerRecord | NormRecord | None = self.layers.get(name) or self.norms.get(name)
         if record is None:
             return None
         record.calls += 1
         if isinstance(record, LayerRecord):
+            record.positions += positions
             self._join(record.inputs, channels, node, what)
             outputs = record.outputs
         else:
@@ -335,10 +340,11 @@ class ChannelAnalysis(AnalysisState):
         if channels is None or in_shape is None or out_shape is None:
             self.unknown_modules[name] = "its input is not a traced tensor"
             return self._unknown(node, f"module '{name}'")
-        shared = self._record_call(node, name, channels, f"shared module '{name}'")
+        positions = math.prod(out_shape[2:])
+        shared = self._record_call(node, name, channels, f"shared module '{name}'", positions)
         if shared is not None:
             return shared
-        conv = cast(nn.Conv1d | nn.Conv2d, module)
+        conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
         groups, c_in, c_out = conv.groups, conv.in_channels, conv.out_channels
         depthwise = groups > 1 and groups == c_in == c_out
         reason = None
@@ -368,7 +374,15 @@ class ChannelAnalysis(AnalysisState):
                     self.slots.add_step(channels[0].slot, groups)
             outputs = (Segment(slot, c_out),)
         self.layers[name] = LayerRecord(
-            name, "conv", module, channels, outputs, depthwise, in_shape[2:], out_shape[2:]
+            name,
+            "conv",
+            module,
+            channels,
+            outputs,
+            depthwise,
+            in_shape[2:],
+            out_shape[2:],
+            positions=positions,
         )
         self.mask_points.append((node, outputs))
         return outputs
@@ -382,7 +396,7 @@ class ChannelAnalysis(AnalysisState):
             reason = "Linear applied to a tensor that is not [batch, features]"
             self.unknown_modules[name] = reason
             return self._unknown(node, f"module '{name}' ({reason})")
-        shared = self._record_call(node, name, channels, f"shared module '{name}'")
+        shared = self._record_call(node, name, channels, f"shared module '{name}'", 1)
         if shared is not None:
             return shared
         out_features = cast(nn.Linear, module).out_features
@@ -393,7 +407,9 @@ class ChannelAnalysis(AnalysisState):
         slot = self.slots.new(out_features, name)
         self.slots.add_member(slot, ChannelMember(name, "out"))
         outputs = (Segment(slot, out_features),)
-        self.layers[name] = LayerRecord(name, "linear", module, channels, outputs, False, (), ())
+        self.layers[name] = LayerRecord(
+            name, "linear", module, channels, outputs, False, (), (), positions=1
+        )
         self.mask_points.append((node, outputs))
         return outputs
 

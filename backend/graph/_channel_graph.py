@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, cast
 
 import networkx as nx
@@ -54,6 +54,7 @@ class ChannelGraph:
         other_params: int,
         leaf_modules: tuple[type[nn.Module], ...],
         mask_points: tuple[MaskPoint, ...],
+        constant_flops: dict[str, int] | None = None,
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -66,6 +67,7 @@ class ChannelGraph:
         self._other_params = other_params
         self._leaf_modules = leaf_modules
         self._mask_points = mask_points
+        self._constant_flops = dict(constant_flops or {})
 
     @classmethod
     def trace(
@@ -77,8 +79,11 @@ class ChannelGraph:
     ) -> ChannelGraph:
         """Trace ``model`` on ``example_input`` and derive its channel groups.
 
-        The model is run once in eval mode without gradients (its training flags and BN
-        statistics are left as they were).
+        The model is traced, run and costed in eval mode, the mode that is exported (branches
+        that run only in training are left out); it is run once without gradients, and its
+        training flags and BN statistics are left as they were. ``FlopCounterMode`` counts every
+        node on the way: what no conv or linear layer record models is kept in
+        :attr:`constant_flops`.
 
         Args:
             model: the dense model.
@@ -159,6 +164,7 @@ class ChannelGraph:
         }
         return cls(
             dag=build_dag(module, channel_names),
+            constant_flops=_constant_flops(module, analysis.layers, example_input.shape[0]),
             groups=groups,
             layers=layers,
             norms=norms,
@@ -208,6 +214,22 @@ class ChannelGraph:
     def other_params(self) -> int:
         """Parameters outside every conv, linear and norm layer (constant in the widths)."""
         return self._other_params
+
+    @property
+    def constant_flops(self) -> dict[str, int]:
+        """MACs per example that no layer record models, by where they are computed.
+
+        Keys are the innermost module around the op (its qualified name, or the fx node's name
+        at the top level); values are ``FlopCounterMode`` counts / 2 on the example input. Every
+        such op reads only channels that are kept whole, so its cost is the same in every
+        subnet: cost models add :attr:`other_flops` as a constant.
+        """
+        return dict(self._constant_flops)
+
+    @property
+    def other_flops(self) -> int:
+        """MACs per example outside the conv and linear layer records (constant in the widths)."""
+        return sum(self._constant_flops.values())
 
     @property
     def leaf_modules(self) -> tuple[type[nn.Module], ...]:
@@ -264,6 +286,24 @@ class ChannelGraph:
         )
 
 
+def _constant_flops(
+    module: fx.GraphModule, layers: Mapping[str, LayerRecord], batch: int
+) -> dict[str, int]:
+    """The MACs per example of every node that is not a call of a recorded layer, by place."""
+    totals: dict[str, int] = {}
+    for node in module.graph.nodes:
+        flops = int(node.meta.get("flops", 0))
+        if not flops or (node.op == "call_module" and str(node.target) in layers):
+            continue
+        if node.op == "call_module":
+            place = str(node.target)
+        else:
+            stack = node.meta.get("nn_module_stack") or {}
+            place = next(reversed(stack.values()))[0] if stack else node.name
+        totals[place] = totals.get(place, 0) + flops
+    return {place: flops // (2 * batch) for place, flops in totals.items()}
+
+
 def _layer_info(
     record: LayerRecord, in_segments: tuple[ChannelSegment, ...], out_group: str
 ) -> LayerInfo:
@@ -278,8 +318,9 @@ def _layer_info(
             out_channels=module.out_features,
             bias=module.bias is not None,
             calls=record.calls,
+            positions=record.positions,
         )
-    conv = cast(nn.Conv1d | nn.Conv2d, module)
+    conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
     padding = conv.padding
     if isinstance(padding, str):
         padding = tuple(
@@ -303,4 +344,5 @@ def _layer_info(
         output_hw=record.output_hw,
         bias=conv.bias is not None,
         calls=record.calls,
+        positions=record.positions,
     )

@@ -37,7 +37,7 @@ def _names(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,

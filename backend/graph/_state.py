@@ -26,6 +26,7 @@ class LayerRecord:
     input_hw: tuple[int, ...]
     output_hw: tuple[int, ...]
     calls: int = 1
+    positions: int = 0
 
 
 @dataclass

@@ -10,9 +10,8 @@ their own (Torch-Pruning's dependency graph and pruners used as a library).
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 
 from prunetune.backend.errors import CheckpointError, PrunetuneError
 from prunetune.backend.export import LoadedModel, export_subnet, load_export
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, eval_mode
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
@@ -103,22 +102,10 @@ def _check_input(example_input: Any) -> Tensor:
     return example_input[:1].detach().float()
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode (what is exported), then put back each submodule's mode."""
-    modes = {name: module.training for name, module in model.named_modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for name, module in model.named_modules():
-            module.training = modes.get(name, module.training)
-
-
 def _trace(
     model: nn.Module, example: Tensor, leaf_modules: Sequence[type[nn.Module]]
 ) -> ChannelGraph:
-    with _eval_mode(model):
+    with eval_mode(model):
         return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
 
 
@@ -423,7 +410,7 @@ def prune(
     graph = _trace(model, example, leaf_modules)
     costs = _cost_models(graph, profile)
     budget = goal.resolve(costs)
-    with _eval_mode(model):
+    with eval_mode(model):
         scores = channel_importance(model, graph, importance, batches)
     latency = costs["latency_ms"].evaluate if allocation == "cost" else None
     widths = one_shot_widths(graph, budget.fits, allocation, scores, round_to, latency)
