@@ -73,11 +73,17 @@ class ChannelAnalysis(AnalysisState):
         name = str(node.target)
         module = self.submodules[name]
         kind = type(module)
-        if kind in rules.CONV_TYPES:
-            return self._conv(node, module)
-        if kind in rules.LINEAR_TYPES:
-            return self._linear(node, module)
-        if kind in rules.NORM_TYPES:
+        if isinstance(module, rules.LAYER_TYPES) and (
+            kind in rules.LAYER_TYPES or rules.is_layer_subclass(module)
+        ):
+            unlike = self._unlike_its_layer(node, module)
+            if unlike is not None:
+                self.unknown_modules[name] = unlike
+                return self._unknown(node, f"module '{name}' ({kind.__name__}: {unlike})")
+            if isinstance(module, rules.CONV_TYPES):
+                return self._conv(node, module)
+            if isinstance(module, rules.LINEAR_TYPES):
+                return self._linear(node, module)
             return self._norm(node, module)
         passthrough = kind in rules.PASSTHROUGH_MODULE_TYPES
         passthrough |= isinstance(module, nn.PReLU) and module.num_parameters == 1
@@ -312,6 +318,36 @@ class ChannelAnalysis(AnalysisState):
         return self._unknown(node, f"{what} (indexes the batch or channel dim)")
 
     # --- layers ----------------------------------------------------------------------------
+
+    def _unlike_its_layer(self, node: fx.Node, module: nn.Module) -> str | None:
+        """Why a call of a conv, linear or norm module (a subclass above all) does not compute
+        what its weight says, ``None`` when it does: its output's dim 1 must be the layer's
+        output channels and ``FlopCounterMode`` must count exactly the layer's MACs."""
+        source = node.args[0] if node.args else None
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        out_shape = node_shape(node)
+        if in_shape is None or out_shape is None or len(node.all_input_nodes) != 1:
+            return None  # the layer rules below refuse it with their own reason
+        counted = int(node.meta.get("flops", 0)) // 2
+        if isinstance(module, rules.NORM_TYPES):
+            expected = 0
+            outputs = cast(nn.BatchNorm2d, module).num_features
+        elif isinstance(module, rules.LINEAR_TYPES):
+            linear = cast(nn.Linear, module)
+            outputs = linear.out_features
+            expected = math.prod(out_shape[:-1]) * linear.in_features * outputs
+            if len(out_shape) != 2:
+                return None
+        else:
+            conv = cast(nn.Conv2d, module)
+            outputs = conv.out_channels
+            per_output = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+            expected = math.prod(out_shape) * per_output
+        if len(out_shape) < 2 or out_shape[1] != outputs:
+            return f"its output has {out_shape[1]} channels along dim 1, not {outputs}"
+        if counted != expected:
+            return f"its forward computes {counted} MACs where the layer alone computes {expected}"
+        return None
 
     def _record_call(
         self, node: fx.Node, name: str, channels: Channels, what: str, positions: int = 0

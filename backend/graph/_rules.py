@@ -16,6 +16,7 @@ __all__ = [
     "CONV_TYPES",
     "ELEMENTWISE_OPS",
     "EXPAND_OPS",
+    "LAYER_TYPES",
     "LINEAR_TYPES",
     "NORM_TYPES",
     "PASSTHROUGH_MODULE_TYPES",
@@ -27,6 +28,7 @@ __all__ = [
     "SPLIT_OPS",
     "argument",
     "index_keeps_channels",
+    "is_layer_subclass",
     "normalise_dims",
     "op_name",
     "reshape_channels",
@@ -45,6 +47,23 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm3d,
     nn.SyncBatchNorm,
 )
+
+LAYER_TYPES = (*CONV_TYPES, *LINEAR_TYPES, *NORM_TYPES)
+
+
+def is_layer_subclass(module: nn.Module) -> bool:
+    """Whether ``module`` is a user subclass of a conv, linear or BatchNorm layer that can be
+    pruned like the built-in one: it holds no parameters but ``weight`` and ``bias`` and no
+    submodule with parameters (an activation or padding it applies is fine).
+
+    Such layers (a BatchNorm that applies its activation, a conv that pads itself "same") are
+    kept as single calls when tracing; whether the call computes what the layer's weight says
+    is checked on its FLOPs and shapes.
+    """
+    if type(module) in LAYER_TYPES or not isinstance(module, LAYER_TYPES):
+        return False
+    return {name for name, _ in module.named_parameters()} <= {"weight", "bias"}
+
 
 # Modules without channel-mixing parameters that keep dim 1 as it is (checked on the shapes too).
 PASSTHROUGH_MODULE_TYPES: tuple[type[nn.Module], ...] = (

@@ -16,6 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunetune.backend.errors import UnsupportedModelError
+from prunetune.backend.graph._rules import is_layer_subclass
 
 __all__ = ["build_dag", "eval_mode", "node_shape", "propagate_shapes", "trace_module"]
 
@@ -24,7 +25,8 @@ _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer (torch.nn modules are leaves) plus user-named leaf module types."""
+    """fx's default tracer (torch.nn modules are leaves) plus user-named leaf module types and
+    user subclasses of conv, linear and BatchNorm layers (see ``is_layer_subclass``)."""
 
     def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
@@ -32,6 +34,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if is_layer_subclass(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -340,6 +340,59 @@ class Conv3dNet(nn.Module):
         return self.fc(F.relu(self.conv2(x)).mean((2, 3, 4)))
 
 
+class SamePadConv2d(nn.Conv2d):
+    """A Conv2d subclass that pads itself "same" from the input size (TF-style), as model
+    libraries write it: Python shape logic in ``forward``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        pad_h = max(
+            (-(-height // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - height, 0
+        )
+        pad_w = max(
+            (-(-width // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - width, 0
+        )
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A BatchNorm2d subclass that applies its activation (timm's BatchNormAct2d)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(super().forward(x))
+
+
+class PlainLinear(nn.Linear):
+    """A Linear subclass with its own forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class SubclassedLayersNet(nn.Module):
+    """A network built only from subclasses of Conv2d, BatchNorm2d and Linear."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = SamePadConv2d(3, 16, 3, stride=2, bias=False)
+        self.bn1 = BatchNormAct2d(16)
+        self.conv2 = SamePadConv2d(16, 16, 3, groups=16, bias=False)
+        self.bn2 = BatchNormAct2d(16)
+        self.conv3 = SamePadConv2d(16, 24, 1)
+        self.bn3 = BatchNormAct2d(24)
+        self.fc = PlainLinear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn1(self.conv1(x))
+        x = self.bn2(self.conv2(x)) + x
+        return self.fc(self.bn3(self.conv3(x)).mean((2, 3)))
+
+
 class UntraceableNet(nn.Module):
     """Data-dependent control flow: cannot be traced symbolically."""
 
@@ -368,6 +421,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "pyramid_head": PyramidHeadNet,
     "aux_head": AuxHeadNet,
     "conv3d": Conv3dNet,
+    "subclassed_layers": SubclassedLayersNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

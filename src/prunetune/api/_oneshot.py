@@ -205,9 +205,10 @@ def _inspection(
     graph: ChannelGraph, shape: tuple[int, ...], costs: Mapping[str, CostModel]
 ) -> Inspection:
     dense = graph.dense_widths()
+    figures = {metric: float(cost.evaluate(dense)) for metric, cost in costs.items()}
     return Inspection(
         input_shape=shape,
-        costs={metric: float(cost.evaluate(dense)) for metric, cost in costs.items()},
+        costs=figures,
         groups=tuple(
             GroupSummary(
                 name=g.name,
@@ -219,9 +220,20 @@ def _inspection(
             )
             for g in graph.groups
         ),
-        kept_whole=dict(graph.unprunable),
+        kept_whole=_kept_whole(graph, figures.get("flops", 0.0)),
         graph=graph,
     )
+
+
+def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
+    """The graph's kept-whole groups and layers, each with the share of the dense FLOPs it
+    fixes where ops there are counted but not pruned (transposed convs, matmuls, ...)."""
+    kept = dict(graph.unprunable)
+    for place, macs in graph.constant_flops.items():
+        share = f"{100 * macs / dense_flops:.1f}% of FLOPs" if dense_flops else "no FLOPs"
+        reason = kept.get(place, "reads channels kept whole; counted, not pruned")
+        kept[place] = f"{reason} ({share})"
+    return kept
 
 
 def inspect(

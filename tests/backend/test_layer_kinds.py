@@ -1,0 +1,67 @@
+"""Layers recognised by what they compute: subclasses of conv, linear and BatchNorm layers prune
+like the built-ins, and what must stay whole is named with its reason and FLOPs share."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import prunetune
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.measure import count_flops
+from tests.backend.architectures import build
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_subclassed_layers_prune_like_the_builtins() -> None:
+    model = build("subclassed_layers")
+    graph = ChannelGraph.trace(model, X)
+    assert {layer.name for layer in graph.layers} == {"conv1", "conv2", "conv3", "fc"}
+    assert {norm.name for norm in graph.norms} == {"bn1", "bn2", "bn3"}
+    assert graph.layer("conv2").depthwise
+    assert [g.name for g in graph.prunable_groups] == ["conv1", "conv3"]
+    result = prunetune.prune(model, X, "flops<=50%")
+    assert result.flops == result.costs["flops"] <= 0.5 * result.dense_flops
+    assert type(result.model.conv1).__name__ == "SamePadConv2d"
+    assert result.model.conv1.out_channels < 16
+
+
+class _StdConv2d(nn.Conv2d):
+    """Weight standardisation (BiT, NFNets): the weight is normalised per output channel."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = F.batch_norm(
+            self.weight.reshape(1, self.out_channels, -1), None, None, training=True, eps=1e-5
+        ).reshape_as(self.weight)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding)
+
+
+class _DoubleConv(nn.Conv2d):
+    """A subclass that runs its conv twice: not what its weight alone computes."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x) + super().forward(x)
+
+
+def test_a_standardised_conv_prunes_and_one_that_computes_more_is_named() -> None:
+    model = nn.Sequential(
+        _StdConv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 1), nn.ReLU(),
+        _DoubleConv(16, 8, 3, padding=1),
+    ).eval()  # fmt: skip
+    graph = ChannelGraph.trace(model, X)
+    assert graph.group("0").prunable
+    assert "computes 2359296 MACs where the layer alone computes 1179648" in graph.unprunable["4"]
+    found = prunetune.inspect(model, X)
+    assert found.costs["flops"] == count_flops(model, X)
+    assert "% of FLOPs" in found.kept_whole["4"]
+
+
+@pytest.mark.parametrize("name", ["transposed_conv", "non_local"])
+def test_inspect_names_what_is_counted_as_a_constant_and_its_share(name: str) -> None:
+    found = prunetune.inspect(build(name), X)
+    place = {"transposed_conv": "up", "non_local": "einsum"}[name]
+    assert "% of FLOPs" in found.kept_whole[place]
+    assert place in str(found)
