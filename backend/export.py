@@ -188,6 +188,7 @@ def export_subnet(
                 )
             say(f"wrote model.pt2 (parity {error:.1e})")
         if "onnx" in formats:
+            _check_onnx_exportable(model)
             try:
                 error = _export_onnx(model, example, check_input, expected, staging / "model.onnx")
             except Exception as exc:  # the ONNX exporter raises many types
@@ -209,6 +210,21 @@ def export_subnet(
 def _export_program(model: nn.Module, example: Tensor) -> Any:
     batch = torch.export.Dim("batch", min=1, max=65536)
     return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+
+
+def _check_onnx_exportable(model: nn.Module) -> None:
+    """Refuse, naming the layer, what the ONNX exporter fails on deep inside.
+
+    Raises:
+        ExportParityError: a BatchNorm without running statistics.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            raise ExportParityError(
+                f"BatchNorm '{name}' has no running statistics (track_running_stats=False), "
+                "which ONNX cannot express; give it running statistics, or export without "
+                "ONNX (formats=('pt2',))"
+            )
 
 
 def _export_onnx(

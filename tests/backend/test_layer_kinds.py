@@ -3,12 +3,16 @@ like the built-ins, and what must stay whole is named with its reason and FLOPs 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 import prunetune
+from prunetune.backend.errors import InfeasibleTargetError
+from prunetune.backend.export import ExportParityError
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.measure import count_flops
 from tests.backend.architectures import build
@@ -65,3 +69,27 @@ def test_inspect_names_what_is_counted_as_a_constant_and_its_share(name: str) ->
     place = {"transposed_conv": "up", "non_local": "einsum"}[name]
     assert "% of FLOPs" in found.kept_whole[place]
     assert place in str(found)
+
+
+def test_a_model_with_nothing_prunable_says_so_and_exports_dense(tmp_path: Path) -> None:
+    model = nn.Conv2d(3, 8, 3).eval()
+    found = prunetune.inspect(model, X)
+    assert not found.prunable_groups
+    assert "nothing can be pruned" in str(found)
+    with pytest.raises(InfeasibleTargetError, match=r"nothing in Conv2d can be pruned.*conv2d"):
+        prunetune.prune(model, X, "flops<=50%")
+    result = prunetune.prune(model, X, "flops<=100%")
+    back = prunetune.load(result.export(tmp_path / "dense"))
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(X), model(X))
+
+
+def test_a_batchnorm_without_running_stats_is_named_before_export(tmp_path: Path) -> None:
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, track_running_stats=False), nn.Conv2d(8, 4, 3)
+    ).eval()
+    found = prunetune.inspect(model, X)
+    assert any("BatchNorm '1' has no running statistics" in note for note in found.notes)
+    result = prunetune.prune(model, X, "flops<=60%")
+    with pytest.raises(ExportParityError, match="BatchNorm '1' has no running statistics"):
+        result.export(tmp_path / "subnet")

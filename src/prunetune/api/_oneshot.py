@@ -11,6 +11,7 @@ their own (Torch-Pruning's dependency graph and pruners used as a library).
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from prunetune.backend.errors import CheckpointError, PrunetuneError
+from prunetune.backend.errors import CheckpointError, InfeasibleTargetError, PrunetuneError
 from prunetune.backend.export import LoadedModel, export_subnet, load_export
 from prunetune.backend.graph import ChannelGraph, eval_mode
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
@@ -152,6 +153,7 @@ class Inspection:
         groups: every channel group, prunable or not.
         kept_whole: layer (or group) name -> the reason it cannot be pruned.
         graph: the traced :class:`~prunetune.backend.graph.ChannelGraph`, for further use.
+        notes: layers that will stop an export, one line each naming the layer and the fix.
     """
 
     input_shape: tuple[int, ...]
@@ -159,6 +161,7 @@ class Inspection:
     groups: tuple[GroupSummary, ...]
     kept_whole: dict[str, str]
     graph: ChannelGraph = field(repr=False)
+    notes: tuple[str, ...] = ()
 
     @property
     def prunable_groups(self) -> tuple[GroupSummary, ...]:
@@ -182,13 +185,17 @@ class Inspection:
                 for g in self.groups
             ],
             "unprunable": dict(self.kept_whole),
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
         lines = [f"input {'x'.join(map(str, self.input_shape))}"]
         lines += [f"  {metric}: {format_metric(metric, v)}" for metric, v in self.costs.items()]
         prunable = self.prunable_groups
-        lines.append(f"{len(prunable)} prunable channel groups:")
+        if prunable:
+            lines.append(f"{len(prunable)} prunable channel groups:")
+        else:
+            lines.append("nothing can be pruned: every channel group is kept whole (see below)")
         width = max((len(g.name) for g in prunable), default=0)
         for group in prunable:
             step = f" (step {group.step})" if group.step > 1 else ""
@@ -198,6 +205,9 @@ class Inspection:
         if self.kept_whole:
             lines.append("kept whole:")
             lines += [f"  {name}: {reason}" for name, reason in self.kept_whole.items()]
+        if self.notes:
+            lines.append("notes:")
+            lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -277,7 +287,20 @@ def inspect(
     model = _check_model(model)
     example = _check_input(example_input)
     graph = _trace(model, example, leaf_modules)
-    return _inspection(graph, tuple(example.shape), _cost_models(graph, profile))
+    found = _inspection(graph, tuple(example.shape), _cost_models(graph, profile))
+    return dataclasses.replace(found, notes=_export_notes(model))
+
+
+def _export_notes(model: nn.Module) -> tuple[str, ...]:
+    """Layers that the export cannot write: BatchNorms without running statistics."""
+    return tuple(
+        f"BatchNorm '{name}' has no running statistics (track_running_stats=False): in eval "
+        "mode it normalises each batch by its own statistics, which the ONNX exporter cannot "
+        "write; give it running statistics (track_running_stats=True, then calibrate them on "
+        "training batches) to export it"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
+    )
 
 
 @dataclass(frozen=True)
@@ -421,7 +444,13 @@ def prune(
     goal = as_target(target)
     graph = _trace(model, example, leaf_modules)
     costs = _cost_models(graph, profile)
-    budget = goal.resolve(costs)
+    try:
+        budget = goal.resolve(costs)
+    except InfeasibleTargetError as exc:
+        if graph.prunable_groups:
+            raise
+        dense = float(costs["flops"].dense)
+        raise InfeasibleTargetError(f"{_nothing_prunable(model, graph, dense)}: {exc}") from exc
     with eval_mode(model):
         scores = channel_importance(model, graph, importance, batches)
     latency = costs["latency_ms"].evaluate if allocation == "cost" else None
@@ -441,6 +470,19 @@ def prune(
         dense_params=count_params(model),
         costs={m: float(c.evaluate(widths)) for m, c in costs.items()},
         dense_costs={m: float(c.evaluate(graph.dense_widths())) for m, c in costs.items()},
+    )
+
+
+def _nothing_prunable(model: nn.Module, graph: ChannelGraph, dense_flops: float) -> str:
+    """One line saying that no channel of ``model`` can be pruned, with the first reasons."""
+    kept = _kept_whole(graph, dense_flops)
+    reasons = "; ".join(f"{name}: {why}" for name, why in list(kept.items())[:3]) or (
+        "it has no conv, linear or norm layer"
+    )
+    more = "; ..." if len(kept) > 3 else ""
+    return (
+        f"nothing in {type(model).__name__} can be pruned, every channel group is kept whole "
+        f"({reasons}{more}); only a 100% target can be met, which gives the dense model"
     )
 
 
