@@ -15,8 +15,9 @@ from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels, Segment
+from prunetune.backend.graph._last import ChannelsLastRules
 from prunetune.backend.graph._records import ChannelMember
-from prunetune.backend.graph._state import AnalysisState, LayerRecord, Many, NormRecord, is_multi
+from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, is_multi
 from prunetune.backend.graph._trace import node_shape
 
 __all__ = ["ChannelAnalysis"]
@@ -33,13 +34,16 @@ _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
 }
 
 
-class ChannelAnalysis(AnalysisState):
+class ChannelAnalysis(ChannelsLastRules):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
         """Analyse every node."""
         for node in self.module.graph.nodes:
-            self.values[node] = self._visit(node)
+            value = self._visit(node)
+            if isinstance(value, Last) and len(node_shape(node) or ()) == 2:
+                value = value.channels  # [N, C]: the last dim is dim 1
+            self.values[node] = value
 
     # --- dispatch --------------------------------------------------------------------------
 
@@ -85,6 +89,10 @@ class ChannelAnalysis(AnalysisState):
             if isinstance(module, rules.LINEAR_TYPES):
                 return self._linear(node, module)
             return self._norm(node, module)
+        if isinstance(module, nn.LayerNorm):
+            normed = self._last_norm(node, module)
+            if normed is not None:
+                return normed
         passthrough = kind in rules.PASSTHROUGH_MODULE_TYPES
         passthrough |= isinstance(module, nn.PReLU) and module.num_parameters == 1
         passthrough |= isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d)) and not (
@@ -116,6 +124,9 @@ class ChannelAnalysis(AnalysisState):
         if name in ("max", "min") and isinstance(rules.argument(node, 1, "other"), fx.Node):
             return self._elementwise(node, what)
         if name in rules.ELEMENTWISE_OPS:
+            if any(self.last(source) is not None for source in node.all_input_nodes):
+                value = self._last_elementwise(node, what)
+                return value if value is not None else self._unknown(node, what)
             return self._elementwise(node, what)
         if name in rules.SPATIAL_OPS:
             if name == "pad":
@@ -160,6 +171,9 @@ class ChannelAnalysis(AnalysisState):
     def _same(self, node: fx.Node, what: str) -> Any:
         """Ops that keep dim 1 as it is (activations, pooling, dropout, expand)."""
         source = node.args[0] if node.args else None
+        if self.last(source) is not None:
+            value = self._last_same(node)
+            return value if value is not None else self._unknown(node, what)
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
         out_shape = node_shape(node)
@@ -234,6 +248,10 @@ class ChannelAnalysis(AnalysisState):
     def _permute(self, node: fx.Node, name: str, what: str) -> Any:
         shape = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         rank = len(shape or ())
+        order = self._permute_order(node, name, rank)
+        moved = self._permute_channels(node, order) if order is not None else None
+        if moved is not None:
+            return moved
         if name == "permute":
             dims: Any = list(node.args[1:]) or rules.argument(node, 1, "dims")
             if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -255,6 +273,9 @@ class ChannelAnalysis(AnalysisState):
         shape = node_shape(source) if isinstance(source, fx.Node) else None
         dims = rules.argument(node, 1, "dim", rules.argument(node, 1, "axis"))
         reduced = rules.normalise_dims(dims, len(shape or ()))
+        if self.last(source) is not None:
+            value = self._last_reduce(node, reduced)
+            return value if value is not None else self._unknown(node, what)
         if channels is None or reduced is None or 0 in reduced or 1 in reduced:
             return self._unknown(node, f"{what} (reduces over the batch or channel dim)")
         meta = node.meta.get("tensor_meta")
@@ -320,52 +341,13 @@ class ChannelAnalysis(AnalysisState):
     # --- layers ----------------------------------------------------------------------------
 
     def _unlike_its_layer(self, node: fx.Node, module: nn.Module) -> str | None:
-        """Why a call of a conv, linear or norm module (a subclass above all) does not compute
-        what its weight says, ``None`` when it does: its output's dim 1 must be the layer's
-        output channels and ``FlopCounterMode`` must count exactly the layer's MACs."""
+        """Why a call of a conv, linear or norm module does not compute what its weight says."""
         source = node.args[0] if node.args else None
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
         out_shape = node_shape(node)
         if in_shape is None or out_shape is None or len(node.all_input_nodes) != 1:
-            return None  # the layer rules below refuse it with their own reason
-        counted = int(node.meta.get("flops", 0)) // 2
-        if isinstance(module, rules.NORM_TYPES):
-            expected = 0
-            outputs = cast(nn.BatchNorm2d, module).num_features
-        elif isinstance(module, rules.LINEAR_TYPES):
-            linear = cast(nn.Linear, module)
-            outputs = linear.out_features
-            expected = math.prod(out_shape[:-1]) * linear.in_features * outputs
-            if len(out_shape) != 2:
-                return None
-        else:
-            conv = cast(nn.Conv2d, module)
-            outputs = conv.out_channels
-            per_output = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
-            expected = math.prod(out_shape) * per_output
-        if len(out_shape) < 2 or out_shape[1] != outputs:
-            return f"its output has {out_shape[1]} channels along dim 1, not {outputs}"
-        if counted != expected:
-            return f"its forward computes {counted} MACs where the layer alone computes {expected}"
-        return None
-
-    def _record_call(
-        self, node: fx.Node, name: str, channels: Channels, what: str, positions: int = 0
-    ) -> Any:
-        """A later call of a shared module: couple its input with the first call's and add this
-        call's ``positions`` (output positions per example) to the layer's."""
-        record: LayerRecord | NormRecord | None = self.layers.get(name) or self.norms.get(name)
-        if record is None:
-            return None
-        record.calls += 1
-        if isinstance(record, LayerRecord):
-            record.positions += positions
-            self._join(record.inputs, channels, node, what)
-            outputs = record.outputs
-        else:
-            outputs = self._join(record.channels, channels, node, what)
-        self.mask_points.append((node, outputs))
-        return outputs
+            return None  # the layer rules refuse it with their own reason
+        return rules.unlike_its_layer(module, out_shape, int(node.meta.get("flops", 0)) // 2)
 
     def _conv(self, node: fx.Node, module: nn.Module) -> Any:
         name = str(node.target)
@@ -428,6 +410,10 @@ class ChannelAnalysis(AnalysisState):
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        if in_shape is not None and len(in_shape) >= 3:
+            tokens = self._token_linear(node, module)
+            if tokens is not None:
+                return tokens
         if channels is None or in_shape is None or len(in_shape) != 2:
             reason = "Linear applied to a tensor that is not [batch, features]"
             self.unknown_modules[name] = reason

@@ -11,7 +11,7 @@ from torch import Tensor, fx, nn
 from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
 from prunetune.backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
-from prunetune.backend.graph._state import LayerRecord
+from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
 
 __all__ = ["ChannelGraph", "MaskPoint"]
@@ -23,10 +23,12 @@ class MaskPoint(NamedTuple):
     Attributes:
         node: name of the fx node (a conv/linear call, or the norm right after it).
         segments: the groups along dim 1 of that output, in order, with their multipliers.
+        last: the channels are the output's last dim instead (channels-last maps, tokens).
     """
 
     node: str
     segments: tuple[ChannelSegment, ...]
+    last: bool = False
 
 
 class ChannelGraph:
@@ -150,7 +152,8 @@ class ChannelGraph:
                 and str(users[0].target) in analysis.norms
             ):
                 continue  # the norm right after it is the mask point, so BN's shift is masked too
-            point = MaskPoint(node.name, segments(channels))
+            last = isinstance(analysis.values.get(node), Last)
+            point = MaskPoint(node.name, segments(channels), last)
             if any(by_name[seg.group].prunable for seg in point.segments):
                 mask_points.append(point)
         modules = [r.module for r in analysis.layers.values()]
@@ -316,6 +319,8 @@ def _layer_info(
             out_group=out_group,
             in_channels=module.in_features,
             out_channels=module.out_features,
+            input_hw=record.input_hw,
+            output_hw=record.output_hw,
             bias=module.bias is not None,
             calls=record.calls,
             positions=record.positions,

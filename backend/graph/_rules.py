@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import fx, nn
 
@@ -32,6 +33,7 @@ __all__ = [
     "normalise_dims",
     "op_name",
     "reshape_channels",
+    "unlike_its_layer",
 ]
 
 
@@ -63,6 +65,37 @@ def is_layer_subclass(module: nn.Module) -> bool:
     if type(module) in LAYER_TYPES or not isinstance(module, LAYER_TYPES):
         return False
     return {name for name, _ in module.named_parameters()} <= {"weight", "bias"}
+
+
+def unlike_its_layer(module: nn.Module, out_shape: tuple[int, ...], counted: int) -> str | None:
+    """Why a call of a conv, linear or norm module does not compute what its weight says (a
+    subclass above all), ``None`` when it does.
+
+    Args:
+        module: the conv, linear or BatchNorm module (or subclass).
+        out_shape: the call's output shape, batch included.
+        counted: the MACs ``FlopCounterMode`` counted for the call (its total / 2).
+
+    Returns:
+        ``None`` when the output has the layer's output channels (dim 1; the last dim for a
+        linear) and ``counted`` is exactly the layer's MACs, else the reason.
+    """
+    if isinstance(module, NORM_TYPES):
+        expected, outputs, axis = 0, cast(nn.BatchNorm2d, module).num_features, 1
+    elif isinstance(module, LINEAR_TYPES):
+        linear = cast(nn.Linear, module)
+        outputs, axis = linear.out_features, len(out_shape) - 1
+        expected = math.prod(out_shape[:-1]) * linear.in_features * outputs
+    else:
+        conv = cast(nn.Conv2d, module)
+        outputs, axis = conv.out_channels, 1
+        per_output = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+        expected = math.prod(out_shape) * per_output
+    if len(out_shape) < 2 or out_shape[axis] != outputs:
+        return f"its output has {out_shape[axis]} channels along dim {axis}, not {outputs}"
+    if counted != expected:
+        return f"its forward computes {counted} MACs where the layer alone computes {expected}"
+    return None
 
 
 # Modules without channel-mixing parameters that keep dim 1 as it is (checked on the shapes too).

@@ -10,7 +10,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from prunetune.backend.graph._groups import Channels, Segment, SlotSet
 
-__all__ = ["AnalysisState", "LayerRecord", "Many", "NormRecord", "is_multi"]
+__all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "is_multi"]
 
 
 @dataclass
@@ -47,6 +47,15 @@ class Many:
     items: tuple[Any, ...]
 
 
+@dataclass(frozen=True)
+class Last:
+    """The value of a node whose channels are its *last* dim, not dim 1: a channels-last map
+    ``[batch, H, W, channels]`` or tokens ``[batch, tokens, channels]``. Its other dims are
+    positions; a rank-2 value is always plain :data:`Channels` instead."""
+
+    channels: Channels
+
+
 def is_multi(meta: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
     """Whether recorded tensor metadata is for several outputs (not one tensor's NamedTuple)."""
     return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)
@@ -73,6 +82,11 @@ class AnalysisState:
         value = self.values.get(node)
         return value if isinstance(value, tuple) else None
 
+    def last(self, node: Any) -> Channels | None:
+        """The channels of a node whose channels are its last dim (:class:`Last`), else None."""
+        value = self.values.get(node) if isinstance(node, fx.Node) else None
+        return value.channels if isinstance(value, Last) else None
+
     # --- helpers ---------------------------------------------------------------------------
 
     def _fix(self, channels: Channels | None, reason: str) -> None:
@@ -82,6 +96,8 @@ class AnalysisState:
     def _fix_value(self, value: Any, reason: str) -> None:
         if isinstance(value, tuple):
             self._fix(value, reason)
+        elif isinstance(value, Last):
+            self._fix(value.channels, reason)
         elif isinstance(value, Many):
             for item in value.items:
                 self._fix_value(item, reason)
@@ -122,3 +138,21 @@ class AnalysisState:
             self._fix(first, reason)
             self._fix(second, reason)
         return first
+
+    def _record_call(
+        self, node: fx.Node, name: str, channels: Channels, what: str, positions: int = 0
+    ) -> Any:
+        """A later call of a shared module: couple its input with the first call's and add this
+        call's ``positions`` (output positions per example) to the layer's."""
+        record: LayerRecord | NormRecord | None = self.layers.get(name) or self.norms.get(name)
+        if record is None:
+            return None
+        record.calls += 1
+        if isinstance(record, LayerRecord):
+            record.positions += positions
+            self._join(record.inputs, channels, node, what)
+            outputs = record.outputs
+        else:
+            outputs = self._join(record.channels, channels, node, what)
+        self.mask_points.append((node, outputs))
+        return outputs

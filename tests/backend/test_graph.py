@@ -333,7 +333,7 @@ class _Ops(nn.Module):
         ("cat_spatial", True, None),
         ("channel_slice", False, "getitem"),
         ("spatial_slice", True, None),
-        ("permute", True, "permute"),
+        ("permute", True, None),  # to channels-last and back
         ("chunk", True, "chunk"),
         ("chunk_spatial", True, None),
     ],

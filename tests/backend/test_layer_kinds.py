@@ -93,3 +93,19 @@ def test_a_batchnorm_without_running_stats_is_named_before_export(tmp_path: Path
     result = prunetune.prune(model, X, "flops<=60%")
     with pytest.raises(ExportParityError, match="BatchNorm '1' has no running statistics"):
         result.export(tmp_path / "subnet")
+
+
+def test_token_mlps_and_channels_last_linears_prune_along_the_last_dim() -> None:
+    graph = ChannelGraph.trace(build("token_mlp"), X)
+    assert [g.name for g in graph.prunable_groups] == ["fc1"]  # the MLP's hidden width
+    assert "LayerNorm 'norm' normalises across these channels" in (
+        graph.group("patch").reason or ""
+    )
+    assert graph.layer("fc1").total_positions == 64  # 8 x 8 tokens
+    assert any(point.last for point in graph.mask_points)
+    model = build("channels_last_linear")
+    graph = ChannelGraph.trace(model, X)
+    assert {g.name for g in graph.prunable_groups} >= {"stem.0", "pointwise"}
+    result = prunetune.prune(model, X, "flops<=50%")
+    assert result.flops == result.costs["flops"] <= 0.5 * result.dense_flops
+    assert result.model.pointwise.in_features < 16 or result.model.pointwise.out_features < 24
