@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from prunetune.backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo
 from prunetune.backend.spec import SubnetSpec
 
-__all__ = ["feature_indices", "prune_model", "zero_pruned_channels"]
+__all__ = ["feature_indices", "output_major", "prune_model", "zero_pruned_channels"]
 
 
 def feature_indices(
@@ -45,12 +45,25 @@ def _parameter(value: Tensor, like: Tensor) -> nn.Parameter:
     return nn.Parameter(value.detach().clone(), requires_grad=like.requires_grad)
 
 
+def output_major(module: nn.Module) -> Tensor:
+    """``module.weight`` with the output channels along dim 0 (a view: transposed convs keep
+    theirs along dim 1)."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return weight.transpose(0, 1)
+    return weight
+
+
 def _prune_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Tensor) -> None:
     """Shrink ``conv`` (a built-in conv or a subclass of one) in place to the kept channels."""
-    if not isinstance(conv, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if not isinstance(conv, nn.modules.conv._ConvNd):
         raise TypeError(f"layer {layer.name!r} is a {type(conv).__name__}, expected a conv")
     weight = conv.weight.detach()
-    if layer.depthwise:
+    if layer.transposed:
+        groups = 1
+        new_weight = weight[kept_in][:, kept_out]
+        in_channels = len(kept_in)
+    elif layer.depthwise:
         groups = len(kept_out)
         new_weight = weight[kept_out]
         in_channels = groups
@@ -168,7 +181,7 @@ def zero_pruned_channels(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec
                 span = torch.arange(member.multiplier, dtype=torch.long)
                 rows = (member.offset + removed[:, None] * member.multiplier + span).flatten()
                 if member.role == "out":
-                    _zero(module, "weight", rows)
+                    output_major(module)[rows] = 0
                     _zero(module, "bias", rows)
                 elif member.role == "norm":
                     if getattr(module, "weight", None) is not None:

@@ -241,6 +241,7 @@ def layer_config(layer: LayerInfo) -> dict[str, Any]:
         "bias": layer.bias,
         "in_channels": layer.in_channels,
         "out_channels": layer.out_channels,
+        **({"transposed": True} if layer.transposed else {}),
     }
 
 

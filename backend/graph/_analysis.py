@@ -19,6 +19,7 @@ from prunetune.backend.graph._last import ChannelsLastRules
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, is_multi
 from prunetune.backend.graph._trace import node_shape
+from prunetune.backend.graph._transposed import TransposedConvRules
 
 __all__ = ["ChannelAnalysis"]
 
@@ -26,15 +27,13 @@ __all__ = ["ChannelAnalysis"]
 _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
     nn.GroupNorm: "GroupNorm ties its channels in groups (not supported for pruning yet)",
     nn.LayerNorm: "LayerNorm normalises across channels",
-    nn.ConvTranspose1d: "transposed convs are not supported for pruning yet",
-    nn.ConvTranspose2d: "transposed convs are not supported for pruning yet",
     nn.PixelShuffle: "PixelShuffle moves channels into space",
     nn.PixelUnshuffle: "PixelUnshuffle moves space into channels",
     nn.ChannelShuffle: "ChannelShuffle permutes channels across groups",
 }
 
 
-class ChannelAnalysis(ChannelsLastRules):
+class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
@@ -86,6 +85,8 @@ class ChannelAnalysis(ChannelsLastRules):
                 return self._unknown(node, f"module '{name}' ({kind.__name__}: {unlike})")
             if isinstance(module, rules.CONV_TYPES):
                 return self._conv(node, module)
+            if isinstance(module, rules.TRANSPOSED_CONV_TYPES):
+                return self._transposed_conv(node, module)
             if isinstance(module, rules.LINEAR_TYPES):
                 return self._linear(node, module)
             return self._norm(node, module)

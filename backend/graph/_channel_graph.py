@@ -350,4 +350,5 @@ def _layer_info(
         bias=conv.bias is not None,
         calls=record.calls,
         positions=record.positions,
+        transposed=isinstance(module, nn.modules.conv._ConvTransposeNd),
     )

@@ -82,8 +82,10 @@ class LayerInfo:
 
     Attributes:
         positions: output positions (``prod(output_hw)`` of a conv, 1 for a linear on
-            ``[batch, features]``) summed over every call, per example; 0 means
-            ``calls * prod(output_hw)``.
+            ``[batch, features]``, the token positions of a linear over the last dim, the
+            *input* positions of a transposed conv) summed over every call, per example; 0
+            means ``calls * prod(output_hw)``.
+        transposed: a transposed conv, whose weight is ``[in, out / groups, *kernel]``.
     """
 
     name: str
@@ -103,6 +105,7 @@ class LayerInfo:
     bias: bool = False
     calls: int = 1
     positions: int = 0
+    transposed: bool = False
 
     @property
     def total_positions(self) -> int:

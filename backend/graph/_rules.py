@@ -27,6 +27,7 @@ __all__ = [
     "SOFTMAX_OPS",
     "SPATIAL_OPS",
     "SPLIT_OPS",
+    "TRANSPOSED_CONV_TYPES",
     "argument",
     "index_keeps_channels",
     "is_layer_subclass",
@@ -42,6 +43,11 @@ def _names(text: str) -> frozenset[str]:
 
 
 CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -50,7 +56,7 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.SyncBatchNorm,
 )
 
-LAYER_TYPES = (*CONV_TYPES, *LINEAR_TYPES, *NORM_TYPES)
+LAYER_TYPES = (*CONV_TYPES, *TRANSPOSED_CONV_TYPES, *LINEAR_TYPES, *NORM_TYPES)
 
 
 def is_layer_subclass(module: nn.Module) -> bool:
@@ -86,6 +92,8 @@ def unlike_its_layer(module: nn.Module, out_shape: tuple[int, ...], counted: int
         linear = cast(nn.Linear, module)
         outputs, axis = linear.out_features, len(out_shape) - 1
         expected = math.prod(out_shape[:-1]) * linear.in_features * outputs
+    elif isinstance(module, TRANSPOSED_CONV_TYPES):
+        return None  # its MACs follow the input's positions; checked by the layer rule
     else:
         conv = cast(nn.Conv2d, module)
         outputs, axis = conv.out_channels, 1

@@ -40,7 +40,6 @@ def test_costs_equal_flop_counter_dense_and_pruned(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "constant", "share"),
     [
-        ("transposed_conv", "up", 0.5),
         ("non_local", "einsum", 0.9),
     ],
 )

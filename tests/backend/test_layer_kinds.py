@@ -63,12 +63,30 @@ def test_a_standardised_conv_prunes_and_one_that_computes_more_is_named() -> Non
     assert "% of FLOPs" in found.kept_whole["4"]
 
 
-@pytest.mark.parametrize("name", ["transposed_conv", "non_local"])
-def test_inspect_names_what_is_counted_as_a_constant_and_its_share(name: str) -> None:
-    found = prunetune.inspect(build(name), X)
-    place = {"transposed_conv": "up", "non_local": "einsum"}[name]
-    assert "% of FLOPs" in found.kept_whole[place]
-    assert place in str(found)
+def test_inspect_names_what_is_counted_as_a_constant_and_its_share() -> None:
+    found = prunetune.inspect(build("non_local"), X)
+    assert "% of FLOPs" in found.kept_whole["einsum"]
+    assert "einsum" in str(found)
+
+
+def test_transposed_convs_prune_both_dims_and_grouped_ones_are_counted_whole() -> None:
+    model = build("transposed_conv")
+    graph = ChannelGraph.trace(model, X)
+    up = graph.layer("up")
+    assert up.transposed and up.total_positions == 16 * 16
+    assert {"down.0", "up"} <= {g.name for g in graph.prunable_groups}
+    result = prunetune.prune(model, X, "flops<=50%")
+    assert result.flops == result.costs["flops"] <= 0.5 * result.dense_flops
+    pruned_up = result.model.up
+    assert tuple(pruned_up.weight.shape[:2]) == (pruned_up.in_channels, pruned_up.out_channels)
+    assert pruned_up.in_channels < 16 or pruned_up.out_channels < 12
+    grouped = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 8, 2, stride=2, groups=2)
+    ).eval()
+    found = prunetune.inspect(grouped, X)
+    assert found.costs["flops"] == count_flops(grouped, X)
+    assert "grouped transposed convs" in found.kept_whole["2"]
+    assert "% of FLOPs" in found.kept_whole["2"]
 
 
 def test_a_model_with_nothing_prunable_says_so_and_exports_dense(tmp_path: Path) -> None:
