@@ -423,18 +423,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         if shared is not None:
             return shared
         out_features = cast(nn.Linear, module).out_features
-        offset = 0
-        for segment in channels:
-            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
-            offset += segment.size * segment.mult
-        slot = self.slots.new(out_features, name)
-        self.slots.add_member(slot, ChannelMember(name, "out"))
-        outputs = (Segment(slot, out_features),)
-        self.layers[name] = LayerRecord(
-            name, "linear", module, channels, outputs, False, (), (), positions=1
-        )
-        self.mask_points.append((node, outputs))
-        return outputs
+        return self._add_layer(node, module, channels, out_features, ((), (), 1))
 
     def _norm(self, node: fx.Node, module: nn.Module) -> Any:
         name = str(node.target)

@@ -17,8 +17,7 @@ from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels, Segment
-from prunetune.backend.graph._records import ChannelMember
-from prunetune.backend.graph._state import AnalysisState, Last, LayerRecord
+from prunetune.backend.graph._state import AnalysisState, Last
 from prunetune.backend.graph._trace import node_shape
 
 __all__ = ["ChannelsLastRules"]
@@ -133,26 +132,8 @@ class ChannelsLastRules(AnalysisState):
         shared = self._record_call(node, name, inputs, f"shared module '{name}'", positions)
         if shared is not None:
             return Last(shared)
-        offset = 0
-        for segment in inputs:
-            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
-            offset += segment.size * segment.mult
-        slot = self.slots.new(linear.out_features, name)
-        self.slots.add_member(slot, ChannelMember(name, "out"))
-        outputs = (Segment(slot, linear.out_features),)
-        self.layers[name] = LayerRecord(
-            name,
-            "linear",
-            module,
-            inputs,
-            outputs,
-            False,
-            tuple(in_shape[1:-1]),
-            tuple(out_shape[1:-1]),
-            positions=positions,
-        )
-        self.mask_points.append((node, outputs))
-        return Last(outputs)
+        shape = (tuple(in_shape[1:-1]), tuple(out_shape[1:-1]), positions)
+        return Last(self._add_layer(node, module, inputs, linear.out_features, shape))
 
     def _permute_order(self, node: fx.Node, name: str, rank: int) -> tuple[int, ...] | None:
         """The full dim order of a permute, transpose or swapaxes call, ``None`` if unknown."""

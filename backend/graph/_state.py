@@ -9,6 +9,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from prunetune.backend.graph._groups import Channels, Segment, SlotSet
+from prunetune.backend.graph._records import ChannelMember
 
 __all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "is_multi"]
 
@@ -154,5 +155,39 @@ class AnalysisState:
             outputs = record.outputs
         else:
             outputs = self._join(record.channels, channels, node, what)
+        self.mask_points.append((node, outputs))
+        return outputs
+
+    def _add_layer(
+        self,
+        node: fx.Node,
+        module: nn.Module,
+        inputs: Channels,
+        out_size: int,
+        positions: tuple[tuple[int, ...], tuple[int, ...], int],
+    ) -> Channels:
+        """Record a conv or linear layer that reads ``inputs`` and makes a new group of
+        ``out_size`` channels (ungrouped, not depthwise); returns the new group's channels.
+
+        Args:
+            node: the layer's (first) call.
+            module: the layer module.
+            inputs: the channels it reads, in feature order.
+            out_size: its output channels.
+            positions: ``(input_hw, output_hw, positions per example)`` of this call.
+        """
+        name = str(node.target)
+        offset = 0
+        for segment in inputs:
+            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
+            offset += segment.size * segment.mult
+        slot = self.slots.new(out_size, name)
+        self.slots.add_member(slot, ChannelMember(name, "out"))
+        outputs = (Segment(slot, out_size),)
+        kind: Literal["conv", "linear"] = "linear" if isinstance(module, nn.Linear) else "conv"
+        input_hw, output_hw, count = positions
+        self.layers[name] = LayerRecord(
+            name, kind, module, inputs, outputs, False, input_hw, output_hw, positions=count
+        )
         self.mask_points.append((node, outputs))
         return outputs

@@ -7,9 +7,7 @@ from typing import Any, cast
 
 from torch import fx, nn
 
-from prunetune.backend.graph._groups import Segment
-from prunetune.backend.graph._records import ChannelMember
-from prunetune.backend.graph._state import AnalysisState, LayerRecord
+from prunetune.backend.graph._state import AnalysisState
 from prunetune.backend.graph._trace import node_shape
 
 __all__ = ["TransposedConvRules"]
@@ -46,23 +44,5 @@ class TransposedConvRules(AnalysisState):
         shared = self._record_call(node, name, channels, f"shared module '{name}'", positions)
         if shared is not None:
             return shared
-        offset = 0
-        for segment in channels:
-            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
-            offset += segment.size
-        slot = self.slots.new(conv.out_channels, name)
-        self.slots.add_member(slot, ChannelMember(name, "out"))
-        outputs = (Segment(slot, conv.out_channels),)
-        self.layers[name] = LayerRecord(
-            name,
-            "conv",
-            module,
-            channels,
-            outputs,
-            False,
-            in_shape[2:],
-            out_shape[2:],
-            positions=positions,
-        )
-        self.mask_points.append((node, outputs))
-        return outputs
+        shape = (in_shape[2:], out_shape[2:], positions)
+        return self._add_layer(node, module, channels, conv.out_channels, shape)
