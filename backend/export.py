@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten_with_path
 
 from prunetune.backend.checkpoint import load_checkpoint, load_state
 from prunetune.backend.errors import CheckpointError, PrunetuneError, SpecError
@@ -62,8 +63,58 @@ def _sha256(path: Path) -> str:
 
 
 def _max_error(reference: Tensor, other: Tensor) -> float:
+    if reference.numel() == 0:
+        return 0.0
     scale = max(1.0, float(reference.abs().max()))
     return float((reference - other).abs().max()) / scale
+
+
+def output_tensors(output: Any) -> list[tuple[str, Tensor]]:
+    """Every tensor of a model's output, named by its place (``out``, ``1``, ``aux.0``).
+
+    A model may return one tensor, or tuples, lists and dicts of them (a segmentation model's
+    ``{"out": ..., "aux": ...}``, a detection head's tuple); the order is that of
+    ``torch.utils._pytree``, which ``torch.export`` and the ONNX exporter also follow.
+
+    Raises:
+        ExportParityError: the output holds something else than tensors (a string, an object).
+    """
+    named = []
+    for keys, leaf in tree_flatten_with_path(output)[0]:
+        path = ".".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in keys)
+        if leaf is None:
+            continue
+        if not isinstance(leaf, Tensor):
+            raise ExportParityError(
+                f"the model's output holds a {type(leaf).__name__} at {path or 'the top'}: "
+                "export compares tensors only; return tensors (in a tuple, list or dict)"
+            )
+        named.append((path or "output", leaf))
+    return named
+
+
+def _output_error(
+    expected: list[tuple[str, Tensor]], got: list[tuple[str, Tensor]], where: str
+) -> float:
+    """The largest relative error over every output tensor of ``got`` against ``expected``.
+
+    Raises:
+        ExportParityError: ``got`` does not have as many tensors, of the same shapes.
+    """
+    if len(got) != len(expected):
+        raise ExportParityError(
+            f"{where} returns {len(got)} tensors where the model returns {len(expected)} "
+            f"({', '.join(name for name, _ in expected)})"
+        )
+    error = 0.0
+    for (name, reference), (_, other) in zip(expected, got, strict=True):
+        if tuple(reference.shape) != tuple(other.shape):
+            raise ExportParityError(
+                f"{where} output {name!r} has shape {tuple(other.shape)}, the model's "
+                f"{tuple(reference.shape)}"
+            )
+        error = max(error, _max_error(reference, other.to(reference.dtype)))
+    return error
 
 
 def export_subnet(
@@ -102,7 +153,7 @@ def export_subnet(
     example = torch.randn((2, *spec.input_shape[1:]), generator=generator)
     check_input = torch.randn((3, *spec.input_shape[1:]), generator=generator)
     with torch.no_grad():
-        expected = model(check_input)
+        expected = output_tensors(model(check_input))
     record: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "spec": spec.to_dict(),
@@ -125,7 +176,11 @@ def export_subnet(
                 raise ExportParityError(f"torch.export failed on the subnet: {first}") from exc
             torch.export.save(program, staging / "model.pt2")
             with torch.no_grad():
-                error = _max_error(expected, program.module()(check_input))
+                output = output_tensors(program.module()(check_input))
+                error = _output_error(expected, output, "the torch.export program")
+                reloaded = torch.export.load(str(staging / "model.pt2")).module()
+                output = output_tensors(reloaded(check_input))
+                error = max(error, _output_error(expected, output, "model.pt2 reloaded"))
             record["parity"]["pt2"] = error
             if error > tolerance:
                 raise ExportParityError(
@@ -133,6 +188,7 @@ def export_subnet(
                 )
             say(f"wrote model.pt2 (parity {error:.1e})")
         if "onnx" in formats:
+            _check_onnx_exportable(model)
             try:
                 error = _export_onnx(model, example, check_input, expected, staging / "model.onnx")
             except Exception as exc:  # the ONNX exporter raises many types
@@ -156,11 +212,33 @@ def _export_program(model: nn.Module, example: Tensor) -> Any:
     return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
 
 
+def _check_onnx_exportable(model: nn.Module) -> None:
+    """Refuse, naming the layer, what the ONNX exporter fails on deep inside.
+
+    Raises:
+        ExportParityError: a BatchNorm without running statistics.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            raise ExportParityError(
+                f"BatchNorm '{name}' has no running statistics (track_running_stats=False), "
+                "which ONNX cannot express; give it running statistics, or export without "
+                "ONNX (formats=('pt2',))"
+            )
+
+
 def _export_onnx(
-    model: nn.Module, example: Tensor, check_input: Tensor, expected: Tensor, path: Path
+    model: nn.Module,
+    example: Tensor,
+    check_input: Tensor,
+    expected: list[tuple[str, Tensor]],
+    path: Path,
 ) -> float:
+    """Write the ONNX graph (one named output per output tensor), reload it in onnxruntime and
+    return its largest error over every output."""
     import onnxruntime
 
+    names = ["output" if name == "output" else f"output.{name}" for name, _ in expected]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -168,13 +246,14 @@ def _export_onnx(
             (example,),
             str(path),
             input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
             dynamo=False,
         )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (output,) = session.run(None, {"input": check_input.numpy()})
-    return _max_error(expected, torch.from_numpy(output))
+    outputs = session.run(None, {"input": check_input.numpy()})
+    got = [(name, torch.from_numpy(value)) for name, value in zip(names, outputs, strict=False)]
+    return _output_error(expected, got, "the ONNX graph")
 
 
 @dataclass(frozen=True)

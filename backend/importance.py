@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.surgery import output_major
 
 __all__ = ["IMPORTANCE_CRITERIA", "Criterion", "channel_importance"]
 
@@ -70,7 +71,7 @@ def channel_importance(
                 elif criterion == "taylor":
                     total += grads[member.module + ".norm"][span]
             elif member.role == "out" and criterion in ("l1", "l2"):
-                rows = module.weight.detach()[span].flatten(1)
+                rows = output_major(module).detach()[span].flatten(1)
                 total += rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1)
         if criterion == "taylor" and not norm_seen:
             for member in group.members:
@@ -83,7 +84,7 @@ def channel_importance(
             for member in group.members:
                 if member.role == "out":
                     span = slice(member.offset, member.offset + group.size)
-                    rows = modules[member.module].weight.detach()[span].flatten(1)
+                    rows = output_major(modules[member.module]).detach()[span].flatten(1)
                     total += rows.abs().mean(1)
         scores[group.name] = total
     return scores
@@ -110,7 +111,10 @@ def _accumulate_taylor(
                     term = term + bias.detach() * bias.grad
                 key = name + ".norm"
             else:
-                term = (weight.detach() * weight.grad).flatten(1).sum(1)
+                term = weight.detach() * weight.grad
+                if isinstance(module, nn.modules.conv._ConvTransposeNd):
+                    term = term.transpose(0, 1)
+                term = term.flatten(1).sum(1)
                 key = name + ".weight"
             sums[key] = sums.get(key, torch.zeros_like(term)) + term.pow(2)
     model.zero_grad(set_to_none=True)

@@ -20,11 +20,14 @@ __all__ = ["ChannelMasker", "masks_from_spec"]
 
 
 class _MaskPoint(nn.Module):
-    """Multiplies dim 1 of its input by the masks of the groups that make it up."""
+    """Multiplies dim 1 (or the last dim) of its input by the masks of the groups there."""
 
-    def __init__(self, segments: tuple[ChannelSegment, ...], sizes: dict[str, int]) -> None:
+    def __init__(
+        self, segments: tuple[ChannelSegment, ...], sizes: dict[str, int], last: bool = False
+    ) -> None:
         super().__init__()
         self.segments = segments
+        self.last = last
         self.sizes = [sizes[segment.group] for segment in segments]
         self.masks: dict[str, Tensor] = {}
 
@@ -40,6 +43,8 @@ class _MaskPoint(nn.Module):
                 mask = mask.repeat_interleave(segment.multiplier)
             parts.append(mask.to(dtype=x.dtype))
         full = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if self.last:
+            return x * full
         return x * full.view(1, -1, *([1] * (x.ndim - 2)))
 
 
@@ -92,7 +97,7 @@ class ChannelMasker(nn.Module):
         self._points: list[_MaskPoint] = []
         for index, point in enumerate(graph.mask_points):
             node = nodes[point.node]
-            mask_point = _MaskPoint(point.segments, self._sizes)
+            mask_point = _MaskPoint(point.segments, self._sizes, point.last)
             name = f"prunetune_mask_{index}"
             module.add_submodule(name, mask_point)
             with module.graph.inserting_after(node):

@@ -6,17 +6,28 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from prunetune.backend.graph import eval_mode
+
 __all__ = ["count_flops", "count_params"]
 
 
 def count_flops(model: nn.Module, example_input: Tensor) -> int:
     """Multiply-accumulates of one forward pass, as ``FlopCounterMode`` total / 2.
 
-    This is the project's reference for "FLOPs" (MACs of conv and linear layers, as in the
-    pruning literature). The model's train/eval mode is left as it was.
+    This is the project's reference for "FLOPs" (multiply-accumulates of every op the counter
+    knows: convs, transposed convs, linears, matmuls and attention, as in the pruning
+    literature). The model runs in eval mode, the mode that is exported (branches that run only
+    in training are not counted); its train/eval flags are put back afterwards.
+
+    Args:
+        model: the model.
+        example_input: its input, ``[N, ...]``; the count is for all ``N`` examples.
+
+    Returns:
+        ``FlopCounterMode`` total / 2.
     """
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with eval_mode(model), torch.no_grad(), counter:
         model(example_input)
     return int(counter.get_total_flops()) // 2
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from prunetune.backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo
 from prunetune.backend.spec import SubnetSpec
 
-__all__ = ["feature_indices", "prune_model", "zero_pruned_channels"]
+__all__ = ["feature_indices", "output_major", "prune_model", "zero_pruned_channels"]
 
 
 def feature_indices(
@@ -41,23 +41,29 @@ def feature_indices(
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
 
-def _replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    """Point every reference to ``old`` inside ``root`` (aliases included) at ``new``."""
-    for module in list(root.modules()):
-        for name, child in list(module._modules.items()):
-            if child is old:
-                setattr(module, name, new)
-
-
 def _parameter(value: Tensor, like: Tensor) -> nn.Parameter:
     return nn.Parameter(value.detach().clone(), requires_grad=like.requires_grad)
 
 
-def _pruned_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Tensor) -> nn.Module:
-    if not isinstance(conv, (nn.Conv1d, nn.Conv2d)):
+def output_major(module: nn.Module) -> Tensor:
+    """``module.weight`` with the output channels along dim 0 (a view: transposed convs keep
+    theirs along dim 1)."""
+    weight: Tensor = module.weight  # type: ignore[assignment]
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return weight.transpose(0, 1)
+    return weight
+
+
+def _prune_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Tensor) -> None:
+    """Shrink ``conv`` (a built-in conv or a subclass of one) in place to the kept channels."""
+    if not isinstance(conv, nn.modules.conv._ConvNd):
         raise TypeError(f"layer {layer.name!r} is a {type(conv).__name__}, expected a conv")
     weight = conv.weight.detach()
-    if layer.depthwise:
+    if layer.transposed:
+        groups = 1
+        new_weight = weight[kept_in][:, kept_out]
+        in_channels = len(kept_in)
+    elif layer.depthwise:
         groups = len(kept_out)
         new_weight = weight[kept_out]
         in_channels = groups
@@ -76,75 +82,45 @@ def _pruned_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: T
             blocks.append(weight[rows][:, columns])
         new_weight = torch.cat(blocks)
         in_channels = len(kept_in)
-    new = type(conv)(
-        in_channels,
-        len(kept_out),
-        conv.kernel_size,  # type: ignore[arg-type]
-        stride=conv.stride,  # type: ignore[arg-type]
-        padding=conv.padding,  # type: ignore[arg-type]
-        dilation=conv.dilation,  # type: ignore[arg-type]
-        groups=groups,
-        bias=conv.bias is not None,
-        padding_mode=conv.padding_mode,
-        device="meta",
-        dtype=weight.dtype,
-    )
-    new.weight = _parameter(new_weight, conv.weight)
+    conv.weight = _parameter(new_weight, conv.weight)
     if conv.bias is not None:
-        new.bias = _parameter(conv.bias.detach()[kept_out], conv.bias)
-    new.train(conv.training)
-    return new
+        conv.bias = _parameter(conv.bias.detach()[kept_out], conv.bias)
+    conv.in_channels, conv.out_channels, conv.groups = in_channels, len(kept_out), groups
 
 
-def _pruned_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> nn.Module:
+def _prune_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> None:
+    """Shrink ``linear`` (an ``nn.Linear`` or a subclass) in place to the kept features."""
     if not isinstance(linear, nn.Linear):
         raise TypeError(f"expected an nn.Linear, got {type(linear).__name__}")
-    new = nn.Linear(
-        len(kept_in),
-        len(kept_out),
-        bias=linear.bias is not None,
-        device="meta",
-        dtype=linear.weight.dtype,
-    )
-    new.weight = _parameter(linear.weight.detach()[kept_out][:, kept_in], linear.weight)
+    linear.weight = _parameter(linear.weight.detach()[kept_out][:, kept_in], linear.weight)
     if linear.bias is not None:
-        new.bias = _parameter(linear.bias.detach()[kept_out], linear.bias)
-    new.train(linear.training)
-    return new
+        linear.bias = _parameter(linear.bias.detach()[kept_out], linear.bias)
+    linear.in_features, linear.out_features = len(kept_in), len(kept_out)
 
 
-def _pruned_norm(norm: nn.Module, kept: Tensor) -> nn.Module:
+def _prune_norm(norm: nn.Module, kept: Tensor) -> None:
+    """Shrink a BatchNorm layer (or a subclass) in place: affine, running statistics, size."""
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm layer, got {type(norm).__name__}")
-    reference = norm.weight if norm.weight is not None else norm.running_mean
-    new = type(norm)(
-        len(kept),
-        eps=norm.eps,
-        momentum=norm.momentum,
-        affine=norm.affine,
-        track_running_stats=norm.track_running_stats,
-        device="meta",
-        dtype=reference.dtype if reference is not None else None,
-    )
     if norm.weight is not None and norm.bias is not None:
-        new.weight = _parameter(norm.weight.detach()[kept], norm.weight)
-        new.bias = _parameter(norm.bias.detach()[kept], norm.bias)
+        norm.weight = _parameter(norm.weight.detach()[kept], norm.weight)
+        norm.bias = _parameter(norm.bias.detach()[kept], norm.bias)
     if norm.running_mean is not None and norm.running_var is not None:
-        new.running_mean = norm.running_mean.detach()[kept].clone()
-        new.running_var = norm.running_var.detach()[kept].clone()
-    if norm.num_batches_tracked is not None:
-        new.num_batches_tracked = norm.num_batches_tracked.detach().clone()
-    new.train(norm.training)
-    return new
+        norm.running_mean = norm.running_mean.detach()[kept].clone()
+        norm.running_var = norm.running_var.detach()[kept].clone()
+    norm.num_features = len(kept)
 
 
 def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.Module:
     """A physically smaller copy of ``model`` keeping the channels ``spec`` says.
 
-    Every conv, linear and BatchNorm layer of ``graph`` is replaced, in a deep copy, by a new
-    smaller module with the kept weights, biases and running statistics (depthwise convs get
-    ``groups`` = their new width; grouped convs keep ``groups`` and take the kept channels of
-    each conv group). ``model`` itself is left untouched; the copy has no masks or hooks added.
+    Every conv, linear and BatchNorm layer of ``graph`` is shrunk in place, in a deep copy, to
+    the kept weights, biases and running statistics, with its channel counts updated (depthwise
+    convs get ``groups`` = their new width; grouped convs keep ``groups`` and take the kept
+    channels of each conv group). Shrinking in place keeps each module's class, so subclasses
+    (a conv that pads itself, a BatchNorm that applies its activation) keep their behaviour, and
+    a module shared under several names stays one. ``model`` itself is left untouched; the copy
+    has no masks or hooks added.
 
     Args:
         model: the dense model ``graph`` was traced from (or one with the same structure).
@@ -164,17 +140,15 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     sizes = {group.name: group.size for group in graph.groups}
     pruned = copy.deepcopy(model)
     for layer in graph.layers:
-        old = pruned.get_submodule(layer.name)
+        module = pruned.get_submodule(layer.name)
         kept_in = feature_indices(layer.in_segments, kept_tuples, sizes)
         if layer.kind == "conv":
-            new = _pruned_conv(old, layer, kept[layer.out_group], kept_in)
+            _prune_conv(module, layer, kept[layer.out_group], kept_in)
         else:
-            new = _pruned_linear(old, kept[layer.out_group], kept_in)
-        _replace_module(pruned, old, new)
+            _prune_linear(module, kept[layer.out_group], kept_in)
     for norm in graph.norms:
-        old = pruned.get_submodule(norm.name)
         indices = feature_indices(_norm_segments(norm), kept_tuples, sizes)
-        _replace_module(pruned, old, _pruned_norm(old, indices))
+        _prune_norm(pruned.get_submodule(norm.name), indices)
     return pruned
 
 
@@ -207,7 +181,7 @@ def zero_pruned_channels(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec
                 span = torch.arange(member.multiplier, dtype=torch.long)
                 rows = (member.offset + removed[:, None] * member.multiplier + span).flatten()
                 if member.role == "out":
-                    _zero(module, "weight", rows)
+                    output_major(module)[rows] = 0
                     _zero(module, "bias", rows)
                 elif member.role == "norm":
                     if getattr(module, "weight", None) is not None:

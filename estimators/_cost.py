@@ -317,9 +317,11 @@ class FlopsModel(_QuadraticCost):
     """Multiply-accumulates of the conv and linear layers of a subnet, per input sample.
 
     Equal to ``torch.utils.flop_counter.FlopCounterMode`` total / 2 on the physically pruned model
-    (for an input of batch size 1). Per layer: ``out_w * prod(output_hw) * prod(kernel) *
-    in_features / groups * calls``, ``in_features = sum(width(seg.group) * seg.multiplier)``;
-    a depthwise conv scales with its one group.
+    (for an input of batch size 1). Per layer: ``out_w * positions * prod(kernel) *
+    in_features / groups``, ``positions`` the output positions of all its calls,
+    ``in_features = sum(width(seg.group) * seg.multiplier)``; a depthwise conv scales with its
+    one group. Every other op ``FlopCounterMode`` counts (matmuls on activations, layers kept
+    whole) reads only fixed channels and adds ``graph.other_flops``, a constant.
 
     Example:
         >>> import numpy as np, torch
@@ -347,11 +349,9 @@ class FlopsModel(_QuadraticCost):
         """
         view, terms = _layer_terms(
             graph,
-            lambda layer: (
-                math.prod(layer.output_hw) * math.prod(layer.kernel_size) * layer.calls,
-                0,
-            ),
+            lambda layer: (layer.total_positions * math.prod(layer.kernel_size), 0),
         )
+        terms.constant += int(graph.other_flops)
         return cls(view, terms)
 
 

@@ -47,6 +47,9 @@ class GraphLike(Protocol):
     @property
     def other_params(self) -> int: ...
 
+    @property
+    def other_flops(self) -> int: ...
+
 
 @runtime_checkable
 class HasWidths(Protocol):
@@ -155,7 +158,8 @@ class GroupView:
             not np.issubdtype(array.dtype, np.floating) or not np.all(array == np.round(array))
         ):
             raise ValueError("widths array must hold whole channel counts (integers)")
-        prunable = array.reshape(-1, len(self.prunable)).astype(np.int64)
+        rows = 1 if array.ndim == 1 else array.shape[0]  # -1 cannot be inferred when P is 0
+        prunable = array.reshape(rows, len(self.prunable)).astype(np.int64)
         self._check_prunable(prunable)
         full = np.broadcast_to(self.sizes, (prunable.shape[0], len(self.names))).copy()
         full[:, self.prunable_index] = prunable
@@ -173,7 +177,8 @@ class GroupView:
                 f"got {tuple(keep_ratio.shape)}"
             )
         dtype = keep_ratio.dtype if keep_ratio.is_floating_point() else torch.float64
-        ratio = keep_ratio.reshape(-1, len(self.prunable)).to(dtype)
+        rows = 1 if keep_ratio.ndim == 1 else keep_ratio.shape[0]
+        ratio = keep_ratio.reshape(rows, len(self.prunable)).to(dtype)
         sizes = torch.as_tensor(self.sizes, dtype=dtype, device=ratio.device)
         full = sizes.expand(ratio.shape[0], -1)
         index = torch.as_tensor(self.prunable_index, device=ratio.device)
@@ -236,6 +241,7 @@ def layer_config(layer: LayerInfo) -> dict[str, Any]:
         "bias": layer.bias,
         "in_channels": layer.in_channels,
         "out_channels": layer.out_channels,
+        **({"transposed": True} if layer.transposed else {}),
     }
 
 

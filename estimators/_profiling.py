@@ -61,6 +61,11 @@ _NORMS: dict[int, Callable[..., nn.Module]] = {
     3: nn.BatchNorm3d,
 }
 _CONVS: dict[int, Callable[..., nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_TRANSPOSED_CONVS: dict[int, Callable[..., nn.Module]] = {
+    1: nn.ConvTranspose1d,
+    2: nn.ConvTranspose2d,
+    3: nn.ConvTranspose3d,
+}
 
 
 _BLOCKS = {"AVX512": 16, "AVX2": 8, "SVE256": 8}
@@ -130,7 +135,8 @@ def _layer_runner(
         inputs = torch.randn(batch_size, *input_hw, in_width)
     else:
         kernel = tuple(config["kernel_size"])
-        conv_class: Callable[..., nn.Module] = _CONVS[len(kernel)]
+        convs = _TRANSPOSED_CONVS if config.get("transposed") else _CONVS
+        conv_class: Callable[..., nn.Module] = convs[len(kernel)]
         if config["depthwise"]:
             groups = in_width
             out_width = in_width * max(1, config["out_channels"] // config["in_channels"])

@@ -8,6 +8,7 @@ from prunetune.backend.graph._records import (
     LayerInfo,
     NormInfo,
 )
+from prunetune.backend.graph._trace import eval_mode
 
 __all__ = [
     "ChannelGraph",
@@ -17,4 +18,5 @@ __all__ = [
     "LayerInfo",
     "MaskPoint",
     "NormInfo",
+    "eval_mode",
 ]

@@ -8,15 +8,18 @@ understood, in which case its inputs are fixed and its output is a new fixed slo
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels, Segment
+from prunetune.backend.graph._last import ChannelsLastRules
 from prunetune.backend.graph._records import ChannelMember
-from prunetune.backend.graph._state import AnalysisState, LayerRecord, Many, NormRecord, is_multi
+from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, is_multi
 from prunetune.backend.graph._trace import node_shape
+from prunetune.backend.graph._transposed import TransposedConvRules
 
 __all__ = ["ChannelAnalysis"]
 
@@ -24,21 +27,22 @@ __all__ = ["ChannelAnalysis"]
 _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
     nn.GroupNorm: "GroupNorm ties its channels in groups (not supported for pruning yet)",
     nn.LayerNorm: "LayerNorm normalises across channels",
-    nn.ConvTranspose1d: "transposed convs are not supported for pruning yet",
-    nn.ConvTranspose2d: "transposed convs are not supported for pruning yet",
     nn.PixelShuffle: "PixelShuffle moves channels into space",
     nn.PixelUnshuffle: "PixelUnshuffle moves space into channels",
     nn.ChannelShuffle: "ChannelShuffle permutes channels across groups",
 }
 
 
-class ChannelAnalysis(AnalysisState):
+class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
         """Analyse every node."""
         for node in self.module.graph.nodes:
-            self.values[node] = self._visit(node)
+            value = self._visit(node)
+            if isinstance(value, Last) and len(node_shape(node) or ()) == 2:
+                value = value.channels  # [N, C]: the last dim is dim 1
+            self.values[node] = value
 
     # --- dispatch --------------------------------------------------------------------------
 
@@ -72,12 +76,24 @@ class ChannelAnalysis(AnalysisState):
         name = str(node.target)
         module = self.submodules[name]
         kind = type(module)
-        if kind in rules.CONV_TYPES:
-            return self._conv(node, module)
-        if kind in rules.LINEAR_TYPES:
-            return self._linear(node, module)
-        if kind in rules.NORM_TYPES:
+        if isinstance(module, rules.LAYER_TYPES) and (
+            kind in rules.LAYER_TYPES or rules.is_layer_subclass(module)
+        ):
+            unlike = self._unlike_its_layer(node, module)
+            if unlike is not None:
+                self.unknown_modules[name] = unlike
+                return self._unknown(node, f"module '{name}' ({kind.__name__}: {unlike})")
+            if isinstance(module, rules.CONV_TYPES):
+                return self._conv(node, module)
+            if isinstance(module, rules.TRANSPOSED_CONV_TYPES):
+                return self._transposed_conv(node, module)
+            if isinstance(module, rules.LINEAR_TYPES):
+                return self._linear(node, module)
             return self._norm(node, module)
+        if isinstance(module, nn.LayerNorm):
+            normed = self._last_norm(node, module)
+            if normed is not None:
+                return normed
         passthrough = kind in rules.PASSTHROUGH_MODULE_TYPES
         passthrough |= isinstance(module, nn.PReLU) and module.num_parameters == 1
         passthrough |= isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d)) and not (
@@ -109,6 +125,9 @@ class ChannelAnalysis(AnalysisState):
         if name in ("max", "min") and isinstance(rules.argument(node, 1, "other"), fx.Node):
             return self._elementwise(node, what)
         if name in rules.ELEMENTWISE_OPS:
+            if any(self.last(source) is not None for source in node.all_input_nodes):
+                value = self._last_elementwise(node, what)
+                return value if value is not None else self._unknown(node, what)
             return self._elementwise(node, what)
         if name in rules.SPATIAL_OPS:
             if name == "pad":
@@ -153,6 +172,9 @@ class ChannelAnalysis(AnalysisState):
     def _same(self, node: fx.Node, what: str) -> Any:
         """Ops that keep dim 1 as it is (activations, pooling, dropout, expand)."""
         source = node.args[0] if node.args else None
+        if self.last(source) is not None:
+            value = self._last_same(node)
+            return value if value is not None else self._unknown(node, what)
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
         out_shape = node_shape(node)
@@ -227,6 +249,10 @@ class ChannelAnalysis(AnalysisState):
     def _permute(self, node: fx.Node, name: str, what: str) -> Any:
         shape = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         rank = len(shape or ())
+        order = self._permute_order(node, name, rank)
+        moved = self._permute_channels(node, order) if order is not None else None
+        if moved is not None:
+            return moved
         if name == "permute":
             dims: Any = list(node.args[1:]) or rules.argument(node, 1, "dims")
             if len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -248,6 +274,9 @@ class ChannelAnalysis(AnalysisState):
         shape = node_shape(source) if isinstance(source, fx.Node) else None
         dims = rules.argument(node, 1, "dim", rules.argument(node, 1, "axis"))
         reduced = rules.normalise_dims(dims, len(shape or ()))
+        if self.last(source) is not None:
+            value = self._last_reduce(node, reduced)
+            return value if value is not None else self._unknown(node, what)
         if channels is None or reduced is None or 0 in reduced or 1 in reduced:
             return self._unknown(node, f"{what} (reduces over the batch or channel dim)")
         meta = node.meta.get("tensor_meta")
@@ -312,19 +341,14 @@ class ChannelAnalysis(AnalysisState):
 
     # --- layers ----------------------------------------------------------------------------
 
-    def _record_call(self, node: fx.Node, name: str, channels: Channels, what: str) -> Any:
-        """A later call of a shared module: couple its input with the first call's."""
-        record: LayerRecord | NormRecord | None = self.layers.get(name) or self.norms.get(name)
-        if record is None:
-            return None
-        record.calls += 1
-        if isinstance(record, LayerRecord):
-            self._join(record.inputs, channels, node, what)
-            outputs = record.outputs
-        else:
-            outputs = self._join(record.channels, channels, node, what)
-        self.mask_points.append((node, outputs))
-        return outputs
+    def _unlike_its_layer(self, node: fx.Node, module: nn.Module) -> str | None:
+        """Why a call of a conv, linear or norm module does not compute what its weight says."""
+        source = node.args[0] if node.args else None
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        out_shape = node_shape(node)
+        if in_shape is None or out_shape is None or len(node.all_input_nodes) != 1:
+            return None  # the layer rules refuse it with their own reason
+        return rules.unlike_its_layer(module, out_shape, int(node.meta.get("flops", 0)) // 2)
 
     def _conv(self, node: fx.Node, module: nn.Module) -> Any:
         name = str(node.target)
@@ -335,10 +359,11 @@ class ChannelAnalysis(AnalysisState):
         if channels is None or in_shape is None or out_shape is None:
             self.unknown_modules[name] = "its input is not a traced tensor"
             return self._unknown(node, f"module '{name}'")
-        shared = self._record_call(node, name, channels, f"shared module '{name}'")
+        positions = math.prod(out_shape[2:])
+        shared = self._record_call(node, name, channels, f"shared module '{name}'", positions)
         if shared is not None:
             return shared
-        conv = cast(nn.Conv1d | nn.Conv2d, module)
+        conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
         groups, c_in, c_out = conv.groups, conv.in_channels, conv.out_channels
         depthwise = groups > 1 and groups == c_in == c_out
         reason = None
@@ -368,7 +393,15 @@ class ChannelAnalysis(AnalysisState):
                     self.slots.add_step(channels[0].slot, groups)
             outputs = (Segment(slot, c_out),)
         self.layers[name] = LayerRecord(
-            name, "conv", module, channels, outputs, depthwise, in_shape[2:], out_shape[2:]
+            name,
+            "conv",
+            module,
+            channels,
+            outputs,
+            depthwise,
+            in_shape[2:],
+            out_shape[2:],
+            positions=positions,
         )
         self.mask_points.append((node, outputs))
         return outputs
@@ -378,24 +411,19 @@ class ChannelAnalysis(AnalysisState):
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        if in_shape is not None and len(in_shape) >= 3:
+            tokens = self._token_linear(node, module)
+            if tokens is not None:
+                return tokens
         if channels is None or in_shape is None or len(in_shape) != 2:
             reason = "Linear applied to a tensor that is not [batch, features]"
             self.unknown_modules[name] = reason
             return self._unknown(node, f"module '{name}' ({reason})")
-        shared = self._record_call(node, name, channels, f"shared module '{name}'")
+        shared = self._record_call(node, name, channels, f"shared module '{name}'", 1)
         if shared is not None:
             return shared
         out_features = cast(nn.Linear, module).out_features
-        offset = 0
-        for segment in channels:
-            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
-            offset += segment.size * segment.mult
-        slot = self.slots.new(out_features, name)
-        self.slots.add_member(slot, ChannelMember(name, "out"))
-        outputs = (Segment(slot, out_features),)
-        self.layers[name] = LayerRecord(name, "linear", module, channels, outputs, False, (), ())
-        self.mask_points.append((node, outputs))
-        return outputs
+        return self._add_layer(node, module, channels, out_features, ((), (), 1))
 
     def _norm(self, node: fx.Node, module: nn.Module) -> Any:
         name = str(node.target)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple, cast
 
 import networkx as nx
@@ -11,7 +11,7 @@ from torch import Tensor, fx, nn
 from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
 from prunetune.backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
-from prunetune.backend.graph._state import LayerRecord
+from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
 
 __all__ = ["ChannelGraph", "MaskPoint"]
@@ -23,10 +23,12 @@ class MaskPoint(NamedTuple):
     Attributes:
         node: name of the fx node (a conv/linear call, or the norm right after it).
         segments: the groups along dim 1 of that output, in order, with their multipliers.
+        last: the channels are the output's last dim instead (channels-last maps, tokens).
     """
 
     node: str
     segments: tuple[ChannelSegment, ...]
+    last: bool = False
 
 
 class ChannelGraph:
@@ -57,6 +59,7 @@ class ChannelGraph:
         other_params: int,
         leaf_modules: tuple[type[nn.Module], ...],
         mask_points: tuple[MaskPoint, ...],
+        constant_flops: dict[str, int] | None = None,
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -69,6 +72,7 @@ class ChannelGraph:
         self._other_params = other_params
         self._leaf_modules = leaf_modules
         self._mask_points = mask_points
+        self._constant_flops = dict(constant_flops or {})
 
     @classmethod
     def trace(
@@ -80,8 +84,11 @@ class ChannelGraph:
     ) -> ChannelGraph:
         """Trace ``model`` on ``example_input`` and derive its channel groups.
 
-        The model is run once in eval mode without gradients (its training flags and BN
-        statistics are left as they were).
+        The model is traced, run and costed in eval mode, the mode that is exported (branches
+        that run only in training are left out); it is run once without gradients, and its
+        training flags and BN statistics are left as they were. ``FlopCounterMode`` counts every
+        node on the way: what no conv or linear layer record models is kept in
+        :attr:`constant_flops`.
 
         Args:
             model: the dense model.
@@ -148,7 +155,8 @@ class ChannelGraph:
                 and str(users[0].target) in analysis.norms
             ):
                 continue  # the norm right after it is the mask point, so BN's shift is masked too
-            point = MaskPoint(node.name, segments(channels))
+            last = isinstance(analysis.values.get(node), Last)
+            point = MaskPoint(node.name, segments(channels), last)
             if any(by_name[seg.group].prunable for seg in point.segments):
                 mask_points.append(point)
         modules = [r.module for r in analysis.layers.values()]
@@ -162,6 +170,7 @@ class ChannelGraph:
         }
         return cls(
             dag=build_dag(module, channel_names),
+            constant_flops=_constant_flops(module, analysis.layers, example_input.shape[0]),
             groups=groups,
             layers=layers,
             norms=norms,
@@ -211,6 +220,22 @@ class ChannelGraph:
     def other_params(self) -> int:
         """Parameters outside every conv, linear and norm layer (constant in the widths)."""
         return self._other_params
+
+    @property
+    def constant_flops(self) -> dict[str, int]:
+        """MACs per example that no layer record models, by where they are computed.
+
+        Keys are the innermost module around the op (its qualified name, or the fx node's name
+        at the top level); values are ``FlopCounterMode`` counts / 2 on the example input. Every
+        such op reads only channels that are kept whole, so its cost is the same in every
+        subnet: cost models add :attr:`other_flops` as a constant.
+        """
+        return dict(self._constant_flops)
+
+    @property
+    def other_flops(self) -> int:
+        """MACs per example outside the conv and linear layer records (constant in the widths)."""
+        return sum(self._constant_flops.values())
 
     @property
     def leaf_modules(self) -> tuple[type[nn.Module], ...]:
@@ -267,6 +292,24 @@ class ChannelGraph:
         )
 
 
+def _constant_flops(
+    module: fx.GraphModule, layers: Mapping[str, LayerRecord], batch: int
+) -> dict[str, int]:
+    """The MACs per example of every node that is not a call of a recorded layer, by place."""
+    totals: dict[str, int] = {}
+    for node in module.graph.nodes:
+        flops = int(node.meta.get("flops", 0))
+        if not flops or (node.op == "call_module" and str(node.target) in layers):
+            continue
+        if node.op == "call_module":
+            place = str(node.target)
+        else:
+            stack = node.meta.get("nn_module_stack") or {}
+            place = next(reversed(stack.values()))[0] if stack else node.name
+        totals[place] = totals.get(place, 0) + flops
+    return {place: flops // (2 * batch) for place, flops in totals.items()}
+
+
 def _layer_info(
     record: LayerRecord, in_segments: tuple[ChannelSegment, ...], out_group: str
 ) -> LayerInfo:
@@ -279,10 +322,13 @@ def _layer_info(
             out_group=out_group,
             in_channels=module.in_features,
             out_channels=module.out_features,
+            input_hw=record.input_hw,
+            output_hw=record.output_hw,
             bias=module.bias is not None,
             calls=record.calls,
+            positions=record.positions,
         )
-    conv = cast(nn.Conv1d | nn.Conv2d, module)
+    conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
     padding = conv.padding
     if isinstance(padding, str):
         padding = tuple(
@@ -306,4 +352,6 @@ def _layer_info(
         output_hw=record.output_hw,
         bias=conv.bias is not None,
         calls=record.calls,
+        positions=record.positions,
+        transposed=isinstance(module, nn.modules.conv._ConvTransposeNd),
     )

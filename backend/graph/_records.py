@@ -74,10 +74,18 @@ class ChannelSegment:
 class LayerInfo:
     """One conv or linear layer, with everything FLOPs, params and latency estimates need.
 
-    MACs of the dense layer: ``out_channels * prod(output_hw) * prod(kernel_size) *
-    in_features / groups`` where ``in_features = sum(size(seg.group) * seg.multiplier)``. A pruned
-    layer replaces each size by the group's width; a depthwise conv (``depthwise=True``) has its
-    input and output in one group and scales with that width once.
+    MACs of the dense layer: ``out_channels * positions * prod(kernel_size) * in_features /
+    groups`` where ``in_features = sum(size(seg.group) * seg.multiplier)`` and ``positions`` the
+    output positions of every call together. A pruned layer replaces each size by the group's
+    width; a depthwise conv (``depthwise=True``) has its input and output in one group and scales
+    with that width once. ``input_hw`` and ``output_hw`` are those of the first call.
+
+    Attributes:
+        positions: output positions (``prod(output_hw)`` of a conv, 1 for a linear on
+            ``[batch, features]``, the token positions of a linear over the last dim, the
+            *input* positions of a transposed conv) summed over every call, per example; 0
+            means ``calls * prod(output_hw)``.
+        transposed: a transposed conv, whose weight is ``[in, out / groups, *kernel]``.
     """
 
     name: str
@@ -96,6 +104,18 @@ class LayerInfo:
     output_hw: tuple[int, ...] = ()
     bias: bool = False
     calls: int = 1
+    positions: int = 0
+    transposed: bool = False
+
+    @property
+    def total_positions(self) -> int:
+        """Output positions of every call together, per example."""
+        if self.positions:
+            return self.positions
+        count = 1
+        for size in self.output_hw:
+            count *= size
+        return count * self.calls
 
 
 @dataclass(frozen=True)

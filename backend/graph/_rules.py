@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import math
 import operator
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from torch import fx, nn
 
@@ -16,6 +17,7 @@ __all__ = [
     "CONV_TYPES",
     "ELEMENTWISE_OPS",
     "EXPAND_OPS",
+    "LAYER_TYPES",
     "LINEAR_TYPES",
     "NORM_TYPES",
     "PASSTHROUGH_MODULE_TYPES",
@@ -25,11 +27,14 @@ __all__ = [
     "SOFTMAX_OPS",
     "SPATIAL_OPS",
     "SPLIT_OPS",
+    "TRANSPOSED_CONV_TYPES",
     "argument",
     "index_keeps_channels",
+    "is_layer_subclass",
     "normalise_dims",
     "op_name",
     "reshape_channels",
+    "unlike_its_layer",
 ]
 
 
@@ -37,7 +42,12 @@ def _names(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
-CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d)
+CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+TRANSPOSED_CONV_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ConvTranspose1d,
+    nn.ConvTranspose2d,
+    nn.ConvTranspose3d,
+)
 LINEAR_TYPES: tuple[type[nn.Module], ...] = (nn.Linear,)
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm1d,
@@ -45,6 +55,56 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm3d,
     nn.SyncBatchNorm,
 )
+
+LAYER_TYPES = (*CONV_TYPES, *TRANSPOSED_CONV_TYPES, *LINEAR_TYPES, *NORM_TYPES)
+
+
+def is_layer_subclass(module: nn.Module) -> bool:
+    """Whether ``module`` is a user subclass of a conv, linear or BatchNorm layer that can be
+    pruned like the built-in one: it holds no parameters but ``weight`` and ``bias`` and no
+    submodule with parameters (an activation or padding it applies is fine).
+
+    Such layers (a BatchNorm that applies its activation, a conv that pads itself "same") are
+    kept as single calls when tracing; whether the call computes what the layer's weight says
+    is checked on its FLOPs and shapes.
+    """
+    if type(module) in LAYER_TYPES or not isinstance(module, LAYER_TYPES):
+        return False
+    return {name for name, _ in module.named_parameters()} <= {"weight", "bias"}
+
+
+def unlike_its_layer(module: nn.Module, out_shape: tuple[int, ...], counted: int) -> str | None:
+    """Why a call of a conv, linear or norm module does not compute what its weight says (a
+    subclass above all), ``None`` when it does.
+
+    Args:
+        module: the conv, linear or BatchNorm module (or subclass).
+        out_shape: the call's output shape, batch included.
+        counted: the MACs ``FlopCounterMode`` counted for the call (its total / 2).
+
+    Returns:
+        ``None`` when the output has the layer's output channels (dim 1; the last dim for a
+        linear) and ``counted`` is exactly the layer's MACs, else the reason.
+    """
+    if isinstance(module, NORM_TYPES):
+        expected, outputs, axis = 0, cast(nn.BatchNorm2d, module).num_features, 1
+    elif isinstance(module, LINEAR_TYPES):
+        linear = cast(nn.Linear, module)
+        outputs, axis = linear.out_features, len(out_shape) - 1
+        expected = math.prod(out_shape[:-1]) * linear.in_features * outputs
+    elif isinstance(module, TRANSPOSED_CONV_TYPES):
+        return None  # its MACs follow the input's positions; checked by the layer rule
+    else:
+        conv = cast(nn.Conv2d, module)
+        outputs, axis = conv.out_channels, 1
+        per_output = conv.in_channels // conv.groups * math.prod(conv.kernel_size)
+        expected = math.prod(out_shape) * per_output
+    if len(out_shape) < 2 or out_shape[axis] != outputs:
+        return f"its output has {out_shape[axis]} channels along dim {axis}, not {outputs}"
+    if counted != expected:
+        return f"its forward computes {counted} MACs where the layer alone computes {expected}"
+    return None
+
 
 # Modules without channel-mixing parameters that keep dim 1 as it is (checked on the shapes too).
 PASSTHROUGH_MODULE_TYPES: tuple[type[nn.Module], ...] = (

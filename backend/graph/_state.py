@@ -9,8 +9,9 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from prunetune.backend.graph._groups import Channels, Segment, SlotSet
+from prunetune.backend.graph._records import ChannelMember
 
-__all__ = ["AnalysisState", "LayerRecord", "Many", "NormRecord", "is_multi"]
+__all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "is_multi"]
 
 
 @dataclass
@@ -26,6 +27,7 @@ class LayerRecord:
     input_hw: tuple[int, ...]
     output_hw: tuple[int, ...]
     calls: int = 1
+    positions: int = 0
 
 
 @dataclass
@@ -44,6 +46,15 @@ class Many:
     """The value of a node that returns several tensors (split, chunk, max with dim)."""
 
     items: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class Last:
+    """The value of a node whose channels are its *last* dim, not dim 1: a channels-last map
+    ``[batch, H, W, channels]`` or tokens ``[batch, tokens, channels]``. Its other dims are
+    positions; a rank-2 value is always plain :data:`Channels` instead."""
+
+    channels: Channels
 
 
 def is_multi(meta: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
@@ -72,6 +83,11 @@ class AnalysisState:
         value = self.values.get(node)
         return value if isinstance(value, tuple) else None
 
+    def last(self, node: Any) -> Channels | None:
+        """The channels of a node whose channels are its last dim (:class:`Last`), else None."""
+        value = self.values.get(node) if isinstance(node, fx.Node) else None
+        return value.channels if isinstance(value, Last) else None
+
     # --- helpers ---------------------------------------------------------------------------
 
     def _fix(self, channels: Channels | None, reason: str) -> None:
@@ -81,6 +97,8 @@ class AnalysisState:
     def _fix_value(self, value: Any, reason: str) -> None:
         if isinstance(value, tuple):
             self._fix(value, reason)
+        elif isinstance(value, Last):
+            self._fix(value.channels, reason)
         elif isinstance(value, Many):
             for item in value.items:
                 self._fix_value(item, reason)
@@ -121,3 +139,55 @@ class AnalysisState:
             self._fix(first, reason)
             self._fix(second, reason)
         return first
+
+    def _record_call(
+        self, node: fx.Node, name: str, channels: Channels, what: str, positions: int = 0
+    ) -> Any:
+        """A later call of a shared module: couple its input with the first call's and add this
+        call's ``positions`` (output positions per example) to the layer's."""
+        record: LayerRecord | NormRecord | None = self.layers.get(name) or self.norms.get(name)
+        if record is None:
+            return None
+        record.calls += 1
+        if isinstance(record, LayerRecord):
+            record.positions += positions
+            self._join(record.inputs, channels, node, what)
+            outputs = record.outputs
+        else:
+            outputs = self._join(record.channels, channels, node, what)
+        self.mask_points.append((node, outputs))
+        return outputs
+
+    def _add_layer(
+        self,
+        node: fx.Node,
+        module: nn.Module,
+        inputs: Channels,
+        out_size: int,
+        positions: tuple[tuple[int, ...], tuple[int, ...], int],
+    ) -> Channels:
+        """Record a conv or linear layer that reads ``inputs`` and makes a new group of
+        ``out_size`` channels (ungrouped, not depthwise); returns the new group's channels.
+
+        Args:
+            node: the layer's (first) call.
+            module: the layer module.
+            inputs: the channels it reads, in feature order.
+            out_size: its output channels.
+            positions: ``(input_hw, output_hw, positions per example)`` of this call.
+        """
+        name = str(node.target)
+        offset = 0
+        for segment in inputs:
+            self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
+            offset += segment.size * segment.mult
+        slot = self.slots.new(out_size, name)
+        self.slots.add_member(slot, ChannelMember(name, "out"))
+        outputs = (Segment(slot, out_size),)
+        kind: Literal["conv", "linear"] = "linear" if isinstance(module, nn.Linear) else "conv"
+        input_hw, output_hw, count = positions
+        self.layers[name] = LayerRecord(
+            name, kind, module, inputs, outputs, False, input_hw, output_hw, positions=count
+        )
+        self.mask_points.append((node, outputs))
+        return outputs

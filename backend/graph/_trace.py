@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import linecache
 import os
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import networkx as nx
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
+from torch.utils.flop_counter import FlopCounterMode
 
 from prunetune.backend.errors import UnsupportedModelError
+from prunetune.backend.graph._rules import is_layer_subclass
 
-__all__ = ["build_dag", "node_shape", "propagate_shapes", "trace_module"]
+__all__ = ["build_dag", "eval_mode", "node_shape", "propagate_shapes", "trace_module"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class _Tracer(fx.Tracer):
-    """fx's default tracer (torch.nn modules are leaves) plus user-named leaf module types."""
+    """fx's default tracer (torch.nn modules are leaves) plus user-named leaf module types and
+    user subclasses of conv, linear and BatchNorm layers (see ``is_layer_subclass``)."""
 
     def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
         super().__init__()
@@ -30,6 +34,8 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if is_layer_subclass(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -47,8 +53,25 @@ def _user_frame(exc: BaseException) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode (what is exported and deployed), then restore every flag."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
-    """Symbolically trace ``model``; torch.nn modules (and ``leaf_modules``) stay single calls.
+    """Symbolically trace ``model`` in eval mode; torch.nn modules (and ``leaf_modules``) stay
+    single calls.
+
+    The trace is taken in eval mode, the mode that is costed and exported: branches that run only
+    in training (auxiliary heads, drop-path) are left out, and traced-into norm code reads its
+    running statistics instead of updating them. Every module's flag is restored afterwards.
 
     Raises:
         UnsupportedModelError: the model cannot be traced (data-dependent control flow and
@@ -56,7 +79,8 @@ def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ())
     """
     tracer = _Tracer(tuple(leaf_modules))
     try:
-        graph = tracer.trace(model)
+        with eval_mode(model):
+            graph = tracer.trace(model)
     except Exception as exc:
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
@@ -71,10 +95,17 @@ def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ())
 
 
 class _ShapeRecorder(ShapeProp):
-    """ShapeProp that records ``tensor_meta`` without printing tracebacks on failure."""
+    """ShapeProp that records ``tensor_meta``, and the FLOPs ``FlopCounterMode`` counts for each
+    node in ``meta["flops"]`` (its total, all examples), without printing tracebacks."""
+
+    def __init__(self, module: fx.GraphModule, counter: FlopCounterMode) -> None:
+        super().__init__(module)
+        self._counter = counter
 
     def run_node(self, n: fx.Node) -> Any:
+        before = self._counter.get_total_flops()
         result = fx.Interpreter.run_node(self, n)
+        n.meta["flops"] = int(self._counter.get_total_flops() - before)
         found_tensor = False
 
         def extract(obj: Any) -> Any:
@@ -94,17 +125,18 @@ class _ShapeRecorder(ShapeProp):
 def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Tensor) -> None:
     """Run ``module`` once on ``example_input`` in eval mode, without gradients, recording shapes.
 
-    Every module's training flag is restored afterwards, so BN running statistics of ``model``
-    are left untouched.
+    Every node also gets ``meta["flops"]``: what ``FlopCounterMode`` counts for it on
+    ``example_input`` (2 per multiply-accumulate, every example of the batch). Every module's
+    training flag is restored afterwards, so BN running statistics of ``model`` are left
+    untouched.
 
     Raises:
         ValueError: the model fails on the example input.
     """
-    modes = [(m, m.training) for m in model.modules()]
+    counter = FlopCounterMode(display=False)
     try:
-        model.eval()
-        with torch.no_grad():
-            _ShapeRecorder(module).propagate(example_input.detach().clone())
+        with eval_mode(model), eval_mode(module), torch.no_grad(), counter:
+            _ShapeRecorder(module, counter).propagate(example_input.detach().clone())
     except Exception as exc:
         where = _user_frame(exc)
         at = f" (at {where})" if where else ""
@@ -113,9 +145,6 @@ def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Te
             f"{tuple(example_input.shape)} failed: {type(exc).__name__}: {exc}{at}; pass an "
             "input the model accepts, e.g. torch.randn(1, 3, 32, 32) for a CIFAR model"
         ) from exc
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def node_shape(node: fx.Node) -> tuple[int, ...] | None:

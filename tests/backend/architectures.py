@@ -208,6 +208,191 @@ class HardCodedViewNet(nn.Module):
         return self.fc(x.view(-1, 16))
 
 
+class TransposedConvNet(nn.Module):
+    """A decoder-style conv -> conv-transpose (upsampling) -> conv, with a BN after each."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.down = _conv_bn(3, 16, stride=2)
+        self.up = nn.ConvTranspose2d(16, 12, 2, stride=2, bias=False)
+        self.up_bn = nn.BatchNorm2d(12)
+        self.conv = _conv_bn(12, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.up_bn(self.up(self.down(x))))
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class NonLocalNet(nn.Module):
+    """A non-local (self-attention) block on a conv map: einsum, matmul and bmm on activations."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16, stride=2)
+        self.theta = nn.Conv2d(16, 8, 1)
+        self.phi = nn.Conv2d(16, 8, 1)
+        self.g = nn.Conv2d(16, 8, 1)
+        self.out = nn.Conv2d(8, 16, 1, bias=False)
+        self.out_bn = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        n, _, h, w = x.shape
+        theta = self.theta(x).flatten(2)  # [n, 8, hw]
+        phi = self.phi(x).flatten(2)
+        g = self.g(x).flatten(2)
+        attention = torch.softmax(torch.einsum("nci,ncj->nij", theta, phi), dim=-1)
+        y = torch.bmm(g, attention.transpose(1, 2))  # [n, 8, hw]
+        y = torch.matmul(y, torch.eye(h * w)).view(n, 8, h, w)
+        x = F.relu(x + self.out_bn(self.out(y)))
+        return self.fc(x.mean((2, 3)))
+
+
+class TokenMLPNet(nn.Module):
+    """A tiny vision transformer block: patch conv, tokens [batch, tokens, channels], LayerNorm,
+    an MLP of two Linears over the channel (last) dim with a residual, and a classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 4, stride=4)
+        self.norm = nn.LayerNorm(16)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = tokens + self.fc2(F.gelu(self.fc1(self.norm(tokens))))
+        return self.head(tokens.mean(1))
+
+
+class ChannelsLastLinearNet(nn.Module):
+    """A Linear applied to a channels-last map (ConvNeXt's pointwise layers), between convs."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16, stride=2)
+        self.pointwise = nn.Linear(16, 24)
+        self.conv = _conv_bn(24, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pointwise(self.stem(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+class PyramidHeadNet(nn.Module):
+    """One head module shared across two pyramid levels of different resolution."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.level1 = _conv_bn(3, 16)
+        self.level2 = _conv_bn(16, 16, stride=2)
+        self.head = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        p1 = self.level1(x)
+        p2 = self.level2(p1)
+        pooled = self.head(p1).mean((2, 3)) + self.head(p2).mean((2, 3))
+        return self.fc(pooled)
+
+
+class AuxHeadNet(nn.Module):
+    """An auxiliary classifier and a drop-path that run only in training mode."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.block = _conv_bn(16, 16)
+        self.aux = nn.Sequential(nn.Flatten(), nn.Linear(16 * 32 * 32, num_classes))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        branch = self.block(x)
+        if self.training:
+            keep = (torch.rand(x.shape[0], 1, 1, 1) > 0.1).to(x.dtype)
+            branch = branch * keep
+        x = x + branch
+        logits = self.fc(x.mean((2, 3)))
+        if self.training:
+            return logits + self.aux(x)
+        return logits
+
+
+class Conv3dNet(nn.Module):
+    """Video-style Conv3d layers with BatchNorm3d, on a [batch, 3, time, H, W] clip made from the
+    image by repeating it twice along a new time dim."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv3d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm3d(8)
+        self.conv2 = nn.Conv3d(8, 12, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1))
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        clip = x.unsqueeze(2).expand(-1, -1, 2, -1, -1)
+        x = F.relu(self.bn1(self.conv1(clip)))
+        return self.fc(F.relu(self.conv2(x)).mean((2, 3, 4)))
+
+
+class SamePadConv2d(nn.Conv2d):
+    """A Conv2d subclass that pads itself "same" from the input size (TF-style), as model
+    libraries write it: Python shape logic in ``forward``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2:]
+        pad_h = max(
+            (-(-height // self.stride[0]) - 1) * self.stride[0] + self.kernel_size[0] - height, 0
+        )
+        pad_w = max(
+            (-(-width // self.stride[1]) - 1) * self.stride[1] + self.kernel_size[1] - width, 0
+        )
+        x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A BatchNorm2d subclass that applies its activation (timm's BatchNormAct2d)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(super().forward(x))
+
+
+class PlainLinear(nn.Linear):
+    """A Linear subclass with its own forward."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class SubclassedLayersNet(nn.Module):
+    """A network built only from subclasses of Conv2d, BatchNorm2d and Linear."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = SamePadConv2d(3, 16, 3, stride=2, bias=False)
+        self.bn1 = BatchNormAct2d(16)
+        self.conv2 = SamePadConv2d(16, 16, 3, groups=16, bias=False)
+        self.bn2 = BatchNormAct2d(16)
+        self.conv3 = SamePadConv2d(16, 24, 1)
+        self.bn3 = BatchNormAct2d(24)
+        self.fc = PlainLinear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn1(self.conv1(x))
+        x = self.bn2(self.conv2(x)) + x
+        return self.fc(self.bn3(self.conv3(x)).mean((2, 3)))
+
+
 class UntraceableNet(nn.Module):
     """Data-dependent control flow: cannot be traced symbolically."""
 
@@ -229,6 +414,14 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "functional": FunctionalNet,
     "shared_conv": SharedConvNet,
     "flatten_linear": FlattenLinearNet,
+    "transposed_conv": TransposedConvNet,
+    "non_local": NonLocalNet,
+    "token_mlp": TokenMLPNet,
+    "channels_last_linear": ChannelsLastLinearNet,
+    "pyramid_head": PyramidHeadNet,
+    "aux_head": AuxHeadNet,
+    "conv3d": Conv3dNet,
+    "subclassed_layers": SubclassedLayersNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -35,16 +35,16 @@ def _one_thread() -> Iterator[None]:
 
 
 def reference_macs(graph: ChannelGraph, widths: dict[str, int]) -> int:
-    """MACs of conv and linear layers computed from the LayerInfo records alone."""
+    """MACs computed from the LayerInfo records, plus the graph's constant (unmodelled) MACs."""
     width = {group.name: widths.get(group.name, group.size) for group in graph.groups}
-    total = 0
+    total = graph.other_flops
     for layer in graph.layers:
         out_channels = width[layer.out_group]
         in_features = sum(width[s.group] * s.multiplier for s in layer.in_segments)
         groups = out_channels if layer.depthwise else layer.groups
         per_position = out_channels * math.prod(layer.kernel_size) * in_features
         assert per_position % groups == 0
-        total += layer.calls * math.prod(layer.output_hw) * per_position // groups
+        total += layer.total_positions * per_position // groups
     return total
 
 

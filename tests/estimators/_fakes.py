@@ -25,6 +25,7 @@ class FakeGraph:
     norms: tuple[NormInfo, ...]
     other_params: int
     input_shape: tuple[int, ...]
+    other_flops: int = 0
 
     @property
     def prunable_groups(self) -> tuple[ChannelGroup, ...]:

@@ -10,17 +10,17 @@ their own (Torch-Pruning's dependency graph and pruners used as a library).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
-from prunetune.backend.errors import CheckpointError, PrunetuneError
+from prunetune.backend.errors import CheckpointError, InfeasibleTargetError, PrunetuneError
 from prunetune.backend.export import LoadedModel, export_subnet, load_export
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, eval_mode
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
@@ -94,22 +94,10 @@ def _check_input(example_input: Any) -> Tensor:
     return example_input[:1].detach().float()
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Run ``model`` in eval mode (what is exported), then put back each submodule's mode."""
-    modes = {name: module.training for name, module in model.named_modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for name, module in model.named_modules():
-            module.training = modes.get(name, module.training)
-
-
 def _trace(
     model: nn.Module, example: Tensor, leaf_modules: Sequence[type[nn.Module]]
 ) -> ChannelGraph:
-    with _eval_mode(model):
+    with eval_mode(model):
         return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
 
 
@@ -145,6 +133,7 @@ class Inspection:
         groups: every channel group, prunable or not.
         kept_whole: layer (or group) name -> the reason it cannot be pruned.
         graph: the traced :class:`~prunetune.backend.graph.ChannelGraph`, for further use.
+        notes: layers that will stop an export, one line each naming the layer and the fix.
     """
 
     input_shape: tuple[int, ...]
@@ -152,6 +141,7 @@ class Inspection:
     groups: tuple[GroupSummary, ...]
     kept_whole: dict[str, str]
     graph: ChannelGraph = field(repr=False)
+    notes: tuple[str, ...] = ()
 
     @property
     def prunable_groups(self) -> tuple[GroupSummary, ...]:
@@ -175,13 +165,17 @@ class Inspection:
                 for g in self.groups
             ],
             "unprunable": dict(self.kept_whole),
+            "notes": list(self.notes),
         }
 
     def __str__(self) -> str:
         lines = [f"input {'x'.join(map(str, self.input_shape))}"]
         lines += [f"  {metric}: {format_metric(metric, v)}" for metric, v in self.costs.items()]
         prunable = self.prunable_groups
-        lines.append(f"{len(prunable)} prunable channel groups:")
+        if prunable:
+            lines.append(f"{len(prunable)} prunable channel groups:")
+        else:
+            lines.append("nothing can be pruned: every channel group is kept whole (see below)")
         width = max((len(g.name) for g in prunable), default=0)
         for group in prunable:
             step = f" (step {group.step})" if group.step > 1 else ""
@@ -191,6 +185,9 @@ class Inspection:
         if self.kept_whole:
             lines.append("kept whole:")
             lines += [f"  {name}: {reason}" for name, reason in self.kept_whole.items()]
+        if self.notes:
+            lines.append("notes:")
+            lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -198,9 +195,10 @@ def _inspection(
     graph: ChannelGraph, shape: tuple[int, ...], costs: Mapping[str, CostModel]
 ) -> Inspection:
     dense = graph.dense_widths()
+    figures = {metric: float(cost.evaluate(dense)) for metric, cost in costs.items()}
     return Inspection(
         input_shape=shape,
-        costs={metric: float(cost.evaluate(dense)) for metric, cost in costs.items()},
+        costs=figures,
         groups=tuple(
             GroupSummary(
                 name=g.name,
@@ -212,9 +210,20 @@ def _inspection(
             )
             for g in graph.groups
         ),
-        kept_whole=dict(graph.unprunable),
+        kept_whole=_kept_whole(graph, figures.get("flops", 0.0)),
         graph=graph,
     )
+
+
+def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
+    """The graph's kept-whole groups and layers, each with the share of the dense FLOPs it
+    fixes where ops there are counted but not pruned (transposed convs, matmuls, ...)."""
+    kept = dict(graph.unprunable)
+    for place, macs in graph.constant_flops.items():
+        share = f"{100 * macs / dense_flops:.1f}% of FLOPs" if dense_flops else "no FLOPs"
+        reason = kept.get(place, "reads channels kept whole; counted, not pruned")
+        kept[place] = f"{reason} ({share})"
+    return kept
 
 
 def inspect(
@@ -258,7 +267,20 @@ def inspect(
     model = _check_model(model)
     example = _check_input(example_input)
     graph = _trace(model, example, leaf_modules)
-    return _inspection(graph, tuple(example.shape), cost_models(graph, profile))
+    found = _inspection(graph, tuple(example.shape), cost_models(graph, profile))
+    return dataclasses.replace(found, notes=_export_notes(model))
+
+
+def _export_notes(model: nn.Module) -> tuple[str, ...]:
+    """Layers that the export cannot write: BatchNorms without running statistics."""
+    return tuple(
+        f"BatchNorm '{name}' has no running statistics (track_running_stats=False): in eval "
+        "mode it normalises each batch by its own statistics, which the ONNX exporter cannot "
+        "write; give it running statistics (track_running_stats=True, then calibrate them on "
+        "training batches) to export it"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
+    )
 
 
 @dataclass(frozen=True)
@@ -402,8 +424,14 @@ def prune(
     goal = as_target(target)
     graph = _trace(model, example, leaf_modules)
     costs = cost_models(graph, profile)
-    budget = goal.resolve(costs)
-    with _eval_mode(model):
+    try:
+        budget = goal.resolve(costs)
+    except InfeasibleTargetError as exc:
+        if graph.prunable_groups:
+            raise
+        dense = float(costs["flops"].dense)
+        raise InfeasibleTargetError(f"{_nothing_prunable(model, graph, dense)}: {exc}") from exc
+    with eval_mode(model):
         scores = channel_importance(model, graph, importance, batches)
         dense_flops = count_flops(model, example)
     latency = costs["latency_ms"].evaluate if allocation == "cost" else None
@@ -422,6 +450,19 @@ def prune(
         dense_params=count_params(model),
         costs={m: float(c.evaluate(widths)) for m, c in costs.items()},
         dense_costs={m: float(c.evaluate(graph.dense_widths())) for m, c in costs.items()},
+    )
+
+
+def _nothing_prunable(model: nn.Module, graph: ChannelGraph, dense_flops: float) -> str:
+    """One line saying that no channel of ``model`` can be pruned, with the first reasons."""
+    kept = _kept_whole(graph, dense_flops)
+    reasons = "; ".join(f"{name}: {why}" for name, why in list(kept.items())[:3]) or (
+        "it has no conv, linear or norm layer"
+    )
+    more = "; ..." if len(kept) > 3 else ""
+    return (
+        f"nothing in {type(model).__name__} can be pruned, every channel group is kept whole "
+        f"({reasons}{more}); only a 100% target can be met, which gives the dense model"
     )
 
 
