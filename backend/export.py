@@ -3,21 +3,26 @@
 An export directory holds:
 
 - ``subnet.json``: the :class:`SubnetSpec` (model identity, input shape, kept channels), metrics
-  (``flops``, ``params`` measured on the exported model, plus whatever the caller adds) and the
-  SHA-256 of every other file;
+  (``flops``, ``params`` measured on the exported model, plus whatever the caller adds; a
+  non-finite figure is written as ``null``: strict JSON), the SHA-256 of every other file and
+  a ``checksum`` of its own content;
 - ``weights.pt``: the pruned model's state_dict;
 - ``model.pt2``: the ``torch.export`` program (batch dimension dynamic);
 - ``model.onnx``: the ONNX graph (batch dimension dynamic).
 
 Export runs the model, the exported program and onnxruntime on the same input and refuses to
-leave a directory behind when they disagree by more than the tolerance. The directory is written
-atomically: a failed export leaves nothing (or the previous export) in place.
+leave a directory behind when they disagree by more than the tolerance or compute anything
+non-finite. Loading verifies every checksum first and never imports a model reference read from
+the files unless it names a zoo model or the model the caller gave (or the caller trusts it).
+The directory is written atomically: a failed export leaves nothing (or the previous export)
+in place.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,8 +32,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.checkpoint import load_checkpoint, load_state
-from prunetune.backend.errors import CheckpointError, PrunetuneError, SpecError
+from prunetune.backend.checkpoint import load_checkpoint, load_state, read_torch_file
+from prunetune.backend.errors import (
+    CheckpointError,
+    PrunetuneError,
+    SpecError,
+    UnsupportedModelError,
+)
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.io import atomic_directory
 from prunetune.backend.measure import count_flops, count_params
@@ -43,6 +53,7 @@ __all__ = [
     "load_export",
     "load_model",
     "load_subnet",
+    "seal_record",
 ]
 
 EXPORT_FORMAT = "prunetune.subnet/1"
@@ -62,8 +73,43 @@ def _sha256(path: Path) -> str:
 
 
 def _max_error(reference: Tensor, other: Tensor) -> float:
+    """The largest difference relative to the output's scale; ``inf`` when ``other`` holds a
+    non-finite value (NaN compares as equal to nothing, so it must never pass)."""
+    if not bool(torch.isfinite(other).all()):
+        return math.inf
     scale = max(1.0, float(reference.abs().max()))
     return float((reference - other).abs().max()) / scale
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (``null`` in strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _record_checksum(record: dict[str, Any]) -> str:
+    content = {k: v for k, v in record.items() if k != "checksum"}
+    text = json.dumps(content, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` made strict JSON (non-finite figures as ``None``) with its ``checksum`` set.
+
+    Args:
+        record: a ``subnet.json`` mapping.
+
+    Returns:
+        The mapping to write; :func:`load_export` refuses one whose checksum does not match.
+    """
+    sealed = _finite(record)
+    sealed["checksum"] = _record_checksum(sealed)
+    return sealed  # type: ignore[no-any-return]
 
 
 def export_subnet(
@@ -103,6 +149,11 @@ def export_subnet(
     check_input = torch.randn((3, *spec.input_shape[1:]), generator=generator)
     with torch.no_grad():
         expected = model(check_input)
+    if not bool(torch.isfinite(expected).all()):
+        raise ExportParityError(
+            "the model computes non-finite outputs (NaN or inf) on a random input: its weights "
+            "are broken (a diverged training run?); nothing was exported"
+        )
     record: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "spec": spec.to_dict(),
@@ -127,7 +178,7 @@ def export_subnet(
             with torch.no_grad():
                 error = _max_error(expected, program.module()(check_input))
             record["parity"]["pt2"] = error
-            if error > tolerance:
+            if not error <= tolerance:
                 raise ExportParityError(
                     f"torch.export program differs from the model by {error:.2e} (> {tolerance})"
                 )
@@ -139,7 +190,7 @@ def export_subnet(
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 raise ExportParityError(f"ONNX export failed on the subnet: {first}") from exc
             record["parity"]["onnx"] = error
-            if error > tolerance:
+            if not error <= tolerance:
                 raise ExportParityError(
                     f"ONNX graph differs from the model by {error:.2e} (> {tolerance})"
                 )
@@ -147,7 +198,8 @@ def export_subnet(
         for name in _FILES:
             if (staging / name).exists():
                 record["files"][name] = _sha256(staging / name)
-        (staging / "subnet.json").write_text(json.dumps(record, indent=2) + "\n")
+        text = json.dumps(seal_record(record), indent=2, allow_nan=False)
+        (staging / "subnet.json").write_text(text + "\n")
     return Path(directory)
 
 
@@ -198,6 +250,15 @@ def _read_record(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a prunetune export ({EXPORT_FORMAT})")
+    try:
+        matches = record.get("checksum") == _record_checksum(record)
+    except ValueError:  # NaN or infinity: never written by export
+        matches = False
+    if not matches:
+        raise CheckpointError(
+            f"{str(path)!r} does not match its own checksum: it was edited or corrupted after "
+            "export (or written by an older prunetune); export the subnet again"
+        )
     return record
 
 
@@ -209,6 +270,9 @@ def _verify_files(root: Path, record: dict[str, Any]) -> None:
             f"subnet.json in {str(root)!r} records no checksum for weights.pt: it was not "
             "written by prunetune's export, or was edited; export the subnet again"
         )
+    unknown = sorted(set(recorded) - set(_FILES))
+    if unknown:
+        raise CheckpointError(f"subnet.json in {str(root)!r} records unknown files: {unknown}")
     for name in _FILES:
         if name not in recorded:
             continue
@@ -223,14 +287,28 @@ def _verify_files(root: Path, record: dict[str, Any]) -> None:
 
 
 def load_export(
-    directory: str | Path, dense: nn.Module | None = None, allow_factory: bool = False
+    directory: str | Path,
+    dense: nn.Module | None = None,
+    *,
+    expect: ModelRef | str | None = None,
+    trust_model_code: bool = False,
 ) -> LoadedModel:
     """Rebuild an exported subnet, verifying every recorded checksum first.
 
     The pruned module comes from, in order: ``dense`` when given (traced, pruned to the spec,
-    loaded with ``weights.pt``); the zoo when the spec names a zoo model; the user's factory
-    named in the spec, only with ``allow_factory`` (importing it runs its code); else the
-    export's own ``torch.export`` program (``model.pt2``), which needs no source code.
+    loaded with ``weights.pt``); the zoo when the spec names a zoo model; the factory the spec
+    names when it is ``expect`` (the model the caller gave) or with ``trust_model_code``
+    (importing it runs its code); else the export's own ``torch.export`` program
+    (``model.pt2``), which needs no source code.
+
+    Args:
+        directory: the export directory.
+        dense: the dense model the export was pruned from.
+        expect: the model reference (or name) the caller gave; a factory of that name is built.
+        trust_model_code: build whatever factory ``subnet.json`` names.
+
+    Returns:
+        The pruned model (eval mode), its reference, input shape, spec and metrics.
 
     Raises:
         CheckpointError: not an export, files missing or changed since export, weights that do
@@ -240,25 +318,30 @@ def load_export(
     root = Path(directory)
     record = _read_record(root)
     _verify_files(root, record)
-    try:
-        spec = SubnetSpec.from_dict(record["spec"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpecError(f"subnet.json in {str(root)!r} has a malformed spec: {exc}") from exc
+    spec = _spec_of(root, record)
     metrics = dict(record.get("metrics") or {})
-    if dense is None and spec.model.buildable and (spec.model.is_zoo or allow_factory):
-        dense = spec.model.build()
+    if dense is None and spec.model.buildable:
+        try:
+            spec.model.check_trusted(str(root / "subnet.json"), expect, trust_model_code)
+            dense = spec.model.build()
+        except UnsupportedModelError as exc:
+            if not (root / "model.pt2").is_file():
+                raise CheckpointError(str(exc)) from exc
     if dense is None:
         return LoadedModel(_load_program(root, spec), spec.model, spec.input_shape, spec, metrics)
     graph = ChannelGraph.trace(dense, torch.zeros(spec.input_shape))
     spec.validate(graph)
     pruned = prune_model(dense, graph, spec)
     weights = root / "weights.pt"
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"{str(weights)!r} cannot be read: {exc}") from exc
-    load_state(pruned, state, str(weights))
+    load_state(pruned, read_torch_file(weights, "weights"), str(weights))
     return LoadedModel(pruned.eval(), spec.model, spec.input_shape, spec, metrics)
+
+
+def _spec_of(root: Path, record: dict[str, Any]) -> SubnetSpec:
+    try:
+        return SubnetSpec.from_dict(record["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"subnet.json in {str(root)!r} has a malformed spec: {exc}") from exc
 
 
 def _load_program(root: Path, spec: SubnetSpec) -> nn.Module:
@@ -277,21 +360,52 @@ def _load_program(root: Path, spec: SubnetSpec) -> nn.Module:
     return module
 
 
-def load_subnet(directory: str | Path) -> LoadedModel:
-    """Rebuild an exported subnet from ``subnet.json`` and ``weights.pt``.
+def load_subnet(
+    directory: str | Path, expect: ModelRef | str | None = None, trust_model_code: bool = False
+) -> LoadedModel:
+    """Rebuild an exported subnet from its source: the dense model pruned to the spec.
 
-    The dense model is rebuilt from the zoo or the user's factory, traced, pruned to the spec and
-    loaded with the exported weights (``weights_only=True``); see :func:`load_export`.
+    Unlike :func:`load_export` this never falls back to the exported program: the caller needs
+    the dense architecture (to estimate costs, or to prune further). The model the spec names
+    is built only when it is a zoo model, ``expect``, or trusted (see :func:`load_export`).
+
+    Args:
+        directory: the export directory.
+        expect: the model reference (or name) the caller gave.
+        trust_model_code: build whatever factory ``subnet.json`` names.
+
+    Returns:
+        The pruned model, its reference, input shape, spec and metrics.
 
     Raises:
-        CheckpointError: files missing, tampered with (checksum), or weights that do not fit.
+        CheckpointError: files missing, tampered with (checksum), a model the caller did not
+            trust, or weights that do not fit.
         SpecError: the spec does not fit the model it names.
     """
-    return load_export(directory, allow_factory=True)
+    root = Path(directory)
+    record = _read_record(root)
+    _verify_files(root, record)
+    ref = _spec_of(root, record).model
+    try:
+        ref.check_trusted(str(root / "subnet.json"), expect, trust_model_code)
+        dense = ref.build()
+    except UnsupportedModelError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return load_export(root, dense=dense)
 
 
-def load_model(path: str | Path, expect: ModelRef | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, expect: ModelRef | None = None, trust_model_code: bool = False
+) -> LoadedModel:
     """Load what ``--checkpoint`` names: a dense checkpoint file or a subnet export directory.
+
+    Args:
+        path: the file or directory.
+        expect: the model the caller gave (``--model``), if any.
+        trust_model_code: build whatever factory the file names (it runs that code).
+
+    Returns:
+        The model, its reference, input shape, spec (of an export) and metrics.
 
     Raises:
         CheckpointError: see :func:`load_subnet` and
@@ -299,11 +413,11 @@ def load_model(path: str | Path, expect: ModelRef | None = None) -> LoadedModel:
     """
     source = Path(path)
     if source.is_dir():
-        loaded = load_subnet(source)
+        loaded = load_subnet(source, expect, trust_model_code)
         if expect is not None and expect.name != loaded.ref.name:
             raise CheckpointError(
                 f"export {str(source)!r} is of model {loaded.ref.name!r}, not {expect.name!r}"
             )
         return loaded
-    model, info = load_checkpoint(source, expect=expect)
+    model, info = load_checkpoint(source, expect=expect, trust_model_code=trust_model_code)
     return LoadedModel(model, info.model, info.input_shape, None, dict(info.metrics))

@@ -74,6 +74,8 @@ class SearchConfig:
             (8 or 16 suit CPU and GPU kernels: the same FLOPs run faster); 1: any width.
         grace_period: reports a trial makes before ASHA may stop it.
         max_failures: retries of a trial whose worker process dies.
+        trust_model_code: build the ``package.module:factory`` a checkpoint names even when it
+            is not ``model`` (importing it runs its code; zoo models never need this).
     """
 
     target: Target
@@ -104,10 +106,19 @@ class SearchConfig:
     round_to: int = 1
     grace_period: int = 2
     max_failures: int = 2
+    trust_model_code: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, Target):
             raise TypeError(f"target must be a Target, got {type(self.target).__name__}")
+        for flag in ("resume", "overwrite", "distill", "pareto", "trust_model_code"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")
+        for text in ("model", "data_dir", "checkpoint", "profile", "address", "dataset"):
+            value = getattr(self, text)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{text} must be a string, got {value!r}")
         if not self.model and not self.checkpoint:
             raise ValueError("name a model (--model) or a dense checkpoint (--checkpoint)")
         if self.dataset not in list_datasets():

@@ -156,7 +156,7 @@ def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str
     # a module object has no factory: rebuild from it (a zoo model or factory is rebuilt alone,
     # which also checks an export of an export against the original dense model)
     dense = None if prepared.ref.buildable else prepared.model
-    loaded = load_export(export_dir, dense=dense, allow_factory=True)
+    loaded = load_export(export_dir, dense=dense, expect=prepared.ref)
     measured = {
         "flops": float(count_flops(loaded.model, torch.zeros(prepared.input_shape))),
         "params": float(count_params(loaded.model)),

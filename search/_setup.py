@@ -105,7 +105,7 @@ def prepare(config: SearchConfig, module: nn.Module | None = None) -> Prepared:
     base_spec = None
     if config.checkpoint:
         expect = ModelRef(config.model) if config.model else None
-        loaded = load_model(config.checkpoint, expect=expect)
+        loaded = load_model(config.checkpoint, expect, config.trust_model_code)
         model, ref, shape = loaded.model, loaded.ref, tuple(loaded.input_shape)
         base_spec, trained, source = loaded.spec, True, str(config.checkpoint)
         if tuple(shape[1:]) != data.image_shape:

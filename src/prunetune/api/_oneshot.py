@@ -453,6 +453,7 @@ def load(
     directory: str | Path,
     *,
     model: nn.Module | Callable[[], nn.Module] | None = None,
+    trust_model_code: bool = False,
 ) -> LoadedModel:
     """The pruned module back from an export directory (:meth:`PruneResult.export`, a search).
 
@@ -461,11 +462,13 @@ def load(
     to the spec, loaded with the exported weights), the zoo when the export names a zoo model,
     else the export's own ``model.pt2`` program (``torch.export``), which needs no source code:
     this is how an export of a model defined in a notebook or a function comes back. No
-    reference read from the files is ever imported.
+    reference read from the files is imported unless ``trust_model_code`` says so.
 
     Args:
         directory: an export directory.
         model: the dense model the export was pruned from (or a zero-argument factory).
+        trust_model_code: import and call the ``package.module:factory`` that ``subnet.json``
+            names (it runs that code; in the spirit of ``trust_remote_code``).
 
     Returns:
         A :class:`~prunetune.backend.export.LoadedModel`: ``.model`` (eval mode), ``.spec``,
@@ -497,7 +500,7 @@ def load(
             raise TypeError(f"model() returned {type(built).__name__}, not an nn.Module")
         model = built
     try:
-        return load_export(directory, dense=model)
+        return load_export(directory, dense=model, trust_model_code=trust_model_code)
     except PrunetuneError:
         raise
     except OSError as exc:

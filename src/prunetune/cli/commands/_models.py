@@ -13,7 +13,13 @@ from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef, dataset_kwargs
 from prunetune.backend.spec import SubnetSpec
 
-__all__ = ["ResolvedModel", "add_model_options", "parse_shape", "resolve_model"]
+__all__ = [
+    "ResolvedModel",
+    "add_model_options",
+    "add_trust_option",
+    "parse_shape",
+    "resolve_model",
+]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -49,6 +55,17 @@ def add_model_options(parser: argparse.ArgumentParser, model_required: bool = Fa
     parser.add_argument(
         "--num-classes", type=int, default=10, help="classes of a freshly built model"
     )
+    add_trust_option(parser)
+
+
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-model-code``: the opt-in to build a model a file names (it imports its code)."""
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="build the package.module:factory a checkpoint or export names even when it is "
+        "not --model (importing it runs its code; zoo models never need this)",
+    )
 
 
 @dataclass(frozen=True)
@@ -74,7 +91,7 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
     """
     if args.checkpoint:
         expect = ModelRef(args.model) if args.model else None
-        loaded = load_model(args.checkpoint, expect=expect)
+        loaded = load_model(args.checkpoint, expect, args.trust_model_code)
         shape = args.input_shape or loaded.input_shape
         if args.input_shape and tuple(args.input_shape[1:]) != tuple(loaded.input_shape[1:]):
             raise ValueError(

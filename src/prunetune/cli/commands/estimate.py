@@ -11,6 +11,7 @@ import torch
 from prunetune.backend.export import load_subnet
 from prunetune.backend.graph import ChannelGraph
 from prunetune.cli.commands._costs import cost_models
+from prunetune.cli.commands._models import add_trust_option
 from prunetune.estimators import format_metric
 
 
@@ -24,13 +25,17 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--subnet", required=True, help="export directory (with subnet.json)")
     parser.add_argument("--profile", help="latency profile of the dense model")
+    parser.add_argument(
+        "--model", help="the package.module:factory the export was pruned from, if not a zoo model"
+    )
+    add_trust_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the subnet's spec, evaluate each estimator on its widths."""
-    loaded = load_subnet(args.subnet)
+    loaded = load_subnet(args.subnet, args.model, args.trust_model_code)
     assert loaded.spec is not None  # load_subnet always sets it
     dense = loaded.ref.build()
     graph = ChannelGraph.trace(dense, torch.zeros(loaded.input_shape))

@@ -44,6 +44,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--checkpoint", help="dense checkpoint (default: train the dense model first)"
     )
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        default=None,
+        help="build the package.module:factory --checkpoint names even when it is not --model "
+        "(importing it runs its code; zoo models never need this)",
+    )
     group = parser.add_argument_group("target (one or several)")
     group.add_argument("--flops", help="FLOPs (MACs) target, e.g. 50%% or 20M")
     group.add_argument("--params", help="parameter target, e.g. 30%% or 0.3M")

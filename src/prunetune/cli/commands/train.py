@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     data = dataset_from_args(args)
     ref = model_ref_for(args.model, data)
     if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint, expect=ref)
+        model, _ = load_checkpoint(args.checkpoint, expect=ref)  # only ever --model
     else:
         torch.manual_seed(args.seed)
         model = ref.build()
