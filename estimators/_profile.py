@@ -47,6 +47,11 @@ __all__ = [
 SCHEMA_VERSION = 1
 
 
+MAX_MS = 1e6
+"""The longest time a profile may hold for one layer or model (ms): anything longer is no
+measurement, and would swamp every prediction."""
+
+
 class ProfileError(CheckpointError):
     """A latency profile file is missing, corrupt, of another schema, or made for another model."""
 
@@ -254,6 +259,11 @@ class LatencyTable:
             raise ValueError(f"'ms' has shape {ms.shape}, its grids need {shape}")
         if not np.all(np.isfinite(ms)) or np.any(ms < 0):
             raise ValueError("'ms' holds negative or non-finite times")
+        if np.any(ms > MAX_MS):
+            raise ValueError(
+                f"'ms' holds a time of {float(ms.max()):.3g} ms, above {MAX_MS:g} ms for one "
+                "layer: not a measurement"
+            )
         config = data.get("config")
         if not isinstance(config, dict):
             raise ValueError("'config' must be an object")
@@ -394,6 +404,11 @@ class LatencyProfile:
             text = source.read_text(encoding="utf-8")
         except OSError as exc:
             raise ProfileError(f"cannot read latency profile {source}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ProfileError(
+                f"{source} is not a latency profile: it is binary, not JSON text (a checkpoint?); "
+                "give the JSON file `prunetune profile --out` wrote"
+            ) from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -449,9 +464,14 @@ class LatencyProfile:
                 raise ValueError(f"{name!r} must be a string")
         model_ms = data.get("model_ms")
         if model_ms is not None and (
-            not isinstance(model_ms, int | float) or not math.isfinite(model_ms)
+            not isinstance(model_ms, int | float)
+            or not math.isfinite(model_ms)
+            or not 0 < model_ms <= MAX_MS
         ):
-            raise ValueError(f"'model_ms' must be a number or null, got {model_ms!r}")
+            raise ValueError(
+                f"'model_ms' must be a positive number of ms (at most {MAX_MS:g}) or null, "
+                f"got {model_ms!r}"
+            )
         settings = data.get("settings", {})
         if not isinstance(settings, dict):
             raise ValueError("'settings' must be an object")
@@ -493,7 +513,10 @@ def _calibration_points(raw: Any) -> tuple[tuple[dict[str, int], float], ...]:
             for k, v in widths.items()
         ):
             raise ValueError("'calibration' widths must map group names to positive integers")
-        if not isinstance(ms, int | float) or not math.isfinite(ms) or ms <= 0:
-            raise ValueError(f"'calibration' times must be positive numbers, got {ms!r}")
+        if not isinstance(ms, int | float) or not math.isfinite(ms) or not 0 < ms <= MAX_MS:
+            raise ValueError(
+                f"'calibration' times must be positive numbers of ms (at most {MAX_MS:g}), "
+                f"got {ms!r}"
+            )
         points.append((dict(widths), float(ms)))
     return tuple(points)

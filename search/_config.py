@@ -9,6 +9,7 @@ YAML file and command-line flags mean the same thing. Flags win over the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -290,6 +291,8 @@ def _check_number(name: str, value: Any, minimum: float, integer: bool = False) 
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not value >= minimum:
         raise ValueError(f"{name} must be at least {minimum:g}, got {value!r}")
 

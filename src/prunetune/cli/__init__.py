@@ -8,6 +8,7 @@ line on stderr and exit with code 2, as argparse does for malformed options.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -30,11 +31,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_NEGATIVE = re.compile(r"-[0-9.]")
+
+
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--flops -5%`` -> ``--flops=-5%``: argparse takes ``-5%`` (or ``-5e-4``) for an option
+    and says "expected one argument"; attached, the value reaches its own check and message."""
+    items, out, index = list(argv), [], 0
+    while index < len(items):
+        item = items[index]
+        following = items[index + 1] if index + 1 < len(items) else ""
+        if item.startswith("--") and "=" not in item and _NEGATIVE.match(following):
+            out.append(f"{item}={following}")
+            index += 2
+        else:
+            out.append(item)
+            index += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (0 success, 2 bad input)."""
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     except SystemExit as exit_:  # argparse's own errors (exit 2) and --help (exit 0)
         return int(exit_.code or 0)
     try:

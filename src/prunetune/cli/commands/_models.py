@@ -18,6 +18,7 @@ __all__ = [
     "add_model_options",
     "add_trust_option",
     "parse_shape",
+    "positive_int",
     "resolve_model",
 ]
 
@@ -39,6 +40,21 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def positive_int(text: str) -> int:
+    """An integer of at least 1, for argparse.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}")
+    return value
+
+
 def add_model_options(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
     """``--model``, ``--checkpoint``, ``--input-shape`` and ``--num-classes``."""
     parser.add_argument(
@@ -53,7 +69,7 @@ def add_model_options(parser: argparse.ArgumentParser, model_required: bool = Fa
         help="example input N,C,H,W (default: the checkpoint's, else 1,3,32,32)",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=10, help="classes of a freshly built model"
+        "--num-classes", type=positive_int, default=10, help="classes of a freshly built model"
     )
     add_trust_option(parser)
 

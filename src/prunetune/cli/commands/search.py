@@ -122,7 +122,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         ValueError: a flag or setting the config rejects.
         PrunetuneError: an unreadable ``--config`` file.
     """
-    from prunetune.search._run import load_run_settings
+    from prunetune.search._run import RunExistsError, load_run_settings
 
     flags = {
         key: value
@@ -135,6 +135,11 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     settings: dict[str, Any] = {**from_file, **flags}
     if settings.get("resume"):
         stored = load_run_settings(_run_dir(settings))
+        if not stored:
+            raise RunExistsError(
+                f"nothing to resume: {str(_run_dir(settings))!r} holds no search (check --name "
+                "and --runs-dir); start it without --resume"
+            )
         stored = {k: v for k, v in stored.items() if k not in ("resume", "overwrite", "address")}
         if any(k in settings for k in ("flops", "params", "latency", "target")):
             stored = {k: v for k, v in stored.items() if k not in ("flops", "params", "latency")}
