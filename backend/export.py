@@ -40,7 +40,7 @@ from prunetune.backend.errors import (
     UnsupportedModelError,
 )
 from prunetune.backend.graph import ChannelGraph
-from prunetune.backend.io import atomic_directory
+from prunetune.backend.io import atomic_directory, check_writable
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
@@ -49,6 +49,7 @@ from prunetune.backend.surgery import prune_model
 __all__ = [
     "EXPORT_FORMAT",
     "LoadedModel",
+    "check_export_dir",
     "export_subnet",
     "load_export",
     "load_model",
@@ -110,6 +111,42 @@ def seal_record(record: dict[str, Any]) -> dict[str, Any]:
     sealed = _finite(record)
     sealed["checksum"] = _record_checksum(sealed)
     return sealed  # type: ignore[no-any-return]
+
+
+def check_export_dir(directory: str | Path, overwrite: bool = False) -> Path:
+    """Check, before any work, that an export may be written to ``directory``; create nothing.
+
+    An export replaces its directory whole, so it may only go to a new or empty folder, or over
+    an earlier prunetune export (its files and nothing else); anything else needs ``overwrite``.
+
+    Args:
+        directory: the export directory to write later.
+        overwrite: whether a folder holding other files may be replaced (they are deleted).
+
+    Returns:
+        ``directory`` as a ``Path``.
+
+    Raises:
+        PrunetuneError: the folder holds other files, or cannot be written.
+    """
+    target = check_writable(directory, directory=True)
+    if overwrite or not target.is_dir():
+        return target
+    names = sorted(p.name for p in target.iterdir())
+    if not names:
+        return target
+    try:
+        previous = set(names) <= {"subnet.json", *_FILES} and bool(_read_record(target))
+    except CheckpointError:
+        previous = False
+    if not previous:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise PrunetuneError(
+            f"output folder {str(target)!r} holds files that are not a prunetune export "
+            f"({shown}); an export replaces the whole folder: choose a new or empty --out, or "
+            "pass --overwrite to delete them"
+        )
+    return target
 
 
 def export_subnet(

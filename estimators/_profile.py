@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -24,6 +23,7 @@ import torch
 
 from prunetune.backend.errors import CheckpointError
 from prunetune.backend.graph import LayerInfo, NormInfo
+from prunetune.backend.io import atomic_write
 from prunetune.estimators._groups import (
     GraphLike,
     GroupView,
@@ -359,22 +359,19 @@ class LatencyProfile:
 
         Returns:
             The path written.
+
+        Raises:
+            OutputError: the file cannot be written (a full disk); nothing is left.
         """
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-        )
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, indent=1)
+        data = self.to_dict()
+
+        def write(temporary: Path) -> None:
+            with temporary.open("w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=1)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return target
+
+        return atomic_write(Path(path), write)
 
     @classmethod
     def load(

@@ -141,7 +141,7 @@ def _load_trial_weights(
     try:
         state = torch.load(best.weights, map_location="cpu", weights_only=True)
         subnet.load_state_dict(state)
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
         say(f"  cannot use the trial's weights ({type(exc).__name__}: {exc}); using the dense ones")
         return "the dense weights"
     return "the trial's weights"

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -22,7 +23,12 @@ from typing import Any
 from torch import nn
 
 from prunetune.backend.errors import PrunetuneError
-from prunetune.backend.io import atomic_write, check_writable
+from prunetune.backend.io import (
+    OutputError,
+    atomic_write,
+    check_writable,
+    clear_stale_temporaries,
+)
 from prunetune.search._cluster import ray_session
 from prunetune.search._config import SearchConfig
 from prunetune.search._final import BEST_DIR, finish
@@ -85,7 +91,12 @@ def run_search(
         concurrency = cluster.concurrency(config.cpus_per_trial, config.gpus_per_trial)
         if config.overwrite:
             _clear(config)
-        config.run_dir.mkdir(parents=True, exist_ok=True)
+        # what a killed run left half-written (a hidden .best.* export, .search.json.*)
+        clear_stale_temporaries(config.run_dir)
+        try:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError.wrap(exc, config.run_dir) from exc
         text = json.dumps(config.to_dict(), indent=2) + "\n"
         atomic_write(config.run_dir / CONFIG_FILE, lambda path: _write_text(path, text))
         if not prepared.trained:
@@ -97,8 +108,21 @@ def run_search(
             f"({cluster.address}); results in {config.run_dir}"
         )
         tuner = make_tuner(config, payload_of(prepared), prepared.graph, concurrency)
-        results = tuner.fit()
-    records = trial_records(results)
+        try:
+            results = tuner.fit()
+            records = trial_records(results)
+        except OSError as exc:  # the experiment state or a trial result could not be written
+            raise OutputError.wrap(
+                exc,
+                config.run_dir / EXPERIMENT,
+                f"no result was exported, the trials so far are kept for --resume --name "
+                f"{config.name}",
+            ) from exc
+        except (EOFError, pickle.UnpicklingError) as exc:
+            raise OutputError(
+                f"the trial results in {str(config.run_dir / EXPERIMENT)!r} are truncated "
+                f"({type(exc).__name__}): was the disk full? free space and pass --resume"
+            ) from exc
     return finish(prepared, records, say, lambda: time.monotonic() - started)
 
 

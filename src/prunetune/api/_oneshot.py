@@ -20,7 +20,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from prunetune.backend.errors import CheckpointError, PrunetuneError
-from prunetune.backend.export import LoadedModel, export_subnet, load_export
+from prunetune.backend.export import LoadedModel, check_export_dir, export_subnet, load_export
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from prunetune.backend.measure import count_flops, count_params
@@ -309,7 +309,11 @@ class PruneResult:
     dense_costs: dict[str, float]
 
     def export(
-        self, directory: str | Path, *, progress: Callable[[str], None] | None = None
+        self,
+        directory: str | Path,
+        *,
+        progress: Callable[[str], None] | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Write the subnet to ``directory`` and check every format against PyTorch.
 
@@ -318,11 +322,10 @@ class PruneResult:
 
         Raises:
             ExportParityError: an exported format computes something else than :attr:`model`.
-            PrunetuneError: ``directory`` cannot be written.
+            PrunetuneError: ``directory`` cannot be written, or holds other files than an
+                earlier export and ``overwrite`` is false.
         """
-        from prunetune.backend.io import check_writable
-
-        out = check_writable(directory, directory=True)
+        out = check_export_dir(directory, overwrite)
         metrics = {f"dense_{m}": float(v) for m, v in self.dense_costs.items()}
         if "latency_ms" in self.costs:
             metrics["predicted_latency_ms"] = float(self.costs["latency_ms"])

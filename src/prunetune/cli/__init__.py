@@ -63,6 +63,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"prunetune {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk or a vanished file anywhere: one line, not a traceback
+        where = f" ({exc.filename})" if exc.filename else ""
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        print(f"prunetune {args.command}: error: {reason}{where}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"prunetune {args.command}: interrupted", file=sys.stderr)
         return 130

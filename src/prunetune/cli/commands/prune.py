@@ -6,9 +6,8 @@ import argparse
 import json
 from typing import Any
 
-from prunetune.backend.export import export_subnet
+from prunetune.backend.export import check_export_dir, export_subnet
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
-from prunetune.backend.io import check_writable
 from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
@@ -51,14 +50,23 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--dataset", help="data for the taylor criterion (digits, mnist, cifar10)")
     parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
-    parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="export directory to write: new, empty, or an earlier export (else --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even when it holds other files (they are deleted)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Prune, export, print what was kept."""
-    out = check_writable(args.out, directory=True)
+    out = check_export_dir(args.out, args.overwrite)
     target = target_from_args(args)
     if args.importance == "taylor" and not args.dataset:
         raise ValueError("--importance taylor needs --dataset to take gradients on")
