@@ -27,6 +27,7 @@ class Checkpoint:
     input_shape: tuple[int, ...]
     dataset: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Path:
@@ -37,6 +38,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
         "input_shape": list(info.input_shape),
         "dataset": info.dataset,
         "metrics": {k: float(v) for k, v in info.metrics.items()},
+        "preprocessing": info.preprocessing,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     return atomic_write(path, lambda temporary: torch.save(payload, temporary))
@@ -75,6 +77,7 @@ def load_checkpoint(
             input_shape=tuple(int(d) for d in payload["input_shape"]),
             dataset=payload.get("dataset"),
             metrics=dict(payload.get("metrics") or {}),
+            preprocessing=_preprocessing(payload.get("preprocessing")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(source)!r} has a malformed header: {exc}") from exc
@@ -90,6 +93,12 @@ def load_checkpoint(
         raise CheckpointError(f"checkpoint {str(source)!r}: {exc}") from exc
     load_state(model, payload.get("state_dict"), str(source))
     return model, info
+
+
+def _preprocessing(value: Any) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"'preprocessing' must be a mapping or null, got {value!r}")
+    return value
 
 
 def read_torch_file(path: Path, what: str) -> Any:

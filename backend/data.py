@@ -24,6 +24,7 @@ __all__ = ["DATASETS", "DatasetSplits", "TensorLoader", "list_datasets", "load_d
 
 DATASETS = ("digits", "mnist", "cifar10")
 _CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
+_CHANNEL_ORDER = {"digits": "grayscale", "mnist": "grayscale", "cifar10": "RGB"}
 
 
 def list_datasets() -> list[str]:
@@ -56,6 +57,24 @@ class DatasetSplits:
     test: Split
     num_classes: int
     augment: bool = False
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a deployed model's inputs must be, as ``subnet.json`` records it.
+
+        Returns:
+            ``input_shape`` (C, H, W), ``channel_order``, ``value_range`` of the raw pixels
+            (every loader scales them to [0, 1]), and the per-channel ``mean`` and ``std`` of
+            the training split that inputs are normalised with: ``(x - mean) / std``.
+        """
+        return {
+            "input_shape": list(self.image_shape),
+            "channel_order": _CHANNEL_ORDER.get(self.name, "unknown"),
+            "value_range": [0.0, 1.0],
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @property
     def in_channels(self) -> int:
@@ -224,6 +243,8 @@ def _split(
         test=make(x_test, y_test),
         num_classes=classes,
         augment=augment,
+        mean=tuple(float(v) for v in mean.ravel()),
+        std=tuple(float(v) for v in std.ravel()),
     )
 
 

@@ -49,6 +49,7 @@ from prunetune.backend.surgery import prune_model
 __all__ = [
     "EXPORT_FORMAT",
     "LoadedModel",
+    "Normalize",
     "check_export_dir",
     "export_subnet",
     "load_export",
@@ -157,6 +158,8 @@ def export_subnet(
     tolerance: float = 1e-4,
     formats: tuple[str, ...] = ("pt2", "onnx"),
     progress: Callable[[str], None] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    fold_normalization: bool = False,
 ) -> Path:
     """Write ``model`` (already pruned to ``spec``) to ``directory`` and check its parity.
 
@@ -170,15 +173,36 @@ def export_subnet(
             allowed between PyTorch, the exported program and onnxruntime.
         formats: deployable formats to write besides the weights: ``pt2``, ``onnx``.
         progress: called with a short message as each file is written.
+        preprocessing: what the model's inputs must be (``DatasetSplits.preprocessing()``:
+            input shape, channel order, raw value range, mean and std), recorded in
+            ``subnet.json`` with ``normalization``: ``caller`` (inputs are ``(x - mean) / std``)
+            or ``folded``.
+        fold_normalization: build ``(x - mean) / std`` into ``model.pt2`` and ``model.onnx``,
+            so they take raw values in the value range (``weights.pt`` stays the model's own,
+            which takes normalised inputs).
 
     Returns:
         The export directory.
 
     Raises:
-        ExportParityError: an exported format disagrees with the model beyond ``tolerance``.
+        ExportParityError: an exported format disagrees with the model beyond ``tolerance``,
+            or the model computes non-finite outputs.
+        ValueError: ``fold_normalization`` without a mean and std in ``preprocessing``.
     """
     say = progress or (lambda message: None)
     model = model.eval()
+    weights = model.state_dict()
+    recorded = None
+    if preprocessing is not None:
+        recorded = {**preprocessing, "normalization": "caller"}
+    if fold_normalization:
+        if not (preprocessing and preprocessing.get("mean") and preprocessing.get("std")):
+            raise ValueError(
+                "fold_normalization needs the inputs' mean and std: export a model trained by "
+                "prunetune (its checkpoint records them) or give the dataset"
+            )
+        model = Normalize(model, preprocessing["mean"], preprocessing["std"], spec.input_shape)
+        recorded = {**preprocessing, "normalization": "folded"}
     generator = torch.Generator().manual_seed(0)
     # batch 1 would be specialised to a constant by torch.export; 2 keeps the batch dynamic,
     # and the parity check runs at another batch size to prove it
@@ -201,9 +225,10 @@ def export_subnet(
         },
         "parity": {},
         "files": {},
+        "preprocessing": recorded,
     }
     with atomic_directory(directory) as staging:
-        torch.save(model.state_dict(), staging / "weights.pt")
+        torch.save(weights, staging / "weights.pt")
         say("wrote weights.pt")
         if "pt2" in formats:
             try:
@@ -238,6 +263,29 @@ def export_subnet(
         text = json.dumps(seal_record(record), indent=2, allow_nan=False)
         (staging / "subnet.json").write_text(text + "\n")
     return Path(directory)
+
+
+class Normalize(nn.Module):
+    """``model((x - mean) / std)``: a model that takes raw inputs, for deployment."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: list[float],
+        std: list[float],
+        input_shape: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        view = (1, -1, *([1] * (len(input_shape) - 2)))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(view))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(view))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model((x - self.mean) / self.std)  # type: ignore[no-any-return]
 
 
 def _export_program(model: nn.Module, example: Tensor) -> Any:
@@ -275,6 +323,8 @@ class LoadedModel:
     input_shape: tuple[int, ...]
     spec: SubnetSpec | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None
+    """What inputs must be (see :func:`export_subnet`); ``None`` when not known."""
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
@@ -364,14 +414,20 @@ def load_export(
         except UnsupportedModelError as exc:
             if not (root / "model.pt2").is_file():
                 raise CheckpointError(str(exc)) from exc
+    preprocessing = record.get("preprocessing")
+    if not isinstance(preprocessing, dict):
+        preprocessing = None
     if dense is None:
-        return LoadedModel(_load_program(root, spec), spec.model, spec.input_shape, spec, metrics)
+        program = _load_program(root, spec)
+        return LoadedModel(program, spec.model, spec.input_shape, spec, metrics, preprocessing)
     graph = ChannelGraph.trace(dense, torch.zeros(spec.input_shape))
     spec.validate(graph)
     pruned = prune_model(dense, graph, spec)
     weights = root / "weights.pt"
     load_state(pruned, read_torch_file(weights, "weights"), str(weights))
-    return LoadedModel(pruned.eval(), spec.model, spec.input_shape, spec, metrics)
+    if preprocessing is not None and preprocessing.get("normalization") == "folded":
+        preprocessing = {**preprocessing, "normalization": "caller"}  # weights.pt: not folded
+    return LoadedModel(pruned.eval(), spec.model, spec.input_shape, spec, metrics, preprocessing)
 
 
 def _spec_of(root: Path, record: dict[str, Any]) -> SubnetSpec:
@@ -457,4 +513,6 @@ def load_model(
             )
         return loaded
     model, info = load_checkpoint(source, expect=expect, trust_model_code=trust_model_code)
-    return LoadedModel(model, info.model, info.input_shape, None, dict(info.metrics))
+    return LoadedModel(
+        model, info.model, info.input_shape, None, dict(info.metrics), info.preprocessing
+    )

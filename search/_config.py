@@ -75,6 +75,8 @@ class SearchConfig:
             (8 or 16 suit CPU and GPU kernels: the same FLOPs run faster); 1: any width.
         grace_period: reports a trial makes before ASHA may stop it.
         max_failures: retries of a trial whose worker process dies.
+        fold_normalization: build the inputs' normalisation into the exported ``model.pt2`` and
+            ``model.onnx``, so they take raw pixel values in [0, 1].
         trust_model_code: build the ``package.module:factory`` a checkpoint names even when it
             is not ``model`` (importing it runs its code; zoo models never need this).
     """
@@ -108,11 +110,20 @@ class SearchConfig:
     grace_period: int = 2
     max_failures: int = 2
     trust_model_code: bool = False
+    fold_normalization: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, Target):
             raise TypeError(f"target must be a Target, got {type(self.target).__name__}")
-        for flag in ("resume", "overwrite", "distill", "pareto", "trust_model_code"):
+        flags = (
+            "resume",
+            "overwrite",
+            "distill",
+            "pareto",
+            "trust_model_code",
+            "fold_normalization",
+        )
+        for flag in flags:
             value = getattr(self, flag)
             if not isinstance(value, bool):
                 raise ValueError(f"{flag} must be true or false, got {value!r}")

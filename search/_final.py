@@ -109,7 +109,14 @@ def finish(
     }
     exported_spec = prepared.base_spec.compose(spec) if prepared.base_spec else spec
     export_dir = config.run_dir / BEST_DIR
-    export_subnet(export_dir, subnet, exported_spec, metrics=metrics)
+    export_subnet(
+        export_dir,
+        subnet,
+        exported_spec,
+        metrics=metrics,
+        preprocessing=prepared.data.preprocessing(),
+        fold_normalization=config.fold_normalization,
+    )
     measured = _verify(prepared, export_dir, metrics["latency_ms"])
     metrics.update(measured)
     say(f"exported to {export_dir}: " + prepared.budget.describe(spec.widths))

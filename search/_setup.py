@@ -186,6 +186,7 @@ def train_dense(prepared: Prepared, say: Callable[[str], None]) -> Path:
             "epochs": float(config.dense_epochs),
             "seed": float(config.seed),
         },
+        preprocessing=prepared.data.preprocessing(),
     )
     path = save_checkpoint(config.run_dir / DENSE_FILE, prepared.model, info)
     prepared.trained = True

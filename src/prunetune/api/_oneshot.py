@@ -314,11 +314,25 @@ class PruneResult:
         *,
         progress: Callable[[str], None] | None = None,
         overwrite: bool = False,
+        preprocessing: dict[str, Any] | None = None,
+        fold_normalization: bool = False,
     ) -> Path:
         """Write the subnet to ``directory`` and check every format against PyTorch.
 
         The directory holds ``subnet.json`` (spec, figures, checksums), ``weights.pt``,
         ``model.pt2`` (``torch.export``) and ``model.onnx``; :func:`load` reads it back.
+
+        Args:
+            directory: the export directory: new, empty or an earlier export.
+            progress: called with a short message as each file is written.
+            overwrite: replace ``directory`` even when it holds other files.
+            preprocessing: what inputs must be (``DatasetSplits.preprocessing()``), recorded
+                in ``subnet.json``.
+            fold_normalization: build ``(x - mean) / std`` into ``model.pt2`` and
+                ``model.onnx`` (needs ``preprocessing``).
+
+        Returns:
+            The export directory.
 
         Raises:
             ExportParityError: an exported format computes something else than :attr:`model`.
@@ -329,7 +343,15 @@ class PruneResult:
         metrics = {f"dense_{m}": float(v) for m, v in self.dense_costs.items()}
         if "latency_ms" in self.costs:
             metrics["predicted_latency_ms"] = float(self.costs["latency_ms"])
-        return export_subnet(out, self.model, self.spec, metrics=metrics, progress=progress)
+        return export_subnet(
+            out,
+            self.model,
+            self.spec,
+            metrics=metrics,
+            progress=progress,
+            preprocessing=preprocessing,
+            fold_normalization=fold_normalization,
+        )
 
     def summary(self) -> str:
         """One line per figure: dense -> pruned (share of dense)."""

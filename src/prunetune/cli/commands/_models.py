@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -92,6 +93,7 @@ class ResolvedModel:
     ref: ModelRef
     input_shape: tuple[int, ...]
     spec: SubnetSpec | None = None
+    preprocessing: dict[str, Any] | None = None
 
     def trace(self) -> ChannelGraph:
         """The model's channel graph on a zero input of :attr:`input_shape`."""
@@ -114,7 +116,9 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
                 f"--input-shape {','.join(map(str, args.input_shape))} does not match the "
                 f"checkpoint's {','.join(map(str, loaded.input_shape))}"
             )
-        return ResolvedModel(loaded.model, loaded.ref, tuple(shape), loaded.spec)
+        return ResolvedModel(
+            loaded.model, loaded.ref, tuple(shape), loaded.spec, loaded.preprocessing
+        )
     if not args.model:
         raise ValueError("name a model with --model (or a checkpoint with --checkpoint)")
     shape = tuple(args.input_shape or (1, 3, 32, 32))

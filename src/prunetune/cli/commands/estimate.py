@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -45,9 +46,46 @@ def run(args: argparse.Namespace) -> int:
         metric: float(cost.evaluate(graph.dense_widths())) for metric, cost in costs.items()
     }
     if args.json:
-        print(json.dumps({**figures, **{f"dense_{k}": v for k, v in dense_figures.items()}}))
+        report = {**figures, **{f"dense_{k}": v for k, v in dense_figures.items()}}
+        print(json.dumps({**report, "preprocessing": loaded.preprocessing}))
         return 0
     for metric, value in figures.items():
         share = 100 * value / dense_figures[metric]
-        print(f"{metric}: {format_metric(metric, value)} ({share:.1f}% of dense)")
+        label = "latency_ms (predicted)" if metric == "latency_ms" else metric
+        print(f"{label}: {format_metric(metric, value)} ({share:.1f}% of dense)")
+    print(describe_preprocessing(_exported_preprocessing(args.subnet)))
     return 0
+
+
+def _exported_preprocessing(directory: str) -> dict[str, Any] | None:
+    """The preprocessing as subnet.json records it (for model.pt2 and model.onnx)."""
+    record = json.loads((Path(directory) / "subnet.json").read_text())
+    value = record.get("preprocessing")
+    return value if isinstance(value, dict) else None
+
+
+def describe_preprocessing(preprocessing: dict[str, Any] | None) -> str:
+    """One line: what ``model.pt2`` and ``model.onnx`` expect as input.
+
+    Args:
+        preprocessing: the ``preprocessing`` entry of ``subnet.json``.
+
+    Returns:
+        The line to print.
+    """
+    if not preprocessing:
+        return (
+            "inputs: preprocessing not recorded (the model was not trained by prunetune): "
+            "feed what the dense model was trained on"
+        )
+    shape = "x".join(str(d) for d in preprocessing.get("input_shape", []))
+    low, high = preprocessing.get("value_range", [0.0, 1.0])
+    mean = ", ".join(f"{v:.4g}" for v in preprocessing.get("mean", []))
+    std = ", ".join(f"{v:.4g}" for v in preprocessing.get("std", []))
+    scaled = f"{preprocessing.get('channel_order', 'unknown')} pixels scaled to [{low:g}, {high:g}]"
+    if preprocessing.get("normalization") == "folded":
+        return (
+            f"inputs: {shape} {scaled}; model.pt2 and model.onnx normalise them themselves "
+            f"(mean [{mean}], std [{std}] folded in); weights.pt expects (x - mean) / std"
+        )
+    return f"inputs: {shape} {scaled}, then normalised (x - mean) / std: mean [{mean}], std [{std}]"

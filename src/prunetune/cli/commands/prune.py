@@ -60,6 +60,12 @@ def register(subparsers: Any) -> None:
         action="store_true",
         help="replace --out even when it holds other files (they are deleted)",
     )
+    parser.add_argument(
+        "--fold-normalization",
+        action="store_true",
+        help="build (x - mean) / std into model.pt2 and model.onnx: they take raw pixels in "
+        "[0, 1] (needs a checkpoint trained by prunetune, or --dataset)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
 
@@ -80,12 +86,15 @@ def run(args: argparse.Namespace) -> int:
     metric_costs = cost_models(graph, args.profile)
     budget = target.resolve(metric_costs)
     batches = None
-    if args.importance == "taylor":
+    preprocessing = resolved.preprocessing
+    if args.dataset:
         from prunetune.backend.data import TensorLoader, load_dataset
 
         data = load_dataset(args.dataset, root=args.data_dir)
+        preprocessing = preprocessing or data.preprocessing()
         loader = TensorLoader(data.train, 64, shuffle=True)
-        batches = [batch for _, batch in zip(range(8), loader)]
+        if args.importance == "taylor":
+            batches = [batch for _, batch in zip(range(8), loader)]
     scores = channel_importance(resolved.model, graph, args.importance, batches)
     latency = metric_costs["latency_ms"].evaluate if args.allocation == "cost" else None
     widths = one_shot_widths(graph, budget.fits, args.allocation, scores, args.round_to, latency)
@@ -102,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
         spec,
         metrics={f"dense_{m}": float(v) for m, v in dense_costs.items()},
         progress=say,
+        preprocessing=preprocessing,
+        fold_normalization=args.fold_normalization,
     )
     summary = {
         "out": str(out),

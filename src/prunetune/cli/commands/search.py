@@ -111,6 +111,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="finetune without distillation from the dense model",
     )
+    run.add_argument(
+        "--fold-normalization",
+        action="store_true",
+        default=None,
+        help="build (x - mean) / std into model.pt2 and model.onnx: they take raw pixels in [0, 1]",
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run_command)
 

@@ -67,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         input_shape=data.input_shape(1),
         dataset=data.name,
         metrics={"val_acc": result.val_acc, "test_acc": test_acc},
+        preprocessing=data.preprocessing(),
     )
     save_checkpoint(out, model, info)
     say(f"test accuracy {100 * test_acc:.2f}%  ->  {out}")
