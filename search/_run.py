@@ -33,8 +33,15 @@ from prunetune.search._cluster import ray_session
 from prunetune.search._config import SearchConfig
 from prunetune.search._final import BEST_DIR, finish
 from prunetune.search._report import REPORT_FILE
-from prunetune.search._result import SearchResult
+from prunetune.search._result import SearchResult, TrialRecord
 from prunetune.search._setup import Prepared, prepare, train_dense
+from prunetune.search._signals import (
+    SESSION_FILE,
+    Stops,
+    end_leftover_ray,
+    record_ray_session,
+    stops,
+)
 from prunetune.search._trial import TrialPayload
 from prunetune.search._tuner import EXPERIMENT, can_resume, make_tuner, trial_records
 
@@ -87,7 +94,26 @@ def run_search(
     check_writable(config.run_dir, directory=True)
     _check_run_state(config)
     prepared = prepare(config, module)
+    end_leftover_ray(config.run_dir)  # of a search of this run that was killed (kill -9)
+    with stops(config.name, config.runs_dir) as interrupts:
+        try:
+            records = _trials(config, prepared, interrupts, say)
+        finally:
+            (config.run_dir / SESSION_FILE).unlink(missing_ok=True)  # Ray is shut down
+        return finish(prepared, records, say, lambda: time.monotonic() - started)
+
+
+def _trials(
+    config: SearchConfig, prepared: Prepared, interrupts: Stops, say: Callable[[str], None]
+) -> list[TrialRecord]:
+    """Start Ray, write the run's settings, train the dense model if needed, run the trials.
+
+    Raises:
+        SearchInterrupted: SIGINT or SIGTERM came; the state is saved for ``--resume``.
+        OutputError: the run's files could not be written (a full disk).
+    """
     with ray_session(config.address) as cluster, _quiet_tune():
+        interrupts.rearm()
         concurrency = cluster.concurrency(config.cpus_per_trial, config.gpus_per_trial)
         if config.overwrite:
             _clear(config)
@@ -97,6 +123,7 @@ def run_search(
             config.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError.wrap(exc, config.run_dir) from exc
+        record_ray_session(config.run_dir)
         text = json.dumps(config.to_dict(), indent=2) + "\n"
         atomic_write(config.run_dir / CONFIG_FILE, lambda path: _write_text(path, text))
         if not prepared.trained:
@@ -109,8 +136,9 @@ def run_search(
         )
         tuner = make_tuner(config, payload_of(prepared), prepared.graph, concurrency)
         try:
-            results = tuner.fit()
-            records = trial_records(results)
+            with interrupts.trials():
+                results = tuner.fit()
+            return trial_records(results)
         except OSError as exc:  # the experiment state or a trial result could not be written
             raise OutputError.wrap(
                 exc,
@@ -123,7 +151,6 @@ def run_search(
                 f"the trial results in {str(config.run_dir / EXPERIMENT)!r} are truncated "
                 f"({type(exc).__name__}): was the disk full? free space and pass --resume"
             ) from exc
-    return finish(prepared, records, say, lambda: time.monotonic() - started)
 
 
 def payload_of(prepared: Prepared) -> TrialPayload:

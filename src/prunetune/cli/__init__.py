@@ -51,7 +51,8 @@ def _attach_negative_values(argv: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code (0 success, 2 bad input)."""
+    """Run the command line; returns the exit code (0 success, 2 bad input, 130 / 143 after
+    SIGINT / SIGTERM)."""
     parser = build_parser()
     try:
         args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
@@ -68,6 +69,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         reason = exc.strerror or str(exc) or type(exc).__name__
         print(f"prunetune {args.command}: error: {reason}{where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"prunetune {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # a search's SearchInterrupted says what is kept
+        print(f"prunetune {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return int(getattr(exc, "exit_code", 130))
