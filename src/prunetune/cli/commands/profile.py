@@ -86,12 +86,26 @@ def run(args: argparse.Namespace) -> int:
         progress=_show,
     )
     profile.save(out)
+    _advise(profile)
     blocked = sum(1 for table in profile.tables.values() if max(table.blocks) > 1)
     say(
         f"wrote {out} ({len(profile.tables)} tables, {blocked} with blocked channels; "
         f"allocator {profile.settings['allocator']})"
     )
     return 0
+
+
+def _advise(profile: LatencyProfile) -> None:
+    """Say so when many table points stayed unsteady (a busy machine): they were kept at their
+    fastest run, which predicts worse than a steady median."""
+    points = int(profile.settings.get("points", 0))
+    unsteady = int(profile.settings.get("unsteady_points", 0))
+    if points and unsteady > points / 4:
+        say(
+            f"warning: {unsteady} of {points} table points varied by more than 100% between "
+            "repeats even measured again (a busy machine): their fastest runs were kept. For "
+            "steadier tables, profile on a quiet machine with --threads 1"
+        )
 
 
 def _show(progress: ProfileProgress) -> None:
