@@ -20,6 +20,7 @@ from prunetune.backend.models import ModelRef, create_model
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.train import DivergedError, TrainConfig, train
 from prunetune.cli import main
+from prunetune.cli.commands.estimate import implausible_latency
 from prunetune.search._config import SearchConfig
 
 FAST_PROFILE = ["--grid", "2", "--repeats", "1", "--calibration-subnets", "2", "--threads", "1"]
@@ -204,3 +205,12 @@ def test_export_refuses_a_nan_model_and_writes_strict_json(tmp_path: Path) -> No
     with pytest.raises(ExportParityError, match="non-finite outputs"):
         export_subnet(tmp_path / "nan", dense, spec)
     assert not (tmp_path / "nan").exists()
+
+
+def test_estimate_warns_when_a_smaller_subnet_is_predicted_slower() -> None:
+    dense = {"flops": 100.0, "latency_ms": 1.0}
+    line = implausible_latency({"flops": 47.5, "latency_ms": 1.1}, dense)
+    assert line is not None and "47.5% of the FLOPs, slower than the dense model" in line
+    assert "--threads 1 on a quiet machine" in line
+    assert implausible_latency({"flops": 47.5, "latency_ms": 0.6}, dense) is None
+    assert implausible_latency({"flops": 47.5}, {"flops": 100.0}) is None

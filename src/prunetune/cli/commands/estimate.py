@@ -11,6 +11,7 @@ import torch
 
 from prunetune.backend.export import load_subnet
 from prunetune.backend.graph import ChannelGraph
+from prunetune.cli.commands._common import say
 from prunetune.cli.commands._costs import cost_models
 from prunetune.cli.commands._models import add_trust_option
 from prunetune.estimators import format_metric
@@ -54,7 +55,34 @@ def run(args: argparse.Namespace) -> int:
         label = "latency_ms (predicted)" if metric == "latency_ms" else metric
         print(f"{label}: {format_metric(metric, value)} ({share:.1f}% of dense)")
     print(describe_preprocessing(_exported_preprocessing(args.subnet)))
+    implausible = implausible_latency(figures, dense_figures)
+    if implausible:
+        say(implausible)
     return 0
+
+
+def implausible_latency(figures: dict[str, float], dense: dict[str, float]) -> str | None:
+    """A warning when a profile predicts a subnet with fewer FLOPs to be slower than its dense
+    model: its tables were measured on a busy machine (a profile whose entries were 1000x off
+    called a 47.5%-FLOPs subnet "110% of dense").
+
+    Args:
+        figures: the subnet's estimates by metric.
+        dense: the dense model's.
+
+    Returns:
+        The warning, or ``None`` when the prediction is plausible.
+    """
+    if "latency_ms" not in figures or figures["flops"] >= dense["flops"]:
+        return None
+    if figures["latency_ms"] <= dense["latency_ms"]:
+        return None
+    return (
+        f"warning: the profile predicts this subnet, with "
+        f"{100 * figures['flops'] / dense['flops']:.1f}% of the FLOPs, slower than the dense "
+        "model: its timings do not hold (a busy machine while profiling?); measure it again "
+        "with prunetune profile --threads 1 on a quiet machine"
+    )
 
 
 def _exported_preprocessing(directory: str) -> dict[str, Any] | None:
