@@ -284,6 +284,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(source.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PrunetuneError(f"cannot read search config {str(source)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PrunetuneError(
+            f"search config {str(source)!r} is not YAML: it is binary, not text (a checkpoint?)"
+        ) from exc
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PrunetuneError(f"search config {str(source)!r} is not valid YAML: {first}") from exc

@@ -143,6 +143,10 @@ def measure_subnet(model: torch.nn.Module, prepared: Prepared) -> float:
     """The subnet's latency measured now, as the profile measured its dense model: its batch
     size, threads and statistic.
 
+    Args:
+        model: the subnet, as exported.
+        prepared: the search (its profile and input shape).
+
     Returns:
         Milliseconds per forward pass.
     """

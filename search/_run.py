@@ -187,7 +187,7 @@ def load_run_settings(run_dir: str | Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunExistsError(f"cannot read the settings of run {str(path)!r}: {exc}") from exc
     return data if isinstance(data, dict) else {}
 

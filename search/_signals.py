@@ -86,6 +86,14 @@ def stops(name: str, runs_dir: str | Path) -> Iterator[Stops]:
     """Handle SIGINT and SIGTERM for the block (a search); see the module's description.
 
     Only the main thread can handle signals; elsewhere the block runs without handlers.
+
+    Args:
+        name: the run's name, for the message.
+        runs_dir: the folder of runs, for the message.
+
+    Yields:
+        The :class:`Stops` of the block: mark the trials with :meth:`Stops.trials`, and call
+        :meth:`Stops.rearm` once Ray is up.
     """
     state = Stops(name, str(runs_dir))
     if threading.current_thread() is not threading.main_thread():
@@ -123,7 +131,11 @@ def stops(name: str, runs_dir: str | Path) -> Iterator[Stops]:
 
 def record_ray_session(run_dir: Path) -> None:
     """Note this process and the Ray session it started in ``run_dir``, for
-    :func:`end_leftover_ray` after a ``kill -9``. Nothing is noted for a cluster."""
+    :func:`end_leftover_ray` after a ``kill -9``. Nothing is noted for a cluster.
+
+    Args:
+        run_dir: the search's run folder (it exists).
+    """
     import ray
 
     node = getattr(ray._private.worker, "_global_node", None)
@@ -139,6 +151,9 @@ def end_leftover_ray(run_dir: Path) -> list[int]:
     A search killed with SIGKILL cannot shut its Ray session down. Its processes are those
     whose command line names the session directory it recorded (unique to that session); they
     are ended only when the driver that recorded it is gone.
+
+    Args:
+        run_dir: the search's run folder.
 
     Returns:
         The process ids signalled.

@@ -155,6 +155,13 @@ def test_yaml_values_of_the_wrong_type(setting: dict[str, object], message: str)
         SearchConfig.from_mapping({"model": "small_cnn", "flops": "50%", **setting})
 
 
+def test_binary_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "search.yaml"
+    config.write_bytes(b"PK\x03\x04\xff\xfe binary")
+    argv = ["search", "--config", str(config), "--runs-dir", str(tmp_path / "runs")]
+    _one_line_error(capsys, argv, "is not YAML: it is binary, not text")
+
+
 def test_config_file_distill_no(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "search.yaml"
     config.write_text('model: small_cnn\nflops: 50%\ndistill: "no"\n')
