@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ class Checkpoint:
     input_shape: tuple[int, ...]
     dataset: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Path:
@@ -36,32 +38,34 @@ def save_checkpoint(path: str | Path, model: nn.Module, info: Checkpoint) -> Pat
         "input_shape": list(info.input_shape),
         "dataset": info.dataset,
         "metrics": {k: float(v) for k, v in info.metrics.items()},
+        "preprocessing": info.preprocessing,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
     return atomic_write(path, lambda temporary: torch.save(payload, temporary))
 
 
 def load_checkpoint(
-    path: str | Path, expect: ModelRef | None = None
+    path: str | Path, expect: ModelRef | None = None, trust_model_code: bool = False
 ) -> tuple[nn.Module, Checkpoint]:
     """Rebuild the model a checkpoint was saved from and load its weights.
+
+    The model reference in the header is only built when it names a zoo model or ``expect``;
+    anything else would import code the file chose (see :meth:`ModelRef.check_trusted`).
 
     Args:
         path: a file written by :func:`save_checkpoint`.
         expect: when given, the architecture the caller wants; a checkpoint of another one is an
             error rather than a silent switch.
+        trust_model_code: build whatever factory the header names (it runs that code).
 
     Raises:
         CheckpointError: the file is missing, not a prunetune checkpoint, made for another
-            architecture, or its weights do not fit the model.
+            architecture, names a model the caller did not trust, or its weights do not fit.
     """
     source = Path(path)
     if not source.is_file():
         raise CheckpointError(f"checkpoint {str(source)!r} does not exist")
-    try:
-        payload = torch.load(source, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"checkpoint {str(source)!r} cannot be read: {exc}") from exc
+    payload = read_torch_file(source, "checkpoint")
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{str(source)!r} is not a prunetune checkpoint (expected format {CHECKPOINT_FORMAT})"
@@ -73,6 +77,7 @@ def load_checkpoint(
             input_shape=tuple(int(d) for d in payload["input_shape"]),
             dataset=payload.get("dataset"),
             metrics=dict(payload.get("metrics") or {}),
+            preprocessing=_preprocessing(payload.get("preprocessing")),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(source)!r} has a malformed header: {exc}") from exc
@@ -82,11 +87,49 @@ def load_checkpoint(
             f"drop --model or pass --model {ref.name}"
         )
     try:
+        ref.check_trusted(str(source), expect, trust_model_code)
         model = ref.build()
     except UnsupportedModelError as exc:
         raise CheckpointError(f"checkpoint {str(source)!r}: {exc}") from exc
     load_state(model, payload.get("state_dict"), str(source))
     return model, info
+
+
+def _preprocessing(value: Any) -> dict[str, Any] | None:
+    if value is not None and not isinstance(value, dict):
+        raise ValueError(f"'preprocessing' must be a mapping or null, got {value!r}")
+    return value
+
+
+def read_torch_file(path: Path, what: str) -> Any:
+    """``torch.load`` with ``weights_only=True``, every failure one clear line.
+
+    Args:
+        path: the file.
+        what: what the file should be, for the message (``checkpoint``, ``weights``).
+
+    Raises:
+        CheckpointError: the file is empty, not a PyTorch file, or corrupt.
+    """
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read: {exc.strerror}") from exc
+    if size == 0:
+        raise CheckpointError(f"{what} {str(path)!r} is empty (0 bytes): write it again")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{what} {str(path)!r} is not a PyTorch file (no zip archive: text, or another "
+            "format); give a checkpoint of prunetune train or an export directory"
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CheckpointError(
+            f"{what} {str(path)!r} cannot be read by torch.load (corrupt or not prunetune's): "
+            f"{type(exc).__name__}{': ' + first if first else ''}"
+        ) from exc
 
 
 def load_state(model: nn.Module, state: Any, source: str) -> None:

@@ -12,6 +12,7 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,6 +23,8 @@ from prunetune.backend.errors import DataError
 __all__ = ["DATASETS", "DatasetSplits", "TensorLoader", "list_datasets", "load_dataset"]
 
 DATASETS = ("digits", "mnist", "cifar10")
+_CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
+_CHANNEL_ORDER = {"digits": "grayscale", "mnist": "grayscale", "cifar10": "RGB"}
 
 
 def list_datasets() -> list[str]:
@@ -54,6 +57,24 @@ class DatasetSplits:
     test: Split
     num_classes: int
     augment: bool = False
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+
+    def preprocessing(self) -> dict[str, Any]:
+        """What a deployed model's inputs must be, as ``subnet.json`` records it.
+
+        Returns:
+            ``input_shape`` (C, H, W), ``channel_order``, ``value_range`` of the raw pixels
+            (every loader scales them to [0, 1]), and the per-channel ``mean`` and ``std`` of
+            the training split that inputs are normalised with: ``(x - mean) / std``.
+        """
+        return {
+            "input_shape": list(self.image_shape),
+            "channel_order": _CHANNEL_ORDER.get(self.name, "unknown"),
+            "value_range": [0.0, 1.0],
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
 
     @property
     def in_channels(self) -> int:
@@ -168,6 +189,11 @@ def load_dataset(
         if root is None:
             raise DataError(f"dataset {name!r} needs a data directory: pass --data-dir DIR")
         directory = Path(root)
+        if directory.exists() and not directory.is_dir():
+            raise DataError(
+                f"data directory {str(directory)!r} for {name!r} is a file, not a directory; "
+                "pass the folder that holds the dataset's files"
+            )
         if not directory.is_dir():
             raise DataError(f"data directory {str(directory)!r} for {name!r} does not exist")
         parts = _load_mnist(directory) if name == "mnist" else _load_cifar10(directory)
@@ -182,6 +208,14 @@ def _split(
     test_fraction: float,
     augment: bool,
 ) -> DatasetSplits:
+    classes = _CLASSES[name]
+    for _, labels in parts:
+        outside = labels[(labels < 0) | (labels >= classes)]
+        if outside.size:
+            raise DataError(
+                f"{name} labels must be 0..{classes - 1}, but {outside.size} are outside "
+                f"(e.g. {int(outside[0])}): the label files are corrupt or of another dataset"
+            )
     rng = np.random.default_rng(seed)
     if len(parts) == 2:  # a separate test set: split only the training part
         (x_trainval, y_trainval), (x_test, y_test) = parts
@@ -207,8 +241,10 @@ def _split(
         train=make(x_trainval[train_index], y_trainval[train_index]),
         val=make(x_trainval[val_index], y_trainval[val_index]),
         test=make(x_test, y_test),
-        num_classes=int(max(int(y_trainval.max()), int(y_test.max())) + 1),
+        num_classes=classes,
         augment=augment,
+        mean=tuple(float(v) for v in mean.ravel()),
+        std=tuple(float(v) for v in std.ravel()),
     )
 
 
@@ -281,14 +317,56 @@ def _load_mnist(directory: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     return parts
 
 
+# what a CIFAR-10 python batch may reference: numpy's array reconstruction (numpy 1 and 2 module
+# names) and the codec Python 3 pickles bytes with; dicts, lists, bytes, str and ints need none
+_CIFAR_GLOBALS = frozenset(
+    {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),
+    }
+)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """An unpickler that admits only what CIFAR-10 batches hold: arrays, lists, dicts, strings.
+
+    Any other global (``os.system``, ``builtins.eval``...) is refused before it is looked up, so
+    a crafted batch cannot run code.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it references {module}.{name}, which a CIFAR-10 batch never holds (refused: "
+                "unpickling it could run code)"
+            )
+        return super().find_class(module, name)
+
+
 def _load_cifar10(directory: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         try:
             with path.open("rb") as handle:
-                batch = pickle.load(handle, encoding="bytes")
+                batch = _BatchUnpickler(handle, encoding="bytes").load()
+            if not isinstance(batch, dict):
+                raise ValueError(f"it holds a {type(batch).__name__}, not a dict")
             images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
             labels = np.asarray(batch[b"labels"], dtype=np.int64)
-        except (OSError, pickle.UnpicklingError, KeyError, ValueError, EOFError) as exc:
+        except (
+            OSError,
+            pickle.UnpicklingError,
+            KeyError,
+            ValueError,
+            EOFError,
+            TypeError,
+            AttributeError,
+            IndexError,
+        ) as exc:
             raise DataError(f"{str(path)!r} is not a CIFAR-10 python batch: {exc}") from exc
         return images.astype(np.float32) / 255.0, labels
 

@@ -3,21 +3,26 @@
 An export directory holds:
 
 - ``subnet.json``: the :class:`SubnetSpec` (model identity, input shape, kept channels), metrics
-  (``flops``, ``params`` measured on the exported model, plus whatever the caller adds) and the
-  SHA-256 of every other file;
+  (``flops``, ``params`` measured on the exported model, plus whatever the caller adds; a
+  non-finite figure is written as ``null``: strict JSON), the SHA-256 of every other file and
+  a ``checksum`` of its own content;
 - ``weights.pt``: the pruned model's state_dict;
 - ``model.pt2``: the ``torch.export`` program (batch dimension dynamic);
 - ``model.onnx``: the ONNX graph (batch dimension dynamic).
 
 Export runs the model, the exported program and onnxruntime on the same input and refuses to
-leave a directory behind when they disagree by more than the tolerance. The directory is written
-atomically: a failed export leaves nothing (or the previous export) in place.
+leave a directory behind when they disagree by more than the tolerance or compute anything
+non-finite. Loading verifies every checksum first and never imports a model reference read from
+the files unless it names a zoo model or the model the caller gave (or the caller trusts it).
+The directory is written atomically: a failed export leaves nothing (or the previous export)
+in place.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,10 +33,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten_with_path
 
-from prunetune.backend.checkpoint import load_checkpoint, load_state
-from prunetune.backend.errors import CheckpointError, PrunetuneError, SpecError
+from prunetune.backend.checkpoint import load_checkpoint, load_state, read_torch_file
+from prunetune.backend.errors import (
+    CheckpointError,
+    PrunetuneError,
+    SpecError,
+    UnsupportedModelError,
+)
 from prunetune.backend.graph import ChannelGraph
-from prunetune.backend.io import atomic_directory
+from prunetune.backend.io import atomic_directory, check_writable
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
@@ -40,10 +50,13 @@ from prunetune.backend.surgery import prune_model
 __all__ = [
     "EXPORT_FORMAT",
     "LoadedModel",
+    "Normalize",
+    "check_export_dir",
     "export_subnet",
     "load_export",
     "load_model",
     "load_subnet",
+    "seal_record",
 ]
 
 EXPORT_FORMAT = "prunetune.subnet/1"
@@ -63,6 +76,10 @@ def _sha256(path: Path) -> str:
 
 
 def _max_error(reference: Tensor, other: Tensor) -> float:
+    """The largest difference relative to the output's scale; ``inf`` when ``other`` holds a
+    non-finite value (NaN compares as equal to nothing, so it must never pass)."""
+    if not bool(torch.isfinite(other).all()):
+        return math.inf
     if reference.numel() == 0:
         return 0.0
     scale = max(1.0, float(reference.abs().max()))
@@ -117,6 +134,73 @@ def _output_error(
     return error
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by ``None`` (``null`` in strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _record_checksum(record: dict[str, Any]) -> str:
+    content = {k: v for k, v in record.items() if k != "checksum"}
+    text = json.dumps(content, sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def seal_record(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` made strict JSON (non-finite figures as ``None``) with its ``checksum`` set.
+
+    Args:
+        record: a ``subnet.json`` mapping.
+
+    Returns:
+        The mapping to write; :func:`load_export` refuses one whose checksum does not match.
+    """
+    sealed = _finite(record)
+    sealed["checksum"] = _record_checksum(sealed)
+    return sealed  # type: ignore[no-any-return]
+
+
+def check_export_dir(directory: str | Path, overwrite: bool = False) -> Path:
+    """Check, before any work, that an export may be written to ``directory``; create nothing.
+
+    An export replaces its directory whole, so it may only go to a new or empty folder, or over
+    an earlier prunetune export (its files and nothing else); anything else needs ``overwrite``.
+
+    Args:
+        directory: the export directory to write later.
+        overwrite: whether a folder holding other files may be replaced (they are deleted).
+
+    Returns:
+        ``directory`` as a ``Path``.
+
+    Raises:
+        PrunetuneError: the folder holds other files, or cannot be written.
+    """
+    target = check_writable(directory, directory=True)
+    if overwrite or not target.is_dir():
+        return target
+    names = sorted(p.name for p in target.iterdir())
+    if not names:
+        return target
+    try:
+        previous = set(names) <= {"subnet.json", *_FILES} and bool(_read_record(target))
+    except CheckpointError:
+        previous = False
+    if not previous:
+        shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+        raise PrunetuneError(
+            f"output folder {str(target)!r} holds files that are not a prunetune export "
+            f"({shown}); an export replaces the whole folder: choose a new or empty --out, or "
+            "pass --overwrite to delete them"
+        )
+    return target
+
+
 def export_subnet(
     directory: str | Path,
     model: nn.Module,
@@ -125,6 +209,8 @@ def export_subnet(
     tolerance: float = 1e-4,
     formats: tuple[str, ...] = ("pt2", "onnx"),
     progress: Callable[[str], None] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    fold_normalization: bool = False,
 ) -> Path:
     """Write ``model`` (already pruned to ``spec``) to ``directory`` and check its parity.
 
@@ -138,15 +224,36 @@ def export_subnet(
             allowed between PyTorch, the exported program and onnxruntime.
         formats: deployable formats to write besides the weights: ``pt2``, ``onnx``.
         progress: called with a short message as each file is written.
+        preprocessing: what the model's inputs must be (``DatasetSplits.preprocessing()``:
+            input shape, channel order, raw value range, mean and std), recorded in
+            ``subnet.json`` with ``normalization``: ``caller`` (inputs are ``(x - mean) / std``)
+            or ``folded``.
+        fold_normalization: build ``(x - mean) / std`` into ``model.pt2`` and ``model.onnx``,
+            so they take raw values in the value range (``weights.pt`` stays the model's own,
+            which takes normalised inputs).
 
     Returns:
         The export directory.
 
     Raises:
-        ExportParityError: an exported format disagrees with the model beyond ``tolerance``.
+        ExportParityError: an exported format disagrees with the model beyond ``tolerance``,
+            or the model computes non-finite outputs.
+        ValueError: ``fold_normalization`` without a mean and std in ``preprocessing``.
     """
     say = progress or (lambda message: None)
     model = model.eval()
+    weights = model.state_dict()
+    recorded = None
+    if preprocessing is not None:
+        recorded = {**preprocessing, "normalization": "caller"}
+    if fold_normalization:
+        if not (preprocessing and preprocessing.get("mean") and preprocessing.get("std")):
+            raise ValueError(
+                "fold_normalization needs the inputs' mean and std: export a model trained by "
+                "prunetune (its checkpoint records them) or give the dataset"
+            )
+        model = Normalize(model, preprocessing["mean"], preprocessing["std"], spec.input_shape)
+        recorded = {**preprocessing, "normalization": "folded"}
     generator = torch.Generator().manual_seed(0)
     # batch 1 would be specialised to a constant by torch.export; 2 keeps the batch dynamic,
     # and the parity check runs at another batch size to prove it
@@ -154,6 +261,11 @@ def export_subnet(
     check_input = torch.randn((3, *spec.input_shape[1:]), generator=generator)
     with torch.no_grad():
         expected = output_tensors(model(check_input))
+    if not all(bool(torch.isfinite(tensor).all()) for _, tensor in expected):
+        raise ExportParityError(
+            "the model computes non-finite outputs (NaN or inf) on a random input: its weights "
+            "are broken (a diverged training run?); nothing was exported"
+        )
     record: dict[str, Any] = {
         "format": EXPORT_FORMAT,
         "spec": spec.to_dict(),
@@ -164,9 +276,10 @@ def export_subnet(
         },
         "parity": {},
         "files": {},
+        "preprocessing": recorded,
     }
     with atomic_directory(directory) as staging:
-        torch.save(model.state_dict(), staging / "weights.pt")
+        torch.save(weights, staging / "weights.pt")
         say("wrote weights.pt")
         if "pt2" in formats:
             try:
@@ -182,7 +295,7 @@ def export_subnet(
                 output = output_tensors(reloaded(check_input))
                 error = max(error, _output_error(expected, output, "model.pt2 reloaded"))
             record["parity"]["pt2"] = error
-            if error > tolerance:
+            if not error <= tolerance:
                 raise ExportParityError(
                     f"torch.export program differs from the model by {error:.2e} (> {tolerance})"
                 )
@@ -195,7 +308,7 @@ def export_subnet(
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
                 raise ExportParityError(f"ONNX export failed on the subnet: {first}") from exc
             record["parity"]["onnx"] = error
-            if error > tolerance:
+            if not error <= tolerance:
                 raise ExportParityError(
                     f"ONNX graph differs from the model by {error:.2e} (> {tolerance})"
                 )
@@ -203,8 +316,32 @@ def export_subnet(
         for name in _FILES:
             if (staging / name).exists():
                 record["files"][name] = _sha256(staging / name)
-        (staging / "subnet.json").write_text(json.dumps(record, indent=2) + "\n")
+        text = json.dumps(seal_record(record), indent=2, allow_nan=False)
+        (staging / "subnet.json").write_text(text + "\n")
     return Path(directory)
+
+
+class Normalize(nn.Module):
+    """``model((x - mean) / std)``: a model that takes raw inputs, for deployment."""
+
+    mean: Tensor
+    std: Tensor
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: list[float],
+        std: list[float],
+        input_shape: tuple[int, ...],
+    ) -> None:
+        super().__init__()
+        self.model = model
+        view = (1, -1, *([1] * (len(input_shape) - 2)))
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(view))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(view))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model((x - self.mean) / self.std)  # type: ignore[no-any-return]
 
 
 def _export_program(model: nn.Module, example: Tensor) -> Any:
@@ -265,6 +402,8 @@ class LoadedModel:
     input_shape: tuple[int, ...]
     spec: SubnetSpec | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
+    preprocessing: dict[str, Any] | None = None
+    """What inputs must be (see :func:`export_subnet`); ``None`` when not known."""
 
 
 def _read_record(directory: Path) -> dict[str, Any]:
@@ -277,6 +416,15 @@ def _read_record(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"{str(path)!r} is not valid JSON: {exc}") from exc
     if not isinstance(record, dict) or record.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{str(path)!r} is not a prunetune export ({EXPORT_FORMAT})")
+    try:
+        matches = record.get("checksum") == _record_checksum(record)
+    except ValueError:  # NaN or infinity: never written by export
+        matches = False
+    if not matches:
+        raise CheckpointError(
+            f"{str(path)!r} does not match its own checksum: it was edited or corrupted after "
+            "export (or written by an older prunetune); export the subnet again"
+        )
     return record
 
 
@@ -288,6 +436,9 @@ def _verify_files(root: Path, record: dict[str, Any]) -> None:
             f"subnet.json in {str(root)!r} records no checksum for weights.pt: it was not "
             "written by prunetune's export, or was edited; export the subnet again"
         )
+    unknown = sorted(set(recorded) - set(_FILES))
+    if unknown:
+        raise CheckpointError(f"subnet.json in {str(root)!r} records unknown files: {unknown}")
     for name in _FILES:
         if name not in recorded:
             continue
@@ -302,14 +453,28 @@ def _verify_files(root: Path, record: dict[str, Any]) -> None:
 
 
 def load_export(
-    directory: str | Path, dense: nn.Module | None = None, allow_factory: bool = False
+    directory: str | Path,
+    dense: nn.Module | None = None,
+    *,
+    expect: ModelRef | str | None = None,
+    trust_model_code: bool = False,
 ) -> LoadedModel:
     """Rebuild an exported subnet, verifying every recorded checksum first.
 
     The pruned module comes from, in order: ``dense`` when given (traced, pruned to the spec,
-    loaded with ``weights.pt``); the zoo when the spec names a zoo model; the user's factory
-    named in the spec, only with ``allow_factory`` (importing it runs its code); else the
-    export's own ``torch.export`` program (``model.pt2``), which needs no source code.
+    loaded with ``weights.pt``); the zoo when the spec names a zoo model; the factory the spec
+    names when it is ``expect`` (the model the caller gave) or with ``trust_model_code``
+    (importing it runs its code); else the export's own ``torch.export`` program
+    (``model.pt2``), which needs no source code.
+
+    Args:
+        directory: the export directory.
+        dense: the dense model the export was pruned from.
+        expect: the model reference (or name) the caller gave; a factory of that name is built.
+        trust_model_code: build whatever factory ``subnet.json`` names.
+
+    Returns:
+        The pruned model (eval mode), its reference, input shape, spec and metrics.
 
     Raises:
         CheckpointError: not an export, files missing or changed since export, weights that do
@@ -319,25 +484,36 @@ def load_export(
     root = Path(directory)
     record = _read_record(root)
     _verify_files(root, record)
-    try:
-        spec = SubnetSpec.from_dict(record["spec"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpecError(f"subnet.json in {str(root)!r} has a malformed spec: {exc}") from exc
+    spec = _spec_of(root, record)
     metrics = dict(record.get("metrics") or {})
-    if dense is None and spec.model.buildable and (spec.model.is_zoo or allow_factory):
-        dense = spec.model.build()
+    if dense is None and spec.model.buildable:
+        try:
+            spec.model.check_trusted(str(root / "subnet.json"), expect, trust_model_code)
+            dense = spec.model.build()
+        except UnsupportedModelError as exc:
+            if not (root / "model.pt2").is_file():
+                raise CheckpointError(str(exc)) from exc
+    preprocessing = record.get("preprocessing")
+    if not isinstance(preprocessing, dict):
+        preprocessing = None
     if dense is None:
-        return LoadedModel(_load_program(root, spec), spec.model, spec.input_shape, spec, metrics)
+        program = _load_program(root, spec)
+        return LoadedModel(program, spec.model, spec.input_shape, spec, metrics, preprocessing)
     graph = ChannelGraph.trace(dense, torch.zeros(spec.input_shape))
     spec.validate(graph)
     pruned = prune_model(dense, graph, spec)
     weights = root / "weights.pt"
+    load_state(pruned, read_torch_file(weights, "weights"), str(weights))
+    if preprocessing is not None and preprocessing.get("normalization") == "folded":
+        preprocessing = {**preprocessing, "normalization": "caller"}  # weights.pt: not folded
+    return LoadedModel(pruned.eval(), spec.model, spec.input_shape, spec, metrics, preprocessing)
+
+
+def _spec_of(root: Path, record: dict[str, Any]) -> SubnetSpec:
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"{str(weights)!r} cannot be read: {exc}") from exc
-    load_state(pruned, state, str(weights))
-    return LoadedModel(pruned.eval(), spec.model, spec.input_shape, spec, metrics)
+        return SubnetSpec.from_dict(record["spec"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SpecError(f"subnet.json in {str(root)!r} has a malformed spec: {exc}") from exc
 
 
 def _load_program(root: Path, spec: SubnetSpec) -> nn.Module:
@@ -356,21 +532,52 @@ def _load_program(root: Path, spec: SubnetSpec) -> nn.Module:
     return module
 
 
-def load_subnet(directory: str | Path) -> LoadedModel:
-    """Rebuild an exported subnet from ``subnet.json`` and ``weights.pt``.
+def load_subnet(
+    directory: str | Path, expect: ModelRef | str | None = None, trust_model_code: bool = False
+) -> LoadedModel:
+    """Rebuild an exported subnet from its source: the dense model pruned to the spec.
 
-    The dense model is rebuilt from the zoo or the user's factory, traced, pruned to the spec and
-    loaded with the exported weights (``weights_only=True``); see :func:`load_export`.
+    Unlike :func:`load_export` this never falls back to the exported program: the caller needs
+    the dense architecture (to estimate costs, or to prune further). The model the spec names
+    is built only when it is a zoo model, ``expect``, or trusted (see :func:`load_export`).
+
+    Args:
+        directory: the export directory.
+        expect: the model reference (or name) the caller gave.
+        trust_model_code: build whatever factory ``subnet.json`` names.
+
+    Returns:
+        The pruned model, its reference, input shape, spec and metrics.
 
     Raises:
-        CheckpointError: files missing, tampered with (checksum), or weights that do not fit.
+        CheckpointError: files missing, tampered with (checksum), a model the caller did not
+            trust, or weights that do not fit.
         SpecError: the spec does not fit the model it names.
     """
-    return load_export(directory, allow_factory=True)
+    root = Path(directory)
+    record = _read_record(root)
+    _verify_files(root, record)
+    ref = _spec_of(root, record).model
+    try:
+        ref.check_trusted(str(root / "subnet.json"), expect, trust_model_code)
+        dense = ref.build()
+    except UnsupportedModelError as exc:
+        raise CheckpointError(str(exc)) from exc
+    return load_export(root, dense=dense)
 
 
-def load_model(path: str | Path, expect: ModelRef | None = None) -> LoadedModel:
+def load_model(
+    path: str | Path, expect: ModelRef | None = None, trust_model_code: bool = False
+) -> LoadedModel:
     """Load what ``--checkpoint`` names: a dense checkpoint file or a subnet export directory.
+
+    Args:
+        path: the file or directory.
+        expect: the model the caller gave (``--model``), if any.
+        trust_model_code: build whatever factory the file names (it runs that code).
+
+    Returns:
+        The model, its reference, input shape, spec (of an export) and metrics.
 
     Raises:
         CheckpointError: see :func:`load_subnet` and
@@ -378,11 +585,13 @@ def load_model(path: str | Path, expect: ModelRef | None = None) -> LoadedModel:
     """
     source = Path(path)
     if source.is_dir():
-        loaded = load_subnet(source)
+        loaded = load_subnet(source, expect, trust_model_code)
         if expect is not None and expect.name != loaded.ref.name:
             raise CheckpointError(
                 f"export {str(source)!r} is of model {loaded.ref.name!r}, not {expect.name!r}"
             )
         return loaded
-    model, info = load_checkpoint(source, expect=expect)
-    return LoadedModel(model, info.model, info.input_shape, None, dict(info.metrics))
+    model, info = load_checkpoint(source, expect=expect, trust_model_code=trust_model_code)
+    return LoadedModel(
+        model, info.model, info.input_shape, None, dict(info.metrics), info.preprocessing
+    )

@@ -18,8 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunetune.backend.data import DatasetSplits, Split, TensorLoader
+from prunetune.backend.errors import PrunetuneError
 
-__all__ = ["EpochReport", "TrainConfig", "TrainResult", "evaluate", "train"]
+__all__ = ["DivergedError", "EpochReport", "TrainConfig", "TrainResult", "evaluate", "train"]
+
+
+class DivergedError(PrunetuneError):
+    """The training loss became NaN or infinite: the run stopped before the weights did."""
 
 
 @dataclass(frozen=True)
@@ -49,10 +54,17 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs <= 0:
-            raise ValueError(f"epochs must be positive, got {self.epochs}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        for name in ("epochs", "lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive finite number, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                f"weight_decay must be a finite number >= 0 (0 turns it off), got "
+                f"{self.weight_decay}"
+            )
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.distill_weight <= 1.0:
@@ -133,6 +145,10 @@ def train(
 
     Returns:
         The per-epoch history.
+
+    Raises:
+        DivergedError: the loss became NaN or infinite; the weights are left as they were
+            before that step.
     """
     generator_seed = config.seed
     loader = TensorLoader(
@@ -182,6 +198,12 @@ def train(
             loss = distillation_loss(
                 logits, y, teacher_logits, config.distill_weight, config.distill_temperature
             )
+            if not bool(torch.isfinite(loss)):
+                raise DivergedError(
+                    f"training diverged: the loss is {float(loss.detach())} at step {step + 1} of "
+                    f"{total_steps} (epoch {epoch}); lower the learning rate (lr {config.lr:g}) "
+                    "or check the data and the checkpoint for NaN"
+                )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

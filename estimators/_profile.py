@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
@@ -24,6 +23,7 @@ import torch
 
 from prunetune.backend.errors import CheckpointError
 from prunetune.backend.graph import LayerInfo, NormInfo
+from prunetune.backend.io import atomic_write
 from prunetune.estimators._groups import (
     GraphLike,
     GroupView,
@@ -45,6 +45,11 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+
+MAX_MS = 1e6
+"""The longest time a profile may hold for one layer or model (ms): anything longer is no
+measurement, and would swamp every prediction."""
 
 
 class ProfileError(CheckpointError):
@@ -254,6 +259,11 @@ class LatencyTable:
             raise ValueError(f"'ms' has shape {ms.shape}, its grids need {shape}")
         if not np.all(np.isfinite(ms)) or np.any(ms < 0):
             raise ValueError("'ms' holds negative or non-finite times")
+        if np.any(ms > MAX_MS):
+            raise ValueError(
+                f"'ms' holds a time of {float(ms.max()):.3g} ms, above {MAX_MS:g} ms for one "
+                "layer: not a measurement"
+            )
         config = data.get("config")
         if not isinstance(config, dict):
             raise ValueError("'config' must be an object")
@@ -349,22 +359,19 @@ class LatencyProfile:
 
         Returns:
             The path written.
+
+        Raises:
+            OutputError: the file cannot be written (a full disk); nothing is left.
         """
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(
-            prefix=f".{target.name}.", suffix=".tmp", dir=target.parent
-        )
-        try:
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                json.dump(self.to_dict(), handle, indent=1)
+        data = self.to_dict()
+
+        def write(temporary: Path) -> None:
+            with temporary.open("w", encoding="utf-8") as handle:
+                json.dump(data, handle, indent=1)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return target
+
+        return atomic_write(Path(path), write)
 
     @classmethod
     def load(
@@ -394,6 +401,11 @@ class LatencyProfile:
             text = source.read_text(encoding="utf-8")
         except OSError as exc:
             raise ProfileError(f"cannot read latency profile {source}: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ProfileError(
+                f"{source} is not a latency profile: it is binary, not JSON text (a checkpoint?); "
+                "give the JSON file `prunetune profile --out` wrote"
+            ) from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -449,9 +461,14 @@ class LatencyProfile:
                 raise ValueError(f"{name!r} must be a string")
         model_ms = data.get("model_ms")
         if model_ms is not None and (
-            not isinstance(model_ms, int | float) or not math.isfinite(model_ms)
+            not isinstance(model_ms, int | float)
+            or not math.isfinite(model_ms)
+            or not 0 < model_ms <= MAX_MS
         ):
-            raise ValueError(f"'model_ms' must be a number or null, got {model_ms!r}")
+            raise ValueError(
+                f"'model_ms' must be a positive number of ms (at most {MAX_MS:g}) or null, "
+                f"got {model_ms!r}"
+            )
         settings = data.get("settings", {})
         if not isinstance(settings, dict):
             raise ValueError("'settings' must be an object")
@@ -493,7 +510,10 @@ def _calibration_points(raw: Any) -> tuple[tuple[dict[str, int], float], ...]:
             for k, v in widths.items()
         ):
             raise ValueError("'calibration' widths must map group names to positive integers")
-        if not isinstance(ms, int | float) or not math.isfinite(ms) or ms <= 0:
-            raise ValueError(f"'calibration' times must be positive numbers, got {ms!r}")
+        if not isinstance(ms, int | float) or not math.isfinite(ms) or not 0 < ms <= MAX_MS:
+            raise ValueError(
+                f"'calibration' times must be positive numbers of ms (at most {MAX_MS:g}), "
+                f"got {ms!r}"
+            )
         points.append((dict(widths), float(ms)))
     return tuple(points)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import math
+import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.errors import SpecError
+from prunetune.backend.errors import PrunetuneError, SpecError
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
@@ -35,13 +36,18 @@ from prunetune.estimators._timing import (
     Statistic,
     check_timing,
     measure_latency,
+    spread,
     steady_allocator,
-    time_ms,
+    time_samples,
     torch_threads,
 )
 
 __all__ = [
+    "MAX_SPREAD",
+    "OUTLIER_FACTOR",
+    "REFUSE_FACTOR",
     "ProfileProgress",
+    "UnstableTimingError",
     "calibration_widths",
     "cpu_channel_block",
     "profile_model",
@@ -51,6 +57,29 @@ __all__ = [
 _POINT_MIN_S = 0.02
 """Each table point is timed for at least this long in all: tables of small layers (batch 1)
 then take a minimum over tens of repeats, not 7, and vary less from one profile to the next."""
+
+MAX_SPREAD = 1.0
+"""A table point whose repeats spread more than this (interquartile range over the median) is
+measured again, twice at most; if it stays so, it keeps the fastest run of all its
+measurements (a busy machine only ever slows a run down) and counts as unsteady
+(``settings["unsteady_points"]``; the command line then advises a quiet machine). On this
+project's 2-core machine at a load of 4, a third of small-layer measurements spread 0.5-1.5
+while their medians moved by 15%: spread alone is a symptom, not a wrong figure."""
+
+OUTLIER_FACTOR = 3.0
+"""A table point more than this many times slower than its neighbours (allowing for a wider
+layer) is measured again (see :func:`_outliers`)."""
+
+REFUSE_FACTOR = 10.0
+"""A point still this far from its neighbours after re-measuring refuses the profile (a loaded
+machine once left entries 1000x off, and no layer's time jumps 10x between grid points)."""
+
+_REMEASURES = 2
+
+
+class UnstableTimingError(PrunetuneError):
+    """Timings on this machine disagree too much for a profile to predict with."""
+
 
 _CALIBRATION_ROUNDS = 3
 """Rounds over the dense model and calibration subnets in a profile (each keeps its best)."""
@@ -183,18 +212,84 @@ def _axis_block(high: int, block: int, time_at: Callable[[int], float]) -> tuple
     return block, middle / top
 
 
+@dataclass
+class _Stability:
+    """What the table points of a profile did: how many, how many stayed unsteady or outliers
+    after being measured again, and how many were measured again."""
+
+    points: int = 0
+    unsteady: int = 0
+    outliers: int = 0
+    remeasured: int = 0
+
+    def check(self, threads: int) -> None:
+        """Refuse a profile whose outliers did not go away when measured again.
+
+        Raises:
+            UnstableTimingError: a point still stands :data:`REFUSE_FACTOR` times from its
+                neighbours.
+        """
+        if self.outliers == 0:
+            return
+        raise UnstableTimingError(
+            f"timings on this machine are unstable: {self.outliers} of {self.points} table "
+            f"points stood {REFUSE_FACTOR:g}x off their neighbours even measured again "
+            f"({self.unsteady} varied by more than {100 * MAX_SPREAD:.0f}% between repeats); the "
+            f"profile would mispredict. Profile on a quiet machine with --threads 1 (now "
+            f"{threads}), or with more --repeats"
+        )
+
+
+def _outliers(
+    ms: np.ndarray, grids: Sequence[Sequence[int]], factor: float = OUTLIER_FACTOR
+) -> list[tuple[int, ...]]:
+    """Indices of table points that stand ``factor`` times above their neighbours along either
+    axis: slower than both (an interior point), or than its narrower neighbour by more than the
+    width grows (the widest point). The narrowest point is not judged: width-1 layers take
+    another, slower kernel (a 1-channel BatchNorm ran 5-11x slower than a 40-channel one)."""
+    flagged: set[tuple[int, ...]] = set()
+    for axis, widths in enumerate(grids):
+        if not widths:
+            continue
+        lines = (
+            [ms]
+            if ms.ndim == 1
+            else [ms[i] if axis == 1 else ms[:, i] for i in range(ms.shape[1 - axis])]
+        )
+        for other, line in enumerate(lines):
+            for k in range(1, len(line)):
+                near = [j for j in (k - 1, k + 1) if j < len(line)]
+                if all(line[k] > factor * line[j] * max(1.0, widths[k] / widths[j]) for j in near):
+                    flagged.add((k,) if ms.ndim == 1 else ((other, k) if axis == 1 else (k, other)))
+    return sorted(flagged)
+
+
 def _measure_table(
     axes: TableAxes,
     widths_grid: int | tuple[float, ...],
     batch_size: int,
     timing: tuple[int, int, Statistic],
     block: int,
+    stability: _Stability,
 ) -> LatencyTable:
     config = dict(axes.config)
+    warmup, repeats, statistic = timing
 
     def time_at(in_width: int, out_width: int) -> float:
         runner = _layer_runner(config, in_width, out_width, batch_size)
-        return time_ms(runner, *timing, _POINT_MIN_S)
+        every: list[float] = []
+        for attempt in range(1 + _REMEASURES):
+            samples = time_samples(runner, warmup, repeats, _POINT_MIN_S)
+            every += samples
+            if spread(samples) <= MAX_SPREAD:
+                value = statistics.median(samples) if statistic == "median" else min(samples)
+                break
+            stability.remeasured += attempt == 0
+        else:  # never steady: the fastest run is the one a busy machine disturbed least
+            stability.unsteady += 1
+            value = min(every)
+        stability.points += 1
+        return value * 1e3
 
     blocks, unaligned = [1, 1], [1.0, 1.0]
     if _blocked(config):
@@ -206,10 +301,21 @@ def _measure_table(
             blocks[0], unaligned[0] = _axis_block(in_high, block, lambda w: time_at(w, out_high))
             blocks[1], unaligned[1] = _axis_block(out_high, block, lambda w: time_at(in_high, w))
     in_grid, out_grid = axes.grid(widths_grid, (blocks[0], blocks[1]))
-    if not out_grid:
-        ms = np.array([time_at(w, w) for w in in_grid])
-    else:
-        ms = np.array([[time_at(i, o) for o in out_grid] for i in in_grid])
+
+    def point(index: tuple[int, ...]) -> float:
+        if not out_grid:
+            return time_at(in_grid[index[0]], in_grid[index[0]])
+        return time_at(in_grid[index[0]], out_grid[index[1]])
+
+    shape = (len(in_grid), len(out_grid)) if out_grid else (len(in_grid),)
+    ms = np.array([point(index) for index in np.ndindex(*shape)]).reshape(shape)
+    grids = (in_grid, out_grid)
+    for _ in range(_REMEASURES):
+        flagged = _outliers(ms, grids)
+        stability.remeasured += len(flagged)
+        for index in flagged:
+            ms[index] = min(ms[index], point(index))  # a stall only ever slows a run down
+    stability.outliers += len(_outliers(ms, grids, REFUSE_FACTOR))
     return LatencyTable(
         config, in_grid, out_grid, ms, (blocks[0], blocks[1]), (unaligned[0], unaligned[1])
     )
@@ -334,11 +440,17 @@ def profile_model(
             for other layers.
         progress: called after each table with a :class:`ProfileProgress`.
 
+    Timings are checked as they are taken: a point whose repeats spread more than
+    :data:`MAX_SPREAD`, or that stands out :data:`OUTLIER_FACTOR` times from its neighbours in
+    the table, is measured again (twice at most).
+
     Returns:
         The profile; save it with :meth:`LatencyProfile.save`.
 
     Raises:
         ValueError: an option out of range.
+        UnstableTimingError: a point stayed :data:`REFUSE_FACTOR` times off its neighbours
+            after re-measuring: the message advises a quiet machine and ``--threads 1``.
     """
     grid = _check_options(batch_size, threads, widths_grid, repeats, warmup, statistic)
     if (
@@ -370,9 +482,10 @@ def profile_model(
     subnets = calibration_subnets if measure_model and isinstance(graph, ChannelGraph) else 0
     total = len(axes) + subnets + (1 if measure_model else 0)
     timing: tuple[int, int, Statistic] = (warmup, repeats, statistic)
+    stability = _Stability()
     with torch_threads(threads) as used_threads:
         for done, (key, item) in enumerate(axes.items(), start=1):
-            tables[key] = _measure_table(item, grid, batch_size, timing, channel_block)
+            tables[key] = _measure_table(item, grid, batch_size, timing, channel_block, stability)
             if progress is not None:
                 config = item.config
                 progress(ProfileProgress(done, total, f"{config['kind']} {key}"))
@@ -391,6 +504,7 @@ def profile_model(
 
             model_ms, *subnet_ms = _whole_models_ms(models, example, timing, report)
             calibration = tuple(zip(widths_list, subnet_ms, strict=True))
+    stability.check(used_threads)
     return LatencyProfile(
         device=DeviceInfo.current(used_threads),
         batch_size=batch_size,
@@ -408,6 +522,9 @@ def profile_model(
             "model_min_s": MODEL_MIN_S,
             "channel_block": channel_block,
             "allocator": "steady" if steady else "system",
+            "points": stability.points,
+            "remeasured_points": stability.remeasured,
+            "unsteady_points": stability.unsteady,
         },
         created=_now(),
         calibration=calibration,

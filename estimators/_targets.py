@@ -68,9 +68,11 @@ class Constraint:
         value = text.strip().lower()
         if value.endswith("%"):
             try:
-                return cls(name, float(value[:-1]) / 100.0, relative=True)  # type: ignore[arg-type]
+                share = float(value[:-1]) / 100.0
             except ValueError:
-                pass
+                share = None
+            if share is not None:
+                return cls(name, share, relative=True)  # type: ignore[arg-type]
         elif name == "latency_ms":
             match = re.fullmatch(r"([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(ms|us|s|)", value)
             if match:

@@ -20,8 +20,10 @@ __all__ = [
     "check_timing",
     "measure_latencies",
     "measure_latency",
+    "spread",
     "steady_allocator",
     "time_ms",
+    "time_samples",
     "torch_threads",
 ]
 
@@ -87,6 +89,26 @@ def time_ms(
     statistic: Statistic,
     min_total_s: float = 0.0,
 ) -> float:
+    """One figure (ms) from :func:`time_samples`: their median or minimum."""
+    samples = time_samples(run, warmup, repeats, min_total_s)
+    return (statistics.median(samples) if statistic == "median" else min(samples)) * 1e3
+
+
+def spread(samples: Sequence[float]) -> float:
+    """How much repeated timings disagree: the interquartile range over the median (0 with
+    fewer than 4 samples, which cannot tell)."""
+    if len(samples) < 4:
+        return 0.0
+    low, middle, high = np.percentile(np.asarray(samples), [25, 50, 75])
+    return float((high - low) / middle) if middle > 0 else 0.0
+
+
+def time_samples(
+    run: Callable[[], object], warmup: int, repeats: int, min_total_s: float = 0.0
+) -> list[float]:
+    """Seconds per call of ``run``, one sample per timed repeat (each repeat loops the call
+    long enough for the timer), at least ``repeats`` and more until they last ``min_total_s``.
+    """
     with torch.inference_mode():
         for _ in range(warmup):
             run()
@@ -105,7 +127,7 @@ def time_ms(
             for _ in range(inner):
                 run()
             samples.append((time.perf_counter() - start) / inner)
-    return (statistics.median(samples) if statistic == "median" else min(samples)) * 1e3
+    return samples
 
 
 def check_timing(threads: int | None, repeats: int, warmup: int, statistic: str) -> None:

@@ -8,7 +8,9 @@ in one shot to each FLOPs target by four methods: uniform width scaling with fre
 --round-to 8``), and latency-aware allocation, free and aligned (``latency``, ``latency-r8``,
 ``prunetune prune --allocation cost [--round-to 8] --profile P``): channels go first where they
 save the most predicted latency per unit of L1 importance, from a profile measured here at that
-batch size. The dense and pruned
+batch size. Profiles and subnets are made by those very commands (``prunetune profile
+--threads T``, ``prunetune prune ... --out``, loaded back from the export), so the figures are
+those of the path the README shows. The dense and pruned
 models are timed at batch 1 and 32 on this machine: each model's latency is the fastest of
 ``--rounds`` interleaved measurements (each the minimum of ``--repeats`` runs), so a slow spell
 on a shared machine hits every model alike. Reported per row: latency (measured, and predicted
@@ -23,33 +25,27 @@ reduction) to ``--out-dir``, atomically; the last line printed is one JSON objec
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import io
 import json
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from prunetune.backend.graph import ChannelGraph
-from prunetune.backend.importance import channel_importance
+from prunetune.backend.export import load_subnet
 from prunetune.backend.io import atomic_write
 from prunetune.backend.measure import count_flops
 from prunetune.backend.models import ModelRef, list_models
-from prunetune.backend.pruning import one_shot_widths
-from prunetune.backend.spec import SubnetSpec
-from prunetune.backend.surgery import prune_model
-from prunetune.estimators import (
-    FlopsModel,
-    LatencyPredictor,
-    Target,
-    measure_latencies,
-    profile_model,
-)
+from prunetune.cli import main as main_cli
+from prunetune.estimators import measure_latencies
 
 INPUT = (3, 32, 32)
 METHODS = {
@@ -63,41 +59,64 @@ METHODS = {
 
 @dataclass
 class Case:
-    """One zoo model at one batch size: the dense model and what latency-aware pruning needs."""
+    """One zoo model at one batch size, pruned through the command line users run.
+
+    The profile and every pruned subnet come from ``prunetune profile`` and ``prunetune prune``
+    themselves (their ``main``), with this benchmark's ``--threads``: the README's latency-aware
+    prune and this benchmark are one path. (They differed: the README profiled with all threads
+    and the median, this script with 1 thread and the minimum, so a ResNet-56 at 50% FLOPs was
+    allocated for another machine state: 1.38x there, 2.06x here.)
+    """
 
     name: str
-    ref: ModelRef
     dense: nn.Module
-    graph: ChannelGraph
-    flops: FlopsModel
-    latency: LatencyPredictor
-    scores: dict[str, Tensor]
+    workdir: Path
+    profile: Path
+    threads: int
     profile_seconds: float
 
     @classmethod
-    def build(cls, name: str, batch: int) -> Case:
-        """The model, its graph and a latency profile measured here at ``batch``."""
-        ref = ModelRef(name, {"num_classes": 10, "in_channels": INPUT[0]})
-        torch.manual_seed(0)
-        dense = ref.build().eval()
-        graph = ChannelGraph.trace(dense, torch.zeros(1, *INPUT))
+    def build(cls, name: str, batch: int, threads: int, workdir: Path) -> Case:
+        """The model, and its latency profile measured here at ``batch`` by ``prunetune
+        profile``."""
+        profile = workdir / f"{name}-bs{batch}.json"
         started = time.perf_counter()
-        profile = profile_model(dense, graph, batch, statistic="min", model_id=name)
+        _cli("profile", "--model", name, *_SHAPE, "--batch-size", str(batch),
+             "--threads", str(threads), "--out", str(profile))  # fmt: skip
         seconds = time.perf_counter() - started
-        latency = LatencyPredictor(profile, graph)
-        scores = channel_importance(dense, graph, "l1")
-        flops = FlopsModel.from_graph(graph)
-        return cls(name, ref, dense, graph, flops, latency, scores, seconds)
+        ref = ModelRef(name, {"num_classes": 10, "in_channels": INPUT[0]})
+        torch.manual_seed(0)  # as prunetune prune builds it
+        return cls(name, ref.build().eval(), workdir, profile, threads, seconds)
 
-    def prune(self, target: float, method: str) -> tuple[nn.Module, dict[str, int]]:
-        """The dense model pruned in one shot to ``target`` % FLOPs by ``method``."""
+    def prune(self, target: float, method: str) -> tuple[nn.Module, float]:
+        """The dense model pruned in one shot to ``target`` % FLOPs by ``method``, exported by
+        ``prunetune prune`` and loaded back; and its predicted latency (ms)."""
         allocation, round_to = METHODS[method]
-        budget = Target.parse(f"flops<={target}%").resolve({"flops": self.flops})
-        widths = one_shot_widths(
-            self.graph, budget.fits, allocation, self.scores, round_to, self.latency.evaluate
-        )
-        spec = SubnetSpec.from_widths(self.graph, self.ref, widths, self.scores)
-        return prune_model(self.dense, self.graph, spec).eval(), widths
+        out = self.workdir / f"{self.name}-{target:g}-{method}-{self.profile.stem}"
+        summary = _cli(
+            "prune", "--model", self.name, *_SHAPE, "--flops", f"{target:g}%",
+            "--allocation", allocation, "--round-to", str(round_to), "--profile",
+            str(self.profile), "--out", str(out), "--overwrite", "--json",
+        )  # fmt: skip
+        return load_subnet(out).model.eval(), float(summary["latency_ms"])
+
+
+_SHAPE = ("--input-shape", ",".join(map(str, (1, *INPUT))))
+
+
+def _cli(*argv: str) -> dict[str, Any]:
+    """Run a ``prunetune`` command in this process; its ``--json`` output, if any.
+
+    Raises:
+        SystemExit: the command failed (its one-line error is on stderr).
+    """
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        code = main_cli(list(argv))
+    if code != 0:
+        raise SystemExit(f"prunetune {' '.join(argv)} failed with exit code {code}")
+    text = output.getvalue().strip()
+    return json.loads(text.splitlines()[-1]) if text.startswith("{") else {}
 
 
 def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -105,7 +124,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     example = torch.zeros(1, *INPUT)
     rows = []
     for batch in args.batches:
-        case = Case.build(name, batch)
+        case = Case.build(name, batch, args.threads, args.workdir)
         dense_flops = count_flops(case.dense, example)
         pruned = [
             (target, method, *case.prune(target, method))
@@ -114,9 +133,13 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         ]
         models = [case.dense] + [model for _, _, model, _ in pruned]
         times = measure_latencies(
-            models, torch.randn(batch, *INPUT), rounds=args.rounds, repeats=args.repeats
+            models,
+            torch.randn(batch, *INPUT),
+            rounds=args.rounds,
+            repeats=args.repeats,
+            threads=args.threads,
         )
-        for (target, method, model, widths), ms in zip(pruned, times[1:], strict=True):
+        for (target, method, model, predicted), ms in zip(pruned, times[1:], strict=True):
             reduction = dense_flops / count_flops(model, example)
             speedup = float(times[0] / ms)
             rows.append(
@@ -127,7 +150,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[dict[str, Any]]:
                     "batch": batch,
                     "dense_ms": round(float(times[0]), 3),
                     "ms": round(float(ms), 3),
-                    "predicted_ms": round(float(case.latency.predict(widths)), 3),
+                    "predicted_ms": round(predicted, 3),
                     "speedup": round(speedup, 3),
                     "flops_reduction": round(reduction, 3),
                     "efficiency": round(speedup / reduction, 3),
@@ -221,7 +244,9 @@ def main() -> int:
         parser.error("--threads, --rounds and --repeats must be at least 1")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    rows = [row for name in models for row in bench_model(name, args)]
+    with tempfile.TemporaryDirectory(prefix="bench_speedup.") as workdir:
+        args.workdir = Path(workdir)
+        rows = [row for name in models for row in bench_model(name, args)]
     text = table(rows)
     print(f"\n{text}\n")
     command = "python scripts/bench_speedup.py " + " ".join(sys.argv[1:])

@@ -9,6 +9,7 @@ YAML file and command-line flags mean the same thing. Flags win over the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class SearchConfig:
             (8 or 16 suit CPU and GPU kernels: the same FLOPs run faster); 1: any width.
         grace_period: reports a trial makes before ASHA may stop it.
         max_failures: retries of a trial whose worker process dies.
+        fold_normalization: build the inputs' normalisation into the exported ``model.pt2`` and
+            ``model.onnx``, so they take raw pixel values in [0, 1].
+        trust_model_code: build the ``package.module:factory`` a checkpoint names even when it
+            is not ``model`` (importing it runs its code; zoo models never need this).
     """
 
     target: Target
@@ -104,10 +109,28 @@ class SearchConfig:
     round_to: int = 1
     grace_period: int = 2
     max_failures: int = 2
+    trust_model_code: bool = False
+    fold_normalization: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, Target):
             raise TypeError(f"target must be a Target, got {type(self.target).__name__}")
+        flags = (
+            "resume",
+            "overwrite",
+            "distill",
+            "pareto",
+            "trust_model_code",
+            "fold_normalization",
+        )
+        for flag in flags:
+            value = getattr(self, flag)
+            if not isinstance(value, bool):
+                raise ValueError(f"{flag} must be true or false, got {value!r}")
+        for text in ("model", "data_dir", "checkpoint", "profile", "address", "dataset"):
+            value = getattr(self, text)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{text} must be a string, got {value!r}")
         if not self.model and not self.checkpoint:
             raise ValueError("name a model (--model) or a dense checkpoint (--checkpoint)")
         if self.dataset not in list_datasets():
@@ -261,6 +284,10 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(source.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PrunetuneError(f"cannot read search config {str(source)!r}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise PrunetuneError(
+            f"search config {str(source)!r} is not YAML: it is binary, not text (a checkpoint?)"
+        ) from exc
     except yaml.YAMLError as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PrunetuneError(f"search config {str(source)!r} is not valid YAML: {first}") from exc
@@ -279,6 +306,8 @@ def _check_number(name: str, value: Any, minimum: float, integer: bool = False) 
     if isinstance(value, bool) or not isinstance(value, kinds):
         kind = "an integer" if integer else "a number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if not value >= minimum:
         raise ValueError(f"{name} must be at least {minimum:g}, got {value!r}")
 

@@ -22,7 +22,7 @@ from prunetune.backend.export import export_subnet, load_export
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.surgery import prune_model
 from prunetune.backend.train import TrainConfig, evaluate, train
-from prunetune.estimators import cost_models, format_metric
+from prunetune.estimators import cost_models, format_metric, measure_latency
 from prunetune.search._report import write_report
 from prunetune.search._result import SearchResult, TrialRecord
 from prunetune.search._setup import Prepared
@@ -107,9 +107,20 @@ def finish(
         "space": best.space,
         "target": str(config.target),
     }
+    if prepared.profile is not None:
+        metrics["predicted_latency_ms"] = metrics["latency_ms"]
+        metrics["measured_latency_ms"] = measure_subnet(subnet, prepared)
+        say(latency_line(metrics, prepared))
     exported_spec = prepared.base_spec.compose(spec) if prepared.base_spec else spec
     export_dir = config.run_dir / BEST_DIR
-    export_subnet(export_dir, subnet, exported_spec, metrics=metrics)
+    export_subnet(
+        export_dir,
+        subnet,
+        exported_spec,
+        metrics=metrics,
+        preprocessing=prepared.data.preprocessing(),
+        fold_normalization=config.fold_normalization,
+    )
     measured = _verify(prepared, export_dir, metrics["latency_ms"])
     metrics.update(measured)
     say(f"exported to {export_dir}: " + prepared.budget.describe(spec.widths))
@@ -128,6 +139,55 @@ def finish(
     )
 
 
+def measure_subnet(model: torch.nn.Module, prepared: Prepared) -> float:
+    """The subnet's latency measured now, as the profile measured its dense model: its batch
+    size, threads and statistic.
+
+    Args:
+        model: the subnet, as exported.
+        prepared: the search (its profile and input shape).
+
+    Returns:
+        Milliseconds per forward pass.
+    """
+    profile = prepared.profile
+    assert profile is not None  # only called with a profile
+    example = torch.randn(profile.batch_size, *prepared.input_shape[1:])
+    threads = profile.device.threads
+    if profile.settings.get("statistic") == "min":
+        return measure_latency(model, example, threads=threads, statistic="min")
+    return measure_latency(model, example, threads=threads, statistic="median")
+
+
+def latency_line(metrics: dict[str, Any], prepared: Prepared) -> str:
+    """Predicted and measured latency of the chosen subnet side by side, labelled; and advice
+    when the measurement misses the latency target the prediction met.
+
+    Args:
+        metrics: holding ``predicted_latency_ms`` and ``measured_latency_ms``.
+        prepared: the search (its profile and budget).
+
+    Returns:
+        The line to show.
+    """
+    profile = prepared.profile
+    assert profile is not None
+    predicted, measured = metrics["predicted_latency_ms"], metrics["measured_latency_ms"]
+    line = (
+        f"latency of the chosen subnet at batch {profile.batch_size}, "
+        f"{profile.device.threads} thread(s): predicted {predicted:.3f} ms, measured "
+        f"{measured:.3f} ms ({100 * (measured / predicted - 1):+.0f}%)"
+    )
+    limit = prepared.budget.limits.get("latency_ms")
+    if limit is not None and measured > limit:
+        line += (
+            f"; the measurement is above the {limit:.3f} ms target: the profile no longer "
+            "holds on this machine (refresh it: prunetune profile --recalibrate PROFILE, on "
+            "a quiet machine)"
+        )
+    return line
+
+
 def _load_trial_weights(
     subnet: torch.nn.Module, best: TrialRecord, say: Callable[[str], None]
 ) -> str:
@@ -141,7 +201,7 @@ def _load_trial_weights(
     try:
         state = torch.load(best.weights, map_location="cpu", weights_only=True)
         subnet.load_state_dict(state)
-    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
+    except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
         say(f"  cannot use the trial's weights ({type(exc).__name__}: {exc}); using the dense ones")
         return "the dense weights"
     return "the trial's weights"
@@ -156,7 +216,7 @@ def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str
     # a module object has no factory: rebuild from it (a zoo model or factory is rebuilt alone,
     # which also checks an export of an export against the original dense model)
     dense = None if prepared.ref.buildable else prepared.model
-    loaded = load_export(export_dir, dense=dense, allow_factory=True)
+    loaded = load_export(export_dir, dense=dense, expect=prepared.ref)
     measured = {
         "flops": float(count_flops(loaded.model, torch.zeros(prepared.input_shape))),
         "params": float(count_params(loaded.model)),

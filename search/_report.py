@@ -55,11 +55,24 @@ def render(
         limit = prepared.budget.limits.get(metric)
         figures.append(
             [
-                metric,
+                "latency_ms (predicted)" if metric == "latency_ms" else metric,
                 format_metric(metric, dense),
                 format_metric(metric, value),
                 f"{100 * value / dense:.1f}%",
                 format_metric(metric, limit) if limit is not None else "-",
+            ]
+        )
+    measured = metrics.get("measured_latency_ms")
+    if isinstance(measured, float) and not math.isnan(measured):
+        limit = prepared.budget.limits.get("latency_ms")
+        dense_ms = prepared.profile.model_ms if prepared.profile else None
+        figures.append(
+            [
+                "latency_ms (measured, exported subnet)",
+                format_metric("latency_ms", dense_ms) + " (profiled)" if dense_ms else "-",
+                format_metric("latency_ms", measured),
+                "-",
+                format_metric("latency_ms", limit) if limit is not None else "-",
             ]
         )
     rows = [[*r.row()[:-1], (r.error or "").replace("|", "/")] for r in records]

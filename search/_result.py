@@ -120,6 +120,11 @@ class SearchResult:
             f"params {format_metric('params', m['params'])} of "
             f"{format_metric('params', m['dense_params'])}"
         )
+        if not math.isnan(m.get("measured_latency_ms", math.nan)):
+            lines.append(
+                f"latency: predicted {m['predicted_latency_ms']:.3f} ms, measured "
+                f"{m['measured_latency_ms']:.3f} ms"
+            )
         lines.append(f"exported to {self.export_dir}, report {self.report_path}")
         return "\n".join(lines)
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -22,13 +23,25 @@ from typing import Any
 from torch import nn
 
 from prunetune.backend.errors import PrunetuneError
-from prunetune.backend.io import atomic_write, check_writable
+from prunetune.backend.io import (
+    OutputError,
+    atomic_write,
+    check_writable,
+    clear_stale_temporaries,
+)
 from prunetune.search._cluster import ray_session
 from prunetune.search._config import SearchConfig
 from prunetune.search._final import BEST_DIR, finish
 from prunetune.search._report import REPORT_FILE
-from prunetune.search._result import SearchResult
+from prunetune.search._result import SearchResult, TrialRecord
 from prunetune.search._setup import Prepared, prepare, train_dense
+from prunetune.search._signals import (
+    SESSION_FILE,
+    Stops,
+    end_leftover_ray,
+    record_ray_session,
+    stops,
+)
 from prunetune.search._trial import TrialPayload
 from prunetune.search._tuner import EXPERIMENT, can_resume, make_tuner, trial_records
 
@@ -81,11 +94,36 @@ def run_search(
     check_writable(config.run_dir, directory=True)
     _check_run_state(config)
     prepared = prepare(config, module)
+    end_leftover_ray(config.run_dir)  # of a search of this run that was killed (kill -9)
+    with stops(config.name, config.runs_dir) as interrupts:
+        try:
+            records = _trials(config, prepared, interrupts, say)
+        finally:
+            (config.run_dir / SESSION_FILE).unlink(missing_ok=True)  # Ray is shut down
+        return finish(prepared, records, say, lambda: time.monotonic() - started)
+
+
+def _trials(
+    config: SearchConfig, prepared: Prepared, interrupts: Stops, say: Callable[[str], None]
+) -> list[TrialRecord]:
+    """Start Ray, write the run's settings, train the dense model if needed, run the trials.
+
+    Raises:
+        SearchInterrupted: SIGINT or SIGTERM came; the state is saved for ``--resume``.
+        OutputError: the run's files could not be written (a full disk).
+    """
     with ray_session(config.address) as cluster, _quiet_tune():
+        interrupts.rearm()
         concurrency = cluster.concurrency(config.cpus_per_trial, config.gpus_per_trial)
         if config.overwrite:
             _clear(config)
-        config.run_dir.mkdir(parents=True, exist_ok=True)
+        # what a killed run left half-written (a hidden .best.* export, .search.json.*)
+        clear_stale_temporaries(config.run_dir)
+        try:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError.wrap(exc, config.run_dir) from exc
+        record_ray_session(config.run_dir)
         text = json.dumps(config.to_dict(), indent=2) + "\n"
         atomic_write(config.run_dir / CONFIG_FILE, lambda path: _write_text(path, text))
         if not prepared.trained:
@@ -97,9 +135,22 @@ def run_search(
             f"({cluster.address}); results in {config.run_dir}"
         )
         tuner = make_tuner(config, payload_of(prepared), prepared.graph, concurrency)
-        results = tuner.fit()
-    records = trial_records(results)
-    return finish(prepared, records, say, lambda: time.monotonic() - started)
+        try:
+            with interrupts.trials():
+                results = tuner.fit()
+            return trial_records(results)
+        except OSError as exc:  # the experiment state or a trial result could not be written
+            raise OutputError.wrap(
+                exc,
+                config.run_dir / EXPERIMENT,
+                f"no result was exported, the trials so far are kept for --resume --name "
+                f"{config.name}",
+            ) from exc
+        except (EOFError, pickle.UnpicklingError) as exc:
+            raise OutputError(
+                f"the trial results in {str(config.run_dir / EXPERIMENT)!r} are truncated "
+                f"({type(exc).__name__}): was the disk full? free space and pass --resume"
+            ) from exc
 
 
 def payload_of(prepared: Prepared) -> TrialPayload:
@@ -136,7 +187,7 @@ def load_run_settings(run_dir: str | Path) -> dict[str, Any]:
         return {}
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RunExistsError(f"cannot read the settings of run {str(path)!r}: {exc}") from exc
     return data if isinstance(data, dict) else {}
 

@@ -87,7 +87,7 @@ def prepare(config: SearchConfig, module: nn.Module | None = None) -> Prepared:
     base_spec = None
     if config.checkpoint:
         expect = ModelRef(config.model) if config.model else None
-        loaded = load_model(config.checkpoint, expect=expect)
+        loaded = load_model(config.checkpoint, expect, config.trust_model_code)
         model, ref, shape = loaded.model, loaded.ref, tuple(loaded.input_shape)
         base_spec, trained, source = loaded.spec, True, str(config.checkpoint)
         if tuple(shape[1:]) != data.image_shape:
@@ -168,6 +168,7 @@ def train_dense(prepared: Prepared, say: Callable[[str], None]) -> Path:
             "epochs": float(config.dense_epochs),
             "seed": float(config.seed),
         },
+        preprocessing=prepared.data.preprocessing(),
     )
     path = save_checkpoint(config.run_dir / DENSE_FILE, prepared.model, info)
     prepared.trained = True

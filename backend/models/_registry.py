@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +20,10 @@ _REGISTRY: dict[str, ModelFactory] = {}
 
 INSTANCE_PREFIX = "instance:"
 """Names of :class:`ModelRef` s that record a module object's class; they cannot be rebuilt."""
+
+TRUST_FLAG = "--trust-model-code"
+"""The command-line opt-in that lets a file's model reference be imported (``trust_model_code``
+in Python), in the spirit of ``trust_remote_code``."""
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -88,6 +94,32 @@ class ModelRef:
         """Whether the name is one of the zoo's models (needs no import of user code)."""
         return self.name in _REGISTRY
 
+    def check_trusted(
+        self, source: str, given: ModelRef | str | None = None, trust_model_code: bool = False
+    ) -> None:
+        """Refuse to build a reference read from a file unless building it runs no foreign code.
+
+        A reference read from a checkpoint or an export may name a zoo model, or the model the
+        user gave (``--model`` on the command line, ``model=`` in Python); anything else would
+        import and call code the file chose, so it needs ``trust_model_code``.
+
+        Args:
+            source: the file the reference was read from, for the message.
+            given: the model reference (or name) the user gave, if any.
+            trust_model_code: the explicit opt-in to import whatever the file names.
+
+        Raises:
+            UnsupportedModelError: the reference names code the user did not ask for.
+        """
+        given_name = given.name if isinstance(given, ModelRef) else given
+        if self.is_zoo or not self.buildable or trust_model_code or self.name == given_name:
+            return
+        raise UnsupportedModelError(
+            f"{source!r} names model {self.name!r}, which is not in the zoo: loading it would "
+            f"import and run that code; pass --model {self.name} (model= in Python) if you "
+            f"trust it, or {TRUST_FLAG} (trust_model_code=True)"
+        )
+
     def build(self) -> nn.Module:
         """Construct the (dense, freshly initialised) model.
 
@@ -126,7 +158,48 @@ def _import_factory(path: str) -> ModelFactory:
         raise UnsupportedModelError(
             f"module {module_name!r} has no callable {attr!r} (from user model {path!r})"
         )
+    _check_factory(factory, path)
     return factory  # type: ignore[no-any-return]
+
+
+def _check_factory(factory: Any, path: str) -> None:
+    """Refuse, without calling it, anything that is not a Python model factory.
+
+    A factory is a subclass of ``nn.Module`` or a function written in Python (not a builtin, not
+    from the standard library) whose return annotation, if any, is an ``nn.Module``.
+
+    Raises:
+        UnsupportedModelError: ``factory`` cannot be a model factory.
+    """
+    if inspect.isclass(factory):
+        if not issubclass(factory, nn.Module):
+            raise UnsupportedModelError(
+                f"user model {path!r} is the class {factory.__name__}, not a torch.nn.Module "
+                "subclass; name a module class or a function returning a module"
+            )
+        return
+    if not inspect.isfunction(factory):
+        raise UnsupportedModelError(
+            f"user model {path!r} is a {type(factory).__name__}, not a Python function or "
+            "torch.nn.Module class; name a factory written in Python that returns a module"
+        )
+    top = str(getattr(factory, "__module__", "") or "").partition(".")[0]
+    if top in sys.stdlib_module_names:
+        raise UnsupportedModelError(
+            f"user model {path!r} is a function of the standard library ({top}), not a model "
+            "factory; name a function returning a torch.nn.Module"
+        )
+    try:
+        returns = typing.get_type_hints(factory).get("return", inspect.Signature.empty)
+    except Exception:  # unresolvable annotations: the result is checked after the call
+        returns = inspect.Signature.empty
+    if returns is inspect.Signature.empty or returns is typing.Any:
+        return
+    if not (inspect.isclass(returns) and issubclass(returns, nn.Module)):
+        raise UnsupportedModelError(
+            f"user model {path!r} is annotated to return {getattr(returns, '__name__', returns)}, "
+            "not a torch.nn.Module"
+        )
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:
@@ -161,6 +234,20 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
                 f"model {name!r} does not take {', '.join(unknown)}; "
                 f"it takes: {', '.join(signature.parameters) or 'no arguments'}"
             )
+        required = [
+            p.name
+            for p in signature.parameters.values()
+            if p.default is p.empty
+            and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+            and p.name not in kwargs
+        ]
+        if required:
+            raise UnsupportedModelError(
+                f"model {name!r} needs {', '.join(required)}, which prunetune does not pass; "
+                "give those parameters defaults"
+            )
+    elif ":" in name:
+        raise UnsupportedModelError(f"user model {name!r} has no inspectable signature")
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from prunetune.backend.errors import CheckpointError, SpecError
-from prunetune.backend.export import export_subnet, load_model, load_subnet
+from prunetune.backend.export import export_subnet, load_model, load_subnet, seal_record
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.measure import count_flops
 from prunetune.backend.models import ModelRef
@@ -103,6 +103,10 @@ def test_tampered_subnet_json_is_refused(
     record = json.loads((out / "subnet.json").read_text())
     edit(record)  # type: ignore[operator]
     (out / "subnet.json").write_text(json.dumps(record))
+    with pytest.raises(CheckpointError, match=r"own checksum|not a prunetune"):
+        load_subnet(out)
+    # an edit that also recomputes the checksum still meets the spec's own checks
+    (out / "subnet.json").write_text(json.dumps(seal_record(record)))
     with pytest.raises(error, match=message):
         load_subnet(out)
 
@@ -149,7 +153,7 @@ def test_every_architecture_exports_and_reloads_with_parity(tmp_path: Path, name
     spec = SubnetSpec.from_widths(graph, ref, widths)
     pruned = prune_model(dense, graph, spec).eval()
     out = export_subnet(tmp_path / name, pruned, spec)
-    loaded = load_subnet(out)
+    loaded = load_subnet(out, trust_model_code=True)
     x = torch.randn(3, 3, 32, 32)
     torch.testing.assert_close(loaded.model(x), pruned(x), atol=1e-5, rtol=1e-4)
     record = json.loads((out / "subnet.json").read_text())

@@ -69,7 +69,7 @@ def test_estimate_predicts_latency_of_an_export(
     assert figures["flops"] <= 0.4 * figures["dense_flops"]
     assert 0 < figures["latency_ms"] < figures["dense_latency_ms"]
     assert main(argv) == 0
-    assert "latency_ms:" in capsys.readouterr().out
+    assert "latency_ms (predicted):" in capsys.readouterr().out
 
 
 def test_latency_aware_prune_meets_the_flops_target(

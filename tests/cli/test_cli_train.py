@@ -30,7 +30,7 @@ def test_train_writes_a_loadable_checkpoint(
             "does not exist",
         ),
         (["--model", "small_cnn", "--out", "/proc/prunetune/x.pt"], "is not writable"),
-        (["--model", "small_cnn", "--epochs", "0"], "epochs must be positive"),
+        (["--model", "small_cnn", "--epochs", "0"], "epochs must be a positive"),
     ],
 )
 def test_bad_input(

@@ -132,7 +132,7 @@ def test_a_trial_whose_worker_dies_is_retried_and_the_search_completes(
     assert all(t.status in ("finished", "stopped") for t in result.trials)
     assert next(t for t in result.trials if t.trial_id == crashed).status == "finished"
     assert _failures(config.run_dir / "tune")[crashed] == 1
-    assert load_subnet(result.export_dir).spec == result.spec
+    assert load_subnet(result.export_dir, expect=model).spec == result.spec  # its --model
 
 
 def test_a_module_object_is_searched_through_the_python_api(

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from prunetune.backend.export import load_subnet
+from prunetune.search._signals import SESSION_FILE
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -60,6 +61,18 @@ def _end_session(process: subprocess.Popen[bytes]) -> None:
         os.killpg(process.pid, signal.SIGKILL)
 
 
+def _pids_naming(text: str) -> list[int]:
+    """Processes whose command line holds ``text``."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if text in (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                "utf-8", "replace"
+            ):
+                found.append(int(entry.name))
+    return found
+
+
 def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path) -> None:
     runs = tmp_path / "runs"
     experiment = runs / "resume" / "tune"
@@ -85,11 +98,13 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path)
         recorded = _states(experiment)
         done_before = {t for t, s in recorded.items() if s == "TERMINATED"}
         results_before = _results(experiment)
+        session = json.loads((runs / "resume" / SESSION_FILE).read_text())["session_dir"]
+    except BaseException:
+        _end_session(first)
+        raise
     finally:
         first.kill()
         first.wait()
-        time.sleep(1)
-        _end_session(first)
     assert 1 <= len(done_before) < TRIALS, recorded
     assert not (runs / "resume" / "report.md").exists()
 
@@ -102,9 +117,13 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path: Path)
     )
     try:
         out, err = resumed.communicate(timeout=300)
+        # no process of the killed search's Ray session is left (its helpers outlived it)
+        left = [pid for pid in _pids_naming(session) if pid != first.pid]
     finally:
         _end_session(resumed)
+        _end_session(first)
     assert resumed.returncode == 0, err.decode()[-3000:]
+    assert left == [], f"processes of the killed search's Ray session still run: {left}"
 
     states = _states(experiment)
     results = _results(experiment)

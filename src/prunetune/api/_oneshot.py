@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from prunetune.backend.errors import CheckpointError, InfeasibleTargetError, PrunetuneError
-from prunetune.backend.export import LoadedModel, export_subnet, load_export
+from prunetune.backend.export import LoadedModel, check_export_dir, export_subnet, load_export
 from prunetune.backend.graph import ChannelGraph, eval_mode
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from prunetune.backend.measure import count_flops, count_params
@@ -311,24 +311,49 @@ class PruneResult:
     dense_costs: dict[str, float]
 
     def export(
-        self, directory: str | Path, *, progress: Callable[[str], None] | None = None
+        self,
+        directory: str | Path,
+        *,
+        progress: Callable[[str], None] | None = None,
+        overwrite: bool = False,
+        preprocessing: dict[str, Any] | None = None,
+        fold_normalization: bool = False,
     ) -> Path:
         """Write the subnet to ``directory`` and check every format against PyTorch.
 
         The directory holds ``subnet.json`` (spec, figures, checksums), ``weights.pt``,
         ``model.pt2`` (``torch.export``) and ``model.onnx``; :func:`load` reads it back.
 
+        Args:
+            directory: the export directory: new, empty or an earlier export.
+            progress: called with a short message as each file is written.
+            overwrite: replace ``directory`` even when it holds other files.
+            preprocessing: what inputs must be (``DatasetSplits.preprocessing()``), recorded
+                in ``subnet.json``.
+            fold_normalization: build ``(x - mean) / std`` into ``model.pt2`` and
+                ``model.onnx`` (needs ``preprocessing``).
+
+        Returns:
+            The export directory.
+
         Raises:
             ExportParityError: an exported format computes something else than :attr:`model`.
-            PrunetuneError: ``directory`` cannot be written.
+            PrunetuneError: ``directory`` cannot be written, or holds other files than an
+                earlier export and ``overwrite`` is false.
         """
-        from prunetune.backend.io import check_writable
-
-        out = check_writable(directory, directory=True)
+        out = check_export_dir(directory, overwrite)
         metrics = {f"dense_{m}": float(v) for m, v in self.dense_costs.items()}
         if "latency_ms" in self.costs:
             metrics["predicted_latency_ms"] = float(self.costs["latency_ms"])
-        return export_subnet(out, self.model, self.spec, metrics=metrics, progress=progress)
+        return export_subnet(
+            out,
+            self.model,
+            self.spec,
+            metrics=metrics,
+            progress=progress,
+            preprocessing=preprocessing,
+            fold_normalization=fold_normalization,
+        )
 
     def summary(self) -> str:
         """One line per figure: dense -> pruned (share of dense)."""
@@ -470,6 +495,7 @@ def load(
     directory: str | Path,
     *,
     model: nn.Module | Callable[[], nn.Module] | None = None,
+    trust_model_code: bool = False,
 ) -> LoadedModel:
     """The pruned module back from an export directory (:meth:`PruneResult.export`, a search).
 
@@ -478,11 +504,13 @@ def load(
     to the spec, loaded with the exported weights), the zoo when the export names a zoo model,
     else the export's own ``model.pt2`` program (``torch.export``), which needs no source code:
     this is how an export of a model defined in a notebook or a function comes back. No
-    reference read from the files is ever imported.
+    reference read from the files is imported unless ``trust_model_code`` says so.
 
     Args:
         directory: an export directory.
         model: the dense model the export was pruned from (or a zero-argument factory).
+        trust_model_code: import and call the ``package.module:factory`` that ``subnet.json``
+            names (it runs that code; in the spirit of ``trust_remote_code``).
 
     Returns:
         A :class:`~prunetune.backend.export.LoadedModel`: ``.model`` (eval mode), ``.spec``,
@@ -514,7 +542,7 @@ def load(
             raise TypeError(f"model() returned {type(built).__name__}, not an nn.Module")
         model = built
     try:
-        return load_export(directory, dense=model)
+        return load_export(directory, dense=model, trust_model_code=trust_model_code)
     except PrunetuneError:
         raise
     except OSError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,7 +14,14 @@ from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef, dataset_kwargs
 from prunetune.backend.spec import SubnetSpec
 
-__all__ = ["ResolvedModel", "add_model_options", "parse_shape", "resolve_model"]
+__all__ = [
+    "ResolvedModel",
+    "add_model_options",
+    "add_trust_option",
+    "parse_shape",
+    "positive_int",
+    "resolve_model",
+]
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -33,6 +41,21 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def positive_int(text: str) -> int:
+    """An integer of at least 1, for argparse.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else.
+    """
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}")
+    return value
+
+
 def add_model_options(parser: argparse.ArgumentParser, model_required: bool = False) -> None:
     """``--model``, ``--checkpoint``, ``--input-shape`` and ``--num-classes``."""
     parser.add_argument(
@@ -47,7 +70,18 @@ def add_model_options(parser: argparse.ArgumentParser, model_required: bool = Fa
         help="example input N,C,H,W (default: the checkpoint's, else 1,3,32,32)",
     )
     parser.add_argument(
-        "--num-classes", type=int, default=10, help="classes of a freshly built model"
+        "--num-classes", type=positive_int, default=10, help="classes of a freshly built model"
+    )
+    add_trust_option(parser)
+
+
+def add_trust_option(parser: argparse.ArgumentParser) -> None:
+    """``--trust-model-code``: the opt-in to build a model a file names (it imports its code)."""
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        help="build the package.module:factory a checkpoint or export names even when it is "
+        "not --model (importing it runs its code; zoo models never need this)",
     )
 
 
@@ -59,6 +93,7 @@ class ResolvedModel:
     ref: ModelRef
     input_shape: tuple[int, ...]
     spec: SubnetSpec | None = None
+    preprocessing: dict[str, Any] | None = None
 
     def trace(self) -> ChannelGraph:
         """The model's channel graph on a zero input of :attr:`input_shape`."""
@@ -74,14 +109,16 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
     """
     if args.checkpoint:
         expect = ModelRef(args.model) if args.model else None
-        loaded = load_model(args.checkpoint, expect=expect)
+        loaded = load_model(args.checkpoint, expect, args.trust_model_code)
         shape = args.input_shape or loaded.input_shape
         if args.input_shape and tuple(args.input_shape[1:]) != tuple(loaded.input_shape[1:]):
             raise ValueError(
                 f"--input-shape {','.join(map(str, args.input_shape))} does not match the "
                 f"checkpoint's {','.join(map(str, loaded.input_shape))}"
             )
-        return ResolvedModel(loaded.model, loaded.ref, tuple(shape), loaded.spec)
+        return ResolvedModel(
+            loaded.model, loaded.ref, tuple(shape), loaded.spec, loaded.preprocessing
+        )
     if not args.model:
         raise ValueError("name a model with --model (or a checkpoint with --checkpoint)")
     shape = tuple(args.input_shape or (1, 3, 32, 32))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from prunetune.backend.export import load_subnet
 from prunetune.backend.graph import ChannelGraph
+from prunetune.cli.commands._common import say
+from prunetune.cli.commands._models import add_trust_option
 from prunetune.estimators import cost_models, format_metric
 
 
@@ -23,13 +26,17 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--subnet", required=True, help="export directory (with subnet.json)")
     parser.add_argument("--profile", help="latency profile of the dense model")
+    parser.add_argument(
+        "--model", help="the package.module:factory the export was pruned from, if not a zoo model"
+    )
+    add_trust_option(parser)
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Load the subnet's spec, evaluate each estimator on its widths."""
-    loaded = load_subnet(args.subnet)
+    loaded = load_subnet(args.subnet, args.model, args.trust_model_code)
     assert loaded.spec is not None  # load_subnet always sets it
     dense = loaded.ref.build()
     graph = ChannelGraph.trace(dense, torch.zeros(loaded.input_shape))
@@ -39,9 +46,73 @@ def run(args: argparse.Namespace) -> int:
         metric: float(cost.evaluate(graph.dense_widths())) for metric, cost in costs.items()
     }
     if args.json:
-        print(json.dumps({**figures, **{f"dense_{k}": v for k, v in dense_figures.items()}}))
+        report = {**figures, **{f"dense_{k}": v for k, v in dense_figures.items()}}
+        print(json.dumps({**report, "preprocessing": loaded.preprocessing}))
         return 0
     for metric, value in figures.items():
         share = 100 * value / dense_figures[metric]
-        print(f"{metric}: {format_metric(metric, value)} ({share:.1f}% of dense)")
+        label = "latency_ms (predicted)" if metric == "latency_ms" else metric
+        print(f"{label}: {format_metric(metric, value)} ({share:.1f}% of dense)")
+    print(describe_preprocessing(_exported_preprocessing(args.subnet)))
+    implausible = implausible_latency(figures, dense_figures)
+    if implausible:
+        say(implausible)
     return 0
+
+
+def implausible_latency(figures: dict[str, float], dense: dict[str, float]) -> str | None:
+    """A warning when a profile predicts a subnet with fewer FLOPs to be slower than its dense
+    model: its tables were measured on a busy machine (a profile whose entries were 1000x off
+    called a 47.5%-FLOPs subnet "110% of dense").
+
+    Args:
+        figures: the subnet's estimates by metric.
+        dense: the dense model's.
+
+    Returns:
+        The warning, or ``None`` when the prediction is plausible.
+    """
+    if "latency_ms" not in figures or figures["flops"] >= dense["flops"]:
+        return None
+    if figures["latency_ms"] <= dense["latency_ms"]:
+        return None
+    return (
+        f"warning: the profile predicts this subnet, with "
+        f"{100 * figures['flops'] / dense['flops']:.1f}% of the FLOPs, slower than the dense "
+        "model: its timings do not hold (a busy machine while profiling?); measure it again "
+        "with prunetune profile --threads 1 on a quiet machine"
+    )
+
+
+def _exported_preprocessing(directory: str) -> dict[str, Any] | None:
+    """The preprocessing as subnet.json records it (for model.pt2 and model.onnx)."""
+    record = json.loads((Path(directory) / "subnet.json").read_text())
+    value = record.get("preprocessing")
+    return value if isinstance(value, dict) else None
+
+
+def describe_preprocessing(preprocessing: dict[str, Any] | None) -> str:
+    """One line: what ``model.pt2`` and ``model.onnx`` expect as input.
+
+    Args:
+        preprocessing: the ``preprocessing`` entry of ``subnet.json``.
+
+    Returns:
+        The line to print.
+    """
+    if not preprocessing:
+        return (
+            "inputs: preprocessing not recorded (the model was not trained by prunetune): "
+            "feed what the dense model was trained on"
+        )
+    shape = "x".join(str(d) for d in preprocessing.get("input_shape", []))
+    low, high = preprocessing.get("value_range", [0.0, 1.0])
+    mean = ", ".join(f"{v:.4g}" for v in preprocessing.get("mean", []))
+    std = ", ".join(f"{v:.4g}" for v in preprocessing.get("std", []))
+    scaled = f"{preprocessing.get('channel_order', 'unknown')} pixels scaled to [{low:g}, {high:g}]"
+    if preprocessing.get("normalization") == "folded":
+        return (
+            f"inputs: {shape} {scaled}; model.pt2 and model.onnx normalise them themselves "
+            f"(mean [{mean}], std [{std}] folded in); weights.pt expects (x - mean) / std"
+        )
+    return f"inputs: {shape} {scaled}, then normalised (x - mean) / std: mean [{mean}], std [{std}]"

@@ -6,9 +6,10 @@ import argparse
 import math
 import statistics
 import warnings
+from pathlib import Path
 from typing import Any
 
-from prunetune.backend.io import check_writable
+from prunetune.backend.io import check_new_file, check_writable
 from prunetune.cli.commands._common import say
 from prunetune.cli.commands._models import add_model_options, resolve_model
 from prunetune.estimators import (
@@ -56,6 +57,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--out", help="profile JSON file to write (with --recalibrate: default, that file)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(run=run)
 
 
@@ -65,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         return _recalibrate(args)
     if args.out is None:
         raise ValueError("--out is required: the profile JSON file to write")
-    out = check_writable(args.out)
+    out = check_new_file(args.out, args.overwrite)
     batch_size = 1 if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -84,12 +86,26 @@ def run(args: argparse.Namespace) -> int:
         progress=_show,
     )
     profile.save(out)
+    _advise(profile)
     blocked = sum(1 for table in profile.tables.values() if max(table.blocks) > 1)
     say(
         f"wrote {out} ({len(profile.tables)} tables, {blocked} with blocked channels; "
         f"allocator {profile.settings['allocator']})"
     )
     return 0
+
+
+def _advise(profile: LatencyProfile) -> None:
+    """Say so when many table points stayed unsteady (a busy machine): they were kept at their
+    fastest run, which predicts worse than a steady median."""
+    points = int(profile.settings.get("points", 0))
+    unsteady = int(profile.settings.get("unsteady_points", 0))
+    if points and unsteady > points / 4:
+        say(
+            f"warning: {unsteady} of {points} table points varied by more than 100% between "
+            "repeats even measured again (a busy machine): their fastest runs were kept. For "
+            "steadier tables, profile on a quiet machine with --threads 1"
+        )
 
 
 def _show(progress: ProfileProgress) -> None:
@@ -108,7 +124,8 @@ def _recalibrate(args: argparse.Namespace) -> int:
             f"{', '.join(fixed)} cannot change with --recalibrate, which keeps the profile's "
             "tables and settings; leave them out, or measure a new profile without --recalibrate"
         )
-    out = check_writable(args.out or args.recalibrate)
+    in_place = args.out is None or Path(args.out).resolve() == Path(args.recalibrate).resolve()
+    out = check_writable(args.recalibrate) if in_place else check_new_file(args.out, args.overwrite)
     with warnings.catch_warnings():
         # the profile's own threads and batch size are used; another machine raises below
         warnings.simplefilter("ignore", ProfileMismatchWarning)

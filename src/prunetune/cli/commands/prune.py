@@ -9,8 +9,8 @@ from typing import Any
 import torch
 
 from prunetune.api import prune
+from prunetune.backend.export import check_export_dir
 from prunetune.backend.importance import IMPORTANCE_CRITERIA
-from prunetune.backend.io import check_writable
 from prunetune.backend.pruning import ALLOCATIONS
 from prunetune.cli.commands._common import say
 from prunetune.cli.commands._costs import add_target_options, target_from_args
@@ -50,14 +50,29 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--dataset", help="data for the taylor criterion (digits, mnist, cifar10)")
     parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
-    parser.add_argument("--out", required=True, help="export directory to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="export directory to write: new, empty, or an earlier export (else --overwrite)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even when it holds other files (they are deleted)",
+    )
+    parser.add_argument(
+        "--fold-normalization",
+        action="store_true",
+        help="build (x - mean) / std into model.pt2 and model.onnx: they take raw pixels in "
+        "[0, 1] (needs a checkpoint trained by prunetune, or --dataset)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Prune through :func:`prunetune.prune` (the API's path), export, print what was kept."""
-    out = check_writable(args.out, directory=True)
+    out = check_export_dir(args.out, args.overwrite)
     target = target_from_args(args)
     if args.importance == "taylor" and not args.dataset:
         raise ValueError("--importance taylor needs --dataset to take gradients on")
@@ -68,12 +83,15 @@ def run(args: argparse.Namespace) -> int:
         )
     resolved = resolve_model(args)
     batches = None
-    if args.importance == "taylor":
+    preprocessing = resolved.preprocessing
+    if args.dataset:
         from prunetune.backend.data import TensorLoader, load_dataset
 
         data = load_dataset(args.dataset, root=args.data_dir)
+        preprocessing = preprocessing or data.preprocessing()
         loader = TensorLoader(data.train, 64, shuffle=True)
-        batches = [batch for _, batch in zip(range(8), loader)]
+        if args.importance == "taylor":
+            batches = [batch for _, batch in zip(range(8), loader)]
     result = prune(
         resolved.model,
         torch.zeros(resolved.input_shape),
@@ -86,7 +104,13 @@ def run(args: argparse.Namespace) -> int:
         model_ref=resolved.ref,
         base_spec=resolved.spec,
     )
-    result.export(out, progress=say)
+    result.export(
+        out,
+        progress=say,
+        overwrite=args.overwrite,
+        preprocessing=preprocessing,
+        fold_normalization=args.fold_normalization,
+    )
     if args.json:
         summary = {
             "out": str(out),

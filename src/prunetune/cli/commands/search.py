@@ -44,6 +44,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--checkpoint", help="dense checkpoint (default: train the dense model first)"
     )
+    parser.add_argument(
+        "--trust-model-code",
+        action="store_true",
+        default=None,
+        help="build the package.module:factory --checkpoint names even when it is not --model "
+        "(importing it runs its code; zoo models never need this)",
+    )
     group = parser.add_argument_group("target (one or several)")
     group.add_argument("--flops", help="FLOPs (MACs) target, e.g. 50%% or 20M")
     group.add_argument("--params", help="parameter target, e.g. 30%% or 0.3M")
@@ -104,6 +111,12 @@ def register(subparsers: Any) -> None:
         default=None,
         help="finetune without distillation from the dense model",
     )
+    run.add_argument(
+        "--fold-normalization",
+        action="store_true",
+        default=None,
+        help="build (x - mean) / std into model.pt2 and model.onnx: they take raw pixels in [0, 1]",
+    )
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run_command)
 
@@ -115,7 +128,7 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
         ValueError: a flag or setting the config rejects.
         PrunetuneError: an unreadable ``--config`` file.
     """
-    from prunetune.search._run import load_run_settings
+    from prunetune.search._run import RunExistsError, load_run_settings
 
     flags = {
         key: value
@@ -128,6 +141,11 @@ def config_from_args(args: argparse.Namespace) -> SearchConfig:
     settings: dict[str, Any] = {**from_file, **flags}
     if settings.get("resume"):
         stored = load_run_settings(_run_dir(settings))
+        if not stored:
+            raise RunExistsError(
+                f"nothing to resume: {str(_run_dir(settings))!r} holds no search (check --name "
+                "and --runs-dir); start it without --resume"
+            )
         stored = {k: v for k, v in stored.items() if k not in ("resume", "overwrite", "address")}
         if any(k in settings for k in ("flops", "params", "latency", "target")):
             stored = {k: v for k, v in stored.items() if k not in ("flops", "params", "latency")}

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from prunetune.backend.io import check_writable
+from prunetune.backend.io import check_new_file
 from prunetune.backend.models import create_model
 from prunetune.backend.train import TrainConfig, evaluate, train
 from prunetune.cli.commands._common import (
@@ -34,7 +34,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--weight-decay", type=float, default=5e-4)
     parser.add_argument("--checkpoint", help="start from this checkpoint instead of from scratch")
-    parser.add_argument("--out", required=True, help="checkpoint file to write")
+    parser.add_argument("--out", required=True, help="checkpoint file to write (a new file)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.set_defaults(run=run)
 
 
@@ -47,13 +48,13 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         seed=args.seed,
     )
-    out = check_writable(args.out)
+    out = check_new_file(args.out, args.overwrite)
     set_threads(args.threads)
     create_model(args.model) if ":" not in args.model else None  # unknown names fail first
     data = dataset_from_args(args)
     ref = model_ref_for(args.model, data)
     if args.checkpoint:
-        model, _ = load_checkpoint(args.checkpoint, expect=ref)
+        model, _ = load_checkpoint(args.checkpoint, expect=ref)  # only ever --model
     else:
         torch.manual_seed(args.seed)
         model = ref.build()
@@ -66,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
         input_shape=data.input_shape(1),
         dataset=data.name,
         metrics={"val_acc": result.val_acc, "test_acc": test_acc},
+        preprocessing=data.preprocessing(),
     )
     save_checkpoint(out, model, info)
     say(f"test accuracy {100 * test_acc:.2f}%  ->  {out}")
