@@ -5,9 +5,11 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "DataError",
+    "DeviceError",
     "InfeasibleTargetError",
     "PrunetuneError",
     "SpecError",
+    "TrainingError",
     "UnsupportedModelError",
 ]
 
@@ -26,6 +28,14 @@ class UnsupportedModelError(PrunetuneError):
 
 class DataError(PrunetuneError):
     """A dataset name is unknown, or its directory is missing or malformed."""
+
+
+class DeviceError(PrunetuneError):
+    """A device is not available here, or a model or batch does not fit its memory."""
+
+
+class TrainingError(PrunetuneError):
+    """Training diverged (a non-finite loss) or a loss or metric does not fit the outputs."""
 
 
 class CheckpointError(PrunetuneError):
