@@ -61,9 +61,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _max_error(reference: Tensor, other: Tensor) -> float:
-    scale = max(1.0, float(reference.abs().max()))
-    return float((reference - other).abs().max()) / scale
+def _leaves(outputs: Any) -> list[Tensor]:
+    """The tensors of a model's outputs (a tensor, a tuple/list or a dict), in order."""
+    if isinstance(outputs, Tensor):
+        return [outputs]
+    values = outputs.values() if isinstance(outputs, dict) else outputs
+    return [leaf for value in values for leaf in _leaves(value)]
+
+
+def _max_error(reference: Any, other: Any) -> float:
+    """Largest relative difference over every output tensor (models may return dicts)."""
+    errors = []
+    for expected, got in zip(_leaves(reference), _leaves(other), strict=True):
+        scale = max(1.0, float(expected.abs().max()))
+        errors.append(float((expected - got).abs().max()) / scale)
+    return max(errors)
 
 
 def export_subnet(
@@ -161,6 +173,8 @@ def _export_onnx(
 ) -> float:
     import onnxruntime
 
+    # "output" alone for a tensor; a dict or tuple's further outputs are "output_1", ...
+    names = ["output"] + [f"output_{i}" for i in range(1, len(_leaves(expected)))]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -168,13 +182,13 @@ def _export_onnx(
             (example,),
             str(path),
             input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            output_names=names,
+            dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
             dynamo=False,
         )
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (output,) = session.run(None, {"input": check_input.numpy()})
-    return _max_error(expected, torch.from_numpy(output))
+    outputs = session.run(None, {"input": check_input.numpy()})
+    return _max_error(expected, [torch.from_numpy(output) for output in outputs])
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from prunetune.backend.data import DatasetSplits
 from prunetune.backend.errors import DeviceError, TrainingError
@@ -26,6 +26,7 @@ from prunetune.backend.training import (
     select_output,
     sgd,
 )
+from tests import factories
 
 
 def _net() -> nn.Module:
@@ -131,24 +132,8 @@ def test_dense_metrics_skip_the_ignore_index() -> None:
     assert iou.compute() == pytest.approx((1 / 2 + 1 / 2) / 2)  # class 0: 1/2, class 1: 1/2
 
 
-class _Top2:
-    """A user metric: top-2 accuracy."""
-
-    name = "top2"
-
-    def __init__(self) -> None:
-        self.hits, self.seen = 0, 0
-
-    def update(self, outputs: Tensor, targets: Tensor) -> None:
-        self.hits += int((outputs.topk(2, 1).indices == targets[:, None]).any(1).sum())
-        self.seen += len(targets)
-
-    def compute(self) -> float:
-        return self.hits / max(1, self.seen)
-
-
 def test_user_loss_and_metric_are_used_by_evaluate(digits: DatasetSplits) -> None:
-    task = Task(loss=lambda out, y: out.sum() * 0, metric=_Top2)
+    task = Task(loss=lambda out, y: out.sum() * 0, metric=factories.Top2)
     assert task.metric_name == "top2"
     loss, top2 = evaluate(_net(), digits.val, task)
     assert loss == 0.0 and 0.0 <= top2 <= 1.0
