@@ -74,7 +74,9 @@ def finish(
     spec.validate(prepared.graph)
     dense = prepared.model
     subnet = prune_model(dense, prepared.graph, spec)
-    start = _load_trial_weights(subnet, best, say)
+    start, why = _load_trial_weights(subnet, best)
+    if why:
+        say(f"  cannot start from the trial's weights ({why}); using the dense ones")
     say(
         f"best trial {best.trial_id} ({best.space}, val {best.metric} "
         f"{format_score(best.metric, best.score or 0.0)}): "
@@ -118,6 +120,8 @@ def finish(
         "trial_id": best.trial_id,
         "space": best.space,
         "target": str(config.target),
+        "start": start,
+        "start_problem": why,
     }
     exported_spec = prepared.base_spec.compose(spec) if prepared.base_spec else spec
     export_dir = config.run_dir / BEST_DIR
@@ -141,23 +145,25 @@ def finish(
     )
 
 
-def _load_trial_weights(
-    subnet: torch.nn.Module, best: TrialRecord, say: Callable[[str], None]
-) -> str:
-    """Load the best trial's scored weights into ``subnet`` where it kept them; say which start.
+def _load_trial_weights(subnet: torch.nn.Module, best: TrialRecord) -> tuple[str, str]:
+    """Load the best trial's scored weights (from its Tune checkpoint) into ``subnet``.
 
-    A missing or unreadable file (an older run, a trial folder on another node) is not an error:
-    the subnet then starts from the dense model's weights, as pruned.
+    A missing or unreadable checkpoint (an older run, storage this driver cannot read) is not
+    an error: the subnet then starts from the dense model's weights, as pruned, and the report
+    says why.
+
+    Returns:
+        (where the finetune starts from, why not from the trial's weights; ``""`` when it does).
     """
     if not best.weights:
-        return "the dense weights"
+        return "the dense weights", "the trial left no checkpoint readable from this driver"
     try:
         state = torch.load(best.weights, map_location="cpu", weights_only=True)
         subnet.load_state_dict(state)
     except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
-        say(f"  cannot use the trial's weights ({type(exc).__name__}: {exc}); using the dense ones")
-        return "the dense weights"
-    return "the trial's weights"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return "the dense weights", f"{type(exc).__name__}: {first}"
+    return "the trial's weights", ""
 
 
 def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str, float]:

@@ -79,8 +79,16 @@ def render(
         f"- test {name}: **{format_score(name, metrics[f'test_{name}'])}** "
         f"(dense model: {format_score(name, metrics[f'dense_test_{name}'])})",
         f"- validation {name}: {format_score(name, metrics[f'val_{name}'])} after "
-        f"{config.finetune_epochs:g} epochs of finetuning"
+        f"{config.finetune_epochs:g} epochs of finetuning from {metrics['start']}"
         + (" distilled from the dense model" if config.distill else ""),
+        *(
+            [
+                f"- **the final finetune could not start from the best trial's weights** "
+                f"({metrics['start_problem']}); it started from the dense weights, pruned"
+            ]
+            if metrics.get("start_problem")
+            else []
+        ),
         "",
         _markdown_table(["metric", "dense", "subnet", "share", "target"], figures),
         "",

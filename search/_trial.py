@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ from prunetune.backend.data import DatasetSplits
 from prunetune.backend.datasources import DataSource
 from prunetune.backend.errors import PrunetuneError
 from prunetune.backend.graph import ChannelGraph
-from prunetune.backend.io import atomic_write
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
@@ -44,7 +44,7 @@ __all__ = ["WEIGHTS_FILE", "TrialFailedError", "TrialPayload", "run_trial", "sco
 
 _RAISED_FILE = "prunetune-raised.txt"
 WEIGHTS_FILE = "subnet.pt"
-"""A finished trial's scored subnet weights (a state dict), in its trial folder."""
+"""A finished trial's scored subnet weights (a state dict), in its Tune checkpoint."""
 
 
 class TrialFailedError(PrunetuneError):
@@ -127,6 +127,8 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
 
 
 def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
+    from ray import tune
+
     torch.set_num_threads(max(1, payload.threads))
     name = str(config["space"])
     options = {**payload.fixed_options.get(name, {}), **dict(config.get(name) or {})}
@@ -163,7 +165,7 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
         start.load_state_dict(result.state_dict)
     subnet = prune_model(start, graph, result.spec)
     score = score_subnet(subnet, dense, data, payload)
-    _save_weights(subnet)
+    subnet.cpu()
     measured = {
         "flops": float(count_flops(subnet, torch.zeros(payload.input_shape))),
         "params": float(count_params(subnet)),
@@ -172,18 +174,22 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
         else math.nan,
     }
     feasible = all(measured[m] <= limit * (1 + 1e-9) for m, limit in budget.limits.items())
-    report(
-        {
-            metric: score,
-            **measured,
-            "feasible": feasible,
-            "space": name,
-            "phase": "final",
-            f"search_{metric}": float(result.metrics.get(metric, math.nan)),
-            "spec_json": result.spec.to_json(indent=None),
-            **where,
-        }
-    )
+    final = {
+        metric: score,
+        **measured,
+        "feasible": feasible,
+        "space": name,
+        "phase": "final",
+        f"search_{metric}": float(result.metrics.get(metric, math.nan)),
+        "spec_json": result.spec.to_json(indent=None),
+        **where,
+    }
+    # the scored weights go into a Tune checkpoint: Tune persists it to the run's storage from
+    # whichever node ran the trial, and the final finetune continues from it if this trial wins
+    with tempfile.TemporaryDirectory(prefix="prunetune-subnet-") as folder:
+        state = {k: v.detach().cpu() for k, v in subnet.state_dict().items()}
+        torch.save(state, Path(folder) / WEIGHTS_FILE)
+        report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def score_subnet(
@@ -231,15 +237,6 @@ def _where() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
     }
-
-
-def _save_weights(subnet: nn.Module) -> None:
-    """Keep the scored subnet's weights in the trial's folder: if it wins, the final finetune
-    continues from them instead of starting again from the dense weights."""
-    trial_dir = _trial_dir()
-    if trial_dir is not None:
-        state = {k: v.detach().cpu() for k, v in subnet.state_dict().items()}
-        atomic_write(trial_dir / WEIGHTS_FILE, lambda path: torch.save(state, path))
 
 
 def _trial_dir() -> Path | None:

@@ -212,17 +212,28 @@ def trial_records(results: tune.ResultGrid, metric: str = "acc") -> list[TrialRe
                 node_id=metrics.get("node_id"),
                 config=config,
                 spec_json=metrics.get("spec_json") if status == "finished" else None,
-                weights=_weights_file(result.path) if status == "finished" else None,
+                weights=_weights_file(result) if status == "finished" else None,
             )
         )
     return records
 
 
-def _weights_file(trial_path: str | None) -> str | None:
-    """The trial's kept subnet weights, when its folder holds them."""
-    if not trial_path:
+def _weights_file(result: Any) -> str | None:
+    """The scored subnet weights in the trial's Tune checkpoint, read through Tune's storage.
+
+    A checkpoint on a filesystem this process cannot read directly (cloud storage) is
+    downloaded first. ``None`` when the trial left no checkpoint, or it cannot be read.
+    """
+    checkpoint = result.checkpoint
+    if checkpoint is None:
         return None
-    path = Path(trial_path) / WEIGHTS_FILE
+    path = Path(checkpoint.path) / WEIGHTS_FILE
+    if path.is_file():
+        return str(path)
+    try:
+        path = Path(checkpoint.to_directory()) / WEIGHTS_FILE
+    except Exception:  # storage unreachable from here: the final finetune says so
+        return None
     return str(path) if path.is_file() else None
 
 
