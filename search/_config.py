@@ -174,6 +174,11 @@ class SearchConfig:
         if self.distill_weight > 1:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
         self.runtime  # noqa: B018 (checks device and precision)
+        if self.device.startswith("cuda") and self.gpus_per_trial <= 0:
+            raise ValueError(
+                f"device {self.device!r} needs --gpus-per-trial above 0: Ray hides the GPUs "
+                "from trials it gave none (fractions share one, e.g. 0.25)"
+            )
         self.task  # noqa: B018 (imports a named loss or metric)
         _check_number("batch_size", self.batch_size, minimum=1, integer=True)
         _check_number("grace_period", self.grace_period, minimum=1, integer=True)
