@@ -48,6 +48,7 @@ def render(
     """The report's Markdown."""
     config = prepared.config
     name = best.metric
+    label = "accuracy" if name == "acc" else name  # the metric in sentences
     figures = []
     for metric in ("flops", "params", "latency_ms"):
         value, dense = metrics.get(metric), metrics.get(f"dense_{metric}")
@@ -76,9 +77,9 @@ def render(
         "",
         f"Trial `{best.trial_id}` ({best.space}), exported to `{config.run_dir / 'best'}`.",
         "",
-        f"- test {name}: **{format_score(name, metrics[f'test_{name}'])}** "
+        f"- test {label}: **{format_score(name, metrics[f'test_{name}'])}** "
         f"(dense model: {format_score(name, metrics[f'dense_test_{name}'])})",
-        f"- validation {name}: {format_score(name, metrics[f'val_{name}'])} after "
+        f"- validation {label}: {format_score(name, metrics[f'val_{name}'])} after "
         f"{config.finetune_epochs:g} epochs of finetuning from {metrics['start']}"
         + (" distilled from the dense model" if config.distill else ""),
         *(
@@ -98,7 +99,7 @@ def render(
         "",
         "## Trials",
         "",
-        f"Validation {name} after the common score finetune "
+        f"Validation {label} after the common score finetune "
         f"({config.score_steps} steps); `*` marks the chosen trial.",
         "",
         _markdown_table(
