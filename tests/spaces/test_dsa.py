@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import pytest
@@ -216,3 +217,23 @@ def test_a_latency_target_goes_through_the_same_admm(make_context: ContextFactor
 def test_options_are_checked_where_they_enter(options: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         create_space("dsa", **options)
+
+
+def test_dsa_trains_with_the_search_batch_size_and_augmentation(
+    make_context: ContextFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    context = make_context("flops<=50%")
+    context.batch_size = 128
+    seen: list[tuple[int, bool]] = []
+    original = TensorLoader.__init__
+
+    def spy(self: TensorLoader, split: Any, batch_size: int, *args: Any, **kwargs: Any) -> None:
+        original(self, split, batch_size, *args, **kwargs)
+        if split is context.data.train:
+            seen.append((batch_size, self.augment))
+
+    monkeypatch.setattr(TensorLoader, "__init__", spy)
+    monkeypatch.setattr(context, "data", dataclasses.replace(context.data, augment=True))
+    result = create_space("dsa", epochs=1, z_steps=2).run(context)
+    assert result.metrics["step"] == -(-len(context.data.train) // 128)
+    assert seen and all(entry == (128, True) for entry in seen)
