@@ -20,7 +20,14 @@ from torch import Tensor
 
 from prunetune.backend.errors import DataError
 
-__all__ = ["DATASETS", "DatasetSplits", "TensorLoader", "list_datasets", "load_dataset"]
+__all__ = [
+    "DATASETS",
+    "DatasetSplits",
+    "TensorLoader",
+    "list_datasets",
+    "load_dataset",
+    "split_length",
+]
 
 DATASETS = ("digits", "mnist", "cifar10")
 _CLASSES = {"digits": 10, "mnist": 10, "cifar10": 10}
@@ -47,16 +54,38 @@ class Split:
         return Split(self.x[:count], self.y[:count])
 
 
+def split_length(split: Any) -> int:
+    """Examples in a split: an in-memory :class:`Split`, a ``Dataset`` or a ``DataLoader``."""
+    dataset = getattr(split, "dataset", split) if not isinstance(split, Split) else split
+    return len(dataset)
+
+
+def _first_input(split: Any) -> Tensor:
+    if isinstance(split, Split):
+        return split.x[0]
+    if hasattr(split, "dataset") and hasattr(split, "batch_size"):  # a DataLoader
+        x = next(iter(split))[0]
+        return x[0]
+    x = split[0][0]
+    return x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+
+
 @dataclass(frozen=True)
 class DatasetSplits:
-    """A dataset's three deterministic splits and its shape facts."""
+    """A dataset's three splits and its shape facts.
+
+    A split is an in-memory :class:`Split` (the built-ins: sliced into batches, the fast path), a
+    ``torch.utils.data.Dataset`` of (input, target) pairs (streamed by ``workers`` DataLoader
+    processes) or a ``DataLoader`` (used as it is).
+    """
 
     name: str
-    train: Split
-    val: Split
-    test: Split
+    train: Any
+    val: Any
+    test: Any
     num_classes: int
     augment: bool = False
+    workers: int = 0
     mean: tuple[float, ...] = ()
     std: tuple[float, ...] = ()
 
@@ -79,13 +108,12 @@ class DatasetSplits:
     @property
     def in_channels(self) -> int:
         """Channels of one image."""
-        return int(self.train.x.shape[1])
+        return self.image_shape[0]
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        """(C, H, W) of one image."""
-        c, h, w = self.train.x.shape[1:]
-        return (int(c), int(h), int(w))
+        """(C, H, W) of one image (of the first training example)."""
+        return tuple(int(n) for n in _first_input(self.train).shape)  # type: ignore[return-value]
 
     def input_shape(self, batch_size: int = 1) -> tuple[int, int, int, int]:
         """The shape of a batch of ``batch_size`` images, as models are traced with."""
@@ -94,7 +122,8 @@ class DatasetSplits:
     def summary(self) -> str:
         """One line: name, split sizes, image shape, classes."""
         return (
-            f"{self.name}: {len(self.train)} train / {len(self.val)} val / {len(self.test)} test, "
+            f"{self.name}: {split_length(self.train)} train / {split_length(self.val)} val / "
+            f"{split_length(self.test)} test, "
             f"images {'x'.join(map(str, self.image_shape))}, {self.num_classes} classes"
         )
 

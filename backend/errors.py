@@ -5,9 +5,12 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "DataError",
+    "DeviceError",
+    "DivergedError",
     "InfeasibleTargetError",
     "PrunetuneError",
     "SpecError",
+    "TrainingError",
     "UnsupportedModelError",
 ]
 
@@ -26,6 +29,18 @@ class UnsupportedModelError(PrunetuneError):
 
 class DataError(PrunetuneError):
     """A dataset name is unknown, or its directory is missing or malformed."""
+
+
+class DeviceError(PrunetuneError):
+    """A device is not available here, or a model or batch does not fit its memory."""
+
+
+class TrainingError(PrunetuneError):
+    """Training diverged (a non-finite loss) or a loss or metric does not fit the outputs."""
+
+
+class DivergedError(TrainingError):
+    """The training loss became NaN or infinite: the run stopped before the weights did."""
 
 
 class CheckpointError(PrunetuneError):

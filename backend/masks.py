@@ -140,10 +140,15 @@ class ChannelMasker(nn.Module):
                     f"mask of group {name!r} must have shape ({self._sizes[name]},), "
                     f"got {tuple(mask.shape)}"
                 )
-            checked[name] = mask
+            checked[name] = mask.to(self._device())
         self._masks = checked
         for point in self._points:
             point.masks = checked
+
+    def _device(self) -> torch.device:
+        """Where the model's weights are (masks follow them); the CPU for a weightless model."""
+        parameter = next(self.graph_module.parameters(), None)
+        return parameter.device if parameter is not None else torch.device("cpu")
 
     def clear_masks(self) -> None:
         """Remove every mask (the masker then computes the dense model)."""

@@ -1,8 +1,9 @@
-"""The one training loop everything shares: train, finetune (optionally distilled), evaluate.
+"""Dense training and finetuning (optionally distilled), built from :mod:`backend.training`.
 
-SGD with Nesterov momentum and a per-step cosine schedule by default. Progress goes to a callback
-(the command line prints it); the loop never touches global state beyond torch's thread count,
-which the caller owns.
+SGD with Nesterov momentum and a per-step cosine schedule by default; the device, precision,
+loss and metric come from the caller's :class:`~prunetune.backend.training.Runtime` and
+:class:`~prunetune.backend.training.Task`. Progress goes to a callback (the command line prints
+it); the loop never touches global state beyond torch's thread count, which the caller owns.
 """
 
 from __future__ import annotations
@@ -11,20 +12,24 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from prunetune.backend.data import DatasetSplits, Split, TensorLoader
-from prunetune.backend.errors import PrunetuneError
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.errors import DivergedError
+from prunetune.backend.training import (
+    Optimization,
+    Runtime,
+    Stepper,
+    Task,
+    batches,
+    cosine_schedule,
+    evaluate,
+    sgd,
+    steps_per_pass,
+)
 
 __all__ = ["DivergedError", "EpochReport", "TrainConfig", "TrainResult", "evaluate", "train"]
-
-
-class DivergedError(PrunetuneError):
-    """The training loss became NaN or infinite: the run stopped before the weights did."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +75,19 @@ class TrainConfig:
         if not 0.0 <= self.distill_weight <= 1.0:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
 
+    @property
+    def optimization(self) -> Optimization:
+        """The optimiser set-up these settings describe."""
+        return Optimization(self.lr, self.momentum, self.weight_decay, self.warmup_steps)
+
 
 @dataclass(frozen=True)
 class EpochReport:
-    """What one epoch did: training loss and accuracy, validation accuracy, elapsed seconds."""
+    """What one epoch did: training loss and metric, validation metric, elapsed seconds.
+
+    ``train_acc`` and ``val_acc`` hold the task's metric (top-1 accuracy by default), named
+    ``metric``.
+    """
 
     epoch: int
     epochs: int
@@ -81,12 +95,14 @@ class EpochReport:
     train_acc: float
     val_acc: float
     seconds: float
+    metric: str = "acc"
 
     def line(self) -> str:
         """A one-line progress message."""
+        name = "" if self.metric == "acc" else f"{self.metric} "
         return (
             f"epoch {self.epoch}/{self.epochs}  loss {self.train_loss:.4f}  "
-            f"train {100 * self.train_acc:.2f}%  val {100 * self.val_acc:.2f}%  "
+            f"train {name}{100 * self.train_acc:.2f}%  val {name}{100 * self.val_acc:.2f}%  "
             f"({self.seconds:.1f}s)"
         )
 
@@ -103,26 +119,6 @@ class TrainResult:
         return self.history[-1].val_acc if self.history else 0.0
 
 
-def distillation_loss(
-    logits: Tensor,
-    targets: Tensor,
-    teacher_logits: Tensor | None,
-    weight: float,
-    temperature: float,
-) -> Tensor:
-    """Cross-entropy, mixed with KL divergence to a teacher's softened outputs (Hinton et al.)."""
-    loss = F.cross_entropy(logits, targets)
-    if teacher_logits is None or weight == 0.0:
-        return loss
-    soft = F.kl_div(
-        F.log_softmax(logits / temperature, dim=1),
-        F.log_softmax(teacher_logits / temperature, dim=1),
-        reduction="batchmean",
-        log_target=True,
-    )
-    return (1.0 - weight) * loss + weight * soft * temperature**2
-
-
 def train(
     model: nn.Module,
     data: DatasetSplits,
@@ -130,8 +126,10 @@ def train(
     teacher: nn.Module | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    task: Task | None = None,
+    runtime: Runtime | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on ``data.train``, reporting validation accuracy every epoch.
+    """Train ``model`` in place on ``data.train``, reporting the validation metric every epoch.
 
     Args:
         model: the network; trained in place.
@@ -142,106 +140,72 @@ def train(
         on_epoch: called after every epoch with its report (progress display, early stopping by
             raising).
         on_step: called after every step with (step, total steps, loss).
+        task: the output used, loss and metric (default: cross-entropy, top-1 accuracy).
+        runtime: device, precision and layout (default: the CPU in fp32); ``model`` and
+            ``teacher`` are moved to its device.
 
     Returns:
         The per-epoch history.
 
     Raises:
-        DivergedError: the loss became NaN or infinite; the weights are left as they were
-            before that step.
+        DivergedError: the loss became NaN or infinite (names the step; try a lower lr); the
+            weights are left as they were before that step.
     """
-    generator_seed = config.seed
-    loader = TensorLoader(
-        data.train, config.batch_size, shuffle=True, seed=generator_seed, augment=data.augment
+    task = task or Task()
+    runtime = runtime or Runtime()
+    runtime.model(model)
+    loader = batches(
+        data.train,
+        config.batch_size,
+        shuffle=True,
+        seed=config.seed,
+        augment=data.augment,
+        workers=data.workers,
+        runtime=runtime,
     )
-    total_steps = max(1, math.ceil(config.epochs * len(loader)))
+    per_pass = steps_per_pass(data.train, config.batch_size)
+    total_steps = max(1, math.ceil(config.epochs * per_pass))
     epochs = math.ceil(config.epochs)
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    parameter_groups: list[dict[str, Any]] = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.SGD(
-        parameter_groups,
-        lr=config.lr,
-        momentum=config.momentum,
-        nesterov=config.momentum > 0,
-    )
-
-    def schedule(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    optimizer = sgd(model, config.optimization)
+    distilling = teacher is not None and config.distill_weight > 0
     if teacher is not None:
-        teacher.eval()
+        runtime.model(teacher).eval()
+    stepper = Stepper(
+        model,
+        optimizer,
+        task=task,
+        runtime=runtime,
+        scheduler=cosine_schedule(optimizer, total_steps, config.warmup_steps),
+        teacher=teacher if distilling else None,
+        distill_weight=config.distill_weight,
+        distill_temperature=config.distill_temperature,
+    )
     result = TrainResult()
-    step = 0
     for epoch in range(1, epochs + 1):
         started = time.perf_counter()
         model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
+        metric = task.new_metric()
+        loss_sum, seen = 0.0, 0
         for x, y in loader:
-            if step >= total_steps:
+            if stepper.steps >= total_steps:
                 break
-            logits = model(x)
-            teacher_logits = None
-            if teacher is not None and config.distill_weight > 0:
-                with torch.no_grad():
-                    teacher_logits = teacher(x)
-            loss = distillation_loss(
-                logits, y, teacher_logits, config.distill_weight, config.distill_temperature
-            )
-            if not bool(torch.isfinite(loss)):
-                raise DivergedError(
-                    f"training diverged: the loss is {float(loss.detach())} at step {step + 1} of "
-                    f"{total_steps} (epoch {epoch}); lower the learning rate (lr {config.lr:g}) "
-                    "or check the data and the checkpoint for NaN"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            loss_value = loss.item()
+            loss_value, outputs = stepper.step(x, y)
+            y = runtime.batch(None, y)[1]
             loss_sum += loss_value * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            metric.update(task.select(outputs).detach().float(), y)
             seen += len(y)
             if on_step is not None:
-                on_step(step, total_steps, loss_value)
+                on_step(stepper.steps, total_steps, loss_value)
         report = EpochReport(
             epoch=epoch,
             epochs=epochs,
             train_loss=loss_sum / max(1, seen),
-            train_acc=correct / max(1, seen),
-            val_acc=evaluate(model, data.val)[1],
+            train_acc=metric.compute(),
+            val_acc=evaluate(model, data.val, task, runtime, workers=data.workers)[1],
             seconds=time.perf_counter() - started,
+            metric=metric.name,
         )
         result.history.append(report)
         if on_epoch is not None:
             on_epoch(report)
     return result
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> tuple[float, float]:
-    """Return (mean cross-entropy, accuracy) of ``model`` in eval mode on ``split``.
-
-    The model's train/eval mode is restored afterwards.
-    """
-    was_training = model.training
-    model.eval()
-    loss_sum, correct = 0.0, 0
-    for x, y in TensorLoader(split, batch_size):
-        logits = model(x)
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(1) == y).sum())
-    model.train(was_training)
-    n = max(1, len(split))
-    return loss_sum / n, correct / n

@@ -56,8 +56,32 @@ class ProfileError(CheckpointError):
     """A latency profile file is missing, corrupt, of another schema, or made for another model."""
 
 
+_GPU_FIELDS = {"accelerator", "gpu_name", "gpu_driver", "cuda_version"}
+
+
+def _comparable(device: DeviceInfo) -> str:
+    """The device to describe this machine by when comparing with ``device``'s profile."""
+    return "cuda" if device.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
+
+
 class ProfileMismatchWarning(UserWarning):
     """A latency profile was measured on another machine, thread count, torch or batch size."""
+
+
+def _nvidia_driver() -> str:
+    import subprocess
+
+    try:
+        found = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return found.stdout.strip().splitlines()[0] if found.stdout.strip() else "unknown"
 
 
 def _cpu_model() -> str:
@@ -82,6 +106,10 @@ class DeviceInfo:
         cpu_model: the CPU's model name from ``/proc/cpuinfo`` where available.
         threads: torch intra-op threads used for the measurement.
         torch_version: ``torch.__version__``.
+        accelerator: ``cpu`` or ``cuda``: where the layers ran.
+        gpu_name: the GPU's name (``torch.cuda.get_device_name``), ``""`` on the CPU.
+        gpu_driver: the NVIDIA driver version (``nvidia-smi``; ``unknown`` without it).
+        cuda_version: the CUDA version torch was built with (``torch.version.cuda``).
     """
 
     system: str
@@ -90,10 +118,24 @@ class DeviceInfo:
     cpu_model: str
     threads: int
     torch_version: str
+    accelerator: str = "cpu"
+    gpu_name: str = ""
+    gpu_driver: str = ""
+    cuda_version: str = ""
 
     @classmethod
-    def current(cls, threads: int | None = None) -> DeviceInfo:
-        """This machine, with ``threads`` (default: torch's current thread count)."""
+    def current(cls, threads: int | None = None, device: str = "cpu") -> DeviceInfo:
+        """This machine, with ``threads`` (default: torch's current thread count), measuring
+        on ``device`` (``cpu``, ``cuda`` or ``cuda:<index>``)."""
+        gpu: dict[str, str] = {}
+        if torch.device(device).type == "cuda":
+            index = torch.device(device).index or 0
+            gpu = {
+                "accelerator": "cuda",
+                "gpu_name": torch.cuda.get_device_name(index),
+                "gpu_driver": _nvidia_driver(),
+                "cuda_version": str(torch.version.cuda or "unknown"),
+            }
         return cls(
             system=platform.system(),
             machine=platform.machine(),
@@ -101,7 +143,12 @@ class DeviceInfo:
             cpu_model=_cpu_model(),
             threads=torch.get_num_threads() if threads is None else threads,
             torch_version=torch.__version__,
+            **gpu,
         )
+
+    def describe(self) -> str:
+        """``the CPU <model>`` or ``GPU <name>``, for messages."""
+        return f"GPU {self.gpu_name}" if self.accelerator == "cuda" else f"CPU {self.cpu_model}"
 
     def differences(self, other: DeviceInfo) -> list[str]:
         """``"field: mine vs other's"`` for every field that differs."""
@@ -380,6 +427,7 @@ class LatencyProfile:
         *,
         threads: int | None = None,
         batch_size: int | None = None,
+        device: str | None = None,
     ) -> LatencyProfile:
         """Read a profile written by :meth:`save`, and warn if it was made elsewhere.
 
@@ -387,10 +435,14 @@ class LatencyProfile:
             path: the JSON file.
             threads: the torch thread count it will be used with (default: the current one).
             batch_size: the batch size it will be used with; not compared when ``None``.
+            device: the device it will be used (measured again) on: ``cpu``, ``cuda`` or
+                ``cuda:<index>``; a profile of another kind of device or another GPU is
+                refused. ``None`` does not compare.
 
         Raises:
             ProfileError: the file is missing, unreadable, not JSON, of another schema version,
-                or malformed; the message names the file and the problem.
+                or malformed; the message names the file and the problem; with ``device``, it was
+                measured on another kind of device or another GPU.
 
         Warns:
             ProfileMismatchWarning: it was measured on another machine, CPU, thread count,
@@ -417,7 +469,18 @@ class LatencyProfile:
             profile = cls.from_dict(data)
         except ValueError as exc:
             raise ProfileError(f"latency profile {source} is malformed: {exc}") from exc
-        expected = DeviceInfo.current(threads)
+        if device is not None:
+            here = DeviceInfo.current(threads, device)
+            if (profile.device.accelerator, profile.device.gpu_name) != (
+                here.accelerator,
+                here.gpu_name,
+            ):
+                raise ProfileError(
+                    f"latency profile {source} was measured on the {profile.device.describe()}, "
+                    f"not on this {here.describe()}: its times do not hold here; measure one "
+                    f"with `prunetune profile --device {device}`"
+                )
+        expected = DeviceInfo.current(threads, _comparable(profile.device))
         differences = profile.device.differences(expected)
         if batch_size is not None and batch_size != profile.batch_size:
             differences.append(f"batch_size {profile.batch_size} vs {batch_size}")
@@ -447,10 +510,11 @@ class LatencyProfile:
             )
         device = data.get("device")
         names = {item.name: item.type for item in fields(DeviceInfo)}
-        if not isinstance(device, dict) or set(device) != set(names):
+        required = set(names) - _GPU_FIELDS  # profiles from before GPUs lack those
+        if not isinstance(device, dict) or not required <= set(device) <= set(names):
             raise ValueError(f"'device' must be an object with fields {sorted(names)}")
         if not isinstance(device["threads"], int) or not all(
-            isinstance(device[name], str) for name in names if name != "threads"
+            isinstance(device[name], str) for name in device if name != "threads"
         ):
             raise ValueError("'device' has fields of the wrong type")
         batch_size = data.get("batch_size")

@@ -3,6 +3,7 @@ whole-model measurements that calibrate them (:func:`recalibrate_profile`)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import math
@@ -20,6 +21,7 @@ from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
+from prunetune.backend.training import Runtime
 from prunetune.estimators._groups import GraphLike, GroupView, graph_fingerprint
 from prunetune.estimators._profile import (
     DeviceInfo,
@@ -149,7 +151,7 @@ def _check_options(
 
 
 def _layer_runner(
-    config: dict[str, Any], in_width: int, out_width: int, batch_size: int
+    config: dict[str, Any], in_width: int, out_width: int, batch_size: int, device: str = "cpu"
 ) -> Callable[[], Tensor]:
     kind = config["kind"]
     input_hw = tuple(config["input_hw"])
@@ -182,7 +184,8 @@ def _layer_runner(
             bias=config["bias"],
         )
         inputs = torch.randn(batch_size, in_width, *input_hw)
-    module.eval()
+    module.eval().to(device)
+    inputs = inputs.to(device)
     return lambda: module(inputs)
 
 
@@ -271,15 +274,17 @@ def _measure_table(
     timing: tuple[int, int, Statistic],
     block: int,
     stability: _Stability,
+    device: str = "cpu",
 ) -> LatencyTable:
     config = dict(axes.config)
     warmup, repeats, statistic = timing
+    cuda = torch.device(device).type == "cuda"
 
     def time_at(in_width: int, out_width: int) -> float:
-        runner = _layer_runner(config, in_width, out_width, batch_size)
+        runner = _layer_runner(config, in_width, out_width, batch_size, device)
         every: list[float] = []
         for attempt in range(1 + _REMEASURES):
-            samples = time_samples(runner, warmup, repeats, _POINT_MIN_S)
+            samples = time_samples(runner, warmup, repeats, _POINT_MIN_S, cuda=cuda)
             every += samples
             if spread(samples) <= MAX_SPREAD:
                 value = statistics.median(samples) if statistic == "median" else min(samples)
@@ -338,6 +343,23 @@ def calibration_widths(graph: ChannelGraph, count: int, seed: int = 0) -> list[d
             widths[group.name] = min(group.size, max(group.min_width, width))
         subnets.append(widths)
     return subnets
+
+
+def _on_device(models: list[tuple[str, nn.Module]], device: str) -> list[tuple[str, nn.Module]]:
+    """Copies of ``models`` on ``device`` (the originals stay where they are).
+
+    Raises:
+        DeviceError: no such device here, or a model does not fit its memory.
+    """
+    if torch.device(device).type == "cpu":
+        return models
+    runtime = Runtime(device=device)
+    return [(label, runtime.model(copy.deepcopy(model))) for label, model in models]
+
+
+def _device_of(profile: LatencyProfile) -> str:
+    """Where a profile's whole models are timed again: its GPU kind when there is one here."""
+    return "cuda" if profile.device.accelerator == "cuda" and torch.cuda.is_available() else "cpu"
 
 
 def _now() -> str:
@@ -404,6 +426,7 @@ def profile_model(
     calibration_subnets: int = 12,
     channel_block: int | None = None,
     progress: Callable[[ProfileProgress], None] | None = None,
+    device: str = "cpu",
 ) -> LatencyProfile:
     """Measure latency tables for every layer kind ``graph`` can produce, on this machine (CPU).
 
@@ -439,6 +462,9 @@ def profile_model(
             :func:`cpu_channel_block`); 1: no probe, grids placed evenly and interpolated, as
             for other layers.
         progress: called after each table with a :class:`ProfileProgress`.
+        device: where to measure: ``cpu``, or ``cuda``/``cuda:<index>`` (layers, inputs and
+            copies of the models on that GPU; CUDA event times after synchronising; the GPU's
+            name, driver and CUDA version go into the profile's ``device``).
 
     Timings are checked as they are taken: a point whose repeats spread more than
     :data:`MAX_SPREAD`, or that stands out :data:`OUTLIER_FACTOR` times from its neighbours in
@@ -485,18 +511,20 @@ def profile_model(
     stability = _Stability()
     with torch_threads(threads) as used_threads:
         for done, (key, item) in enumerate(axes.items(), start=1):
-            tables[key] = _measure_table(item, grid, batch_size, timing, channel_block, stability)
+            tables[key] = _measure_table(
+                item, grid, batch_size, timing, channel_block, stability, device
+            )
             if progress is not None:
                 config = item.config
                 progress(ProfileProgress(done, total, f"{config['kind']} {key}"))
         if measure_model:
-            example = _example_input(model, batch_size, input_shape)
+            example = _example_input(model, batch_size, input_shape).to(device)
             widths_list = (
                 calibration_widths(graph, subnets)
                 if subnets and isinstance(graph, ChannelGraph)
                 else []
             )
-            models = _calibration_models(model, graph, widths_list)
+            models = _on_device(_calibration_models(model, graph, widths_list), device)
 
             def report(index: int, label: str) -> None:
                 if progress is not None:
@@ -506,7 +534,7 @@ def profile_model(
             calibration = tuple(zip(widths_list, subnet_ms, strict=True))
     stability.check(used_threads)
     return LatencyProfile(
-        device=DeviceInfo.current(used_threads),
+        device=DeviceInfo.current(used_threads, device),
         batch_size=batch_size,
         model_id=model_id or f"{type(model).__module__}.{type(model).__qualname__}",
         fingerprint=graph_fingerprint(graph),
@@ -566,7 +594,7 @@ def recalibrate_profile(
         ValueError: ``graph`` has no input shape to time the model with.
     """
     profile.check_graph(graph)
-    here = DeviceInfo.current(profile.device.threads)
+    here = DeviceInfo.current(profile.device.threads, _device_of(profile))
     differences = profile.device.differences(here)
     if differences:
         raise ProfileError(
@@ -591,7 +619,9 @@ def recalibrate_profile(
             f"latency profile of {profile.model_id} holds calibration subnets that do not fit "
             f"this graph ({exc}); measure the profile again"
         ) from exc
-    example = _example_input(model, profile.batch_size, input_shape)
+    device = _device_of(profile)
+    models = _on_device(models, device)
+    example = _example_input(model, profile.batch_size, input_shape).to(device)
     steady_allocator()
 
     def report(index: int, label: str) -> None:

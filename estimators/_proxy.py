@@ -3,64 +3,49 @@
 Pruned subnets inherit BN statistics computed for the dense network, which makes their
 accuracy right after pruning misleading. Recomputing the statistics from a few training batches
 and then evaluating ranks candidates far better, at the cost of forward passes only
-(adaptive BN, as in EagleEye, Li et al., 2020).
+(adaptive BN, as in EagleEye, Li et al., 2020). Both steps are the training toolkit's
+(:func:`prunetune.backend.training.recalibrate_bn`, :func:`~prunetune.backend.training.evaluate`).
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
-import torch
 from torch import nn
 
-from prunetune.backend.data import Split, TensorLoader
-from prunetune.backend.train import evaluate
+from prunetune.backend.training import Runtime, Task, evaluate, recalibrate_bn
 
 __all__ = ["proxy_accuracy", "recalibrate_bn"]
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, split: Split, batches: int = 8, batch_size: int = 64) -> None:
-    """Recompute every BN layer's running statistics in place from ``batches`` training batches.
-
-    The statistics are reset and accumulated as a plain average (``momentum=None``), so the
-    result does not depend on what the model saw before. Mode and momenta are restored.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for norm in norms:
-        norm.reset_running_stats()
-        norm.momentum = None
-    model.train()
-    loader = TensorLoader(split, batch_size, shuffle=True, seed=0)
-    for index, (x, _) in enumerate(loader):
-        if index >= batches:
-            break
-        model(x)
-    for norm, momentum in zip(norms, momenta):
-        norm.momentum = momentum
-    model.train(was_training)
-
-
 def proxy_accuracy(
     model: nn.Module,
-    calibration: Split,
-    validation: Split,
+    calibration: Any,
+    validation: Any,
     batches: int = 8,
     batch_size: int = 64,
+    task: Task | None = None,
+    runtime: Runtime | None = None,
+    workers: int = 0,
 ) -> float:
-    """Validation accuracy of a copy of ``model`` after BN recalibration; ``model`` is untouched.
+    """The task's validation metric of a copy of ``model`` after BN recalibration.
+
+    ``model`` is untouched.
 
     Args:
-        model: a (pruned) network.
+        model: a (pruned) network, on ``runtime``'s device.
         calibration: the split whose batches recalibrate BN (the training split).
         validation: the split to score on.
         batches: how many calibration batches.
         batch_size: examples per calibration batch.
+        task: output, loss and metric (default: top-1 accuracy).
+        runtime: device and precision (default: the CPU in fp32).
+        workers: ``DataLoader`` workers for streamed splits.
+
+    Returns:
+        The metric (top-1 accuracy by default), higher is better.
     """
     candidate = copy.deepcopy(model)
-    recalibrate_bn(candidate, calibration, batches, batch_size)
-    return evaluate(candidate, validation)[1]
+    recalibrate_bn(candidate, calibration, batches, batch_size, runtime, workers)
+    return evaluate(candidate, validation, task, runtime, workers=workers)[1]

@@ -82,15 +82,43 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
+class _Clock:
+    """Seconds of a block of work: wall time on the CPU; on a GPU, CUDA events recorded on the
+    stream after synchronising, so queued kernels are counted and nothing else is."""
+
+    def __init__(self, cuda: bool) -> None:
+        self.cuda = cuda
+
+    def start(self) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        torch.cuda.synchronize()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds_since(self, started: object) -> float:
+        if not self.cuda:
+            return time.perf_counter() - started  # type: ignore[operator]
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        end.synchronize()
+        return started.elapsed_time(end) / 1e3  # type: ignore[attr-defined, no-any-return]
+
+
 def time_ms(
     run: Callable[[], object],
     warmup: int,
     repeats: int,
     statistic: Statistic,
     min_total_s: float = 0.0,
+    cuda: bool = False,
 ) -> float:
-    """One figure (ms) from :func:`time_samples`: their median or minimum."""
-    samples = time_samples(run, warmup, repeats, min_total_s)
+    """One figure (ms) from :func:`time_samples`: their median or minimum.
+
+    With ``cuda``, times are CUDA event times taken after synchronising the device.
+    """
+    samples = time_samples(run, warmup, repeats, min_total_s, cuda=cuda)
     return (statistics.median(samples) if statistic == "median" else min(samples)) * 1e3
 
 
@@ -104,29 +132,35 @@ def spread(samples: Sequence[float]) -> float:
 
 
 def time_samples(
-    run: Callable[[], object], warmup: int, repeats: int, min_total_s: float = 0.0
+    run: Callable[[], object],
+    warmup: int,
+    repeats: int,
+    min_total_s: float = 0.0,
+    cuda: bool = False,
 ) -> list[float]:
     """Seconds per call of ``run``, one sample per timed repeat (each repeat loops the call
     long enough for the timer), at least ``repeats`` and more until they last ``min_total_s``.
+    With ``cuda``, CUDA event times taken after synchronising the device.
     """
+    clock = _Clock(cuda)
     with torch.inference_mode():
         for _ in range(warmup):
             run()
         probes = []
         for _ in range(3):
-            start = time.perf_counter()
+            start = clock.start()
             run()
-            probes.append(time.perf_counter() - start)
+            probes.append(clock.seconds_since(start))
         # the fastest probe sizes the inner loop: one stalled run must not shrink it
         inner = max(1, int(MIN_REPEAT_S / max(min(probes), 1e-9)))
         samples: list[float] = []
         while len(samples) < repeats or (
             sum(samples) * inner < min_total_s and len(samples) < 100 * repeats
         ):
-            start = time.perf_counter()
+            start = clock.start()
             for _ in range(inner):
                 run()
-            samples.append((time.perf_counter() - start) / inner)
+            samples.append(clock.seconds_since(start) / inner)
     return samples
 
 
@@ -155,9 +189,11 @@ def measure_latency(
     (or, with ``statistic="min"``, the minimum) of the timed runs.
 
     At least ``repeats`` runs are timed, and more until they add up to 0.2 s, which steadies
-    the figure for small models. The model runs in eval mode under ``torch.inference_mode``
-    with ``threads`` torch threads; its train/eval flags and torch's thread count are restored
-    afterwards. The process is switched to :func:`steady_allocator` first, as profiles are.
+    the figure for small models. On a GPU (``example_input`` on CUDA, the model with it) the
+    times are CUDA event times after synchronising. The model runs in eval mode under
+    ``torch.inference_mode`` with ``threads`` torch threads; its train/eval flags and torch's
+    thread count are restored afterwards. The process is switched to :func:`steady_allocator`
+    first, as profiles are.
     Whole-model measurements like this one are what :meth:`LatencyPredictor.calibrate` fits
     to; use the profile's ``threads``, ``statistic`` and batch size.
 
@@ -171,7 +207,8 @@ def measure_latency(
     try:
         with torch_threads(threads):
             run = lambda: model(example_input)  # noqa: E731
-            return time_ms(run, warmup, repeats, statistic, MODEL_MIN_S)
+            cuda = example_input.device.type == "cuda"
+            return time_ms(run, warmup, repeats, statistic, MODEL_MIN_S, cuda=cuda)
     finally:
         for module, training in modes.items():
             module.training = training

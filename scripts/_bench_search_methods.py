@@ -175,7 +175,7 @@ def searched(
 
     result = run_search(search_config(bench, target, method), say=lambda m: say("  " + m))
     counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
-    note = f"best trial {result.best.space} (val {100 * (result.best.acc or 0):.1f}%); {counts}"
+    note = f"best trial {result.best.space} (val {100 * (result.best.score or 0):.1f}%); {counts}"
     model = prune_model(bench.dense, bench.graph, result.spec)
     if result.best.weights is None:
         return model, note + "; from the dense weights (the trial kept none)"

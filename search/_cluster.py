@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from prunetune.backend.errors import PrunetuneError
 
-__all__ = ["ClusterError", "ClusterInfo", "ray_session"]
+__all__ = ["ClusterError", "ClusterInfo", "connect_error", "ray_session"]
 
 _PROBE_TIMEOUT_S = 5.0
 # Ray's switch for "this machine only": node IP 127.0.0.1, so its servers bind to loopback
@@ -105,13 +105,45 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[Cl
         try:
             ray.init(address=address, **quiet)  # type: ignore[arg-type]
         except Exception as exc:  # ray raises ConnectionError, RuntimeError, grpc errors...
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ClusterError(f"cannot connect to the Ray cluster at {address}: {first}") from exc
+            raise connect_error(address, exc) from exc
     with stack:
         try:
             yield _info(address or "local")
         finally:
             ray.shutdown()
+
+
+_TOKEN_SIGNS = ("token authentication", "authentication token", "unauthenticated", "auth_token")
+_NOT_A_NODE_SIGNS = ("raylet", "failed to get node info", "node_ip_address", "node ip address")
+_AUTH_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def connect_error(address: str, exc: BaseException) -> ClusterError:
+    """The one line for a failed ``ray.init(address=...)``, naming the cause where it shows.
+
+    Two causes read alike in Ray's own errors: the cluster uses token authentication and this
+    process has no (or the wrong) token, or the driver runs on a machine that is no node of the
+    cluster (a ``HOST:PORT`` address needs a local Ray node; the Ray Client, ``ray://``, does not).
+    """
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = str(exc).lower()
+    where = f"cannot connect to the Ray cluster at {address}"
+    if any(sign in text for sign in _TOKEN_SIGNS):
+        has_token = any(os.environ.get(name) for name in _AUTH_ENV)
+        fix = (
+            "the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH is not the cluster's"
+            if has_token
+            else "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+        )
+        return ClusterError(f"{where}: the cluster uses token authentication; {fix} ({first})")
+    direct = not address.startswith("ray://") and address != "auto"
+    if direct and any(sign in text for sign in _NOT_A_NODE_SIGNS):
+        return ClusterError(
+            f"{where}: this machine is not a node of that cluster, and a HOST:PORT address "
+            "needs one; run `ray start --address HOST:PORT` here first, or connect through the "
+            f"Ray Client (ray://HOST:10001) ({first})"
+        )
+    return ClusterError(f"{where}: {first}")
 
 
 @contextlib.contextmanager

@@ -11,13 +11,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from prunetune.backend.data import list_datasets
+from prunetune.backend.datasources import IMAGEFOLDER, DataSource, import_callable, is_data_name
 from prunetune.backend.errors import PrunetuneError
+from prunetune.backend.training import METRICS, Precision, Runtime, Task
 from prunetune.estimators import Target
 from prunetune.spaces import create_space, list_spaces
 
@@ -40,9 +42,15 @@ class SearchConfig:
     Attributes:
         target: the constraints the best subnet must meet (``Target.from_options(flops="50%")``).
         model: zoo name or ``package.module:factory``; may be left out with ``checkpoint``.
-        dataset: ``digits`` (embedded), ``mnist`` or ``cifar10``.
-        data_dir: directory of the mnist/cifar10 files; with a cluster it must exist at the same
-            path on every node.
+        dataset: ``digits`` (embedded), ``mnist`` or ``cifar10`` (in memory), ``imagefolder``
+            (``data_dir`` holds ``train/``, ``val/`` and optionally ``test/`` class folders),
+            ``package.module:factory`` returning the splits (see
+            :class:`~prunetune.backend.datasources.DataSource`), or ``python`` (split objects
+            given to :func:`run_search`).
+        data_dir: directory of the mnist/cifar10 files or image folder (a factory's ``root``);
+            with a cluster it must exist at the same path on every node.
+        image_size: ``imagefolder``: the side images are cropped to, in pixels.
+        workers: DataLoader worker processes per loader for streamed data (not the built-ins).
         checkpoint: dense checkpoint file (or subnet export directory) to search from; without
             it the dense model is trained first and cached as ``runs/<name>/dense.pt``.
         profile: latency profile (``prunetune profile``) of the model, needed by a latency target.
@@ -62,6 +70,8 @@ class SearchConfig:
         seed: seeds the data split, the dense training, the searcher and every trial.
         dense_epochs: epochs of dense training when no checkpoint is given.
         finetune_epochs: epochs of the final finetune of the best subnet.
+        finetune_lr: peak learning rate of the final finetune and of the trials' score finetune.
+        distill_weight: share of the finetunes' loss from distillation (with ``distill``).
         score_steps: SGD steps of the short finetune that scores every trial's subnet (the same
             for all spaces, so their accuracies compare).
         inner_epochs: when set, the length of every space's inner run (its ``epochs``,
@@ -79,12 +89,24 @@ class SearchConfig:
             ``model.onnx``, so they take raw pixel values in [0, 1].
         trust_model_code: build the ``package.module:factory`` a checkpoint names even when it
             is not ``model`` (importing it runs its code; zoo models never need this).
+        device: where every loop runs: ``auto`` (the GPU Ray gave the trial, else the CPU),
+            ``cpu``, ``cuda`` or ``cuda:<index>``.
+        precision: ``fp32``, or ``bf16``/``fp16`` autocast (fp16 with a gradient scaler).
+        channels_last: models and batches in NHWC layout (faster on GPU tensor cores).
+        loss: ``cross_entropy`` or a callable ``loss(outputs, targets)`` (or its
+            ``package.module:name``).
+        metric: ``top1`` (reported as ``acc``), ``miou``, ``pixel_acc``, or a metric class (or
+            its ``package.module:name``); the search optimises, stops and chooses by it.
+        output: which model output the loss, metric and distillation use (dict key or index).
+        ignore_index: target value the loss and dense metrics skip.
     """
 
     target: Target
     model: str | None = None
     dataset: str = "digits"
     data_dir: str | None = None
+    image_size: int = 224
+    workers: int = 2
     checkpoint: str | None = None
     profile: str | None = None
     spaces: tuple[str, ...] = ()
@@ -100,6 +122,8 @@ class SearchConfig:
     seed: int = 0
     dense_epochs: float = 15.0
     finetune_epochs: float = 10.0
+    finetune_lr: float = 0.01
+    distill_weight: float = 0.7
     score_steps: int = 150
     inner_epochs: float | None = None
     space_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -111,6 +135,13 @@ class SearchConfig:
     max_failures: int = 2
     trust_model_code: bool = False
     fold_normalization: bool = False
+    device: str = "auto"
+    precision: Precision = "fp32"
+    channels_last: bool = False
+    loss: str | Callable[..., Any] = "cross_entropy"
+    metric: str | Callable[..., Any] = "top1"
+    output: str | int | None = None
+    ignore_index: int = -100
 
     def __post_init__(self) -> None:
         if not isinstance(self.target, Target):
@@ -133,10 +164,13 @@ class SearchConfig:
                 raise ValueError(f"{text} must be a string, got {value!r}")
         if not self.model and not self.checkpoint:
             raise ValueError("name a model (--model) or a dense checkpoint (--checkpoint)")
-        if self.dataset not in list_datasets():
+        if not isinstance(self.dataset, str) or not is_data_name(self.dataset):
             raise ValueError(
-                f"unknown dataset {self.dataset!r}; valid: {', '.join(list_datasets())}"
+                f"unknown dataset {self.dataset!r}; valid: {', '.join(list_datasets())}, "
+                f"{IMAGEFOLDER} (with --data-dir) or package.module:factory"
             )
+        _check_number("image_size", self.image_size, minimum=1, integer=True)
+        _check_number("workers", self.workers, minimum=0, integer=True)
         if "latency_ms" in self.target.metrics and not self.profile:
             raise ValueError(
                 f"target {self.target} needs a latency profile: measure one with prunetune "
@@ -158,6 +192,17 @@ class SearchConfig:
         _check_number("dense_epochs", self.dense_epochs, minimum=0.01)
         _check_number("finetune_epochs", self.finetune_epochs, minimum=0.01)
         _check_number("score_steps", self.score_steps, minimum=1, integer=True)
+        _check_number("finetune_lr", self.finetune_lr, minimum=1e-12)
+        _check_number("distill_weight", self.distill_weight, minimum=0.0)
+        if self.distill_weight > 1:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        self.runtime  # noqa: B018 (checks device and precision)
+        if self.device.startswith("cuda") and self.gpus_per_trial <= 0:
+            raise ValueError(
+                f"device {self.device!r} needs --gpus-per-trial above 0: Ray hides the GPUs "
+                "from trials it gave none (fractions share one, e.g. 0.25)"
+            )
+        self.task  # noqa: B018 (imports a named loss or metric)
         _check_number("batch_size", self.batch_size, minimum=1, integer=True)
         _check_number("grace_period", self.grace_period, minimum=1, integer=True)
         _check_number("max_failures", self.max_failures, minimum=0, integer=True)
@@ -189,6 +234,44 @@ class SearchConfig:
         for space in spaces:  # unknown options and bad values fail here, not inside a trial
             create_space(space, **self.fixed_options(space))
 
+    def data_source(self, objects: Any = None) -> DataSource:
+        """The picklable description every process loads the data from.
+
+        Args:
+            objects: the split objects of ``dataset="python"`` (the Python API's ``data``).
+        """
+        return DataSource(
+            name=self.dataset,
+            root=self.data_dir,
+            seed=self.seed,
+            image_size=self.image_size,
+            workers=self.workers,
+            objects=objects,
+        )
+
+    @property
+    def runtime(self) -> Runtime:
+        """The device, precision and layout of every loop."""
+        return Runtime(self.device, self.precision, self.channels_last)
+
+    @property
+    def task(self) -> Task:
+        """The output used, the loss and the metric of every loop.
+
+        Raises:
+            ValueError: a ``package.module:name`` loss or metric that cannot be imported.
+        """
+        metric = self.metric
+        if isinstance(metric, str) and metric not in METRICS:
+            metric = import_callable(metric, f"metric (or one of {', '.join(METRICS)})")
+        loss = self.loss
+        if isinstance(loss, str) and loss != "cross_entropy":
+            loss = import_callable(loss, "loss (or cross_entropy)")
+        output = self.output
+        if isinstance(output, str) and output.lstrip("-").isdigit():
+            output = int(output)  # --output 0: a tuple index
+        return Task(loss=loss, metric=metric, output=output, ignore_index=self.ignore_index)
+
     @property
     def run_dir(self) -> Path:
         """``runs_dir/name``: everything the run writes lives there."""
@@ -217,6 +300,9 @@ class SearchConfig:
         target = values.pop("target")
         values["spaces"] = list(self.spaces)
         values["space_options"] = {k: dict(v) for k, v in self.space_options.items()}
+        for key in ("loss", "metric"):
+            if callable(values[key]):
+                values[key] = f"{values[key].__module__}:{values[key].__qualname__}"
         for constraint in target.constraints:
             text = str(constraint).split("<=", 1)[1]
             if not constraint.relative:

@@ -1,11 +1,12 @@
 """After the trials: pick the best subnet, finetune it fully, export it, check it, report.
 
-The best subnet is the most accurate (after the common score finetune) of the trials whose subnet
-meets every target; ties go to fewer FLOPs. It continues from the weights its trial scored (kept
-in the trial's folder; the dense model's, pruned, when they cannot be read), is finetuned for
-``finetune_epochs`` (distilled from the dense model by default), evaluated on the test split and
-exported to ``runs/<name>/best``. The export is then reloaded and its FLOPs and parameters measured
-again: a subnet that misses a target is an error, never a result.
+The best subnet is the one with the highest metric (after the common score finetune; ``acc`` by
+default, or the task's own) of the trials whose subnet meets every target; ties go to fewer FLOPs.
+It continues from the weights its trial scored (kept in the trial's folder; the dense model's,
+pruned, when they cannot be read), is finetuned for ``finetune_epochs`` (distilled from the dense
+model by default), evaluated on the test split and exported to ``runs/<name>/best``. The export is
+then reloaded and its FLOPs and parameters measured again: a subnet that misses a target is an
+error, never a result.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from prunetune.backend.errors import InfeasibleTargetError, PrunetuneError
 from prunetune.backend.export import export_subnet, load_export
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.surgery import prune_model
-from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.backend.train import TrainConfig, train
+from prunetune.backend.training import evaluate
 from prunetune.estimators import cost_models, format_metric, measure_latency
 from prunetune.search._report import write_report
-from prunetune.search._result import SearchResult, TrialRecord
+from prunetune.search._result import SearchResult, TrialRecord, format_score
 from prunetune.search._setup import Prepared
 
 __all__ = ["NoFeasibleTrialError", "choose_best", "finish"]
@@ -37,7 +39,8 @@ class NoFeasibleTrialError(PrunetuneError):
 
 
 def choose_best(records: list[TrialRecord]) -> TrialRecord:
-    """The most accurate finished trial whose subnet meets every target (fewer FLOPs on ties).
+    """The finished trial with the best metric whose subnet meets every target (fewer FLOPs on
+    ties).
 
     Raises:
         NoFeasibleTrialError: none qualifies; the message counts trials by status.
@@ -53,7 +56,7 @@ def choose_best(records: list[TrialRecord]) -> TrialRecord:
         raise NoFeasibleTrialError(
             f"no trial produced a subnet that meets every target ({summary}){hint}"
         )
-    return max(candidates, key=lambda r: (r.acc or 0.0, -(r.flops or 0.0)))
+    return max(candidates, key=lambda r: (r.score or 0.0, -(r.flops or 0.0)))
 
 
 def finish(
@@ -71,41 +74,54 @@ def finish(
     spec.validate(prepared.graph)
     dense = prepared.model
     subnet = prune_model(dense, prepared.graph, spec)
-    start = _load_trial_weights(subnet, best, say)
+    start, why = _load_trial_weights(subnet, best)
+    if why:
+        say(f"  cannot start from the trial's weights ({why}); using the dense ones")
     say(
-        f"best trial {best.trial_id} ({best.space}, val acc {100 * (best.acc or 0):.2f}%): "
+        f"best trial {best.trial_id} ({best.space}, val {best.metric} "
+        f"{format_score(best.metric, best.score or 0.0)}): "
         f"finetuning for {config.finetune_epochs:g} epochs from {start}"
         + (", distilled from the dense model" if config.distill else "")
     )
+    task, runtime, data = config.task, config.runtime, prepared.data
     train(
         subnet,
-        prepared.data,
+        data,
         TrainConfig(
             epochs=config.finetune_epochs,
-            lr=0.01,
+            lr=config.finetune_lr,
             batch_size=config.batch_size,
-            distill_weight=0.7 if config.distill else 0.0,
+            distill_weight=config.distill_weight if config.distill else 0.0,
             seed=config.seed,
         ),
         teacher=dense if config.distill else None,
         on_epoch=lambda report: say("  " + report.line()),
+        task=task,
+        runtime=runtime,
     )
-    _, val_acc = evaluate(subnet, prepared.data.val)
-    _, test_acc = evaluate(subnet, prepared.data.test)
-    _, dense_test_acc = evaluate(dense, prepared.data.test)
+    _, val_acc = evaluate(subnet, data.val, task, runtime, workers=data.workers)
+    _, test_acc = evaluate(subnet, data.test, task, runtime, workers=data.workers)
+    _, dense_test_acc = evaluate(
+        runtime.model(dense), data.test, task, runtime, workers=data.workers
+    )
+    subnet.cpu()
+    dense.cpu()
     costs = cost_models(prepared.graph, prepared.profile)
     dense_costs = prepared.dense_costs
+    name = task.metric_name
     metrics: dict[str, Any] = {
-        "val_acc": float(val_acc),
-        "test_acc": float(test_acc),
+        f"val_{name}": float(val_acc),
+        f"test_{name}": float(test_acc),
         "latency_ms": float(costs["latency_ms"].evaluate(spec.widths))
         if "latency_ms" in costs
         else float("nan"),
-        "dense_test_acc": float(dense_test_acc),
+        f"dense_test_{name}": float(dense_test_acc),
         **{f"dense_{m}": v for m, v in dense_costs.items()},
         "trial_id": best.trial_id,
         "space": best.space,
         "target": str(config.target),
+        "start": start,
+        "start_problem": why,
     }
     if prepared.profile is not None:
         metrics["predicted_latency_ms"] = metrics["latency_ms"]
@@ -136,6 +152,7 @@ def finish(
         trials=tuple(records),
         elapsed_s=elapsed(),
         model=subnet.eval(),
+        metric=name,
     )
 
 
@@ -188,23 +205,25 @@ def latency_line(metrics: dict[str, Any], prepared: Prepared) -> str:
     return line
 
 
-def _load_trial_weights(
-    subnet: torch.nn.Module, best: TrialRecord, say: Callable[[str], None]
-) -> str:
-    """Load the best trial's scored weights into ``subnet`` where it kept them; say which start.
+def _load_trial_weights(subnet: torch.nn.Module, best: TrialRecord) -> tuple[str, str]:
+    """Load the best trial's scored weights (from its Tune checkpoint) into ``subnet``.
 
-    A missing or unreadable file (an older run, a trial folder on another node) is not an error:
-    the subnet then starts from the dense model's weights, as pruned.
+    A missing or unreadable checkpoint (an older run, storage this driver cannot read) is not
+    an error: the subnet then starts from the dense model's weights, as pruned, and the report
+    says why.
+
+    Returns:
+        (where the finetune starts from, why not from the trial's weights; ``""`` when it does).
     """
     if not best.weights:
-        return "the dense weights"
+        return "the dense weights", "the trial left no checkpoint readable from this driver"
     try:
         state = torch.load(best.weights, map_location="cpu", weights_only=True)
         subnet.load_state_dict(state)
     except (OSError, EOFError, RuntimeError, ValueError, pickle.UnpicklingError) as exc:
-        say(f"  cannot use the trial's weights ({type(exc).__name__}: {exc}); using the dense ones")
-        return "the dense weights"
-    return "the trial's weights"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return "the dense weights", f"{type(exc).__name__}: {first}"
+    return "the trial's weights", ""
 
 
 def _verify(prepared: Prepared, export_dir: Path, latency_ms: float) -> dict[str, float]:

@@ -12,6 +12,8 @@ from typing import Any
 
 from ray import tune
 
+from prunetune.search._result import format_score
+
 __all__ = ["ProgressLine", "format_elapsed"]
 
 
@@ -27,10 +29,12 @@ class ProgressLine(tune.Callback):
     Args:
         total: trials the search runs in all.
         refresh_s: how often a terminal line is redrawn while nothing changes.
+        metric: the search metric's name.
     """
 
-    def __init__(self, total: int, refresh_s: float = 1.0) -> None:
+    def __init__(self, total: int, refresh_s: float = 1.0, metric: str = "acc") -> None:
         self.total = total
+        self.metric = metric
         self.refresh_s = refresh_s
         self._started = time.monotonic()
         self._shown = ""
@@ -61,14 +65,14 @@ class ProgressLine(tune.Callback):
         running = sum(t.status == "RUNNING" for t in trials)
         failed = sum(t.status == "ERROR" for t in trials)
         scored = [
-            float(t.last_result["acc"])
+            float(t.last_result[self.metric])
             for t in trials
             if t.last_result and t.last_result.get("feasible") and "spec_json" in t.last_result
         ]
-        best = f"{100 * max(scored):.2f}%" if scored else "-"
+        best = format_score(self.metric, max(scored)) if scored else "-"
         return (
             f"trials {finished}/{self.total} finished, {running} running, {failed} failed"
-            f" | best feasible acc {best}"
+            f" | best feasible {self.metric} {best}"
         )
 
     def _draw(self, trials: list[Any], final: bool) -> None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from prunetune.backend.io import atomic_write
 from prunetune.backend.spec import SubnetSpec
 from prunetune.estimators import format_metric
-from prunetune.search._result import TrialRecord
+from prunetune.search._result import PERCENT_METRICS, TrialRecord, format_score
 
 if TYPE_CHECKING:
     from prunetune.search._setup import Prepared
@@ -47,6 +47,8 @@ def render(
 ) -> str:
     """The report's Markdown."""
     config = prepared.config
+    name = best.metric
+    label = "accuracy" if name == "acc" else name  # the metric in sentences
     figures = []
     for metric in ("flops", "params", "latency_ms"):
         value, dense = metrics.get(metric), metrics.get(f"dense_{metric}")
@@ -88,25 +90,33 @@ def render(
         "",
         f"Trial `{best.trial_id}` ({best.space}), exported to `{config.run_dir / 'best'}`.",
         "",
-        f"- test accuracy: **{100 * metrics['test_acc']:.2f}%** "
-        f"(dense model: {100 * metrics['dense_test_acc']:.2f}%)",
-        f"- validation accuracy: {100 * metrics['val_acc']:.2f}% after "
-        f"{config.finetune_epochs:g} epochs of finetuning"
+        f"- test {label}: **{format_score(name, metrics[f'test_{name}'])}** "
+        f"(dense model: {format_score(name, metrics[f'dense_test_{name}'])})",
+        f"- validation {label}: {format_score(name, metrics[f'val_{name}'])} after "
+        f"{config.finetune_epochs:g} epochs of finetuning from {metrics['start']}"
         + (" distilled from the dense model" if config.distill else ""),
+        *(
+            [
+                f"- **the final finetune could not start from the best trial's weights** "
+                f"({metrics['start_problem']}); it started from the dense weights, pruned"
+            ]
+            if metrics.get("start_problem")
+            else []
+        ),
         "",
         _markdown_table(["metric", "dense", "subnet", "share", "target"], figures),
         "",
-        "![accuracy vs FLOPs of every trial](pareto.png)",
+        f"![{name} vs FLOPs of every trial](pareto.png)",
         "",
         "![per-group widths, dense vs chosen](widths.png)",
         "",
         "## Trials",
         "",
-        "Validation accuracy after the common score finetune "
+        f"Validation {label} after the common score finetune "
         f"({config.score_steps} steps); `*` marks the chosen trial.",
         "",
         _markdown_table(
-            ["trial", "space", "status", "val acc", "flops", "params", "fits", "error"],
+            ["trial", "space", "status", f"val {name}", "flops", "params", "fits", "error"],
             [[("*" if r[0] == best.trial_id else "") + r[0], *r[1:]] for r in rows],
         ),
         "",
@@ -134,7 +144,9 @@ def _plot_pareto(
 ) -> None:
     pyplot = _figure()
     figure, axes = pyplot.subplots(figsize=(6.4, 4.4))
-    scored = [r for r in records if r.acc is not None and r.flops is not None]
+    scored = [r for r in records if r.score is not None and r.flops is not None]
+    name = best.metric
+    scale = 100 if name in PERCENT_METRICS else 1
     colors = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
     for index, space in enumerate(sorted({r.space for r in scored})):
         mine = [r for r in scored if r.space == space]
@@ -143,22 +155,22 @@ def _plot_pareto(
             if points:
                 axes.scatter(
                     [r.flops for r in points],
-                    [100 * (r.acc or 0) for r in points],
+                    [scale * (r.score or 0) for r in points],
                     marker=marker,
                     color=colors[index % len(colors)],
                     label=f"{space}" + ("" if finished else " (stopped early, last report)"),
                     alpha=0.8,
                 )
-    if best.flops is not None and best.acc is not None:
+    if best.flops is not None and best.score is not None:
         axes.scatter(
-            [best.flops], [100 * best.acc], marker="*", s=300, c="gold", edgecolors="black",
+            [best.flops], [scale * best.score], marker="*", s=300, c="gold", edgecolors="black",
             label="chosen", zorder=5,
         )  # fmt: skip
     if flops_limit is not None:
         axes.axvline(flops_limit, color="grey", linestyle="--", label="FLOPs target")
     axes.set_xlabel("FLOPs (MACs)")
-    axes.set_ylabel("validation accuracy (%)")
-    axes.set_title("accuracy vs FLOPs of every trial")
+    axes.set_ylabel(f"validation {name}" + (" (%)" if scale == 100 else ""))
+    axes.set_title(f"{name} vs FLOPs of every trial")
     axes.legend(fontsize="small")
     figure.tight_layout()
     atomic_write(path, lambda temporary: figure.savefig(temporary, format="png", dpi=100))

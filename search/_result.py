@@ -13,7 +13,7 @@ from torch import nn
 from prunetune.backend.spec import SubnetSpec
 from prunetune.estimators import format_metric
 
-__all__ = ["SearchResult", "TrialRecord", "TrialStatus"]
+__all__ = ["SearchResult", "TrialRecord", "TrialStatus", "format_score"]
 
 TrialStatus = Literal["finished", "stopped", "failed", "unfinished"]
 
@@ -27,8 +27,8 @@ class TrialRecord:
         space: the space it searched.
         status: ``finished`` (scored its subnet), ``stopped`` (stopped early by ASHA),
             ``failed`` (raised, or its worker died more often than retried) or ``unfinished``.
-        acc: validation accuracy after the common score finetune (the last intermediate
-            accuracy for a stopped trial), ``None`` when it reported nothing.
+        score: the search metric on the validation split after the common score finetune (the
+            last intermediate value for a stopped trial), ``None`` when it reported nothing.
         flops: FLOPs of its subnet, measured on the pruned model.
         params: parameters of its subnet.
         latency_ms: predicted latency (NaN without a profile).
@@ -38,12 +38,13 @@ class TrialRecord:
         config: the hyper-parameters Tune gave it.
         spec_json: the subnet of a finished trial, as JSON.
         weights: the file holding a finished trial's scored subnet weights, if it was kept.
+        metric: the search metric's name (``acc`` for top-1 accuracy).
     """
 
     trial_id: str
     space: str
     status: TrialStatus
-    acc: float | None = None
+    score: float | None = None
     flops: float | None = None
     params: float | None = None
     latency_ms: float = math.nan
@@ -53,6 +54,7 @@ class TrialRecord:
     config: dict[str, Any] = field(default_factory=dict)
     spec_json: str | None = None
     weights: str | None = None
+    metric: str = "acc"
 
     @property
     def spec(self) -> SubnetSpec | None:
@@ -60,8 +62,8 @@ class TrialRecord:
         return SubnetSpec.from_dict(json.loads(self.spec_json)) if self.spec_json else None
 
     def row(self) -> list[str]:
-        """Cells of the results table: id, space, status, accuracy, FLOPs, params, fits, note."""
-        acc = f"{100 * self.acc:.2f}%" if self.acc is not None else "-"
+        """Cells of the results table: id, space, status, metric, FLOPs, params, fits, note."""
+        acc = format_score(self.metric, self.score) if self.score is not None else "-"
         flops = format_metric("flops", self.flops) if self.flops is not None else "-"
         params = format_metric("params", self.params) if self.params is not None else "-"
         fits = "yes" if self.feasible else "no" if self.status == "finished" else "-"
@@ -75,10 +77,11 @@ class SearchResult:
     Attributes:
         name: the run's name.
         run_dir: ``runs/<name>``.
-        best: the chosen trial (best accuracy among those meeting every target).
+        best: the chosen trial (best metric among those meeting every target).
         spec: its subnet, relative to the dense model (as exported).
-        metrics: the exported subnet's figures: ``val_acc``, ``test_acc``, ``flops``,
-            ``params``, ``latency_ms`` and the dense model's ``dense_*`` counterparts.
+        metrics: the exported subnet's figures: ``val_<metric>``, ``test_<metric>`` (e.g.
+            ``test_acc``, ``test_miou``), ``flops``, ``params``, ``latency_ms`` and the dense
+            model's ``dense_*`` counterparts.
         export_dir: ``runs/<name>/best``, the backend's export of the finetuned subnet.
         report_path: ``runs/<name>/report.md``.
         trials: every trial, in the order Tune created them.
@@ -97,6 +100,7 @@ class SearchResult:
     trials: tuple[TrialRecord, ...]
     elapsed_s: float
     model: nn.Module | None = field(default=None, repr=False, compare=False)
+    metric: str = "acc"
 
     @property
     def counts(self) -> dict[str, int]:
@@ -108,12 +112,14 @@ class SearchResult:
 
     def summary(self) -> str:
         """The final summary: the trials table, then the chosen subnet's figures."""
-        headers = ["trial", "space", "status", "val acc", "flops", "params", "fits", "error"]
+        name = self.metric
+        headers = ["trial", "space", "status", f"val {name}", "flops", "params", "fits", "error"]
         lines = [format_table(headers, [t.row() for t in self.trials], mark=self.best.trial_id)]
         m = self.metrics
         lines.append(
-            f"best: trial {self.best.trial_id} ({self.best.space}), test accuracy "
-            f"{100 * m['test_acc']:.2f}% (dense {100 * m['dense_test_acc']:.2f}%), "
+            f"best: trial {self.best.trial_id} ({self.best.space}), test {name} "
+            f"{format_score(name, m[f'test_{name}'])} "
+            f"(dense {format_score(name, m[f'dense_test_{name}'])}), "
             f"flops {format_metric('flops', m['flops'])} of "
             f"{format_metric('flops', m['dense_flops'])} "
             f"({100 * m['flops'] / m['dense_flops']:.1f}%), "
@@ -127,6 +133,14 @@ class SearchResult:
             )
         lines.append(f"exported to {self.export_dir}, report {self.report_path}")
         return "\n".join(lines)
+
+
+PERCENT_METRICS = ("acc", "miou", "pixel_acc")
+
+
+def format_score(metric: str, value: float) -> str:
+    """A metric's value for people: built-in shares as percentages, others as numbers."""
+    return f"{100 * value:.2f}%" if metric in PERCENT_METRICS else f"{value:.4g}"
 
 
 def format_table(headers: list[str], rows: list[list[str]], mark: str | None = None) -> str:

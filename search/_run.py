@@ -52,7 +52,7 @@ CONFIG_FILE = "search.json"
 _RESUME_FIXED = (
     "model", "dataset", "data_dir", "checkpoint", "profile", "spaces", "trials", "sampler", "seed",
     "pareto", "inner_epochs", "space_options", "score_steps", "dense_epochs", "distill",
-    "batch_size", "round_to",
+    "batch_size", "round_to", "image_size", "loss", "metric", "output",
 )  # fmt: skip
 
 
@@ -65,6 +65,7 @@ def run_search(
     say: Callable[[str], None] | None = None,
     *,
     module: nn.Module | None = None,
+    data: object = None,
 ) -> SearchResult:
     """Run a search end to end and return its result.
 
@@ -74,6 +75,9 @@ def run_search(
         module: the dense model as a module object (its weights count as trained); it reaches
             every trial through Ray's object store, so its class must be importable on the
             workers or defined where cloudpickle can ship it by value.
+        data: with ``config.dataset == "python"``, the splits as ``Dataset``/``DataLoader``
+            objects (``{"train", "val"[, "test"]}`` or a tuple); shipped to the trials like
+            ``module``.
 
     Returns:
         The best subnet's figures, its export and report, and every trial.
@@ -93,7 +97,7 @@ def run_search(
     started = time.monotonic()
     check_writable(config.run_dir, directory=True)
     _check_run_state(config)
-    prepared = prepare(config, module)
+    prepared = prepare(config, module, data)
     end_leftover_ray(config.run_dir)  # of a search of this run that was killed (kill -9)
     with stops(config.name, config.runs_dir) as interrupts:
         try:
@@ -138,7 +142,7 @@ def _trials(
         try:
             with interrupts.trials():
                 results = tuner.fit()
-            return trial_records(results)
+            return trial_records(results, config.task.metric_name)
         except OSError as exc:  # the experiment state or a trial result could not be written
             raise OutputError.wrap(
                 exc,
@@ -162,16 +166,18 @@ def payload_of(prepared: Prepared) -> TrialPayload:
         state_dict={k: v.detach().cpu().clone() for k, v in prepared.model.state_dict().items()},
         input_shape=prepared.input_shape,
         target=config.target.to_dict(),
-        dataset=config.dataset,
+        data=prepared.data_source,
         base_spec=prepared.base_spec.to_dict() if prepared.base_spec else None,
         profile=prepared.profile,
-        data_dir=config.data_dir,
         seed=config.seed,
         threads=max(1, int(config.cpus_per_trial)),
         batch_size=config.batch_size,
         round_to=config.round_to,
         score_steps=config.score_steps,
-        distill_weight=0.7 if config.distill else 0.0,
+        distill_weight=config.distill_weight if config.distill else 0.0,
+        finetune_lr=config.finetune_lr,
+        task=config.task,
+        runtime=config.runtime,
         fixed_options={name: config.fixed_options(name) for name in config.spaces},
     )
 

@@ -1,11 +1,11 @@
 """ASHA, run separately for each space.
 
-Every space reports ``acc`` while it searches, but they measure different things: DSA the
-soft-pruned network, DAIS the indicator-masked one, ``ratios`` its finetuned subnet. Stopping a
-DSA trial because a ratios trial reported a higher number at the same iteration would compare
-unlike with unlike, so each space gets its own ASHA, and trials compete only with trials of the
-same space. (Across spaces, only the final ``acc``, after the common score finetune, compares;
-the searcher sees that one.)
+Every space reports the search metric (``acc`` by default) while it searches, but they measure
+different things: DSA the soft-pruned network, DAIS the indicator-masked one, ``ratios`` its
+finetuned subnet. Stopping a DSA trial because a ratios trial reported a higher number at the same
+iteration would compare unlike with unlike, so each space gets its own ASHA, and trials compete
+only with trials of the same space. (Across spaces, only the final value, after the common score
+finetune, compares; the searcher sees that one.)
 """
 
 from __future__ import annotations

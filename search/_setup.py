@@ -17,13 +17,15 @@ import torch
 from torch import nn
 
 from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from prunetune.backend.data import DatasetSplits, load_dataset
-from prunetune.backend.errors import CheckpointError, PrunetuneError
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.datasources import DataSource
+from prunetune.backend.errors import CheckpointError, DataError, PrunetuneError
 from prunetune.backend.export import load_model
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef, create_model, dataset_kwargs
 from prunetune.backend.spec import SubnetSpec
-from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.backend.train import TrainConfig, train
+from prunetune.backend.training import evaluate
 from prunetune.estimators import Budget, LatencyProfile, cost_models
 from prunetune.search._config import SearchConfig
 
@@ -49,6 +51,7 @@ class Prepared:
         profile: the latency profile, when a latency target is set.
         trained: whether :attr:`model` holds trained weights.
         source: where the weights come from, for the report.
+        data_source: how every trial loads the data again.
     """
 
     config: SearchConfig
@@ -62,6 +65,7 @@ class Prepared:
     profile: LatencyProfile | None
     trained: bool
     source: str
+    data_source: DataSource
 
     @property
     def dense_costs(self) -> dict[str, float]:
@@ -71,40 +75,47 @@ class Prepared:
         return {metric: float(cost.evaluate(widths)) for metric, cost in costs.items()}
 
 
-def prepare(config: SearchConfig, module: nn.Module | None = None) -> Prepared:
+def prepare(config: SearchConfig, module: nn.Module | None = None, data: object = None) -> Prepared:
     """Load and check everything the search starts from; write nothing.
 
     Args:
         config: the search.
         module: the dense model as a module object (the Python API), used as it is (its weights
             count as trained) instead of building ``config.model``.
+        data: with ``config.dataset == "python"``, the split objects (the Python API's).
 
     Raises:
         PrunetuneError: unknown model, unreadable checkpoint or profile, missing data, a
             profile of another model, or a target no subnet can meet.
     """
-    data = load_dataset(config.dataset, root=config.data_dir, seed=config.seed)
+    data_source = config.data_source(data)
+    splits = data_source.check()
     base_spec = None
     if config.checkpoint:
         expect = ModelRef(config.model) if config.model else None
         loaded = load_model(config.checkpoint, expect, config.trust_model_code)
         model, ref, shape = loaded.model, loaded.ref, tuple(loaded.input_shape)
         base_spec, trained, source = loaded.spec, True, str(config.checkpoint)
-        if tuple(shape[1:]) != data.image_shape:
+        if tuple(shape[1:]) != splits.image_shape:
             raise CheckpointError(
                 f"checkpoint {config.checkpoint!r} takes {'x'.join(map(str, shape[1:]))} inputs, "
-                f"but {config.dataset} images are {'x'.join(map(str, data.image_shape))}"
+                f"but {config.dataset} images are {'x'.join(map(str, splits.image_shape))}"
             )
     elif module is not None:
         model, ref = copy.deepcopy(module), ModelRef.for_instance(module)
-        shape, trained, source = data.input_shape(1), True, "the module given"
+        shape, trained, source = splits.input_shape(1), True, "the module given"
     else:
         name = str(config.model)  # SearchConfig requires a model without a checkpoint
         if ":" not in name:
             create_model(name)  # unknown names fail with the valid ones
-        ref = ModelRef(name, dataset_kwargs(name, data.num_classes, data.in_channels))
-        shape = data.input_shape(1)
-        cached = _cached_dense(config, ref, data)
+        if splits.num_classes < 1:
+            raise DataError(
+                f"cannot tell how many classes {config.dataset!r} has to build {name!r}: give "
+                "the splits a classes attribute or num_classes, or pass a model object"
+            )
+        ref = ModelRef(name, dataset_kwargs(name, splits.num_classes, splits.in_channels))
+        shape = splits.input_shape(1)
+        cached = _cached_dense(config, ref, splits)
         if cached is not None:
             model, trained, source = cached, True, str(config.run_dir / DENSE_FILE)
         else:
@@ -115,7 +126,7 @@ def prepare(config: SearchConfig, module: nn.Module | None = None) -> Prepared:
     budget = config.target.resolve(cost_models(graph, profile))
     return Prepared(
         config=config,
-        data=data,
+        data=splits,
         ref=ref,
         model=model,
         input_shape=tuple(shape),
@@ -125,6 +136,7 @@ def prepare(config: SearchConfig, module: nn.Module | None = None) -> Prepared:
         profile=profile,
         trained=trained,
         source=source,
+        data_source=data_source,
     )
 
 
@@ -156,8 +168,14 @@ def train_dense(prepared: Prepared, say: Callable[[str], None]) -> Path:
         prepared.data,
         TrainConfig(epochs=config.dense_epochs, seed=config.seed, distill_weight=0.0),
         on_epoch=lambda report: say("  " + report.line()),
+        task=config.task,
+        runtime=config.runtime,
     )
-    _, test_acc = evaluate(prepared.model, prepared.data.test)
+    data = prepared.data
+    _, test_acc = evaluate(
+        prepared.model, data.test, config.task, config.runtime, workers=data.workers
+    )
+    prepared.model.cpu()
     info = Checkpoint(
         model=prepared.ref,
         input_shape=prepared.input_shape,

@@ -2,13 +2,14 @@
 
 The trainable gets ``config = {"space": name, name: {option: value, ...}}`` from the searcher and a
 :class:`TrialPayload` through Ray's object store (``tune.with_parameters``): the dense weights, the
-model's identity, the target and the dataset's name. Nothing is read from the driver's disk; the
-dataset is loaded on the node from its name (``digits`` is embedded; ``mnist``/``cifar10`` need
-``data_dir`` at the same path on every node).
+model's identity, the target and a :class:`DataSource`. Nothing is read from the driver's disk;
+each trial builds its own splits and loaders from the source (``digits`` is embedded; files need
+``data_dir`` at the same path on every node; split objects from Python travel in the payload).
 
-Every report carries the standard metrics (``acc``, ``flops``, ``params``, ``latency_ms``,
-``feasible``); the last one also carries ``spec_json`` (the subnet), ``search_acc`` (the space's
-own final accuracy); every report says where it ran (``node_id``, ``node_ip``, ``hostname``).
+Every report carries the standard metrics (the task's metric under its own name, ``acc`` by
+default; ``flops``, ``params``, ``latency_ms``, ``feasible``); the last one also carries
+``spec_json`` (the subnet) and ``search_<metric>`` (the space's own final value); every report
+says where it ran (``node_id``, ``node_ip``, ``hostname``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import copy
 import math
 import os
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,15 +27,16 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.data import DatasetSplits, TensorLoader, load_dataset
+from prunetune.backend.data import DatasetSplits
+from prunetune.backend.datasources import DataSource
 from prunetune.backend.errors import PrunetuneError
 from prunetune.backend.graph import ChannelGraph
-from prunetune.backend.io import atomic_write
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
-from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.backend.train import TrainConfig, train
+from prunetune.backend.training import Runtime, Task, evaluate, steps_per_pass
 from prunetune.estimators import LatencyProfile, Target, cost_models
 from prunetune.spaces import SpaceContext, create_space
 
@@ -41,7 +44,7 @@ __all__ = ["WEIGHTS_FILE", "TrialFailedError", "TrialPayload", "run_trial", "sco
 
 _RAISED_FILE = "prunetune-raised.txt"
 WEIGHTS_FILE = "subnet.pt"
-"""A finished trial's scored subnet weights (a state dict), in its trial folder."""
+"""A finished trial's scored subnet weights (a state dict), in its Tune checkpoint."""
 
 
 class TrialFailedError(PrunetuneError):
@@ -59,14 +62,16 @@ class TrialPayload:
         base_spec: the spec the dense model was already pruned with (an export checkpoint).
         target: the target (``Target.to_dict``).
         profile: the latency profile, for a latency target.
-        dataset: dataset name; loaded on the worker.
-        data_dir: its directory (mnist/cifar10), the same path on every node.
+        data: where the data comes from; loaded on the worker.
         seed: the split's and every trial's seed.
         threads: torch threads per trial (the CPUs Ray gives it).
         batch_size: examples per training step.
         round_to: every space keeps widths at multiples of this (``SpaceContext.round_to``).
         score_steps: steps of the common score finetune.
         distill_weight: share of distillation from the dense model in that finetune.
+        finetune_lr: peak learning rate of that finetune.
+        task: the output used, loss and metric of every loop.
+        runtime: device and precision of every loop (``auto``: the GPU Ray gave the trial).
         fixed_options: options set (not searched) by space name.
         module: the dense model itself when it was given as a module object (it has no
             factory to rebuild it from ``model_ref``).
@@ -76,16 +81,18 @@ class TrialPayload:
     state_dict: dict[str, Tensor]
     input_shape: tuple[int, ...]
     target: dict[str, Any]
-    dataset: str
+    data: DataSource
     base_spec: dict[str, Any] | None = None
     profile: LatencyProfile | None = None
-    data_dir: str | None = None
     seed: int = 0
     threads: int = 1
     batch_size: int = 64
     round_to: int = 1
     score_steps: int = 150
     distill_weight: float = 0.7
+    finetune_lr: float = 0.01
+    task: Task = field(default_factory=Task)
+    runtime: Runtime = field(default_factory=Runtime)
     fixed_options: dict[str, dict[str, Any]] = field(default_factory=dict)
     module: nn.Module | None = None
 
@@ -120,11 +127,13 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
 
 
 def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
+    from ray import tune
+
     torch.set_num_threads(max(1, payload.threads))
     name = str(config["space"])
     options = {**payload.fixed_options.get(name, {}), **dict(config.get(name) or {})}
     space = create_space(name, **options)
-    data = load_dataset(payload.dataset, root=payload.data_dir, seed=payload.seed)
+    data = payload.data.load()
     dense = payload.build_model()
     graph = ChannelGraph.trace(dense, torch.zeros(payload.input_shape))
     costs = cost_models(graph, payload.profile)
@@ -138,12 +147,16 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
         seed=payload.seed,
         batch_size=payload.batch_size,
         round_to=payload.round_to,
+        task=payload.task,
+        runtime=payload.runtime,
     )
 
     where = _where()
 
+    metric = payload.task.metric_name
+
     def forward(metrics: dict[str, Any]) -> None:
-        if "acc" in metrics and "flops" in metrics:
+        if metric in metrics and "flops" in metrics:
             report({**_plain(metrics), "space": name, "phase": "search", **where})
 
     result = space.run(context, report=forward)
@@ -151,8 +164,8 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
     if result.state_dict is not None:
         start.load_state_dict(result.state_dict)
     subnet = prune_model(start, graph, result.spec)
-    acc = score_subnet(subnet, dense, data, payload)
-    _save_weights(subnet)
+    score = score_subnet(subnet, dense, data, payload)
+    subnet.cpu()
     measured = {
         "flops": float(count_flops(subnet, torch.zeros(payload.input_shape))),
         "params": float(count_params(subnet)),
@@ -161,37 +174,42 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
         else math.nan,
     }
     feasible = all(measured[m] <= limit * (1 + 1e-9) for m, limit in budget.limits.items())
-    report(
-        {
-            "acc": acc,
-            **measured,
-            "feasible": feasible,
-            "space": name,
-            "phase": "final",
-            "search_acc": float(result.metrics.get("acc", math.nan)),
-            "spec_json": result.spec.to_json(indent=None),
-            **where,
-        }
-    )
+    final = {
+        metric: score,
+        **measured,
+        "feasible": feasible,
+        "space": name,
+        "phase": "final",
+        f"search_{metric}": float(result.metrics.get(metric, math.nan)),
+        "spec_json": result.spec.to_json(indent=None),
+        **where,
+    }
+    # the scored weights go into a Tune checkpoint: Tune persists it to the run's storage from
+    # whichever node ran the trial, and the final finetune continues from it if this trial wins
+    with tempfile.TemporaryDirectory(prefix="prunetune-subnet-") as folder:
+        state = {k: v.detach().cpu() for k, v in subnet.state_dict().items()}
+        torch.save(state, Path(folder) / WEIGHTS_FILE)
+        report(final, checkpoint=tune.Checkpoint.from_directory(folder))
 
 
 def score_subnet(
     subnet: nn.Module, teacher: nn.Module, data: DatasetSplits, payload: TrialPayload
 ) -> float:
-    """The common score: a short finetune (distilled from the dense model), then val accuracy.
+    """The common score: a short finetune (distilled from the dense model), then the task's
+    metric on the validation split.
 
-    Every space's subnet gets the same steps, so accuracies compare across spaces.
+    Every space's subnet gets the same steps, so the values compare across spaces.
     """
-    steps_per_epoch = len(TensorLoader(data.train, payload.batch_size))
+    steps_per_epoch = steps_per_pass(data.train, payload.batch_size)
     config = TrainConfig(
         epochs=payload.score_steps / steps_per_epoch,
-        lr=0.01,
+        lr=payload.finetune_lr,
         batch_size=payload.batch_size,
         distill_weight=payload.distill_weight,
         seed=payload.seed,
     )
-    train(subnet, data, config, teacher=teacher)
-    return float(evaluate(subnet, data.val)[1])
+    train(subnet, data, config, teacher=teacher, task=payload.task, runtime=payload.runtime)
+    return float(evaluate(subnet, data.val, payload.task, payload.runtime, workers=data.workers)[1])
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -219,15 +237,6 @@ def _where() -> dict[str, Any]:
         "hostname": socket.gethostname(),
         "pid": os.getpid(),
     }
-
-
-def _save_weights(subnet: nn.Module) -> None:
-    """Keep the scored subnet's weights in the trial's folder: if it wins, the final finetune
-    continues from them instead of starting again from the dense weights."""
-    trial_dir = _trial_dir()
-    if trial_dir is not None:
-        state = {k: v.detach().cpu() for k, v in subnet.state_dict().items()}
-        atomic_write(trial_dir / WEIGHTS_FILE, lambda path: torch.save(state, path))
 
 
 def _trial_dir() -> Path | None:

@@ -5,11 +5,12 @@ that space's own hyper-parameters, so each space keeps its conditional options (
 prefixed ``<space>/`` and arrive as ``config = {"space": s, s: {...}}``). Optuna's sampler is TPE,
 or with ``sampler="random"`` independent random draws (a baseline for the search itself). The
 first trials run each chosen space once (``points_to_evaluate``), so a short search still tries
-them all. ASHA stops weak trials on the spaces' intermediate ``acc`` reports, separately for each
-space (see :mod:`prunetune.search._scheduler`). With ``pareto`` the searcher is multi-objective
-(``acc`` up,
-``flops`` down); ASHA then still ranks on ``acc`` alone, and Optuna sees only final results
-(Ray's OptunaSearch skips intermediate values for several objectives).
+them all. Everything ranks by the task's metric under its own name (``acc`` for top-1, ``miou``,
+a user metric's ``name``; higher is better). ASHA stops weak trials on the spaces' intermediate
+reports of it, separately for each space (see :mod:`prunetune.search._scheduler`). With
+``pareto`` the searcher is multi-objective (the metric up, ``flops`` down); ASHA then still ranks
+on the metric alone, and Optuna sees only final results (Ray's OptunaSearch skips intermediate
+values for several objectives).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def make_tuner(
             resume_errored=False,
             restart_errored=False,
         )
-    metric: Any = ["acc", "flops"] if config.pareto else "acc"
+    name = config.task.metric_name
+    metric: Any = [name, "flops"] if config.pareto else name
     mode: Any = ["max", "min"] if config.pareto else "max"
     first = [{"space": name} for name in config.spaces[: config.trials]]
     searcher = OptunaSearch(
@@ -126,7 +128,7 @@ def make_tuner(
         points_to_evaluate=first,
         sampler=make_sampler(config),
     )
-    scheduler = PerSpaceASHA(metric="acc", mode="max", grace_period=config.grace_period)
+    scheduler = PerSpaceASHA(metric=name, mode="max", grace_period=config.grace_period)
     return tune.Tuner(
         trainable(config, payload),
         tune_config=tune.TuneConfig(
@@ -140,7 +142,7 @@ def make_tuner(
             name=EXPERIMENT,
             storage_path=str(storage),
             failure_config=tune.FailureConfig(max_failures=config.max_failures),
-            callbacks=[ProgressLine(config.trials)],
+            callbacks=[ProgressLine(config.trials, metric=name)],
             verbose=0,
         ),
     )
@@ -179,8 +181,8 @@ def trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def trial_records(results: tune.ResultGrid) -> list[TrialRecord]:
-    """One record per trial of a finished ``Tuner.fit``."""
+def trial_records(results: tune.ResultGrid, metric: str = "acc") -> list[TrialRecord]:
+    """One record per trial of a finished ``Tuner.fit``; ``metric`` names the search metric."""
     records = []
     for index in range(len(results)):
         result = results[index]
@@ -200,7 +202,8 @@ def trial_records(results: tune.ResultGrid) -> list[TrialRecord]:
                 trial_id=trial_id,
                 space=str(config.get("space", metrics.get("space", "?"))),
                 status=status,  # type: ignore[arg-type]
-                acc=_number(metrics.get("acc")),
+                score=_number(metrics.get(metric)),
+                metric=metric,
                 flops=_number(metrics.get("flops")),
                 params=_number(metrics.get("params")),
                 latency_ms=_number(metrics.get("latency_ms")) or math.nan,
@@ -209,17 +212,28 @@ def trial_records(results: tune.ResultGrid) -> list[TrialRecord]:
                 node_id=metrics.get("node_id"),
                 config=config,
                 spec_json=metrics.get("spec_json") if status == "finished" else None,
-                weights=_weights_file(result.path) if status == "finished" else None,
+                weights=_weights_file(result) if status == "finished" else None,
             )
         )
     return records
 
 
-def _weights_file(trial_path: str | None) -> str | None:
-    """The trial's kept subnet weights, when its folder holds them."""
-    if not trial_path:
+def _weights_file(result: Any) -> str | None:
+    """The scored subnet weights in the trial's Tune checkpoint, read through Tune's storage.
+
+    A checkpoint on a filesystem this process cannot read directly (cloud storage) is
+    downloaded first. ``None`` when the trial left no checkpoint, or it cannot be read.
+    """
+    checkpoint = result.checkpoint
+    if checkpoint is None:
         return None
-    path = Path(trial_path) / WEIGHTS_FILE
+    path = Path(checkpoint.path) / WEIGHTS_FILE
+    if path.is_file():
+        return str(path)
+    try:
+        path = Path(checkpoint.to_directory()) / WEIGHTS_FILE
+    except Exception:  # storage unreachable from here: the final finetune says so
+        return None
     return str(path) if path.is_file() else None
 
 

@@ -32,6 +32,7 @@ from prunetune.backend.importance import channel_importance
 from prunetune.backend.models import ModelRef
 from prunetune.backend.pruning import alignment, check_round_to, cost_widths, normalised_importance
 from prunetune.backend.spec import SubnetSpec
+from prunetune.backend.training import Runtime, Task, batches, endless, evaluate
 from prunetune.estimators import Budget
 
 __all__ = [
@@ -65,6 +66,9 @@ class SpaceContext:
         round_to: final widths are multiples of this (and of each group's step) where the
             group is that wide (:func:`prunetune.backend.pruning.alignment`); 8 or 16 suit CPU
             kernels.
+        task: the model output used, the loss and the metric every inner loop uses; spaces
+            report the metric under its own name.
+        runtime: the device and precision of every inner loop.
     """
 
     model: nn.Module
@@ -76,11 +80,59 @@ class SpaceContext:
     batch_size: int = 64
     importance: dict[str, Tensor] | None = None
     round_to: int = 1
+    task: Task = field(default_factory=Task)
+    runtime: Runtime = field(default_factory=Runtime)
 
     def __post_init__(self) -> None:
         check_round_to(self.round_to)
         if self.importance is None:
             self.importance = channel_importance(self.model, self.graph, "l1")
+
+    @property
+    def metric_name(self) -> str:
+        """The name spaces report the task's metric under (``acc`` for top-1)."""
+        return self.task.metric_name
+
+    def score(
+        self, model: nn.Module, split: Any = None, keep_mode: bool = False, batch_size: int = 512
+    ) -> float:
+        """The task's metric of ``model`` on ``split`` (default: the validation split).
+
+        ``keep_mode`` evaluates in the modes the caller set instead of eval mode.
+        """
+        return evaluate(
+            model,
+            self.data.val if split is None else split,
+            self.task,
+            self.runtime,
+            batch_size=batch_size,
+            workers=self.data.workers,
+            keep_mode=keep_mode,
+        )[1]
+
+    def train_batches(self, batch_size: int | None = None, seed_offset: int = 0) -> Any:
+        """One pass of shuffled (and, for the built-ins, augmented) training batches."""
+        return batches(
+            self.data.train,
+            batch_size or self.batch_size,
+            shuffle=True,
+            seed=self.seed + seed_offset,
+            augment=self.data.augment,
+            workers=self.data.workers,
+            runtime=self.runtime,
+        )
+
+    def val_batches(self, batch_size: int | None = None, seed_offset: int = 1) -> Any:
+        """Shuffled validation batches for ever (architecture steps learn on them)."""
+        loader = batches(
+            self.data.val,
+            batch_size or self.batch_size,
+            shuffle=True,
+            seed=self.seed + seed_offset,
+            workers=self.data.workers,
+            runtime=self.runtime,
+        )
+        return endless(loader)
 
     @property
     def group_names(self) -> tuple[str, ...]:

@@ -41,21 +41,26 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import Tensor
 
-from prunetune.backend.data import TensorLoader
 from prunetune.backend.graph import ChannelGraph, ChannelGroup
 from prunetune.backend.masks import ChannelMasker, masks_from_spec
 from prunetune.backend.spec import SubnetSpec
-from prunetune.backend.train import evaluate
-from prunetune.estimators import Budget, recalibrate_bn
+from prunetune.backend.training import (
+    Optimization,
+    Stepper,
+    frozen_bn,
+    recalibrate_bn,
+    sgd,
+    steps_per_pass,
+)
+from prunetune.estimators import Budget
 from prunetune.spaces._base import (
     Report,
     Space,
@@ -258,7 +263,7 @@ class _DaisRun:
         self.report = report
         self.groups = context.graph.prunable_groups
         self.budget = context.budget
-        self.model = copy.deepcopy(context.model)
+        self.model = context.runtime.model(copy.deepcopy(context.model))
         self.masker = ChannelMasker(self.model, context.graph)
         importance = context.importance or {}
         self.logits = [
@@ -282,21 +287,19 @@ class _DaisRun:
         return self.budget.relaxed_ratios(alpha)
 
     def search(self) -> SpaceResult:
-        options, data = self.options, self.context.data
-        batch_size = self.context.batch_size
-        seed = self.context.seed
-        train_loader = TensorLoader(data.train, batch_size, True, seed, data.augment)
-        val_batches = _cycle(TensorLoader(data.val, batch_size, True, seed + 1))
-        steps_per_epoch = len(train_loader)
+        options, context = self.options, self.context
+        train_loader = context.train_batches()
+        val_batches = context.val_batches()
+        steps_per_epoch = steps_per_pass(context.data.train, context.batch_size)
         total = max(1, math.ceil(options.epochs * steps_per_epoch))
         report_every = max(1, steps_per_epoch // _REPORTS_PER_EPOCH)
-        weight_optimizer = _sgd(self.model, options.weight_lr)
+        weight_optimizer = sgd(self.model, Optimization(options.weight_lr))
+        weights = Stepper(self.masker, weight_optimizer, context.task, context.runtime)
         arch_lr = options.arch_lr
         if arch_lr is None:  # a logit may cross from a0 to the cut in 1/arch_travel of the run
             arch_lr = options.arch_travel * max(options.logit_init, 0.1) / total
         self.arch_lr = arch_lr
         arch_optimizer = torch.optim.Adam(self.logits, lr=arch_lr)
-        norms = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
         step = 0
         losses: tuple[float, float, float] = (math.nan, math.nan, math.nan)
         while step < total:
@@ -312,12 +315,9 @@ class _DaisRun:
                 )
                 self.masker.train()
                 self.masker.set_masks(self.indicators(detach=True))
-                train_loss = F.cross_entropy(self.masker(x), y)
-                weight_optimizer.zero_grad(set_to_none=True)
-                train_loss.backward()
-                weight_optimizer.step()
-                val_loss, penalty = self._arch_step(arch_optimizer, next(val_batches), norms)
-                losses = (train_loss.item(), val_loss, penalty)
+                train_loss, _ = weights.step(x, y)
+                val_loss, penalty = self._arch_step(arch_optimizer, next(val_batches))
+                losses = (train_loss, val_loss, penalty)
                 step += 1
                 if step % report_every == 0 or step == total:
                     self._report(step, step / steps_per_epoch, losses)
@@ -326,20 +326,15 @@ class _DaisRun:
     def _arch_step(
         self,
         optimizer: torch.optim.Optimizer,
-        batch: tuple[Tensor, Tensor],
-        norms: Sequence[_BatchNorm],
+        batch: tuple[Any, Any],
     ) -> tuple[float, float]:
         """One Adam step on the logits; BN keeps its running statistics (momentum 0)."""
-        options = self.options
-        x, y = batch
+        options, runtime = self.options, self.context.runtime
+        x, y = runtime.batch(*batch)
         indicators = self.indicators()
         self.masker.set_masks(indicators)
-        momenta = [norm.momentum for norm in norms]
-        for norm in norms:
-            norm.momentum = 0.0
-        val_loss = F.cross_entropy(self.masker(x), y)
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
+        with frozen_bn(self.model), runtime.autocast():
+            val_loss = self.context.task.loss_of(self.masker(x), y).float().cpu()
         every = torch.cat([indicators[g.name] for g in self.groups])
         penalty = band_penalty(self.expected_ratios(indicators), options.band)
         loss = val_loss + options.lambda_sparsity * every.mean() + options.lambda_budget * penalty
@@ -358,11 +353,18 @@ class _DaisRun:
 
     def _subnet_accuracy(self, spec: SubnetSpec) -> float:
         """Proxy accuracy of ``spec`` as hard masks; BN statistics are restored afterwards."""
-        data = self.context.data
+        context = self.context
         saved = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
-        self.masker.set_masks(masks_from_spec(self.context.graph, spec))
-        recalibrate_bn(self.masker, data.train, _CALIBRATION_BATCHES, self.context.batch_size)
-        accuracy = evaluate(self.masker, data.val)[1]
+        self.masker.set_masks(masks_from_spec(context.graph, spec))
+        recalibrate_bn(
+            self.masker,
+            context.data.train,
+            _CALIBRATION_BATCHES,
+            context.batch_size,
+            context.runtime,
+            context.data.workers,
+        )
+        accuracy = self._evaluate()
         for name, buffer in self.model.named_buffers():
             buffer.copy_(saved[name])
         return accuracy
@@ -374,7 +376,7 @@ class _DaisRun:
             ratios = {m: float(r) for m, r in self.expected_ratios(indicators).items()}
             every = torch.cat([indicators[g.name] for g in self.groups])
             self.masker.set_masks(indicators)
-            soft_accuracy = evaluate(self.masker, self.context.data.val)[1]
+            soft_accuracy = self._evaluate()
         state: dict[str, Any] = {"temperature": self.temperature, "acc_soft": soft_accuracy}
         for metric, ratio in ratios.items():
             state[f"expected_{metric}"] = ratio * self.budget.limits[metric]
@@ -382,11 +384,15 @@ class _DaisRun:
         state["undecided_share"] = float(((every > 0.1) & (every < 0.9)).float().mean())
         return state
 
+    def _evaluate(self) -> float:
+        """The task's metric of the masked model on the validation split."""
+        return self.context.score(self.masker)
+
     def _report(self, step: int, epoch: float, losses: tuple[float, float, float]) -> None:
         widths = threshold_widths(self.groups, self._scores(), 0.0)
         spec = _spec(self.context, widths, self._scores())
         metrics: dict[str, Any] = {"step": step, "epoch": epoch, **self._state()}
-        metrics["acc"] = self._subnet_accuracy(spec)
+        metrics[self.context.metric_name] = self._subnet_accuracy(spec)
         metrics.update(self.context.metrics(widths))
         metrics["utilisation"] = self.budget.utilisation(widths)
         metrics.update(zip(("loss_train", "loss_val", "band_penalty"), losses, strict=True))
@@ -404,7 +410,7 @@ class _DaisRun:
         chosen = dataclasses.replace(self.context, importance=ranking)
         spec, final = finalize(chosen, widths)
         metrics: dict[str, Any] = {"step": step, **self._state()}
-        metrics["acc"] = self._subnet_accuracy(spec)
+        metrics[self.context.metric_name] = self._subnet_accuracy(spec)
         metrics.update(self.context.metrics(final))
         metrics["utilisation"] = self.budget.utilisation(final)
         metrics.update(zip(("loss_train", "loss_val", "band_penalty"), losses, strict=True))
@@ -413,7 +419,7 @@ class _DaisRun:
         for metric, value in self.budget.evaluate(widths).items():
             metrics[f"extracted_{metric}"] = float(value)
         self.masker.clear_masks()
-        state_dict = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state_dict = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return SpaceResult(spec, metrics, state_dict=state_dict, history=self.history)
 
 
@@ -432,18 +438,3 @@ def _initial_logits(importance: Tensor | None, size: int, logit_init: float) -> 
         scores = scores / scores.mean() if float(scores.mean()) > 0 else torch.ones(size)
     logits = logit_init * torch.clamp(scores, 0.0, 2.0)
     return logits.float().requires_grad_(True)
-
-
-def _sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    groups: list[dict[str, Any]] = [
-        {"params": decay, "weight_decay": 5e-4},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
-
-
-def _cycle(loader: TensorLoader) -> Iterator[tuple[Tensor, Tensor]]:
-    while True:
-        yield from loader

@@ -40,22 +40,25 @@ Our adaptations (not in the paper):
 from __future__ import annotations
 
 import copy
-import itertools
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from prunetune.backend.data import TensorLoader
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.masks import ChannelMasker, masks_from_spec
-from prunetune.backend.train import evaluate
+from prunetune.backend.training import (
+    Optimization,
+    Stepper,
+    endless,
+    first_examples,
+    frozen_bn,
+    recalibrate_bn,
+    sgd,
+)
 from prunetune.estimators import Budget
-from prunetune.estimators._proxy import recalibrate_bn
 from prunetune.spaces._base import (
     Report,
     Space,
@@ -343,7 +346,8 @@ class _Supernet:
     """The masked copy of the dense model that every sampled subnet trains and is scored in."""
 
     def __init__(self, context: SpaceContext, options: DDPNASOptions) -> None:
-        self.model = copy.deepcopy(context.model)
+        self.context = context
+        self.model = context.runtime.model(copy.deepcopy(context.model))
         data = self.data = context.data
         self.options = options
         self.masker = ChannelMasker(self.model, context.graph)
@@ -354,15 +358,14 @@ class _Supernet:
             order = torch.argsort(scores, descending=True, stable=True)
             self.ranks.append(torch.empty_like(order).scatter_(0, order, torch.arange(group.size)))
         self.names = context.group_names
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            parameters, lr=options.lr, momentum=0.9, nesterov=True, weight_decay=5e-4
+        self.stepper = Stepper(
+            self.masker,
+            sgd(self.model, Optimization(options.lr)),
+            task=context.task,
+            runtime=context.runtime,
         )
-        loader = TensorLoader(data.train, context.batch_size, True, context.seed, data.augment)
-        self.batches = itertools.chain.from_iterable(itertools.repeat(loader))
-        self.score_split = data.val.subset(options.eval_examples)
-        self.norms = [m for m in self.model.modules() if isinstance(m, _BatchNorm)]
-        self.steps = 0
+        self.batches = endless(context.train_batches())
+        self.score_split = first_examples(data.val, options.eval_examples)
 
     def use(self, widths: np.ndarray) -> None:
         """Mask every group to its top-``width`` channels by importance."""
@@ -374,34 +377,43 @@ class _Supernet:
         self.use(widths)
         self.masker.train()
         for _ in range(steps):
-            x, y = next(self.batches)
-            loss = F.cross_entropy(self.masker(x), y)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.steps += 1
+            self.stepper.step(*next(self.batches))
+
+    @property
+    def steps(self) -> int:
+        """Weight steps taken so far."""
+        return self.stepper.steps
+
+    def evaluate(self, split: Any, keep_mode: bool = False, batch_size: int = 512) -> float:
+        """The task's metric of the masked supernet on ``split``."""
+        return self.context.score(self.masker, split, keep_mode, batch_size)
+
+    def recalibrate(self) -> None:
+        """BN statistics of the current masks from a few training batches."""
+        context = self.context
+        recalibrate_bn(
+            self.masker,
+            self.data.train,
+            self.options.calibration_batches,
+            runtime=context.runtime,
+            workers=self.data.workers,
+        )
 
     @torch.no_grad()
     def score(self, widths: np.ndarray) -> float:
         """Validation accuracy of subnet ``widths`` on the fixed scoring batch (BN-safe)."""
         self.use(widths)
-        norms, split = self.norms, self.score_split
+        split = self.score_split
         if self.options.evaluation == "recalibrate":
-            saved = [copy.deepcopy(norm.state_dict()) for norm in norms]
-            recalibrate_bn(self.masker, self.data.train, self.options.calibration_batches)
-            accuracy = evaluate(self.masker, split)[1]
-            for norm, state in zip(norms, saved, strict=True):
-                norm.load_state_dict(state)
+            saved = {name: buffer.clone() for name, buffer in self.model.named_buffers()}
+            self.recalibrate()
+            accuracy = self.evaluate(split)
+            for name, buffer in self.model.named_buffers():
+                buffer.copy_(saved[name])
             return accuracy
-        momenta = [norm.momentum for norm in norms]
         self.masker.eval()  # dropout and the like off; BN alone uses the batch's statistics
-        for norm in norms:
-            norm.train()
-            norm.momentum = 0.0  # running statistics unchanged
-        accuracy = float((self.masker(split.x).argmax(1) == split.y).float().mean())
-        for norm, momentum in zip(norms, momenta, strict=True):
-            norm.momentum = momentum
-        return accuracy
+        with frozen_bn(self.masker, batch_statistics=True):  # running statistics unchanged
+            return self.evaluate(split, keep_mode=True, batch_size=max(1, len(split)))
 
 
 @register_space
@@ -477,7 +489,7 @@ class DDPNASSpace(Space):
                 scores = history_scores(estimate, active, valid, pruned_theta, widths)
                 chosen = widths[rows, constrained_choice(scores, widths, budget)]
                 emit({
-                    "acc": supernet.score(chosen),
+                    context.metric_name: supernet.score(chosen),
                     **context.metrics(named(chosen)),
                     "step": supernet.steps,
                     "epoch": epoch,
@@ -499,11 +511,11 @@ class DDPNASSpace(Space):
         chosen = widths[rows, choice]
         spec, final = finalize(context, named(chosen))
         supernet.masker.set_masks(masks_from_spec(context.graph, spec))
-        recalibrate_bn(supernet.masker, context.data.train, options.calibration_batches)
-        accuracy = evaluate(supernet.masker, context.data.val)[1]
+        supernet.recalibrate()
+        accuracy = supernet.evaluate(context.data.val)
         supernet.masker.clear_masks()
         metrics = {
-            "acc": accuracy,
+            context.metric_name: accuracy,
             **context.metrics(final),
             "step": supernet.steps,
             "epoch": epoch,
@@ -516,5 +528,5 @@ class DDPNASSpace(Space):
             metrics[f"expected_{metric}"] = float(cost.relaxed(alpha))  # under theta
             metrics[f"chosen_{metric}"] = float(cost.evaluate(named(chosen)))  # before finalize
         emit(metrics)
-        state = {k: v.detach().clone() for k, v in supernet.model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in supernet.model.state_dict().items()}
         return SpaceResult(spec=spec, metrics=metrics, state_dict=state, history=history)

@@ -40,7 +40,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -48,11 +48,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunetune.backend.data import Split, TensorLoader
 from prunetune.backend.graph import ChannelGraph, ChannelGroup
 from prunetune.backend.masks import ChannelMasker, masks_from_spec
 from prunetune.backend.spec import select_channels
-from prunetune.backend.train import evaluate
+from prunetune.backend.training import (
+    Optimization,
+    Stepper,
+    cosine_schedule,
+    sgd,
+    steps_per_pass,
+)
 from prunetune.spaces._base import (
     Report,
     Space,
@@ -160,12 +165,6 @@ def _standardised_log(scores: Tensor) -> Tensor:
     return (logs - logs.mean()) / logs.std(unbiased=False).clamp_min(1e-6)
 
 
-def _batches(split: Split, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
-    loader = TensorLoader(split, batch_size, shuffle=True, seed=seed)
-    while True:
-        yield from loader
-
-
 def _check(name: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
     number = isinstance(value, int | float) and not isinstance(value, bool)
     if not (number and (low < value if low_open else low <= value) and value <= high):
@@ -189,7 +188,8 @@ class DSASpace(Space):
 
         Attributes:
             epochs: passes over the training split (weight steps; ADMM steps interleave).
-            batch_size: examples per weight step and per theta step.
+            batch_size: examples per weight step and per theta step; ``None`` (the default):
+                the search's batch size.
             lr: peak learning rate of the weights (SGD, Nesterov momentum 0.9, cosine decay).
             weight_decay: L2 penalty on conv and linear weights.
             weight_steps: weight steps between two ADMM steps while over budget (paper: ~20).
@@ -209,7 +209,7 @@ class DSASpace(Space):
         """
 
         epochs: int = 6
-        batch_size: int = 64
+        batch_size: int | None = None
         lr: float = 0.02
         weight_decay: float = 5e-4
         weight_steps: int = 1
@@ -229,6 +229,8 @@ class DSASpace(Space):
         def __post_init__(self) -> None:
             for name in ("epochs", "batch_size", "weight_steps", "z_steps"):
                 value = getattr(self, name)
+                if name == "batch_size" and value is None:
+                    continue
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ValueError(f"dsa option {name}={value!r} must be an integer >= 1")
             for name in ("lr", "theta_lr", "rho1", "rho2", "z_lr", "beta2_0", "max_theta_step"):
@@ -267,7 +269,7 @@ class _DSARun:
     def __init__(self, options: Any, context: SpaceContext, report: Report | None) -> None:
         self.options, self.context, self.report = options, context, report
         self.generator = torch.Generator().manual_seed(context.seed)
-        self.model = copy.deepcopy(context.model)
+        self.model = context.runtime.model(copy.deepcopy(context.model))
         self.masker = ChannelMasker(self.model, context.graph)
         self.groups = context.graph.prunable_groups
         self.norms = [_norm_slices(self.model, group) for group in self.groups]
@@ -327,7 +329,11 @@ class _DSARun:
             mask[list(select_channels(group, widths[group.name], scores))] = 1.0
             masks[group.name] = mask
         self.masker.set_masks(masks)
-        return evaluate(self.masker, self.context.data.val)[1]
+        return self.evaluate()
+
+    def evaluate(self) -> float:
+        """The task's metric of the masked model on the validation split."""
+        return self.context.score(self.masker)
 
     # -- ADMM -----------------------------------------------------------------------------------
 
@@ -338,13 +344,15 @@ class _DSARun:
         with torch.no_grad():
             return bool((self.ratios(torch.sigmoid(theta)) <= 1.0).all())
 
-    def theta_step(self, x: Tensor, y: Tensor, beta2: float) -> None:
+    def theta_step(self, x: Any, y: Any, beta2: float) -> None:
         """One SGD step on ``s L_val + u2^T (theta - z) + rho2/2 ||theta - z||^2``, grad >= 0."""
-        opts = self.options
+        opts, runtime = self.options, self.context.runtime
         theta = self.theta.clone().requires_grad_(True)
         self.sample_masks(torch.sigmoid(theta), beta2)
         self.masker.eval()
-        loss = F.cross_entropy(self.masker(x), y)
+        x, y = runtime.batch(x, y)
+        with runtime.autocast():
+            loss = self.context.task.loss_of(self.masker(x), y)
         (grad,) = torch.autograd.grad(opts.loss_scale * loss, theta)
         # one batch and one mask sample make a noisy estimate, and the clamp below would turn
         # its noise into pruning: average it over theta steps
@@ -388,25 +396,18 @@ class _DSARun:
 
     def run(self) -> SpaceResult:
         opts, context = self.options, self.context
-        loader = TensorLoader(context.data.train, opts.batch_size, shuffle=True, seed=context.seed)
-        val_batches = _batches(context.data.val, opts.batch_size, context.seed + 1)
-        per_epoch = len(loader)
+        batch_size = opts.batch_size or context.batch_size
+        loader = context.train_batches(batch_size)
+        val_batches = context.val_batches(batch_size)
+        per_epoch = steps_per_pass(context.data.train, batch_size)
         total = opts.epochs * per_epoch
-        parameters = list(self.model.parameters())
-        optimizer = torch.optim.SGD(
-            [
-                {
-                    "params": [p for p in parameters if p.ndim > 1],
-                    "weight_decay": opts.weight_decay,
-                },
-                {"params": [p for p in parameters if p.ndim <= 1], "weight_decay": 0.0},
-            ],
-            lr=opts.lr,
-            momentum=0.9,
-            nesterov=True,
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / total))
+        optimizer = sgd(self.model, Optimization(opts.lr, weight_decay=opts.weight_decay))
+        stepper = Stepper(
+            self.masker,
+            optimizer,
+            task=context.task,
+            runtime=context.runtime,
+            scheduler=cosine_schedule(optimizer, total),
         )
         allocating = not self.within_budget(self.theta)
         deadline = max(1, round(opts.allocation_share * total))
@@ -415,7 +416,8 @@ class _DSARun:
             for x, y in loader:
                 beta2 = opts.beta2_0 * opts.growth ** (step / per_epoch)
                 if allocating and step % opts.weight_steps == 0:
-                    self.theta_step(*next(val_batches), beta2)
+                    x_val, y_val = next(val_batches)
+                    self.theta_step(x_val, y_val, beta2)
                     self.z_step()
                     allocating = not self.within_budget(self.theta)
                 if allocating and step + 1 >= deadline:
@@ -424,15 +426,11 @@ class _DSARun:
                 self.masker.train()
                 with torch.no_grad():
                     self.sample_masks(torch.sigmoid(self.theta), beta2)
-                loss = F.cross_entropy(self.masker(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+                stepper.step(x, y)
                 step += 1
             alpha = torch.sigmoid(self.theta)
             widths = self.hard_widths(alpha)
-            metrics = {**self.context.metrics(widths), "acc": self.hard_accuracy(widths)}
+            metrics = {**context.metrics(widths), context.metric_name: self.hard_accuracy(widths)}
             self.emit(metrics, alpha, step=step, epoch=epoch + 1, beta2=beta2)
         return self.finish(step, beta2)
 
@@ -458,14 +456,11 @@ class _DSARun:
         context = dataclasses.replace(self.context, importance=importance)
         spec, widths = finalize(context, {g.name: ratios[g.name] * g.size for g in self.groups})
         self.masker.set_masks(masks_from_spec(self.context.graph, spec))
-        metrics = {
-            **self.context.metrics(widths),
-            "acc": evaluate(self.masker, context.data.val)[1],
-        }
+        metrics = {**self.context.metrics(widths), context.metric_name: self.evaluate()}
         self.masker.clear_masks()
         rounded = self.context.metrics(self.hard_widths(alpha))
         metrics.update({f"rounded_{m}": rounded[m] for m in self.context.budget.limits})
         self.emit(metrics, alpha, step=step, beta2=beta2)
         metrics["keep_ratios"] = ratios
-        state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         return SpaceResult(spec, metrics, state_dict=state, history=list(self.history))

@@ -91,12 +91,22 @@ class DirectRatios(Space):
         metrics = dict(context.metrics(final))
 
         def emit(step: int, acc: float) -> None:
-            record = {**metrics, "acc": acc, "step": step}
+            record = {**metrics, context.metric_name: acc, "step": step}
             history.append(record)
             if report is not None:
                 report(record)
 
-        emit(0, proxy_accuracy(pruned, context.data.train, context.data.val))
+        emit(
+            0,
+            proxy_accuracy(
+                context.runtime.model(pruned),
+                context.data.train,
+                context.data.val,
+                task=context.task,
+                runtime=context.runtime,
+                workers=context.data.workers,
+            ),
+        )
         if options.finetune_epochs > 0:
             torch.manual_seed(context.seed)
             config = TrainConfig(
@@ -110,6 +120,8 @@ class DirectRatios(Space):
                 context.data,
                 config,
                 on_epoch=lambda r: emit(r.epoch, r.val_acc),
+                task=context.task,
+                runtime=context.runtime,
             )
         metrics.update(history[-1])
         return SpaceResult(spec=spec, metrics=metrics, state_dict=None, history=history)

@@ -19,8 +19,14 @@ REPO = Path(__file__).resolve().parent.parent
 README = (REPO / "README.md").read_text(encoding="utf-8")
 
 
-def _blocks(language: str) -> list[str]:
-    return re.findall(rf"```{language}\n(.*?)```", README, flags=re.DOTALL)
+_ILLUSTRATION = "<!-- illustration:"
+
+
+def _blocks(language: str, illustrations: bool = False) -> list[str]:
+    """The README's code blocks in ``language``: those that run here, or (``illustrations``)
+    those marked ``<!-- illustration: needs ... -->`` for lack of the user's data or a GPU."""
+    found = re.findall(rf"(<!-- illustration:[^\n]*-->\n)?```{language}\n(.*?)```", README, re.S)
+    return [code for marker, code in found if bool(marker) == illustrations]
 
 
 def _commands() -> list[list[str]]:
@@ -36,6 +42,29 @@ def _commands() -> list[list[str]]:
 
 def test_the_readme_has_code_to_check() -> None:
     assert len(_blocks("python")) == 2 and len(_commands()) >= 15
+    assert len(_blocks("python", illustrations=True)) == 2
+
+
+@pytest.mark.parametrize("index", range(len(_blocks("python", illustrations=True))))
+def test_illustrations_compile_and_call_real_arguments(index: int) -> None:
+    """What cannot run here (your data, a GPU) still parses, and every keyword it passes to a
+    ``prunetune`` function exists in that function's signature."""
+    import ast
+    import inspect
+
+    import prunetune
+
+    code = _blocks("python", illustrations=True)[index]
+    tree = ast.parse(code)
+    calls = 0
+    for node in ast.walk(tree):
+        func = getattr(node, "func", None)
+        if isinstance(func, ast.Attribute) and getattr(func.value, "id", "") == "prunetune":
+            accepted = inspect.signature(getattr(prunetune, func.attr)).parameters
+            for keyword in node.keywords:  # type: ignore[attr-defined]
+                assert keyword.arg in accepted, f"prunetune.{func.attr} takes no {keyword.arg}"
+            calls += 1
+    assert calls >= 1
 
 
 @pytest.mark.parametrize("index", range(len(_blocks("python"))))

@@ -174,7 +174,9 @@ def test_nan_loss_stops_training_before_the_weights_break(digits: object) -> Non
     model = create_model("small_cnn", num_classes=10, in_channels=1)
     poisoned = torch.nn.Sequential(model, _NanAfter(steps=3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(DivergedError, match=r"the loss is nan at step 4 .*lower the learning rate"):
+    with pytest.raises(
+        DivergedError, match=r"the loss became nan at step 4 .*lower the learning rate"
+    ):
         train(poisoned, digits, TrainConfig(epochs=1, batch_size=64))  # type: ignore[arg-type]
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -33,10 +33,12 @@ def _install(monkeypatch: pytest.MonkeyPatch, fake: Fake) -> list[_Point]:
     seen: list[_Point] = []
     counts: dict[tuple[str, int, int], int] = {}
     monkeypatch.setattr(
-        _profiling, "_layer_runner", lambda config, i, o, batch: _Point(config, i, o)
+        _profiling, "_layer_runner", lambda config, i, o, batch, device="cpu": _Point(config, i, o)
     )
 
-    def samples(point: _Point, warmup: int, repeats: int, min_total_s: float) -> list[float]:
+    def samples(
+        point: _Point, warmup: int, repeats: int, min_total_s: float, cuda: bool = False
+    ) -> list[float]:
         key = (point.kind, point.in_width, point.out_width)
         counts[key] = counts.get(key, 0) + 1
         seen.append(point)

@@ -5,6 +5,7 @@ Nothing here starts Ray: every refusal happens before it would.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,10 @@ import pytest
 import torch
 from ray import tune
 
+from prunetune.backend.errors import DeviceError
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef
+from prunetune.backend.training import Runtime
 from prunetune.cli import main
 from prunetune.estimators import Target, profile_model
 from prunetune.search import SearchConfig
@@ -175,3 +178,66 @@ def test_search_refuses_to_mix_into_an_existing_run(
     assert main([*argv, "--runs-dir", str(tmp_path / "runs")]) == 2
     assert "already exists" in capsys.readouterr().err
     assert sorted(p.name for p in run.parent.rglob("*")) == before
+
+
+@pytest.mark.parametrize(
+    ("error", "address", "env", "message"),
+    [
+        (
+            "Token authentication is enabled but no authentication token was found",
+            "10.0.0.5:6379",
+            {},
+            r"uses token authentication; set RAY_AUTH_TOKEN \(or RAY_AUTH_TOKEN_PATH\)",
+        ),
+        (
+            "Token authentication is enabled but the authentication token is invalid",
+            "ray://10.0.0.5:10001",
+            {"RAY_AUTH_TOKEN": "wrong"},
+            "uses token authentication; the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH is not",
+        ),
+        (
+            "Failed to get node info for possible node ids: []",
+            "10.0.0.5:6379",
+            {},
+            r"this machine is not a node of that cluster.*ray start --address HOST:PORT",
+        ),
+        ("Timed out after 60 s", "10.0.0.5:6379", {}, r"10\.0\.0\.5:6379: Timed out after 60 s$"),
+    ],
+    ids=["no token", "wrong token", "not a node", "other"],
+)
+def test_connection_errors_name_their_cause(
+    error: str, address: str, env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prunetune.search._cluster import connect_error
+
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    found = connect_error(address, RuntimeError(error))
+    assert str(found).startswith(f"cannot connect to the Ray cluster at {address}: ")
+    assert re.search(message, str(found))
+
+
+def test_device_precision_and_fractional_gpus_reach_the_trials() -> None:
+    config = SearchConfig.from_mapping(
+        {"flops": "50%", "model": "small_cnn", "device": "cuda:0", "gpus_per_trial": 0.25,
+         "precision": "bf16", "channels_last": True, "metric": "miou", "output": "0"}
+    )  # fmt: skip
+    assert config.runtime == Runtime(device="cuda:0", precision="bf16", channels_last=True)
+    assert config.task.metric_name == "miou" and config.task.output == 0
+    with pytest.raises(ValueError, match=r"device 'cuda' needs --gpus-per-trial above 0"):
+        SearchConfig(target=FLOPS_HALF, model="small_cnn", device="cuda")
+    with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:<index>"):
+        SearchConfig(target=FLOPS_HALF, model="small_cnn", device="tpu")
+    with pytest.raises(ValueError, match=r"cannot import metric .*'no_such_module:Metric'"):
+        SearchConfig(target=FLOPS_HALF, model="small_cnn", metric="no_such_module:Metric")
+
+
+def test_a_model_wider_than_the_gpu_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def out_of_memory(self: torch.nn.Module, *args: object, **kwargs: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB")
+
+    monkeypatch.setattr(torch.nn.Module, "to", out_of_memory)
+    with pytest.raises(DeviceError, match=r"does not fit on cpu \(CUDA out of memory.*smaller"):
+        Runtime(device="cpu").model(torch.nn.Linear(2, 2))

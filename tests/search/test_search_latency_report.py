@@ -57,11 +57,12 @@ def test_predicted_and_measured_side_by_side() -> None:
 
 
 def test_report_labels_predicted_and_measured_latency() -> None:
-    best = TrialRecord("t1", "ratios", "finished", acc=0.9, flops=1.0, params=1.0, feasible=True)
+    best = TrialRecord("t1", "ratios", "finished", score=0.9, flops=1.0, params=1.0, feasible=True)
     metrics = {
         "test_acc": 0.9, "dense_test_acc": 0.95, "val_acc": 0.9,
         "flops": 1.0, "dense_flops": 2.0, "params": 1.0, "dense_params": 2.0,
         "latency_ms": 0.419, "dense_latency_ms": 2.0, "measured_latency_ms": 0.53,
+        "start": "the trial's weights", "start_problem": "",
     }  # fmt: skip
     text = render(_prepared(0.45), [best], best, metrics)
     assert "| latency_ms (predicted) | 2ms | 0.419ms | 20.9% | 0.45ms |" in text

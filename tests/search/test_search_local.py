@@ -103,7 +103,8 @@ def test_search_exports_a_subnet_meeting_the_target_and_records_a_raising_trial(
     assert measured <= 0.5 * DENSE_FLOPS
     assert measured == result.metrics["flops"]
     report = result.report_path.read_text()
-    assert f"test accuracy: **{100 * result.metrics['test_acc']:.2f}%**" in report
+    assert f"- test accuracy: **{100 * result.metrics['test_acc']:.2f}%**" in report
+    assert "epochs of finetuning from the trial's weights" in report
     assert "| failed |" in report
     for figure in ("pareto.png", "widths.png"):
         assert (config.run_dir / figure).stat().st_size > 1000
@@ -195,16 +196,18 @@ def test_final_finetune_falls_back_to_dense_weights_when_the_trials_are_unreadab
 
     subnet = create_model("small_cnn")
     before = {k: v.clone() for k, v in subnet.state_dict().items()}
-    notes: list[str] = []
     corrupt = tmp_path / "subnet.pt"
     corrupt.write_bytes(b"not a state dict")
     record = TrialRecord(trial_id="t", space="dsa", status="finished", weights=str(corrupt))
-    assert _load_trial_weights(subnet, record, notes.append) == "the dense weights"
-    assert notes and "cannot use the trial's weights" in notes[0]
+    start, why = _load_trial_weights(subnet, record)
+    assert start == "the dense weights" and why.startswith("UnpicklingError")
     assert all(torch.equal(v, before[k]) for k, v in subnet.state_dict().items())
     other = create_model("small_cnn")
     torch.save(other.state_dict(), corrupt)
-    assert _load_trial_weights(subnet, record, notes.append) == "the trial's weights"
+    assert _load_trial_weights(subnet, record) == ("the trial's weights", "")
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in subnet.state_dict().items())
     none = TrialRecord(trial_id="t", space="dsa", status="finished")
-    assert _load_trial_weights(subnet, none, notes.append) == "the dense weights"
+    assert _load_trial_weights(subnet, none) == (
+        "the dense weights",
+        "the trial left no checkpoint readable from this driver",
+    )

@@ -14,6 +14,7 @@ import pytest
 import torch
 from ray import tune
 
+from prunetune.backend.datasources import DataSource
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef
 from prunetune.cli import build_parser, main
@@ -95,7 +96,7 @@ def test_make_tuner_hands_the_random_sampler_to_optuna(graph: ChannelGraph, tmp_
         state_dict=model.state_dict(),
         input_shape=(1, 1, 8, 8),
         target=config.target.to_dict(),
-        dataset="digits",
+        data=DataSource("digits"),
     )
     tuner = make_tuner(config, payload, graph, concurrency=2)
     # Tune has no public accessor for a Tuner's searcher; this is where it keeps it

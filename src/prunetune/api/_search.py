@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from prunetune.api._oneshot import TargetLike, as_target
+from prunetune.backend.datasources import PYTHON
 from prunetune.backend.models import ModelRef
 from prunetune.search import SearchConfig, SearchResult
 from prunetune.search import run_search as _run_search
@@ -19,8 +20,11 @@ def run_search(
     model: nn.Module | str,
     target: TargetLike,
     *,
-    data: str = "digits",
+    data: Any = "digits",
     data_dir: str | None = None,
+    loss: str | Callable[..., Any] = "cross_entropy",
+    metric: str | Callable[..., Any] = "top1",
+    output: str | int | None = None,
     spaces: Sequence[str] = (),
     trials: int = 16,
     name: str = "search",
@@ -46,9 +50,21 @@ def run_search(
             a zoo name / ``package.module:factory`` (trained first, for ``dense_epochs``).
         target: ``"flops<=50%"``, ``{"flops": "50%"}`` or a ``Target`` (FLOPs are
             multiply-accumulates; latency needs ``options["profile"]``).
-        data: the dataset: ``digits`` (embedded 8x8 digits), ``mnist`` or ``cifar10`` (files
-            in ``data_dir``); its images must fit the model's input.
+        data: the data, one of three ways: a name (``digits``, the embedded 8x8 digits;
+            ``mnist`` or ``cifar10`` files in ``data_dir``; ``imagefolder``: ``data_dir`` holds
+            ``train/``, ``val/`` and optionally ``test/`` folders of class folders), a factory
+            ``package.module:factory`` returning the splits, or the split objects themselves:
+            ``{"train": ..., "val": ..., "test": ...}`` (test optional, optional
+            ``num_classes``) or ``(train, val[, test])`` of ``Dataset``s of (input, target)
+            pairs or ``DataLoader``s. Objects travel to the trials through Ray's object store,
+            so they must pickle. Inputs must fit the model.
         data_dir: the dataset's directory (the same path on every node of a cluster).
+        loss: ``"cross_entropy"`` or a callable ``loss(outputs, targets) -> scalar``.
+        metric: ``"top1"`` (reported as ``acc``), ``"miou"``, ``"pixel_acc"`` or a metric class
+            (``name``, ``update(outputs, targets)``, ``compute()``; higher is better): the search
+            optimises, stops trials and chooses by it, and reports it by its name.
+        output: which model output the loss, metric and distillation use, when the model
+            returns a dict (default ``"out"``) or a tuple (default the first).
         spaces: the spaces to search (default all: ``dsa``, ``dais``, ``ddpnas``, ``ratios``).
         trials: trials in all.
         name: the run's name; results go to ``runs_dir/name``.
@@ -78,7 +94,7 @@ def run_search(
     """
     extra = dict(options or {})
     reserved = {"target", "model", "dataset", "data_dir", "spaces", "trials", "name", "runs_dir",
-                "resume", "overwrite"}  # fmt: skip
+                "resume", "overwrite", "loss", "metric", "output"}  # fmt: skip
     clash = sorted(reserved & set(extra))
     if clash:
         raise TypeError(f"pass {clash[0]!r} as run_search's own argument, not in options")
@@ -95,11 +111,17 @@ def run_search(
         module, model_name = None, model
     else:
         raise TypeError(f"model must be an nn.Module or a model name, got {type(model).__name__}")
+    objects = None
+    if not isinstance(data, str):
+        data, objects = PYTHON, data
     config = SearchConfig(
         target=as_target(target),
         model=model_name,
         dataset=data,
         data_dir=data_dir,
+        loss=loss,
+        metric=metric,
+        output=output,
         spaces=tuple(spaces),
         trials=trials,
         name=name,
@@ -108,4 +130,4 @@ def run_search(
         overwrite=overwrite,
         **extra,
     )
-    return _run_search(config, progress, module=module)
+    return _run_search(config, progress, module=module, data=objects)

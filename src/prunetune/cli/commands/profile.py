@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from prunetune.backend.io import check_new_file, check_writable
+from prunetune.backend.training import Runtime
 from prunetune.cli.commands._common import say
 from prunetune.cli.commands._models import add_model_options, resolve_model
 from prunetune.estimators import (
@@ -33,6 +34,12 @@ def register(subparsers: Any) -> None:
     add_model_options(parser)
     parser.add_argument("--batch-size", type=int, help="batch size to measure at (default 1)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where to measure: cpu (default), cuda or cuda:<index> (CUDA event times; the "
+        "GPU's name, driver and CUDA version are recorded)",
+    )
     parser.add_argument("--grid", type=int, help="widths per axis (default 7)")
     parser.add_argument("--repeats", type=int, help="timed runs per point (default 7)")
     parser.add_argument(
@@ -84,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         channel_block=args.channel_block,
         model_id=resolved.ref.name,
         progress=_show,
+        device=str(Runtime(device=args.device).torch_device),
     )
     profile.save(out)
     _advise(profile)
@@ -129,7 +137,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
     with warnings.catch_warnings():
         # the profile's own threads and batch size are used; another machine raises below
         warnings.simplefilter("ignore", ProfileMismatchWarning)
-        old = LatencyProfile.load(args.recalibrate)
+        old = LatencyProfile.load(args.recalibrate, device=args.device)
     for option, asked, own in (
         ("--batch-size", args.batch_size, old.batch_size),
         ("--threads", args.threads, old.device.threads),

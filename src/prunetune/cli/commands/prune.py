@@ -48,7 +48,11 @@ def register(subparsers: Any) -> None:
         default=1,
         help="keep pruned widths at multiples of this, e.g. 8: faster kernels (default 1)",
     )
-    parser.add_argument("--dataset", help="data for the taylor criterion (digits, mnist, cifar10)")
+    parser.add_argument(
+        "--dataset",
+        help="data for the taylor criterion: digits, mnist, cifar10, imagefolder "
+        "or package.module:factory",
+    )
     parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
     parser.add_argument(
         "--out",
@@ -85,12 +89,13 @@ def run(args: argparse.Namespace) -> int:
     batches = None
     preprocessing = resolved.preprocessing
     if args.dataset:
-        from prunetune.backend.data import TensorLoader, load_dataset
+        from prunetune.backend.datasources import DataSource
+        from prunetune.backend.training import batches as make_batches
 
-        data = load_dataset(args.dataset, root=args.data_dir)
+        data = DataSource(args.dataset, root=args.data_dir, workers=0).check()
         preprocessing = preprocessing or data.preprocessing()
-        loader = TensorLoader(data.train, 64, shuffle=True)
         if args.importance == "taylor":
+            loader = make_batches(data.train, 64, shuffle=True)
             batches = [batch for _, batch in zip(range(8), loader)]
     result = prune(
         resolved.model,

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from prunetune.cli.commands._common import say
+from prunetune.backend.training import METRICS, PRECISIONS
+from prunetune.cli.commands._common import DATASET_HELP, say
 from prunetune.search._config import SAMPLERS, SearchConfig, read_yaml
 
 _EPILOG = """\
@@ -39,8 +40,34 @@ def register(subparsers: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", help="zoo name or package.module:factory")
-    parser.add_argument("--dataset", help="digits (embedded, default), mnist or cifar10")
-    parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
+    parser.add_argument("--dataset", help=f"{DATASET_HELP} (default: digits)")
+    parser.add_argument("--data-dir", help="directory of the mnist/cifar10 files or image folder")
+    parser.add_argument("--image-size", type=int, help="imagefolder: crop side in pixels (224)")
+    parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (2)")
+    task = parser.add_argument_group("loss and metric")
+    task.add_argument(
+        "--loss", help="cross_entropy (default) or package.module:function(outputs, targets)"
+    )
+    task.add_argument(
+        "--metric",
+        help=f"{', '.join(METRICS)} (default top1, reported as acc) or package.module:Class; "
+        "the search optimises and chooses by it",
+    )
+    task.add_argument(
+        "--output", help="the model output the loss and metric use: a dict key or tuple index"
+    )
+    task.add_argument("--ignore-index", type=int, help="target value the loss and metric skip")
+    device = parser.add_argument_group("device")
+    device.add_argument(
+        "--device", help="auto (default: the GPU Ray gives a trial, else the CPU), cpu, cuda[:i]"
+    )
+    device.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 or fp16")
+    device.add_argument(
+        "--channels-last",
+        action="store_true",
+        default=None,
+        help="NHWC memory layout (faster convolutions on GPU tensor cores)",
+    )
     parser.add_argument(
         "--checkpoint", help="dense checkpoint (default: train the dense model first)"
     )
@@ -65,7 +92,11 @@ def register(subparsers: Any) -> None:
         help="how Optuna proposes trials: tpe (default) or random (a baseline)",
     )
     trials.add_argument("--cpus-per-trial", type=float, help="CPUs per trial (default 1)")
-    trials.add_argument("--gpus-per-trial", type=float, help="GPUs per trial (default 0)")
+    trials.add_argument(
+        "--gpus-per-trial",
+        type=float,
+        help="GPUs per trial, fractions allowed: 0.25 runs 4 trials per GPU (default 0)",
+    )
     trials.add_argument(
         "--inner-epochs", type=float, help="length of every space's inner run (default: its own)"
     )
@@ -103,6 +134,12 @@ def register(subparsers: Any) -> None:
     run.add_argument("--dense-epochs", type=float, help="epochs of dense training (default 15)")
     run.add_argument(
         "--finetune-epochs", type=float, help="epochs of the best subnet's finetune (default 10)"
+    )
+    run.add_argument(
+        "--finetune-lr", type=float, help="peak lr of the score and final finetunes (0.01)"
+    )
+    run.add_argument(
+        "--distill-weight", type=float, help="share of the finetunes' loss from distillation (0.7)"
     )
     run.add_argument(
         "--no-distill",

@@ -1,0 +1,95 @@
+"""User-side code the tests name as ``tests.factories:NAME``: data factories, a loss, a metric,
+a segmentation model. Ray workers import it like any user module."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+from prunetune.backend.data import load_dataset
+
+
+def digits_datasets(root: str | None = None) -> dict[str, Any]:
+    """The embedded digits as plain ``TensorDataset`` splits (streamed, not the fast path)."""
+    data = load_dataset("digits", seed=0)
+    return {
+        "train": TensorDataset(data.train.x, data.train.y),
+        "val": TensorDataset(data.val.x, data.val.y),
+        "test": TensorDataset(data.test.x, data.test.y),
+        "num_classes": 10,
+    }
+
+
+def train_only(root: str | None = None) -> dict[str, Any]:
+    """A factory that forgets the validation split."""
+    return {"train": digits_datasets()["train"]}
+
+
+class Top2:
+    """A user metric: top-2 accuracy, higher is better."""
+
+    name = "top2"
+
+    def __init__(self) -> None:
+        self.hits, self.seen = 0, 0
+
+    def update(self, outputs: Tensor, targets: Tensor) -> None:
+        """Count targets among the two best scores."""
+        self.hits += int((outputs.topk(2, 1).indices == targets[:, None]).any(1).sum())
+        self.seen += len(targets)
+
+    def compute(self) -> float:
+        """Hits / examples."""
+        return self.hits / max(1, self.seen)
+
+
+IGNORE = 255
+
+
+def blobs(count: int, seed: int) -> TensorDataset:
+    """Segmentation toy: 1 x 8 x 8 noisy images of a bright square; labels 0 (background),
+    1 (square), ``IGNORE`` on the square's border."""
+    generator = torch.Generator().manual_seed(seed)
+    images = 0.3 * torch.randn(count, 1, 8, 8, generator=generator)
+    labels = torch.zeros(count, 8, 8, dtype=torch.int64)
+    for i in range(count):
+        top, left = torch.randint(0, 5, (2,), generator=generator).tolist()
+        images[i, 0, top : top + 4, left : left + 4] += 1.0
+        labels[i, top : top + 4, left : left + 4] = 1
+        labels[i, top, left : left + 4] = IGNORE
+    return TensorDataset(images, labels)
+
+
+def blob_datasets(root: str | None = None) -> dict[str, Any]:
+    """Train, val and test splits of :func:`blobs`, 2 classes."""
+    return {"train": blobs(256, 0), "val": blobs(64, 1), "test": blobs(64, 2), "num_classes": 2}
+
+
+def blob_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """The user's own loss: cross-entropy skipping the border label, plus a little smoothing."""
+    return F.cross_entropy(outputs, targets, ignore_index=IGNORE, label_smoothing=0.05)
+
+
+class TinySegNet(nn.Module):
+    """A fully convolutional net returning ``{"out": N x 2 x 8 x 8, "aux": ...}``, like
+    torchvision's segmentation models."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.body = nn.Sequential(
+            nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+        self.head = nn.Conv2d(width, 2, 1)
+        self.aux = nn.Conv2d(width, 2, 1)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-pixel class scores, and auxiliary ones from the stem."""
+        stem = self.stem(x)
+        return {"out": self.head(self.body(stem)), "aux": self.aux(stem)}
