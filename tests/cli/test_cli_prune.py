@@ -81,3 +81,11 @@ def test_inspect_table(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["inspect", "--model", "mobilenetv2"]) == 0
     out = capsys.readouterr().out
     assert "prunable channel groups" in out and "kept whole" in out
+
+
+def test_inspect_table_is_the_api_report(capsys: pytest.CaptureFixture[str]) -> None:
+    model = "tests.backend.architectures:NonLocalNet"
+    assert main(["inspect", "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "einsum: reads channels kept whole; counted, not pruned" in out
+    assert "% of FLOPs" in out

@@ -11,7 +11,6 @@ their own (Torch-Pruning's dependency graph and pruners used as a library).
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -163,6 +162,41 @@ class Inspection:
     graph: ChannelGraph = field(repr=False)
     notes: tuple[str, ...] = ()
 
+    @classmethod
+    def of(
+        cls,
+        graph: ChannelGraph,
+        costs: Mapping[str, CostModel],
+        model: nn.Module | None = None,
+    ) -> Inspection:
+        """What :func:`inspect` reports for an already traced graph and its cost models.
+
+        Args:
+            graph: the traced model.
+            costs: cost models by metric (``flops``, ``params``, maybe ``latency_ms``).
+            model: the model itself, to note layers the export cannot write.
+        """
+        dense = graph.dense_widths()
+        figures = {metric: float(cost.evaluate(dense)) for metric, cost in costs.items()}
+        return cls(
+            input_shape=(1, *graph.input_shape[1:]),
+            costs=figures,
+            groups=tuple(
+                GroupSummary(
+                    name=g.name,
+                    size=g.size,
+                    prunable=g.prunable,
+                    step=g.step,
+                    members=tuple(sorted({m.module for m in g.members})),
+                    reason=g.reason or None,
+                )
+                for g in graph.groups
+            ),
+            kept_whole=_kept_whole(graph, figures.get("flops", 0.0)),
+            graph=graph,
+            notes=_export_notes(model) if model is not None else (),
+        )
+
     @property
     def prunable_groups(self) -> tuple[GroupSummary, ...]:
         """The groups that may be made narrower."""
@@ -209,30 +243,6 @@ class Inspection:
             lines.append("notes:")
             lines += [f"  {note}" for note in self.notes]
         return "\n".join(lines)
-
-
-def _inspection(
-    graph: ChannelGraph, shape: tuple[int, ...], costs: Mapping[str, CostModel]
-) -> Inspection:
-    dense = graph.dense_widths()
-    figures = {metric: float(cost.evaluate(dense)) for metric, cost in costs.items()}
-    return Inspection(
-        input_shape=shape,
-        costs=figures,
-        groups=tuple(
-            GroupSummary(
-                name=g.name,
-                size=g.size,
-                prunable=g.prunable,
-                step=g.step,
-                members=tuple(sorted({m.module for m in g.members})),
-                reason=g.reason or None,
-            )
-            for g in graph.groups
-        ),
-        kept_whole=_kept_whole(graph, figures.get("flops", 0.0)),
-        graph=graph,
-    )
 
 
 def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
@@ -287,8 +297,7 @@ def inspect(
     model = _check_model(model)
     example = _check_input(example_input)
     graph = _trace(model, example, leaf_modules)
-    found = _inspection(graph, tuple(example.shape), _cost_models(graph, profile))
-    return dataclasses.replace(found, notes=_export_notes(model))
+    return Inspection.of(graph, _cost_models(graph, profile), model)
 
 
 def _export_notes(model: nn.Module) -> tuple[str, ...]:
