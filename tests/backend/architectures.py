@@ -422,6 +422,11 @@ class FunctionalWeightNet(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
+def single_conv(num_classes: int = 10) -> nn.Module:
+    """A model with nothing to prune: one conv from the image to the output."""
+    return nn.Conv2d(3, num_classes, 3)
+
+
 class UntraceableNet(nn.Module):
     """Data-dependent control flow: cannot be traced symbolically."""
 

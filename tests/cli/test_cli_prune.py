@@ -89,3 +89,14 @@ def test_inspect_table_is_the_api_report(capsys: pytest.CaptureFixture[str]) -> 
     out = capsys.readouterr().out
     assert "einsum: reads channels kept whole; counted, not pruned" in out
     assert "% of FLOPs" in out
+
+
+def test_prune_says_when_nothing_can_be_pruned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = "tests.backend.architectures:single_conv"
+    argv = ["prune", "--model", model, "--out", str(tmp_path / "out")]
+    assert main([*argv, "--flops", "50%"]) == 2
+    assert f"nothing in {model} can be pruned" in capsys.readouterr().err
+    assert main([*argv, "--flops", "100%"]) == 0  # the dense model, exported
+    assert (tmp_path / "out" / "model.onnx").is_file()

@@ -8,6 +8,7 @@ from prunetune.api._oneshot import (
     inspect,
     load,
     prune,
+    resolve_target,
 )
 from prunetune.api._search import run_search
 
@@ -19,5 +20,6 @@ __all__ = [
     "inspect",
     "load",
     "prune",
+    "resolve_target",
     "run_search",
 ]

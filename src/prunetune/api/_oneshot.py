@@ -28,6 +28,7 @@ from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
 from prunetune.estimators import (
+    Budget,
     CostModel,
     FlopsModel,
     LatencyPredictor,
@@ -45,6 +46,7 @@ __all__ = [
     "inspect",
     "load",
     "prune",
+    "resolve_target",
 ]
 
 TargetLike = Target | str | Mapping[str, str]
@@ -195,6 +197,17 @@ class Inspection:
             kept_whole=_kept_whole(graph, figures.get("flops", 0.0)),
             graph=graph,
             notes=_export_notes(model) if model is not None else (),
+        )
+
+    def nothing_prunable(self, model_name: str) -> str:
+        """One line saying that no channel of the model can be pruned, with the first reasons
+        (what a target below 100% is refused with when there are no prunable groups)."""
+        reasons = "; ".join(f"{name}: {why}" for name, why in list(self.kept_whole.items())[:3])
+        more = "; ..." if len(self.kept_whole) > 3 else ""
+        return (
+            f"nothing in {model_name} can be pruned, every channel group is kept whole "
+            f"({reasons or 'it has no conv, linear or norm layer'}{more}); only a 100% target "
+            "can be met, which gives the dense model"
         )
 
     @property
@@ -453,13 +466,7 @@ def prune(
     goal = as_target(target)
     graph = _trace(model, example, leaf_modules)
     costs = _cost_models(graph, profile)
-    try:
-        budget = goal.resolve(costs)
-    except InfeasibleTargetError as exc:
-        if graph.prunable_groups:
-            raise
-        dense = float(costs["flops"].dense)
-        raise InfeasibleTargetError(f"{_nothing_prunable(model, graph, dense)}: {exc}") from exc
+    budget = resolve_target(goal, costs, graph, type(model).__name__)
     with eval_mode(model):
         scores = channel_importance(model, graph, importance, batches)
     latency = costs["latency_ms"].evaluate if allocation == "cost" else None
@@ -482,17 +489,31 @@ def prune(
     )
 
 
-def _nothing_prunable(model: nn.Module, graph: ChannelGraph, dense_flops: float) -> str:
-    """One line saying that no channel of ``model`` can be pruned, with the first reasons."""
-    kept = _kept_whole(graph, dense_flops)
-    reasons = "; ".join(f"{name}: {why}" for name, why in list(kept.items())[:3]) or (
-        "it has no conv, linear or norm layer"
-    )
-    more = "; ..." if len(kept) > 3 else ""
-    return (
-        f"nothing in {type(model).__name__} can be pruned, every channel group is kept whole "
-        f"({reasons}{more}); only a 100% target can be met, which gives the dense model"
-    )
+def resolve_target(
+    goal: Target, costs: Mapping[str, CostModel], graph: ChannelGraph, model_name: str
+) -> Budget:
+    """``goal.resolve(costs)``, refused in one line that says so when nothing can be pruned.
+
+    Args:
+        goal: the target.
+        costs: the model's cost models by metric.
+        graph: the traced model.
+        model_name: how to name the model in the refusal.
+
+    Returns:
+        The absolute limits of the target for this model.
+
+    Raises:
+        InfeasibleTargetError: no subnet meets the target; when the model has no prunable
+            group, the message says so and names the first places kept whole.
+    """
+    try:
+        return goal.resolve(costs)
+    except InfeasibleTargetError as exc:
+        if graph.prunable_groups:
+            raise
+        refusal = Inspection.of(graph, costs).nothing_prunable(model_name)
+        raise InfeasibleTargetError(f"{refusal}: {exc}") from exc
 
 
 def _eval_copy(model: nn.Module) -> nn.Module:

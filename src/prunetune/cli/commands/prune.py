@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from prunetune.api import resolve_target
 from prunetune.backend.export import export_subnet
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from prunetune.backend.io import check_writable
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     resolved = resolve_model(args)
     graph = resolved.trace()
     metric_costs = cost_models(graph, args.profile)
-    budget = target.resolve(metric_costs)
+    budget = resolve_target(target, metric_costs, graph, resolved.ref.name)
     batches = None
     if args.importance == "taylor":
         from prunetune.backend.data import TensorLoader, load_dataset
