@@ -100,3 +100,11 @@ def test_prune_says_when_nothing_can_be_pruned(
     assert f"nothing in {model} can be pruned" in capsys.readouterr().err
     assert main([*argv, "--flops", "100%"]) == 0  # the dense model, exported
     assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_prune_of_a_model_without_flops_prints_no_share(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["prune", "--model", "torch.nn:Identity", "--flops", "50%"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert "flops: 0 -> 0\n" in capsys.readouterr().out

@@ -36,6 +36,7 @@ from prunetune.estimators import (
     ParamsModel,
     Target,
     format_metric,
+    format_share,
 )
 
 __all__ = [
@@ -380,7 +381,7 @@ class PruneResult:
             label = "latency_ms (predicted)" if metric == "latency_ms" else metric
             lines.append(
                 f"{label}: {format_metric(metric, dense)} -> {format_metric(metric, value)}"
-                f" ({100 * value / dense:.1f}% of dense)"
+                f"{format_share(value, dense)}"
             )
         return "\n".join(lines)
 

@@ -11,7 +11,7 @@ import torch
 from prunetune.backend.export import load_subnet
 from prunetune.backend.graph import ChannelGraph
 from prunetune.cli.commands._costs import cost_models
-from prunetune.estimators import format_metric
+from prunetune.estimators import format_metric, format_share
 
 
 def register(subparsers: Any) -> None:
@@ -43,6 +43,6 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**figures, **{f"dense_{k}": v for k, v in dense_figures.items()}}))
         return 0
     for metric, value in figures.items():
-        share = 100 * value / dense_figures[metric]
-        print(f"{metric}: {format_metric(metric, value)} ({share:.1f}% of dense)")
+        share = format_share(value, dense_figures[metric])
+        print(f"{metric}: {format_metric(metric, value)}{share}")
     return 0

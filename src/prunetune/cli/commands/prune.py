@@ -16,7 +16,7 @@ from prunetune.backend.surgery import prune_model
 from prunetune.cli.commands._common import say
 from prunetune.cli.commands._costs import add_target_options, cost_models, target_from_args
 from prunetune.cli.commands._models import add_model_options, resolve_model
-from prunetune.estimators import Target, format_metric
+from prunetune.estimators import Target, format_metric, format_share
 
 
 def register(subparsers: Any) -> None:
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
             dense = float(dense_costs[metric])
             print(
                 f"{metric}: {format_metric(metric, dense)} -> {format_metric(metric, float(value))}"
-                f" ({100 * float(value) / dense:.1f}% of dense)"
+                f"{format_share(float(value), dense)}"
             )
         print(f"exported to {out}")
     return 0
