@@ -1,8 +1,7 @@
 """The Python API over module objects (re-exported by :mod:`prunetune`)."""
 
+from prunetune.api._inspection import GroupSummary, Inspection
 from prunetune.api._oneshot import (
-    GroupSummary,
-    Inspection,
     PruneResult,
     as_target,
     inspect,
