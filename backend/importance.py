@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, ChannelMember
 from prunetune.backend.surgery import output_major
 
 __all__ = ["IMPORTANCE_CRITERIA", "Criterion", "channel_importance"]
@@ -63,31 +63,40 @@ def channel_importance(
         norm_seen = False
         for member in group.members:
             module = modules[member.module]
-            span = slice(member.offset, member.offset + group.size)
             if member.role == "norm" and getattr(module, "weight", None) is not None:
                 norm_seen = True
                 if criterion == "bn":
-                    total += module.weight.detach()[span].abs()
+                    total += _per_channel(module.weight.detach().abs(), member, group.size)
                 elif criterion == "taylor":
-                    total += grads[member.module + ".norm"][span]
+                    total += _per_channel(grads[member.module + ".norm"], member, group.size)
             elif member.role == "out" and criterion in ("l1", "l2"):
-                rows = output_major(module).detach()[span].flatten(1)
+                rows = _per_channel(output_major(module).detach(), member, group.size)
                 total += rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1)
         if criterion == "taylor" and not norm_seen:
             for member in group.members:
                 if member.role == "out":
-                    span = slice(member.offset, member.offset + group.size)
-                    total += grads[member.module + ".weight"][span]
+                    total += _per_channel(grads[member.module + ".weight"], member, group.size)
         if criterion == "l2":
             total = total.sqrt()
         if criterion == "bn" and not norm_seen:  # no norm layer: fall back on weight magnitude
             for member in group.members:
                 if member.role == "out":
-                    span = slice(member.offset, member.offset + group.size)
-                    rows = output_major(modules[member.module]).detach()[span].flatten(1)
-                    total += rows.abs().mean(1)
+                    weight = output_major(modules[member.module]).detach()
+                    total += _per_channel(weight, member, group.size).abs().mean(1)
         scores[group.name] = total
     return scores
+
+
+def _per_channel(values: Tensor, member: ChannelMember, size: int) -> Tensor:
+    """The rows of ``values`` (one per feature along dim 0) that belong to ``member``'s group,
+    one row per channel: shape ``[size]`` for 1-D values, ``[size, rest]`` otherwise (a channel
+    spanning ``multiplier`` features gets them all)."""
+    span = values[member.offset : member.offset + size * member.multiplier]
+    if values.ndim == 1 and member.multiplier == 1:
+        return span
+    if values.ndim == 1:
+        return span.reshape(size, member.multiplier).sum(1)
+    return span.reshape(size, -1)
 
 
 def _accumulate_taylor(

@@ -63,8 +63,10 @@ def _prune_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Te
         groups = 1
         new_weight = weight[kept_in][:, kept_out]
         in_channels = len(kept_in)
-    elif layer.depthwise:
+    elif layer.depthwise:  # kept_out: the kept input channels; each has a block of outputs
         groups = len(kept_out)
+        multiplier = conv.out_channels // conv.groups
+        kept_out = (kept_out[:, None] * multiplier + torch.arange(multiplier)).flatten()
         new_weight = weight[kept_out]
         in_channels = groups
     elif conv.groups == 1:

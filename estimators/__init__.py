@@ -22,7 +22,14 @@ from prunetune.estimators._profiling import (
     recalibrate_profile,
 )
 from prunetune.estimators._proxy import proxy_accuracy, recalibrate_bn
-from prunetune.estimators._targets import METRICS, Budget, Constraint, Target, format_metric
+from prunetune.estimators._targets import (
+    METRICS,
+    Budget,
+    Constraint,
+    Target,
+    format_metric,
+    format_share,
+)
 from prunetune.estimators._timing import measure_latencies, measure_latency, steady_allocator
 
 __all__ = [
@@ -49,6 +56,7 @@ __all__ = [
     "cost_models",
     "cpu_channel_block",
     "format_metric",
+    "format_share",
     "graph_fingerprint",
     "measure_latencies",
     "measure_latency",

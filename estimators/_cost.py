@@ -174,11 +174,14 @@ class _Terms:
         """A conv/linear layer costing ``per_pair`` per (output, input feature) pair (divided
         by ``groups``) and ``per_out`` per output channel."""
         out = index[layer.out_group]
+        if layer.depthwise:  # one group; each input channel makes out_channels / groups outputs
+            multiplier = layer.out_channels // layer.groups
+            if per_out:
+                self.add_linear(out, per_out * multiplier)
+            self.add_linear(out, per_pair * multiplier * (layer.in_channels // layer.groups))
+            return
         if per_out:
             self.add_linear(out, per_out)
-        if layer.depthwise:
-            self.add_linear(out, per_pair * (layer.in_channels // layer.groups))
-            return
         inputs = [(index[seg.group], seg.multiplier) for seg in layer.in_segments]
         if all(per_pair * mult % layer.groups == 0 for _, mult in inputs):
             for inp, mult in inputs:

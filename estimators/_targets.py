@@ -41,6 +41,11 @@ def format_metric(metric: str, value: float) -> str:
     return f"{value:.3g}ms" if metric == "latency_ms" else _format_count(value)
 
 
+def format_share(value: float, dense: float) -> str:
+    """`` (41.2% of dense)``; empty when the dense figure is 0 (a model with no FLOPs)."""
+    return f" ({100 * value / dense:.1f}% of dense)" if dense else ""
+
+
 @dataclass(frozen=True)
 class Constraint:
     """``metric <= limit``; ``relative`` limits are fractions of the dense model's cost."""

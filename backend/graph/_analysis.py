@@ -365,12 +365,11 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             return shared
         conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
         groups, c_in, c_out = conv.groups, conv.in_channels, conv.out_channels
-        depthwise = groups > 1 and groups == c_in == c_out
+        # depthwise, possibly with a channel multiplier: output j is made from input j // m
+        depthwise = groups > 1 and groups == c_in and c_out % c_in == 0
         reason = None
-        if any(s.mult != 1 for s in channels):
+        if groups > 1 and any(s.mult != 1 for s in channels):
             reason = f"conv '{name}' reads a tensor whose dim 1 does not hold whole channels"
-        elif groups > 1 and groups == c_in and not depthwise:
-            reason = f"conv '{name}' is depthwise with a channel multiplier of {c_out // c_in}"
         elif groups > 1 and len(channels) > 1:
             reason = f"grouped conv '{name}' reads a concat of several groups"
         if reason is not None:
@@ -381,8 +380,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
             offset += segment.size * segment.mult
         if depthwise:
-            outputs = channels
-            self.slots.add_member(channels[0].slot, ChannelMember(name, "out"))
+            multiplier = c_out // c_in
+            outputs = (Segment(channels[0].slot, c_in, multiplier),)
+            self.slots.add_member(channels[0].slot, ChannelMember(name, "out", 0, multiplier))
         else:
             slot = self.slots.new(c_out, name)
             self.slots.add_member(slot, ChannelMember(name, "out"))

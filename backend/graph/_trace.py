@@ -88,8 +88,9 @@ def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ())
             f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}{at}. "
             "Make its forward traceable: no Python control flow (if/for/while) on tensor values "
             "(use torch.where or masks instead), no tensor values converted to Python numbers; or "
-            "move that code into a module and pass its type in leaf_modules (its channels are "
-            "then kept whole)"
+            "move that code into a module and pass its class to the Python API, "
+            "prunetune.inspect/prune(model, x, ..., leaf_modules=[ThatModule]) (its channels "
+            "are then kept whole; the command line cannot name leaf modules yet)"
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -140,6 +141,14 @@ def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Te
     except Exception as exc:
         where = _user_frame(exc)
         at = f" (at {where})" if where else ""
+        inputs = [n for n in module.graph.nodes if n.op == "placeholder" and not n.args]
+        if len(inputs) > 1 and isinstance(exc, TypeError | RuntimeError):  # no defaults
+            names = ", ".join(str(n.target) for n in inputs)
+            raise ValueError(
+                f"{type(model).__name__}.forward takes {len(inputs)} inputs ({names}); prunetune "
+                "traces models of one input tensor: wrap it in a module whose forward takes one "
+                "tensor and builds the others (or fixes them as buffers)"
+            ) from exc
         raise ValueError(
             f"running {type(model).__name__} on example_input of shape "
             f"{tuple(example_input.shape)} failed: {type(exc).__name__}: {exc}{at}; pass an "

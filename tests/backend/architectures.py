@@ -393,6 +393,40 @@ class SubclassedLayersNet(nn.Module):
         return self.fc(self.bn3(self.conv3(x)).mean((2, 3)))
 
 
+class DictOutputNet(nn.Module):
+    """A segmentation-style model returning ``{"out": map, "aux": logits}``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(_conv_bn(3, 16), _conv_bn(16, 24, stride=2))
+        self.out = nn.Conv2d(24, num_classes, 1)
+        self.aux = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        features = self.backbone(x)
+        return {"out": self.out(features), "aux": self.aux(features.mean((2, 3)))}
+
+
+class FunctionalWeightNet(nn.Module):
+    """A layer written as ``F.conv2d(x, self.weight)`` in a plain module (kept whole, counted)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.weight = nn.Parameter(torch.randn(16, 16, 3, 3) * 0.1)
+        self.conv = _conv_bn(16, 24)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(F.conv2d(self.stem(x), self.weight, padding=1))
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def single_conv(num_classes: int = 10) -> nn.Module:
+    """A model with nothing to prune: one conv from the image to the output."""
+    return nn.Conv2d(3, num_classes, 3)
+
+
 class UntraceableNet(nn.Module):
     """Data-dependent control flow: cannot be traced symbolically."""
 
@@ -422,6 +456,8 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "aux_head": AuxHeadNet,
     "conv3d": Conv3dNet,
     "subclassed_layers": SubclassedLayersNet,
+    "dict_output": DictOutputNet,
+    "functional_weight": FunctionalWeightNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import prunetune
-from prunetune.backend.errors import InfeasibleTargetError
+from prunetune.backend.errors import InfeasibleTargetError, UnsupportedModelError
 from prunetune.backend.export import ExportParityError
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.measure import count_flops
-from tests.backend.architectures import build
+from tests.backend.architectures import UntraceableNet, build
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -127,3 +127,19 @@ def test_token_mlps_and_channels_last_linears_prune_along_the_last_dim() -> None
     result = prunetune.prune(model, X, "flops<=50%")
     assert result.flops == result.costs["flops"] <= 0.5 * result.dense_flops
     assert result.model.pointwise.in_features < 16 or result.model.pointwise.out_features < 24
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.conv(x) + self.conv(y)
+
+
+def test_refusals_point_to_what_the_api_offers() -> None:
+    with pytest.raises(ValueError, match=r"takes 2 inputs \(x, y\).*wrap it in a module"):
+        prunetune.inspect(_TwoInputs(), X)
+    with pytest.raises(UnsupportedModelError, match=r"leaf_modules=\[ThatModule\]"):
+        prunetune.inspect(UntraceableNet(), X)

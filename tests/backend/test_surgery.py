@@ -12,11 +12,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunetune.backend.errors import SpecError
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, ChannelSegment
 from prunetune.backend.masks import ChannelMasker, masks_from_spec
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model, zero_pruned_channels
+from prunetune.estimators import FlopsModel
 from tests.backend.architectures import ALL_MODELS, build
 
 SLOW_MODELS = {"mobilenetv2", "resnet56", "vgg16_bn"}
@@ -39,6 +40,10 @@ def reference_macs(graph: ChannelGraph, widths: dict[str, int]) -> int:
     width = {group.name: widths.get(group.name, group.size) for group in graph.groups}
     total = graph.other_flops
     for layer in graph.layers:
+        if layer.depthwise:  # each kept input channel makes out_channels / groups outputs
+            per_channel = math.prod(layer.kernel_size) * layer.out_channels // layer.groups
+            total += layer.total_positions * width[layer.out_group] * per_channel
+            continue
         out_channels = width[layer.out_group]
         in_features = sum(width[s.group] * s.multiplier for s in layer.in_segments)
         groups = out_channels if layer.depthwise else layer.groups
@@ -183,12 +188,15 @@ def test_conv1d_models_prune_too() -> None:
     graph = ChannelGraph.trace(model, x)
     assert graph.layer("conv2").depthwise
     assert graph.layer("fc").in_segments[0].multiplier == 7
-    assert "channel multiplier of 2" in (graph.group("conv1").reason or "")
-    assert graph.group("multiplied").step == 12  # each input channel keeps 1 or 2 outputs
+    multiplied = graph.layer("multiplied")  # depthwise with a channel multiplier of 2
+    assert multiplied.depthwise and multiplied.out_group == "conv1"
+    assert graph.layer("conv3").in_segments == (ChannelSegment("conv1", 2),)
+    assert graph.group("conv1").prunable
+    flops = FlopsModel.from_graph(graph)
     rng = random.Random(1)
     for _ in range(SPECS_PER_MODEL):
         spec = random_spec(graph, "x", rng)
         output, macs = run_counting_macs(prune_model(model, graph, spec), x)
         with torch.no_grad():
             torch.testing.assert_close(output, zero_pruned_channels(model, graph, spec)(x))
-        assert macs == reference_macs(graph, spec.widths)
+        assert macs == reference_macs(graph, spec.widths) == flops.evaluate(spec)

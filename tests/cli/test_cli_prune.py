@@ -101,3 +101,30 @@ def test_a_torchvision_model_by_name_end_to_end(
     assert measured <= 0.5 * found["flops"]
     again = ["prune", "--checkpoint", str(out), "--model", model, "--flops", "50%"]
     assert main([*again, "--out", str(tmp_path / "again")]) == 0
+
+
+def test_inspect_table_is_the_api_report(capsys: pytest.CaptureFixture[str]) -> None:
+    model = "tests.backend.architectures:NonLocalNet"
+    assert main(["inspect", "--model", model]) == 0
+    out = capsys.readouterr().out
+    assert "einsum: reads channels kept whole; counted, not pruned" in out
+    assert "% of FLOPs" in out
+
+
+def test_prune_says_when_nothing_can_be_pruned(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = "tests.backend.architectures:single_conv"
+    argv = ["prune", "--model", model, "--out", str(tmp_path / "out")]
+    assert main([*argv, "--flops", "50%"]) == 2
+    assert f"nothing in {model} can be pruned" in capsys.readouterr().err
+    assert main([*argv, "--flops", "100%"]) == 0  # the dense model, exported
+    assert (tmp_path / "out" / "model.onnx").is_file()
+
+
+def test_prune_of_a_model_without_flops_prints_no_share(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["prune", "--model", "torch.nn:Identity", "--flops", "50%"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert "flops: 0 -> 0\n" in capsys.readouterr().out

@@ -1,13 +1,13 @@
 """The Python API over module objects (re-exported by :mod:`prunetune`)."""
 
+from prunetune.api._inspection import GroupSummary, Inspection
 from prunetune.api._oneshot import (
-    GroupSummary,
-    Inspection,
     PruneResult,
     as_target,
     inspect,
     load,
     prune,
+    resolve_target,
 )
 from prunetune.api._search import run_search
 
@@ -19,5 +19,6 @@ __all__ = [
     "inspect",
     "load",
     "prune",
+    "resolve_target",
     "run_search",
 ]

@@ -10,14 +10,14 @@ their own (Torch-Pruning's dependency graph and pruners used as a library).
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
 
+from prunetune.api._inspection import Inspection
 from prunetune.backend.errors import CheckpointError, InfeasibleTargetError, PrunetuneError
 from prunetune.backend.export import LoadedModel, check_export_dir, export_subnet, load_export
 from prunetune.backend.graph import ChannelGraph, eval_mode
@@ -27,16 +27,23 @@ from prunetune.backend.models import ModelRef
 from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
-from prunetune.estimators import CostModel, LatencyProfile, Target, cost_models, format_metric
+from prunetune.estimators import (
+    Budget,
+    CostModel,
+    LatencyProfile,
+    Target,
+    cost_models,
+    format_metric,
+    format_share,
+)
 
 __all__ = [
-    "GroupSummary",
-    "Inspection",
     "PruneResult",
     "as_target",
     "inspect",
     "load",
     "prune",
+    "resolve_target",
 ]
 
 TargetLike = Target | str | Mapping[str, str]
@@ -101,131 +108,6 @@ def _trace(
         return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
 
 
-@dataclass(frozen=True)
-class GroupSummary:
-    """One channel group of a traced model, as :func:`inspect` reports it.
-
-    Attributes:
-        name: the group's name (the first member layer that produces it).
-        size: channels in the dense model.
-        prunable: whether the group may be made narrower.
-        step: widths are kept at multiples of this (e.g. channels that feed a grouped conv).
-        members: the layers whose channels are coupled in this group.
-        reason: why the group is kept whole, when it is.
-    """
-
-    name: str
-    size: int
-    prunable: bool
-    step: int
-    members: tuple[str, ...]
-    reason: str | None = None
-
-
-@dataclass(frozen=True)
-class Inspection:
-    """What :func:`inspect` finds in a model.
-
-    Attributes:
-        input_shape: the example input's shape, batch 1 (costs are per example).
-        costs: ``flops`` (multiply-accumulates), ``params`` (count) and, with a profile,
-            ``latency_ms`` (predicted milliseconds at the profile's batch size) of the dense model.
-        groups: every channel group, prunable or not.
-        kept_whole: layer (or group) name -> the reason it cannot be pruned.
-        graph: the traced :class:`~prunetune.backend.graph.ChannelGraph`, for further use.
-        notes: layers that will stop an export, one line each naming the layer and the fix.
-    """
-
-    input_shape: tuple[int, ...]
-    costs: dict[str, float]
-    groups: tuple[GroupSummary, ...]
-    kept_whole: dict[str, str]
-    graph: ChannelGraph = field(repr=False)
-    notes: tuple[str, ...] = ()
-
-    @property
-    def prunable_groups(self) -> tuple[GroupSummary, ...]:
-        """The groups that may be made narrower."""
-        return tuple(g for g in self.groups if g.prunable)
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (what ``prunetune inspect --json`` prints, less the model)."""
-        return {
-            "input_shape": list(self.input_shape),
-            **self.costs,
-            "groups": [
-                {
-                    "name": g.name,
-                    "size": g.size,
-                    "prunable": g.prunable,
-                    "step": g.step,
-                    "members": list(g.members),
-                    **({"reason": g.reason} if g.reason else {}),
-                }
-                for g in self.groups
-            ],
-            "unprunable": dict(self.kept_whole),
-            "notes": list(self.notes),
-        }
-
-    def __str__(self) -> str:
-        lines = [f"input {'x'.join(map(str, self.input_shape))}"]
-        lines += [f"  {metric}: {format_metric(metric, v)}" for metric, v in self.costs.items()]
-        prunable = self.prunable_groups
-        if prunable:
-            lines.append(f"{len(prunable)} prunable channel groups:")
-        else:
-            lines.append("nothing can be pruned: every channel group is kept whole (see below)")
-        width = max((len(g.name) for g in prunable), default=0)
-        for group in prunable:
-            step = f" (step {group.step})" if group.step > 1 else ""
-            lines.append(
-                f"  {group.name:<{width}}  {group.size:>5}{step}  {', '.join(group.members)}"
-            )
-        if self.kept_whole:
-            lines.append("kept whole:")
-            lines += [f"  {name}: {reason}" for name, reason in self.kept_whole.items()]
-        if self.notes:
-            lines.append("notes:")
-            lines += [f"  {note}" for note in self.notes]
-        return "\n".join(lines)
-
-
-def _inspection(
-    graph: ChannelGraph, shape: tuple[int, ...], costs: Mapping[str, CostModel]
-) -> Inspection:
-    dense = graph.dense_widths()
-    figures = {metric: float(cost.evaluate(dense)) for metric, cost in costs.items()}
-    return Inspection(
-        input_shape=shape,
-        costs=figures,
-        groups=tuple(
-            GroupSummary(
-                name=g.name,
-                size=g.size,
-                prunable=g.prunable,
-                step=g.step,
-                members=tuple(sorted({m.module for m in g.members})),
-                reason=g.reason or None,
-            )
-            for g in graph.groups
-        ),
-        kept_whole=_kept_whole(graph, figures.get("flops", 0.0)),
-        graph=graph,
-    )
-
-
-def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
-    """The graph's kept-whole groups and layers, each with the share of the dense FLOPs it
-    fixes where ops there are counted but not pruned (transposed convs, matmuls, ...)."""
-    kept = dict(graph.unprunable)
-    for place, macs in graph.constant_flops.items():
-        share = f"{100 * macs / dense_flops:.1f}% of FLOPs" if dense_flops else "no FLOPs"
-        reason = kept.get(place, "reads channels kept whole; counted, not pruned")
-        kept[place] = f"{reason} ({share})"
-    return kept
-
-
 def inspect(
     model: nn.Module,
     example_input: Tensor,
@@ -267,20 +149,7 @@ def inspect(
     model = _check_model(model)
     example = _check_input(example_input)
     graph = _trace(model, example, leaf_modules)
-    found = _inspection(graph, tuple(example.shape), cost_models(graph, profile))
-    return dataclasses.replace(found, notes=_export_notes(model))
-
-
-def _export_notes(model: nn.Module) -> tuple[str, ...]:
-    """Layers that the export cannot write: BatchNorms without running statistics."""
-    return tuple(
-        f"BatchNorm '{name}' has no running statistics (track_running_stats=False): in eval "
-        "mode it normalises each batch by its own statistics, which the ONNX exporter cannot "
-        "write; give it running statistics (track_running_stats=True, then calibrate them on "
-        "training batches) to export it"
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None
-    )
+    return Inspection.of(graph, cost_models(graph, profile), model)
 
 
 @dataclass(frozen=True)
@@ -363,7 +232,7 @@ class PruneResult:
             label = "latency_ms (predicted)" if metric == "latency_ms" else metric
             lines.append(
                 f"{label}: {format_metric(metric, dense)} -> {format_metric(metric, value)}"
-                f" ({100 * value / dense:.1f}% of dense)"
+                f"{format_share(value, dense)}"
             )
         return "\n".join(lines)
 
@@ -449,13 +318,8 @@ def prune(
     goal = as_target(target)
     graph = _trace(model, example, leaf_modules)
     costs = cost_models(graph, profile)
-    try:
-        budget = goal.resolve(costs)
-    except InfeasibleTargetError as exc:
-        if graph.prunable_groups:
-            raise
-        dense = float(costs["flops"].dense)
-        raise InfeasibleTargetError(f"{_nothing_prunable(model, graph, dense)}: {exc}") from exc
+    name = model_ref.name if model_ref is not None else type(model).__name__
+    budget = resolve_target(goal, costs, graph, name)
     with eval_mode(model):
         scores = channel_importance(model, graph, importance, batches)
         dense_flops = count_flops(model, example)
@@ -478,17 +342,31 @@ def prune(
     )
 
 
-def _nothing_prunable(model: nn.Module, graph: ChannelGraph, dense_flops: float) -> str:
-    """One line saying that no channel of ``model`` can be pruned, with the first reasons."""
-    kept = _kept_whole(graph, dense_flops)
-    reasons = "; ".join(f"{name}: {why}" for name, why in list(kept.items())[:3]) or (
-        "it has no conv, linear or norm layer"
-    )
-    more = "; ..." if len(kept) > 3 else ""
-    return (
-        f"nothing in {type(model).__name__} can be pruned, every channel group is kept whole "
-        f"({reasons}{more}); only a 100% target can be met, which gives the dense model"
-    )
+def resolve_target(
+    goal: Target, costs: Mapping[str, CostModel], graph: ChannelGraph, model_name: str
+) -> Budget:
+    """``goal.resolve(costs)``, refused in one line that says so when nothing can be pruned.
+
+    Args:
+        goal: the target.
+        costs: the model's cost models by metric.
+        graph: the traced model.
+        model_name: how to name the model in the refusal.
+
+    Returns:
+        The absolute limits of the target for this model.
+
+    Raises:
+        InfeasibleTargetError: no subnet meets the target; when the model has no prunable
+            group, the message says so and names the first places kept whole.
+    """
+    try:
+        return goal.resolve(costs)
+    except InfeasibleTargetError as exc:
+        if graph.prunable_groups:
+            raise
+        refusal = Inspection.of(graph, costs).nothing_prunable(model_name)
+        raise InfeasibleTargetError(f"{refusal}: {exc}") from exc
 
 
 def load(

@@ -13,7 +13,7 @@ from prunetune.backend.export import load_subnet
 from prunetune.backend.graph import ChannelGraph
 from prunetune.cli.commands._common import say
 from prunetune.cli.commands._models import add_trust_option
-from prunetune.estimators import cost_models, format_metric
+from prunetune.estimators import cost_models, format_metric, format_share
 
 
 def register(subparsers: Any) -> None:
@@ -50,9 +50,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({**report, "preprocessing": loaded.preprocessing}))
         return 0
     for metric, value in figures.items():
-        share = 100 * value / dense_figures[metric]
+        share = format_share(value, dense_figures[metric])
         label = "latency_ms (predicted)" if metric == "latency_ms" else metric
-        print(f"{label}: {format_metric(metric, value)} ({share:.1f}% of dense)")
+        print(f"{label}: {format_metric(metric, value)}{share}")
     print(describe_preprocessing(_exported_preprocessing(args.subnet)))
     implausible = implausible_latency(figures, dense_figures)
     if implausible:
