@@ -408,6 +408,8 @@ class LoadedModel:
 
 def _read_record(directory: Path) -> dict[str, Any]:
     path = directory / "subnet.json"
+    if not directory.exists():
+        raise CheckpointError(f"export {str(directory)!r} does not exist")
     if not path.is_file():
         raise CheckpointError(f"{str(directory)!r} is not a subnet export: it has no subnet.json")
     try:
@@ -528,8 +530,30 @@ def _load_program(root: Path, spec: SubnetSpec) -> nn.Module:
         program = torch.export.load(str(path))
     except Exception as exc:  # torch.export raises many types for a corrupt program
         raise CheckpointError(f"{str(path)!r} cannot be loaded: {exc}") from exc
-    module: nn.Module = program.module()
-    return module
+    return ExportedProgramModule(program.module())
+
+
+class ExportedProgramModule(nn.Module):
+    """An export's ``torch.export`` program, as a module users can call and put in eval mode.
+
+    The program computes what the pruned model computed in eval mode when it was exported; it
+    has no training mode (torch refuses ``train()``/``eval()`` on it), so here they only set the
+    flag, and ``model.eval()`` right after :func:`load_export` works as with any module.
+
+    Args:
+        program: ``ExportedProgram.module()``.
+    """
+
+    def __init__(self, program: nn.Module) -> None:
+        super().__init__()
+        self.program = program
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.program(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ExportedProgramModule:
+        self.training = mode  # the program itself is fixed in eval semantics
+        return self
 
 
 def load_subnet(

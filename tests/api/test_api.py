@@ -128,6 +128,7 @@ def test_load_rebuilds_an_export_of_a_model_defined_in_a_function(tmp_path: Path
     x = torch.randn(5, 1, 12, 12)
 
     from_program = prunetune.load(out)
+    assert from_program.model.eval() is from_program.model  # torch refuses eval() on a program
     torch.testing.assert_close(from_program.model(x), result.model(x), rtol=1e-5, atol=1e-6)
     assert from_program.spec == result.spec
 
@@ -152,6 +153,10 @@ def test_load_refuses_a_tampered_or_foreign_directory(tmp_path: Path) -> None:
         prunetune.load(foreign)
     with pytest.raises(CheckpointError, match=r"has no subnet\.json"):
         prunetune.load(tmp_path)
+    with pytest.raises(CheckpointError, match=r"export '.*nowhere' does not exist"):
+        prunetune.load(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="directory must be the path of an export"):
+        prunetune.load(None)  # type: ignore[arg-type]
 
 
 def test_bad_arguments_say_what_was_wrong() -> None:

@@ -10,6 +10,7 @@ their own (Torch-Pruning's dependency graph and pruners used as a library).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -409,6 +410,10 @@ def load(
         >>> torch.allclose(back.model(x), result.model(x), atol=1e-5)
         True
     """
+    if not isinstance(directory, str | os.PathLike):
+        raise TypeError(
+            f"directory must be the path of an export (str or Path), got {type(directory).__name__}"
+        )
     if model is not None and not isinstance(model, nn.Module):
         if not callable(model):
             raise TypeError(
