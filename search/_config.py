@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prunetune.backend.data import list_datasets
-from prunetune.backend.datasources import IMAGEFOLDER, DataSource, import_callable, is_data_name
+from prunetune.backend.datasources import IMAGEFOLDER, DataSource, is_data_name
 from prunetune.backend.errors import PrunetuneError
-from prunetune.backend.training import METRICS, Precision, Runtime, Task
+from prunetune.backend.training import Precision, Runtime, Task
 from prunetune.estimators import Target
 from prunetune.spaces import create_space, list_spaces
 
@@ -261,16 +261,7 @@ class SearchConfig:
         Raises:
             ValueError: a ``package.module:name`` loss or metric that cannot be imported.
         """
-        metric = self.metric
-        if isinstance(metric, str) and metric not in METRICS:
-            metric = import_callable(metric, f"metric (or one of {', '.join(METRICS)})")
-        loss = self.loss
-        if isinstance(loss, str) and loss != "cross_entropy":
-            loss = import_callable(loss, "loss (or cross_entropy)")
-        output = self.output
-        if isinstance(output, str) and output.lstrip("-").isdigit():
-            output = int(output)  # --output 0: a tuple index
-        return Task(loss=loss, metric=metric, output=output, ignore_index=self.ignore_index)
+        return Task.from_names(self.loss, self.metric, self.output, self.ignore_index)
 
     @property
     def run_dir(self) -> Path:

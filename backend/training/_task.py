@@ -198,6 +198,35 @@ class Task:
                 f"metric must be one of {', '.join(METRICS)} or a callable, got {self.metric!r}"
             )
 
+    @classmethod
+    def from_names(
+        cls,
+        loss: str | LossFn = "cross_entropy",
+        metric: str | Callable[[], Metric] = "top1",
+        output: str | int | None = None,
+        ignore_index: int = -100,
+    ) -> Task:
+        """The task that command-line or config names describe.
+
+        Args:
+            loss: ``cross_entropy``, ``package.module:function`` or a callable.
+            metric: one of :data:`METRICS`, ``package.module:Class`` or a callable.
+            output: a dict key, or a tuple index (``"0"`` from a command line becomes ``0``).
+            ignore_index: target value the loss and the dense metrics skip.
+
+        Raises:
+            ValueError: a ``package.module:name`` that cannot be imported, or an unknown name.
+        """
+        from prunetune.backend.datasources import import_callable
+
+        if isinstance(metric, str) and metric not in METRICS:
+            metric = import_callable(metric, f"metric (or one of {', '.join(METRICS)})")
+        if isinstance(loss, str) and loss != "cross_entropy":
+            loss = import_callable(loss, "loss (or cross_entropy)")
+        if isinstance(output, str) and output.lstrip("-").isdigit():
+            output = int(output)  # --output 0: a tuple index
+        return cls(loss=loss, metric=metric, output=output, ignore_index=ignore_index)
+
     def new_metric(self) -> Metric:
         """A fresh metric object.
 

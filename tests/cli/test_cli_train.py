@@ -66,3 +66,35 @@ def test_checkpoint_of_another_architecture(
     assert main(argv) == 2
     assert "is for model 'small_cnn', not 'resnet20'" in capsys.readouterr().err
     assert not second.exists()
+
+
+def test_train_takes_the_users_loss_metric_output_and_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "seg.pt"
+    argv = ["train", "--model", "tests.factories:TinySegNet", "--dataset",
+            "tests.factories:blob_datasets", "--loss", "tests.factories:blob_loss",
+            "--metric", "miou", "--output", "out", "--ignore-index", "255",
+            "--device", "cpu", "--precision", "bf16", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "on cpu" in err and "test miou " in err
+    _, info = load_checkpoint(out, trust_model_code=True)
+    assert 0.0 < info.metrics["test_acc"] <= 1.0  # the metric the task names: mean IoU
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:<index>"),
+        (["--metric", "nosuch.module:Metric"], "metric"),
+        (["--precision", "fp8"], "invalid choice: 'fp8'"),
+    ],
+)
+def test_bad_task_or_device(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    out = tmp_path / "dense.pt"
+    assert main(["train", "--model", "small_cnn", *argv, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -53,7 +53,9 @@ def register(subparsers: Any) -> None:
         help="data for the taylor criterion: digits, mnist, cifar10, imagefolder "
         "or package.module:factory",
     )
-    parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
+    parser.add_argument(
+        "--data-dir", help="directory of the mnist/cifar10 files or image folder (taylor only)"
+    )
     parser.add_argument(
         "--out",
         required=True,

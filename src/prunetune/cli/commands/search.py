@@ -15,8 +15,12 @@ from typing import Any
 
 import yaml
 
-from prunetune.backend.training import METRICS, PRECISIONS
-from prunetune.cli.commands._common import DATASET_HELP, say
+from prunetune.cli.commands._common import (
+    DATASET_HELP,
+    add_device_options,
+    add_task_options,
+    say,
+)
 from prunetune.search._config import SAMPLERS, SearchConfig, read_yaml
 
 _EPILOG = """\
@@ -44,30 +48,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--data-dir", help="directory of the mnist/cifar10 files or image folder")
     parser.add_argument("--image-size", type=int, help="imagefolder: crop side in pixels (224)")
     parser.add_argument("--workers", type=int, help="DataLoader workers for streamed data (2)")
-    task = parser.add_argument_group("loss and metric")
-    task.add_argument(
-        "--loss", help="cross_entropy (default) or package.module:function(outputs, targets)"
-    )
-    task.add_argument(
-        "--metric",
-        help=f"{', '.join(METRICS)} (default top1, reported as acc) or package.module:Class; "
-        "the search optimises and chooses by it",
-    )
-    task.add_argument(
-        "--output", help="the model output the loss and metric use: a dict key or tuple index"
-    )
-    task.add_argument("--ignore-index", type=int, help="target value the loss and metric skip")
-    device = parser.add_argument_group("device")
-    device.add_argument(
-        "--device", help="auto (default: the GPU Ray gives a trial, else the CPU), cpu, cuda[:i]"
-    )
-    device.add_argument("--precision", choices=PRECISIONS, help="fp32 (default), bf16 or fp16")
-    device.add_argument(
-        "--channels-last",
-        action="store_true",
-        default=None,
-        help="NHWC memory layout (faster convolutions on GPU tensor cores)",
-    )
+    add_task_options(parser, "the search optimises and chooses by it")
+    add_device_options(parser)
     parser.add_argument(
         "--checkpoint", help="dense checkpoint (default: train the dense model first)"
     )

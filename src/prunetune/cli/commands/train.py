@@ -13,11 +13,16 @@ from prunetune.backend.models import create_model
 from prunetune.backend.train import TrainConfig, evaluate, train
 from prunetune.cli.commands._common import (
     add_data_options,
+    add_device_options,
+    add_task_options,
     dataset_from_args,
     model_ref_for,
+    runtime_from_args,
     say,
     set_threads,
+    task_from_args,
 )
+from prunetune.search._result import format_score
 
 
 def register(subparsers: Any) -> None:
@@ -36,6 +41,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--checkpoint", help="start from this checkpoint instead of from scratch")
     parser.add_argument("--out", required=True, help="checkpoint file to write (a new file)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_task_options(parser, "reported every epoch and at the end")
+    add_device_options(parser)
     parser.set_defaults(run=run)
 
 
@@ -49,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     out = check_new_file(args.out, args.overwrite)
+    task, runtime = task_from_args(args), runtime_from_args(args)
+    runtime.torch_device  # noqa: B018 (a missing GPU fails before the data is read)
     set_threads(args.threads)
     create_model(args.model) if ":" not in args.model else None  # unknown names fail first
     data = dataset_from_args(args)
@@ -59,16 +68,19 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         model = ref.build()
     model(torch.zeros(data.input_shape(2)))  # shape errors surface before training
-    say(f"training {args.model} for {args.epochs:g} epochs")
-    result = train(model, data, config, on_epoch=lambda report: say(report.line()))
-    _, test_acc = evaluate(model, data.test)
+    say(f"training {args.model} for {args.epochs:g} epochs on {runtime.torch_device}")
+    result = train(
+        model, data, config, on_epoch=lambda report: say(report.line()), task=task, runtime=runtime
+    )
+    _, test_score = evaluate(model, data.test, task, runtime, workers=data.workers)
+    model.cpu()
     info = Checkpoint(
         model=ref,
         input_shape=data.input_shape(1),
         dataset=data.name,
-        metrics={"val_acc": result.val_acc, "test_acc": test_acc},
+        metrics={"val_acc": result.val_acc, "test_acc": test_score},  # the task's metric
         preprocessing=data.preprocessing(),
     )
     save_checkpoint(out, model, info)
-    say(f"test accuracy {100 * test_acc:.2f}%  ->  {out}")
+    say(f"test {task.metric_name} {format_score(task.metric_name, test_score)}  ->  {out}")
     return 0
