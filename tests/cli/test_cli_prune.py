@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,24 @@ def test_prune_from_a_checkpoint_and_again_from_the_export(tmp_path: Path) -> No
     assert sum(p.numel() for p in twice.model.parameters()) <= 0.5 * sum(
         p.numel() for p in once.model.parameters()
     )
+    # every export of one model keeps the original dense model as its base
+    assert twice.metrics["dense_flops"] == once.metrics["dense_flops"]
+    assert twice.metrics["input_params"] == sum(p.numel() for p in once.model.parameters())
+
+
+def test_pruning_an_export_again_names_both_bases(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["prune", "--model", "small_cnn", "--flops", "50%", "--out", str(first)]) == 0
+    capsys.readouterr()
+    assert main(["prune", "--checkpoint", str(first), "--flops", "50%", "--out", str(second)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("flops:"))
+    of_input, of_original = (float(x) for x in re.findall(r"([\d.]+)% of the", line))
+    assert of_input <= 50.0 and of_original <= 0.5 * 50.0 + 0.5
+    assert main(["estimate", "--subnet", str(second), "--json"]) == 0
+    estimate = json.loads(capsys.readouterr().out)
+    assert 100 * estimate["flops"] / estimate["dense_flops"] == pytest.approx(of_original, abs=0.06)
 
 
 @pytest.mark.parametrize(

@@ -74,8 +74,8 @@ def test_train_takes_the_users_loss_metric_output_and_device(
     out = tmp_path / "seg.pt"
     argv = ["train", "--model", "tests.factories:TinySegNet", "--dataset",
             "tests.factories:blob_datasets", "--loss", "tests.factories:blob_loss",
-            "--metric", "miou", "--output", "out", "--ignore-index", "255",
-            "--device", "cpu", "--precision", "bf16", "--epochs", "1", "--out", str(out)]  # fmt: skip
+            "--metric", "miou", "--output", "out", "--ignore-index", "255", "--device", "cpu",
+            "--precision", "bf16", "--epochs", "1", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "on cpu" in err and "test miou " in err

@@ -168,7 +168,10 @@ class PruneResult:
         dense_params: the same for the dense model.
         costs: every estimator's figure for the subnet (``flops``, ``params`` and, with a
             profile, the *predicted* ``latency_ms``).
-        dense_costs: the same for the dense model.
+        dense_costs: the same for the model that was pruned.
+        original_costs: when the model pruned was itself a pruned export, the figures of the
+            original dense model it came from (what the export records as ``dense_*``, so that
+            every export of one model shares one base); ``None`` otherwise.
     """
 
     model: nn.Module
@@ -179,6 +182,7 @@ class PruneResult:
     dense_params: int
     costs: dict[str, float]
     dense_costs: dict[str, float]
+    original_costs: dict[str, float] | None = None
 
     def export(
         self,
@@ -213,6 +217,9 @@ class PruneResult:
         """
         out = check_export_dir(directory, overwrite)
         metrics = {f"dense_{m}": float(v) for m, v in self.dense_costs.items()}
+        if self.original_costs is not None:
+            metrics |= {f"input_{m}": float(v) for m, v in self.dense_costs.items()}
+            metrics |= {f"dense_{m}": float(v) for m, v in self.original_costs.items()}
         if "latency_ms" in self.costs:
             metrics["predicted_latency_ms"] = float(self.costs["latency_ms"])
         return export_subnet(
@@ -226,15 +233,25 @@ class PruneResult:
         )
 
     def summary(self) -> str:
-        """One line per figure: dense -> pruned (share of dense)."""
+        """One line per figure: dense -> pruned (share of dense).
+
+        When the model pruned was itself pruned (:attr:`original_costs`), the share is of that
+        input model, followed by the share of the original dense model.
+        """
         lines = []
         for metric, value in self.costs.items():
             dense = float(self.dense_costs[metric])
             label = "latency_ms (predicted)" if metric == "latency_ms" else metric
-            lines.append(
-                f"{label}: {format_metric(metric, dense)} -> {format_metric(metric, value)}"
-                f"{format_share(value, dense)}"
+            line = f"{label}: {format_metric(metric, dense)} -> {format_metric(metric, value)}"
+            original = (self.original_costs or {}).get(metric)
+            if original is None:
+                lines.append(line + format_share(value, dense))
+                continue
+            of_input = f"{100 * value / dense:.1f}% of the input model, " if dense else ""
+            of_original = (
+                f"{100 * value / original:.1f}% of the original dense " if original else ""
             )
+            lines.append(f"{line} ({of_input}{of_original}{format_metric(metric, original)})")
         return "\n".join(lines)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -94,6 +94,8 @@ class ResolvedModel:
     input_shape: tuple[int, ...]
     spec: SubnetSpec | None = None
     preprocessing: dict[str, Any] | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """What the checkpoint or export records (an export's ``dense_*`` figures among them)."""
 
     def trace(self) -> ChannelGraph:
         """The model's channel graph on a zero input of :attr:`input_shape`."""
@@ -117,8 +119,9 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
                 f"checkpoint's {','.join(map(str, loaded.input_shape))}"
             )
         return ResolvedModel(
-            loaded.model, loaded.ref, tuple(shape), loaded.spec, loaded.preprocessing
-        )
+            loaded.model, loaded.ref, tuple(shape), loaded.spec, loaded.preprocessing,
+            dict(loaded.metrics),
+        )  # fmt: skip
     if not args.model:
         raise ValueError("name a model with --model (or a checkpoint with --checkpoint)")
     shape = tuple(args.input_shape or (1, 3, 32, 32))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from typing import Any
 
@@ -111,6 +112,13 @@ def run(args: argparse.Namespace) -> int:
         model_ref=resolved.ref,
         base_spec=resolved.spec,
     )
+    if resolved.spec is not None:  # pruning an export again: keep the original dense as base
+        original = {
+            metric: float(resolved.metrics[f"dense_{metric}"])
+            for metric in result.costs
+            if isinstance(resolved.metrics.get(f"dense_{metric}"), (int, float))
+        }
+        result = dataclasses.replace(result, original_costs=original or None)
     result.export(
         out,
         progress=say,
@@ -126,6 +134,9 @@ def run(args: argparse.Namespace) -> int:
             **result.costs,
             **{f"dense_{m}": v for m, v in result.dense_costs.items()},
         }
+        if result.original_costs is not None:
+            summary |= {f"input_{m}": v for m, v in result.dense_costs.items()}
+            summary |= {f"dense_{m}": v for m, v in result.original_costs.items()}
         print(json.dumps(summary))
     else:
         print(result.summary())
