@@ -7,7 +7,6 @@ import copy
 import dataclasses
 import datetime
 import math
-import statistics
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.errors import PrunetuneError, SpecError
+from prunetune.backend.errors import SpecError
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
@@ -32,24 +31,22 @@ from prunetune.estimators._profile import (
     layer_axes,
     norm_axes,
 )
+from prunetune.estimators._stability import (
+    Stability,
+)
 from prunetune.estimators._timing import (
     MIN_REPEAT_S,
     MODEL_MIN_S,
     Statistic,
     check_timing,
     measure_latency,
-    spread,
     steady_allocator,
     time_samples,
     torch_threads,
 )
 
 __all__ = [
-    "MAX_SPREAD",
-    "OUTLIER_FACTOR",
-    "REFUSE_FACTOR",
     "ProfileProgress",
-    "UnstableTimingError",
     "calibration_widths",
     "cpu_channel_block",
     "profile_model",
@@ -59,29 +56,6 @@ __all__ = [
 _POINT_MIN_S = 0.02
 """Each table point is timed for at least this long in all: tables of small layers (batch 1)
 then take a minimum over tens of repeats, not 7, and vary less from one profile to the next."""
-
-MAX_SPREAD = 1.0
-"""A table point whose repeats spread more than this (interquartile range over the median) is
-measured again, twice at most; if it stays so, it keeps the fastest run of all its
-measurements (a busy machine only ever slows a run down) and counts as unsteady
-(``settings["unsteady_points"]``; the command line then advises a quiet machine). On this
-project's 2-core machine at a load of 4, a third of small-layer measurements spread 0.5-1.5
-while their medians moved by 15%: spread alone is a symptom, not a wrong figure."""
-
-OUTLIER_FACTOR = 3.0
-"""A table point more than this many times slower than its neighbours (allowing for a wider
-layer) is measured again (see :func:`_outliers`)."""
-
-REFUSE_FACTOR = 10.0
-"""A point still this far from its neighbours after re-measuring refuses the profile (a loaded
-machine once left entries 1000x off, and no layer's time jumps 10x between grid points)."""
-
-_REMEASURES = 2
-
-
-class UnstableTimingError(PrunetuneError):
-    """Timings on this machine disagree too much for a profile to predict with."""
-
 
 _CALIBRATION_ROUNDS = 3
 """Rounds over the dense model and calibration subnets in a profile (each keeps its best)."""
@@ -215,65 +189,13 @@ def _axis_block(high: int, block: int, time_at: Callable[[int], float]) -> tuple
     return block, middle / top
 
 
-@dataclass
-class _Stability:
-    """What the table points of a profile did: how many, how many stayed unsteady or outliers
-    after being measured again, and how many were measured again."""
-
-    points: int = 0
-    unsteady: int = 0
-    outliers: int = 0
-    remeasured: int = 0
-
-    def check(self, threads: int) -> None:
-        """Refuse a profile whose outliers did not go away when measured again.
-
-        Raises:
-            UnstableTimingError: a point still stands :data:`REFUSE_FACTOR` times from its
-                neighbours.
-        """
-        if self.outliers == 0:
-            return
-        raise UnstableTimingError(
-            f"timings on this machine are unstable: {self.outliers} of {self.points} table "
-            f"points stood {REFUSE_FACTOR:g}x off their neighbours even measured again "
-            f"({self.unsteady} varied by more than {100 * MAX_SPREAD:.0f}% between repeats); the "
-            f"profile would mispredict. Profile on a quiet machine with --threads 1 (now "
-            f"{threads}), or with more --repeats"
-        )
-
-
-def _outliers(
-    ms: np.ndarray, grids: Sequence[Sequence[int]], factor: float = OUTLIER_FACTOR
-) -> list[tuple[int, ...]]:
-    """Indices of table points that stand ``factor`` times above their neighbours along either
-    axis: slower than both (an interior point), or than its narrower neighbour by more than the
-    width grows (the widest point). The narrowest point is not judged: width-1 layers take
-    another, slower kernel (a 1-channel BatchNorm ran 5-11x slower than a 40-channel one)."""
-    flagged: set[tuple[int, ...]] = set()
-    for axis, widths in enumerate(grids):
-        if not widths:
-            continue
-        lines = (
-            [ms]
-            if ms.ndim == 1
-            else [ms[i] if axis == 1 else ms[:, i] for i in range(ms.shape[1 - axis])]
-        )
-        for other, line in enumerate(lines):
-            for k in range(1, len(line)):
-                near = [j for j in (k - 1, k + 1) if j < len(line)]
-                if all(line[k] > factor * line[j] * max(1.0, widths[k] / widths[j]) for j in near):
-                    flagged.add((k,) if ms.ndim == 1 else ((other, k) if axis == 1 else (k, other)))
-    return sorted(flagged)
-
-
 def _measure_table(
     axes: TableAxes,
     widths_grid: int | tuple[float, ...],
     batch_size: int,
     timing: tuple[int, int, Statistic],
     block: int,
-    stability: _Stability,
+    stability: Stability,
     device: str = "cpu",
 ) -> LatencyTable:
     config = dict(axes.config)
@@ -282,19 +204,9 @@ def _measure_table(
 
     def time_at(in_width: int, out_width: int) -> float:
         runner = _layer_runner(config, in_width, out_width, batch_size, device)
-        every: list[float] = []
-        for attempt in range(1 + _REMEASURES):
-            samples = time_samples(runner, warmup, repeats, _POINT_MIN_S, cuda=cuda)
-            every += samples
-            if spread(samples) <= MAX_SPREAD:
-                value = statistics.median(samples) if statistic == "median" else min(samples)
-                break
-            stability.remeasured += attempt == 0
-        else:  # never steady: the fastest run is the one a busy machine disturbed least
-            stability.unsteady += 1
-            value = min(every)
-        stability.points += 1
-        return value * 1e3
+        return 1e3 * stability.steady_time(
+            lambda: time_samples(runner, warmup, repeats, _POINT_MIN_S, cuda=cuda), statistic
+        )
 
     blocks, unaligned = [1, 1], [1.0, 1.0]
     if _blocked(config):
@@ -315,12 +227,7 @@ def _measure_table(
     shape = (len(in_grid), len(out_grid)) if out_grid else (len(in_grid),)
     ms = np.array([point(index) for index in np.ndindex(*shape)]).reshape(shape)
     grids = (in_grid, out_grid)
-    for _ in range(_REMEASURES):
-        flagged = _outliers(ms, grids)
-        stability.remeasured += len(flagged)
-        for index in flagged:
-            ms[index] = min(ms[index], point(index))  # a stall only ever slows a run down
-    stability.outliers += len(_outliers(ms, grids, REFUSE_FACTOR))
+    stability.remeasure_outliers(ms, grids, point)
     return LatencyTable(
         config, in_grid, out_grid, ms, (blocks[0], blocks[1]), (unaligned[0], unaligned[1])
     )
@@ -508,7 +415,7 @@ def profile_model(
     subnets = calibration_subnets if measure_model and isinstance(graph, ChannelGraph) else 0
     total = len(axes) + subnets + (1 if measure_model else 0)
     timing: tuple[int, int, Statistic] = (warmup, repeats, statistic)
-    stability = _Stability()
+    stability = Stability()
     with torch_threads(threads) as used_threads:
         for done, (key, item) in enumerate(axes.items(), start=1):
             tables[key] = _measure_table(

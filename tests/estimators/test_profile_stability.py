@@ -14,7 +14,8 @@ from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import create_model
 from prunetune.cli import main
 from prunetune.estimators import _profiling
-from prunetune.estimators._profiling import UnstableTimingError, profile_model
+from prunetune.estimators._profiling import profile_model
+from prunetune.estimators._stability import UnstableTimingError
 
 
 class _Point:
