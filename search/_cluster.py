@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from prunetune.backend.errors import PrunetuneError
 
@@ -102,6 +106,7 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[Cl
         )
     else:
         _probe(address)
+        _preflight(address)
         try:
             ray.init(address=address, **quiet)  # type: ignore[arg-type]
         except Exception as exc:  # ray raises ConnectionError, RuntimeError, grpc errors...
@@ -113,37 +118,111 @@ def ray_session(address: str | None, num_cpus: int | None = None) -> Iterator[Cl
             ray.shutdown()
 
 
-_TOKEN_SIGNS = ("token authentication", "authentication token", "unauthenticated", "auth_token")
-_NOT_A_NODE_SIGNS = ("raylet", "failed to get node info", "node_ip_address", "node ip address")
+_TOKEN_SIGNS = ("invalidauthtoken", "token authentication", "authentication token")
+_NOT_A_NODE_SIGNS = ("sockets/raylet", "failed to get node info", "node_ip_address")
 _AUTH_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+_PREFLIGHT_TIMEOUT_S = 180.0
+_LOG_PREFIX = re.compile(
+    r"^\[[^\]]*\] \S+:\d+: "
+)  # "[2026-11-30 10:25:54,405 W 1 1] gcs_client.cc:210: "
+# ray.init in a child process first: a driver on a machine that is no node of a HOST:PORT
+# cluster does not raise in Ray 2.60, it aborts the whole process in C++ ("Failed to connect to
+# socket at address: .../sockets/raylet"), which no except clause here could catch.
+_PREFLIGHT = (
+    "import logging, sys, ray\n"
+    "ray.init(address=sys.argv[1], logging_level=logging.ERROR, log_to_driver=False)\n"
+    "ray.shutdown()\n"
+)
+
+
+def _preflight(address: str) -> None:
+    """Connect once from a child process; its failure becomes :func:`connect_error`'s line.
+
+    Raises:
+        ClusterError: the child could not connect (or was killed connecting).
+    """
+    if address.startswith("ray://"):
+        return  # the Ray Client needs no local node, and raises like any Python library
+    try:
+        child = subprocess.run(
+            [sys.executable, "-c", _PREFLIGHT, address],
+            capture_output=True,
+            text=True,
+            timeout=_PREFLIGHT_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {address}: no answer in "
+            f"{_PREFLIGHT_TIMEOUT_S:g} s"
+        ) from exc
+    if child.returncode != 0:
+        raise connect_error(address, RuntimeError(child.stderr + child.stdout))
+
+
+def _chain_text(exc: BaseException) -> str:
+    """The text of ``exc`` and of every exception it came from (Ray puts the cause there)."""
+    texts, seen = [], set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        texts.append(str(current))
+        current = current.__cause__ or current.__context__
+    return "\n".join(texts)
+
+
+def _telling_line(text: str, signs: tuple[str, ...]) -> str:
+    """The line of ``text`` that shows a sign, else its last non-empty line."""
+    lines = [_LOG_PREFIX.sub("", line).strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if any(sign in line.lower() for sign in signs):
+            return line[:300]
+    return lines[-1][:300] if lines else "no message"
 
 
 def connect_error(address: str, exc: BaseException) -> ClusterError:
-    """The one line for a failed ``ray.init(address=...)``, naming the cause where it shows.
+    """The one line for a failed connection to ``address``, naming the cause where it shows.
 
-    Two causes read alike in Ray's own errors: the cluster uses token authentication and this
-    process has no (or the wrong) token, or the driver runs on a machine that is no node of the
-    cluster (a ``HOST:PORT`` address needs a local Ray node; the Ray Client, ``ray://``, does not).
+    Two causes read alike in Ray's own top-level error ("Failed to connect to Ray cluster at
+    ..."): the cluster uses token authentication and this process has no (or the wrong) token,
+    or the driver runs on a machine that is no node of the cluster (a ``HOST:PORT`` address
+    needs a local Ray node; the Ray Client, ``ray://``, does not). Their causes show in the
+    exceptions Ray chains below it, or in the log of a :func:`_preflight` child.
     """
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    text = str(exc).lower()
+    text = _chain_text(exc)
+    lowered = text.lower()
     where = f"cannot connect to the Ray cluster at {address}"
-    if any(sign in text for sign in _TOKEN_SIGNS):
-        has_token = any(os.environ.get(name) for name in _AUTH_ENV)
-        fix = (
-            "the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH is not the cluster's"
-            if has_token
-            else "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH) to the cluster's token"
+    if any(sign in lowered for sign in _TOKEN_SIGNS):
+        first = _telling_line(text, _TOKEN_SIGNS)
+        has_token = (
+            any(os.environ.get(name) for name in _AUTH_ENV)
+            or Path("~/.ray/auth_token").expanduser().is_file()
         )
+        if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            fix = (
+                "set RAY_AUTH_MODE=token here, with the cluster's token in RAY_AUTH_TOKEN, "
+                "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token"
+            )
+        elif has_token:
+            fix = (
+                "the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token is not "
+                "the cluster's"
+            )
+        else:
+            fix = (
+                "give the cluster's token in RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or "
+                "~/.ray/auth_token"
+            )
         return ClusterError(f"{where}: the cluster uses token authentication; {fix} ({first})")
     direct = not address.startswith("ray://") and address != "auto"
-    if direct and any(sign in text for sign in _NOT_A_NODE_SIGNS):
+    if direct and any(sign in lowered for sign in _NOT_A_NODE_SIGNS):
+        first = _telling_line(text, _NOT_A_NODE_SIGNS)
         return ClusterError(
             f"{where}: this machine is not a node of that cluster, and a HOST:PORT address "
             "needs one; run `ray start --address HOST:PORT` here first, or connect through the "
             f"Ray Client (ray://HOST:10001) ({first})"
         )
-    return ClusterError(f"{where}: {first}")
+    return ClusterError(f"{where}: {_telling_line(text, ())}")
 
 
 @contextlib.contextmanager

@@ -183,20 +183,25 @@ def test_search_refuses_to_mix_into_an_existing_run(
 @pytest.mark.parametrize(
     ("error", "address", "env", "message"),
     [
-        (
-            "Token authentication is enabled but no authentication token was found",
+        (  # Ray 2.60's words, chained below "Failed to connect to Ray cluster at ..."
+            "RPC error: InvalidAuthToken: Authentication token is missing or incorrect. Note: "
+            "RAY_AUTH_MODE is currently 'disabled' (not 'token').",
             "10.0.0.5:6379",
             {},
-            r"uses token authentication; set RAY_AUTH_TOKEN \(or RAY_AUTH_TOKEN_PATH\)",
+            r"uses token authentication; set RAY_AUTH_MODE=token here.*\(RPC error: Invalid",
         ),
         (
-            "Token authentication is enabled but the authentication token is invalid",
+            "[2026-11-30 10:25:54,405 W 1 1] gcs_client.cc:210: Failed to get cluster ID from "
+            "GCS server: Unauthenticated: RPC error: InvalidAuthToken: Authentication token is "
+            "missing or incorrect",
             "ray://10.0.0.5:10001",
-            {"RAY_AUTH_TOKEN": "wrong"},
-            "uses token authentication; the token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH is not",
+            {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
+            r"token in RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH / ~/.ray/auth_token is not the "
+            r"cluster's \(Failed to get cluster ID",
         ),
         (
-            "Failed to get node info for possible node ids: []",
+            "[2026-11-30 10:24:59,564 C 15733 15733] raylet_ipc_client.cc:85: Failed to connect "
+            "to socket at address:/tmp/ray/session_1/sockets/raylet\n*** StackTrace ***",
             "10.0.0.5:6379",
             {},
             r"this machine is not a node of that cluster.*ray start --address HOST:PORT",
@@ -206,15 +211,25 @@ def test_search_refuses_to_mix_into_an_existing_run(
     ids=["no token", "wrong token", "not a node", "other"],
 )
 def test_connection_errors_name_their_cause(
-    error: str, address: str, env: dict[str, str], message: str, monkeypatch: pytest.MonkeyPatch
+    error: str,
+    address: str,
+    env: dict[str, str],
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     from prunetune.search._cluster import connect_error
 
-    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token
+    for name in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    found = connect_error(address, RuntimeError(error))
+    cause = RuntimeError(error)
+    try:
+        raise ConnectionError(f"Failed to connect to Ray cluster at {address}") from cause
+    except ConnectionError as exc:
+        found = connect_error(address, exc)
     assert str(found).startswith(f"cannot connect to the Ray cluster at {address}: ")
     assert re.search(message, str(found))
 
