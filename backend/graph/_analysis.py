@@ -70,6 +70,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         if self._input_seen:
             return self._fresh(node, f"model input '{node.target}'")
         self._input_seen = True
+        self.batch = max(1, shape[0])
         return (Segment(self.slots.new(shape[1], "input", "model input"), shape[1]),)
 
     def _call_module(self, node: fx.Node) -> Any:
@@ -359,7 +360,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         if channels is None or in_shape is None or out_shape is None:
             self.unknown_modules[name] = "its input is not a traced tensor"
             return self._unknown(node, f"module '{name}'")
-        positions = math.prod(out_shape[2:])
+        positions = self.per_example(node, math.prod(out_shape[2:]))
         shared = self._record_call(node, name, channels, f"shared module '{name}'", positions)
         if shared is not None:
             return shared
@@ -419,11 +420,12 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             reason = "Linear applied to a tensor that is not [batch, features]"
             self.unknown_modules[name] = reason
             return self._unknown(node, f"module '{name}' ({reason})")
-        shared = self._record_call(node, name, channels, f"shared module '{name}'", 1)
+        rows = self.per_example(node, 1)
+        shared = self._record_call(node, name, channels, f"shared module '{name}'", rows)
         if shared is not None:
             return shared
         out_features = cast(nn.Linear, module).out_features
-        return self._add_layer(node, module, channels, out_features, ((), (), 1))
+        return self._add_layer(node, module, channels, out_features, ((), (), rows))
 
     def _norm(self, node: fx.Node, module: nn.Module) -> Any:
         name = str(node.target)

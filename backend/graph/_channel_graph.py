@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import NamedTuple, cast
 
 import networkx as nx
+import torch
 from torch import Tensor, fx, nn
 
 from prunetune.backend.graph._analysis import ChannelAnalysis
@@ -116,7 +117,7 @@ class ChannelGraph:
                 "example_input must have a batch and a channel dim, e.g. shape (1, 3, 32, 32); "
                 f"got shape {tuple(example_input.shape)}"
             )
-        module = trace_module(model, leaf_modules)
+        module = trace_module(model, leaf_modules, (example_input,))
         propagate_shapes(module, model, example_input)
         analysis = ChannelAnalysis(module)
         analysis.run()
@@ -250,7 +251,8 @@ class ChannelGraph:
         Raises:
             UnsupportedModelError: the model cannot be traced.
         """
-        return trace_module(model, self._leaf_modules)
+        example = torch.zeros(self.input_shape)
+        return trace_module(model, self._leaf_modules, (example,))
 
     @property
     def mask_points(self) -> tuple[MaskPoint, ...]:

@@ -128,7 +128,7 @@ class ChannelsLastRules(AnalysisState):
             reason = f"Linear '{name}' reads features that no traced layer produces"
             slot = self.slots.new(linear.in_features, name, reason)
             inputs = (Segment(slot, linear.in_features),)
-        positions = math.prod(out_shape[1:-1])
+        positions = self.per_example(node, math.prod(out_shape[1:-1]))
         shared = self._record_call(node, name, inputs, f"shared module '{name}'", positions)
         if shared is not None:
             return Last(shared)

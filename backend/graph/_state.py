@@ -10,6 +10,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from prunetune.backend.graph._groups import Channels, Segment, SlotSet
 from prunetune.backend.graph._records import ChannelMember
+from prunetune.backend.graph._trace import node_shape
 
 __all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "is_multi"]
 
@@ -75,6 +76,16 @@ class AnalysisState:
         self.unknown_modules: dict[str, str] = {}
         self.mask_points: list[tuple[fx.Node, Channels]] = []
         self._input_seen = False
+        self.batch = 1
+        """Dim 0 of the example input: the examples that every cost is divided by."""
+
+    def per_example(self, node: fx.Node, positions: int) -> int:
+        """``positions`` of one row of ``node``'s output (its dim 0), per example of the input:
+        a layer may run on a batch folded with patches, frames or windows (MobileViT folds
+        4 patch positions into dim 0), and its MACs then grow with dim 0 / the input's batch."""
+        shape = node_shape(node)
+        rows = shape[0] if shape else self.batch
+        return positions * rows // self.batch if rows % self.batch == 0 else positions
 
     def channels(self, node: Any) -> Channels | None:
         """The channels of a node's single tensor output, ``None`` if it has none."""

@@ -16,6 +16,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tenso
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunetune.backend.errors import UnsupportedModelError
+from prunetune.backend.graph._concrete import ConcreteTracer
 from prunetune.backend.graph._rules import is_layer_subclass
 
 __all__ = ["build_dag", "eval_mode", "node_shape", "propagate_shapes", "trace_module"]
@@ -65,9 +66,18 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
+def trace_module(
+    model: nn.Module,
+    leaf_modules: Sequence[type[nn.Module]] = (),
+    example_inputs: Sequence[Tensor] = (),
+) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode; torch.nn modules (and ``leaf_modules``) stay
     single calls.
+
+    Where plain symbolic tracing fails and ``example_inputs`` are given, the model is traced
+    again with every op also run on them (:class:`ConcreteTracer`): Python code that branches
+    on tensor shapes ("same" padding from the input size, shape checks) then traces, with every
+    shape but the batch size fixed to the example's.
 
     The trace is taken in eval mode, the mode that is costed and exported: branches that run only
     in training (auxiliary heads, drop-path) are left out, and traced-into norm code reads its
@@ -77,10 +87,17 @@ def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ())
         UnsupportedModelError: the model cannot be traced (data-dependent control flow and
             the like); the message quotes fx's error and the offending source line.
     """
-    tracer = _Tracer(tuple(leaf_modules))
+    tracer: fx.Tracer = _Tracer(tuple(leaf_modules))
     try:
         with eval_mode(model):
-            graph = tracer.trace(model)
+            try:
+                graph = tracer.trace(model)
+            except Exception:
+                if not example_inputs:
+                    raise
+                concrete = ConcreteTracer(tuple(example_inputs), tracer.is_leaf_module)
+                graph = concrete.trace(model)
+                tracer = concrete
     except Exception as exc:
         where = _user_frame(exc)
         at = f" at {where}" if where else ""

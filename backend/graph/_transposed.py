@@ -25,9 +25,9 @@ class TransposedConvRules(AnalysisState):
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
         out_shape = node_shape(node)
-        positions = math.prod(in_shape[2:]) if in_shape is not None else 0
+        positions = self.per_example(node, math.prod(in_shape[2:])) if in_shape is not None else 0
         counted = int(node.meta.get("flops", 0)) // 2
-        expected = (in_shape[0] if in_shape else 0) * positions * math.prod(conv.kernel_size)
+        expected = self.batch * positions * math.prod(conv.kernel_size)
         expected *= conv.in_channels * conv.out_channels // conv.groups
         reason = None
         if channels is None or in_shape is None or out_shape is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -440,6 +441,62 @@ class UntraceableNet(nn.Module):
         return self.conv(-x)
 
 
+class SamePadConv(nn.Conv2d):
+    """TensorFlow-style "same" padding computed from the input size, as timm's ``Conv2dSame``:
+    Python arithmetic and an ``if`` on the input's height and width, which torch.fx alone
+    cannot trace."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ih, iw = x.size()[-2:]
+        kh, kw = self.weight.size()[-2:]
+        pad_h = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
+        pad_w = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
+        if pad_h > 0 or pad_w > 0:
+            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
+        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
+class ShapeLogicNet(nn.Module):
+    """Shape checks and shape-dependent branches in ``forward``, and "same" padding convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = SamePadConv(3, 16, 3, stride=2)
+        self.bn = nn.BatchNorm2d(16)
+        self.conv = SamePadConv(16, 24, 3, stride=2)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        assert x.dim() == 4, "expects NCHW"
+        _, _, height, width = x.shape
+        x = F.relu(self.bn(self.stem(x)))
+        if height % 4 or width % 4:  # round odd sizes up, as MobileViT does before unfolding
+            x = F.interpolate(x, size=(math.ceil(height / 4) * 2, math.ceil(width / 4) * 2))
+        return self.head(F.relu(self.conv(x)).mean((2, 3)))
+
+
+class FoldedPatchesNet(nn.Module):
+    """MobileViT's unfolding: 2 x 2 patch positions folded into the batch dim, a token MLP over
+    [batch * 4, patches, channels], folded back. The MLP's MACs grow with dim 0, not only the
+    token count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.fc1 = nn.Linear(16, 32)
+        self.fc2 = nn.Linear(32, 16)
+        self.head = nn.Conv2d(16, 10, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv(x))
+        b, c, h, w = x.shape
+        patches = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 3, 5, 2, 4, 1)
+        tokens = patches.reshape(b * 4, (h // 2) * (w // 2), c)
+        tokens = tokens + self.fc2(F.gelu(self.fc1(tokens)))
+        x = tokens.reshape(b, 2, 2, h // 2, w // 2, c).permute(0, 5, 3, 1, 4, 2)
+        return self.head(x.reshape(b, c, h, w)).mean((2, 3))
+
+
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "resnext_block": ResNeXtBlockNet,
     "densenet_style": DenseNetStyle,
@@ -458,6 +515,8 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "subclassed_layers": SubclassedLayersNet,
     "dict_output": DictOutputNet,
     "functional_weight": FunctionalWeightNet,
+    "shape_logic": ShapeLogicNet,
+    "folded_patches": FoldedPatchesNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 
