@@ -3,11 +3,11 @@
 torch.fx traces with proxies that carry no values: ``if x.shape[-1] % 2:``, ``assert x.dim() == 4``
 or "same" padding computed from the input size (TensorFlow ports, timm's ``Conv2dSame`` family)
 stop it with "symbolically traced variables cannot be used as inputs to control flow". Here each
-traced op is also run on the example input, and a proxy's ``shape``, ``size()``, ``dim()`` and
-``ndim`` answer with the example's numbers: the Python shape logic runs once, for that input,
-as ``torch.export`` would specialise it. The batch dimension (dim 0) stays symbolic, so the graph
-still runs at any batch size (masked training runs it at the training batch size). Control flow
-on tensor *values* (or on the batch size) still cannot be traced.
+traced op is also run on the example input, and a proxy's ``shape``, ``size()``, ``dim()``,
+``ndim``, ``device`` and ``dtype`` answer with the example's values: the Python shape logic runs
+once, for that input, as ``torch.export`` would specialise it. The batch dimension (dim 0) stays
+symbolic, so the graph still runs at any batch size (masked training runs it at the training
+batch size). Control flow on tensor *values* (or on the batch size) still cannot be traced.
 
 torch.export itself gives such a graph, but as ATen ops without the module calls that the
 channel analysis reads layers from, so the fx graph is kept and only its shapes made concrete.
@@ -23,6 +23,7 @@ from torch import Tensor, fx, nn
 __all__ = ["ConcreteTracer"]
 
 _VALUE = "concrete_value"
+_STATIC = frozenset({"device", "dtype", "is_cuda", "layout", "is_sparse", "is_quantized"})
 
 
 class _ConcreteProxy(fx.Proxy):
@@ -37,6 +38,13 @@ class _ConcreteProxy(fx.Proxy):
         if not isinstance(value, Tensor):
             return fx.Proxy.__getattr__(self, "shape")
         return _sizes(self, value)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in _STATIC:  # the same at any batch size
+            value = self._value()
+            if isinstance(value, Tensor):
+                return getattr(value, name)
+        return super().__getattr__(name)
 
     @property
     def ndim(self) -> Any:  # type: ignore[override]
