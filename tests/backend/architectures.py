@@ -467,8 +467,10 @@ class ShapeLogicNet(nn.Module):
         self.head = nn.Linear(24, 10)
 
     def forward(self, x: Tensor) -> Tensor:
-        assert x.dim() == 4, "expects NCHW"
+        assert x.dim() == 4 and x.dtype.is_floating_point, "expects float NCHW"
         _, _, height, width = x.shape
+        if x.device.type == "meta":  # as timm's efficientvit checks
+            raise ValueError("needs real tensors")
         x = F.relu(self.bn(self.stem(x)))
         if height % 4 or width % 4:  # round odd sizes up, as MobileViT does before unfolding
             x = F.interpolate(x, size=(math.ceil(height / 4) * 2, math.ceil(width / 4) * 2))
