@@ -144,10 +144,13 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     for layer in graph.layers:
         module = pruned.get_submodule(layer.name)
         kept_in = feature_indices(layer.in_segments, kept_tuples, sizes)
+        kept_out = kept[layer.out_group]
+        if not layer.depthwise:  # an output cut into pieces keeps each piece's channels
+            kept_out = feature_indices(layer.outputs, kept_tuples, sizes)
         if layer.kind == "conv":
-            _prune_conv(module, layer, kept[layer.out_group], kept_in)
+            _prune_conv(module, layer, kept_out, kept_in)
         else:
-            _prune_linear(module, kept[layer.out_group], kept_in)
+            _prune_linear(module, kept_out, kept_in)
     for norm in graph.norms:
         indices = feature_indices(_norm_segments(norm), kept_tuples, sizes)
         _prune_norm(pruned.get_submodule(norm.name), indices)

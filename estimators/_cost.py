@@ -180,13 +180,18 @@ class _Terms:
                 self.add_linear(out, per_out * multiplier)
             self.add_linear(out, per_pair * multiplier * (layer.in_channels // layer.groups))
             return
+        inputs = [(index[seg.group], seg.multiplier) for seg in layer.in_segments]
+        if len(layer.outputs) > 1 or all(
+            per_pair * mult % layer.groups == 0 for _, mult in inputs
+        ):  # an output cut into pieces: each piece's channels cost as the whole's do
+            for piece in layer.outputs:
+                if per_out:
+                    self.add_linear(index[piece.group], per_out)
+                for inp, mult in inputs:
+                    self.add_quadratic(index[piece.group], inp, per_pair * mult // layer.groups)
+            return
         if per_out:
             self.add_linear(out, per_out)
-        inputs = [(index[seg.group], seg.multiplier) for seg in layer.in_segments]
-        if all(per_pair * mult % layer.groups == 0 for _, mult in inputs):
-            for inp, mult in inputs:
-                self.add_quadratic(out, inp, per_pair * mult // layer.groups)
-            return
         self.grouped.append(
             _GroupedTerm(
                 out=out,
@@ -408,7 +413,7 @@ def _layer_terms(
 
 
 def _check_layer(layer: LayerInfo, index: Mapping[str, int]) -> None:
-    names = [layer.out_group, *(seg.group for seg in layer.in_segments)]
+    names = [*(seg.group for seg in layer.outputs), *(seg.group for seg in layer.in_segments)]
     unknown = [name for name in names if name not in index]
     if unknown:
         raise ValueError(f"layer {layer.name!r} names unknown channel group {unknown[0]!r}")

@@ -220,10 +220,12 @@ def layer_axes(layer: LayerInfo, view: GroupView) -> TableAxes:
     step = layer.groups
     low = sum(int(full_min[index[s.group]]) * s.multiplier for s in layer.in_segments)
     high = sum(int(view.sizes[index[s.group]]) * s.multiplier for s in layer.in_segments)
+    outs = [index[s.group] for s in layer.outputs]  # several when its output is cut in pieces
+    out_step = math.lcm(step, int(steps[out])) if len(outs) == 1 else 1
     return TableAxes(
         layer_config(layer),
         (low, high, step),
-        (int(full_min[out]), int(view.sizes[out]), math.lcm(step, int(steps[out]))),
+        (int(full_min[outs].sum()), int(view.sizes[outs].sum()), out_step),
     )
 
 

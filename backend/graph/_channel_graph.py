@@ -118,15 +118,14 @@ class ChannelGraph:
             )
         module = trace_module(model, leaf_modules)
         propagate_shapes(module, model, example_input)
-        analysis = ChannelAnalysis(module)
-        analysis.run()
+        analysis = _analyse(module)
         groups, slot_names = analysis.slots.build()
 
         def segments(channels: Channels) -> tuple[ChannelSegment, ...]:
             return tuple(ChannelSegment(slot_names[s.slot], s.mult) for s in channels)
 
         layers = tuple(
-            _layer_info(record, segments(record.inputs), segments(record.outputs)[0].group)
+            _layer_info(record, segments(record.inputs), segments(record.outputs))
             for record in analysis.layers.values()
         )
         norms = tuple(
@@ -310,10 +309,37 @@ def _constant_flops(
     return {place: flops // (2 * batch) for place, flops in totals.items()}
 
 
+_MAX_PASSES = 64
+
+
+def _analyse(module: fx.GraphModule) -> ChannelAnalysis:
+    """The channel analysis of ``module``, run again with the output cuts each pass asks for
+    (a split of a layer's channels cuts its output into pieces, and that can ask for cuts of
+    the layers coupled to it) until none asks for more, or ``_MAX_PASSES`` passes (the last
+    one then keeps whole what it could not split)."""
+    cuts: dict[str, frozenset[int]] = {}
+    for _ in range(_MAX_PASSES):
+        analysis = ChannelAnalysis(module, cuts)
+        analysis.run()
+        new = {
+            name: frozenset(wanted) | cuts.get(name, frozenset())
+            for name, wanted in analysis.requests.items()
+            if not wanted <= cuts.get(name, frozenset())
+        }
+        if not new:
+            break
+        cuts.update(new)
+    return analysis
+
+
 def _layer_info(
-    record: LayerRecord, in_segments: tuple[ChannelSegment, ...], out_group: str
+    record: LayerRecord,
+    in_segments: tuple[ChannelSegment, ...],
+    out_segments: tuple[ChannelSegment, ...],
 ) -> LayerInfo:
     module = record.module
+    out_group = out_segments[0].group
+    pieces = out_segments if len(out_segments) > 1 else ()
     if isinstance(module, nn.Linear):
         return LayerInfo(
             name=record.name,
@@ -327,6 +353,7 @@ def _layer_info(
             bias=module.bias is not None,
             calls=record.calls,
             positions=record.positions,
+            out_segments=pieces,
         )
     conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
     padding = conv.padding
@@ -354,4 +381,5 @@ def _layer_info(
         calls=record.calls,
         positions=record.positions,
         transposed=isinstance(module, nn.modules.conv._ConvTransposeNd),
+        out_segments=pieces,
     )

@@ -86,6 +86,9 @@ class LayerInfo:
             *input* positions of a transposed conv) summed over every call, per example; 0
             means ``calls * prod(output_hw)``.
         transposed: a transposed conv, whose weight is ``[in, out / groups, *kernel]``.
+        out_segments: the groups along the layer's output channels, in order, when its output
+            is cut into pieces (a ``chunk`` or ``split`` of its output along the channels, each
+            piece pruned on its own); empty when the output is one group, ``out_group``.
     """
 
     name: str
@@ -106,6 +109,12 @@ class LayerInfo:
     calls: int = 1
     positions: int = 0
     transposed: bool = False
+    out_segments: tuple[ChannelSegment, ...] = ()
+
+    @property
+    def outputs(self) -> tuple[ChannelSegment, ...]:
+        """The groups along the output channels in order: ``out_segments``, or ``out_group``."""
+        return self.out_segments or (ChannelSegment(self.out_group),)
 
     @property
     def total_positions(self) -> int:

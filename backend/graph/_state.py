@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
@@ -63,10 +65,21 @@ def is_multi(meta: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
 
 
 class AnalysisState:
-    """Slots, the channels of every value so far, layer records, and how to couple or fix."""
+    """Slots, the channels of every value so far, layer records, and how to couple or fix.
 
-    def __init__(self, module: fx.GraphModule) -> None:
+    ``cuts`` names, for layers whose output is cut into pieces, the output channels where a new
+    piece starts. A pass that finds a split (or a join) between the channels of one producer
+    asks for the cuts it needs in :attr:`requests`; the analysis is then run again with them,
+    until no pass asks for more (see ``ChannelGraph.trace``).
+    """
+
+    def __init__(
+        self, module: fx.GraphModule, cuts: Mapping[str, frozenset[int]] | None = None
+    ) -> None:
         self.module = module
+        self.cuts: Mapping[str, frozenset[int]] = cuts or {}
+        self.requests: dict[str, set[int]] = {}
+        self.origin: dict[int, tuple[str, int]] = {}
         self.submodules = dict(module.named_modules())
         self.slots = SlotSet()
         self.values: dict[fx.Node, Any] = {}
@@ -126,12 +139,86 @@ class AnalysisState:
             )
         return self._fresh(node, f"produced by {what} at node '{node.name}'")
 
+    def _output_slots(self, name: str, size: int) -> Channels:
+        """New slots for the ``size`` output channels of layer ``name``: one slot, or one per
+        piece where :attr:`cuts` cut its output; each is an ``out`` member at its offset."""
+        bounds = [0, *sorted(c for c in self.cuts.get(name, ()) if 0 < c < size), size]
+        segments = []
+        for start, stop in itertools.pairwise(bounds):
+            label = name if len(bounds) == 2 else f"{name}[{start}:{stop}]"
+            slot = self.slots.new(stop - start, label)
+            self.origin[slot] = (name, start)
+            self.slots.add_member(slot, ChannelMember(name, "out", start))
+            segments.append(Segment(slot, stop - start))
+        return tuple(segments)
+
+    def _cuts_needed(
+        self, channels: Channels, bounds: Sequence[int]
+    ) -> list[tuple[int, int]] | None:
+        """``(slot, channel)`` cuts after which every feature position in ``bounds`` starts a
+        segment of ``channels``; ``None`` when one falls inside a channel's features."""
+        needed = []
+        start = 0
+        for segment in channels:
+            stop = start + segment.size * segment.mult
+            for bound in bounds:
+                if start < bound < stop:
+                    if (bound - start) % segment.mult:
+                        return None
+                    needed.append((segment.slot, (bound - start) // segment.mult))
+            start = stop
+        return needed
+
+    def _request_cuts(self, needed: Sequence[tuple[int, int]]) -> bool:
+        """Ask for every layer whose output is coupled to a slot to be cut at a channel of it;
+        ``False`` (nothing asked) when a slot is not made by a layer that can be cut."""
+        wanted: dict[str, set[int]] = {}
+        for slot, channel in needed:
+            for member in self.slots.set_of(slot):
+                origin = self.origin.get(member)
+                if origin is None:
+                    return False
+                wanted.setdefault(origin[0], set()).add(origin[1] + channel)
+        for name, cuts in wanted.items():
+            self.requests.setdefault(name, set()).update(cuts)
+        return True
+
+    def _pieces(self, channels: Channels, sizes: Sequence[int]) -> list[Channels] | None:
+        """``channels`` split into consecutive pieces of ``sizes`` features, ``None`` when a
+        piece would start inside a segment (the cuts that fix that are then requested)."""
+        bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
+        needed = self._cuts_needed(channels, bounds)
+        if needed is None or sum(sizes) != sum(s.size * s.mult for s in channels):
+            return None
+        if needed:
+            self._request_cuts(needed)
+            return None
+        pieces: list[Channels] = []
+        remaining = list(channels)
+        for size in sizes:
+            piece: list[Segment] = []
+            while size > 0:
+                segment = remaining.pop(0)
+                piece.append(segment)
+                size -= segment.size * segment.mult
+            pieces.append(tuple(piece))
+        return pieces
+
     def _join(self, first: Channels, second: Channels, node: fx.Node, what: str) -> Channels:
-        """Couple two tensors' channels one to one (residual partners, shared-module calls)."""
+        """Couple two tensors' channels one to one (residual partners, shared-module calls).
+
+        Where they are concatenated differently but hold as many features, the cuts that would
+        line their segments up are requested (the next pass then couples them piece by piece).
+        """
         if [(s.size, s.mult) for s in first] == [(s.size, s.mult) for s in second]:
             for a, b in zip(first, second, strict=True):
                 self.slots.union(a.slot, b.slot)
         else:
+            if sum(s.size * s.mult for s in first) == sum(s.size * s.mult for s in second):
+                needed_first = self._cuts_needed(first, _starts(second))
+                needed_second = self._cuts_needed(second, _starts(first))
+                if needed_first is not None and needed_second is not None:
+                    self._request_cuts(needed_first + needed_second)
             reason = (
                 f"{what} at node '{node.name}' combines tensors whose channels are "
                 "concatenated differently"
@@ -181,9 +268,7 @@ class AnalysisState:
         for segment in inputs:
             self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
             offset += segment.size * segment.mult
-        slot = self.slots.new(out_size, name)
-        self.slots.add_member(slot, ChannelMember(name, "out"))
-        outputs = (Segment(slot, out_size),)
+        outputs = self._output_slots(name, out_size)
         kind: Literal["conv", "linear"] = "linear" if isinstance(module, nn.Linear) else "conv"
         input_hw, output_hw, count = positions
         self.layers[name] = LayerRecord(
@@ -191,3 +276,12 @@ class AnalysisState:
         )
         self.mask_points.append((node, outputs))
         return outputs
+
+
+def _starts(channels: Channels) -> list[int]:
+    """The feature position where each segment of ``channels`` after the first starts."""
+    starts, position = [], 0
+    for segment in channels[:-1]:
+        position += segment.size * segment.mult
+        starts.append(position)
+    return starts

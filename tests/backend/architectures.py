@@ -422,6 +422,60 @@ class FunctionalWeightNet(nn.Module):
         return self.fc(self.conv(x).mean((2, 3)))
 
 
+class GatedSplitNet(nn.Module):
+    """A conv whose output is cut in halves gated against each other (``a * sigmoid(b)``, GLU
+    style) by ``Tensor.chunk``; one cut in thirds by ``torch.split`` at a size computed from
+    the tensor, each third to its own conv; one split at literal sizes (kept whole)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.gate = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.gate_bn = nn.BatchNorm2d(32)
+        self.mix = _conv_bn(16, 24)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(16, 8, 1)
+        self.literal = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.gate_bn(self.gate(self.stem(x))).chunk(2, dim=1)
+        x = self.mix(a * torch.sigmoid(b))
+        left, middle, right = torch.split(x, x.shape[1] // 3, dim=1)
+        x = torch.cat([self.left(left), self.right(torch.cat([middle, right], 1))], 1)
+        first, second = torch.split(self.literal(x), [4, 8], dim=1)
+        return self.fc(torch.cat([second, first], 1).mean((2, 3)))
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.cv1 = _conv_bn(channels, channels)
+        self.cv2 = _conv_bn(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.cv2(self.cv1(x))
+
+
+class C2fNet(nn.Module):
+    """A YOLOv8 C2f block: a 1x1 conv split in two halves, bottlenecks on the second half, and a
+    1x1 conv over the concat of both halves and every bottleneck's output."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 8, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.cv1 = _conv_bn(16, 2 * hidden, kernel=1)
+        self.m = nn.ModuleList(_Bottleneck(hidden) for _ in range(blocks))
+        self.cv2 = _conv_bn((2 + blocks) * hidden, 24, kernel=1)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, second = self.cv1(self.stem(x)).chunk(2, 1)  # fx cannot trace list(proxy)
+        y = [first, second]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.fc(self.cv2(torch.cat(y, 1)).mean((2, 3)))
+
+
 def single_conv(num_classes: int = 10) -> nn.Module:
     """A model with nothing to prune: one conv from the image to the output."""
     return nn.Conv2d(3, num_classes, 3)
@@ -458,6 +512,8 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "subclassed_layers": SubclassedLayersNet,
     "dict_output": DictOutputNet,
     "functional_weight": FunctionalWeightNet,
+    "gated_split": GatedSplitNet,
+    "c2f": C2fNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 
