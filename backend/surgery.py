@@ -63,7 +63,7 @@ def _prune_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Te
         groups = 1
         new_weight = weight[kept_in][:, kept_out]
         in_channels = len(kept_in)
-    elif layer.depthwise:  # kept_out: the kept input channels; each has a block of outputs
+    elif layer.depthwise:  # kept_out: the kept input features; each has a block of outputs
         groups = len(kept_out)
         multiplier = conv.out_channels // conv.groups
         kept_out = (kept_out[:, None] * multiplier + torch.arange(multiplier)).flatten()
@@ -144,8 +144,9 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     for layer in graph.layers:
         module = pruned.get_submodule(layer.name)
         kept_in = feature_indices(layer.in_segments, kept_tuples, sizes)
-        kept_out = kept[layer.out_group]
-        if not layer.depthwise:  # an output cut into pieces keeps each piece's channels
+        if layer.depthwise:  # the kept input features, each with its block of outputs
+            kept_out = kept_in
+        else:  # an output cut into pieces keeps each piece's channels
             kept_out = feature_indices(layer.outputs, kept_tuples, sizes)
         if layer.kind == "conv":
             _prune_conv(module, layer, kept_out, kept_in)

@@ -174,21 +174,23 @@ class _Terms:
         """A conv/linear layer costing ``per_pair`` per (output, input feature) pair (divided
         by ``groups``) and ``per_out`` per output channel."""
         out = index[layer.out_group]
-        if layer.depthwise:  # one group; each input channel makes out_channels / groups outputs
+        if layer.depthwise:  # each input feature makes out_channels / groups outputs
             multiplier = layer.out_channels // layer.groups
-            if per_out:
-                self.add_linear(out, per_out * multiplier)
-            self.add_linear(out, per_pair * multiplier * (layer.in_channels // layer.groups))
+            per_feature = per_out * multiplier
+            per_feature += per_pair * multiplier * (layer.in_channels // layer.groups)
+            for segment in layer.in_segments:
+                self.add_linear(index[segment.group], per_feature * segment.multiplier)
             return
         inputs = [(index[seg.group], seg.multiplier) for seg in layer.in_segments]
-        if len(layer.outputs) > 1 or all(
+        if layer.out_segments or all(
             per_pair * mult % layer.groups == 0 for _, mult in inputs
         ):  # an output cut into pieces: each piece's channels cost as the whole's do
-            for piece in layer.outputs:
+            for piece in layer.outputs:  # pruned in blocks of ``multiplier`` channels
                 if per_out:
-                    self.add_linear(index[piece.group], per_out)
+                    self.add_linear(index[piece.group], per_out * piece.multiplier)
                 for inp, mult in inputs:
-                    self.add_quadratic(index[piece.group], inp, per_pair * mult // layer.groups)
+                    coef = per_pair * mult * piece.multiplier // layer.groups
+                    self.add_quadratic(index[piece.group], inp, coef)
             return
         if per_out:
             self.add_linear(out, per_out)

@@ -258,14 +258,11 @@ class LatencyPredictor(CostModel):
         index = view.index
         for layer in graph.layers:
             in_vector = np.zeros(columns)
-            if layer.depthwise:
-                in_vector[index[layer.out_group]] = 1.0
-            else:
-                for segment in layer.in_segments:
-                    in_vector[index[segment.group]] += segment.multiplier
+            for segment in layer.in_segments:  # a depthwise conv's too: its input features
+                in_vector[index[segment.group]] += segment.multiplier
             out_vector = np.zeros(columns)
             for piece in layer.outputs:
-                out_vector[index[piece.group]] += 1.0
+                out_vector[index[piece.group]] += piece.multiplier
             key = layer_axes(layer, view).key
             layers.setdefault(key, []).append((in_vector, out_vector, layer.calls))
         for norm in graph.norms:

@@ -213,19 +213,27 @@ def layer_axes(layer: LayerInfo, view: GroupView) -> TableAxes:
     steps = np.ones(len(view.names), dtype=np.int64)
     steps[view.prunable_index] = view.steps
     out = index[layer.out_group]
-    if layer.depthwise:
+    if layer.depthwise:  # its input features, whatever groups they come from
+        ins = [(index[s.group], s.multiplier) for s in layer.in_segments]
+        step = int(steps[out]) if len(ins) == 1 and ins[0][1] == 1 else 1
+        low = sum(int(full_min[i]) * m for i, m in ins)
         return TableAxes(
-            layer_config(layer), (int(full_min[out]), int(view.sizes[out]), int(steps[out])), None
+            layer_config(layer), (low, sum(int(view.sizes[i]) * m for i, m in ins), step), None
         )
     step = layer.groups
     low = sum(int(full_min[index[s.group]]) * s.multiplier for s in layer.in_segments)
     high = sum(int(view.sizes[index[s.group]]) * s.multiplier for s in layer.in_segments)
-    outs = [index[s.group] for s in layer.outputs]  # several when its output is cut in pieces
-    out_step = math.lcm(step, int(steps[out])) if len(outs) == 1 else 1
+    # several when its output is cut in pieces, in blocks of ``multiplier`` channels
+    outs = [(index[s.group], s.multiplier) for s in layer.outputs]
+    out_step = math.lcm(step, int(steps[out])) if not layer.out_segments else 1
     return TableAxes(
         layer_config(layer),
         (low, high, step),
-        (int(full_min[outs].sum()), int(view.sizes[outs].sum()), out_step),
+        (
+            sum(int(full_min[i]) * m for i, m in outs),
+            sum(int(view.sizes[i]) * m for i, m in outs),
+            out_step,
+        ),
     )
 
 

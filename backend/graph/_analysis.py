@@ -17,7 +17,8 @@ from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels, Segment
 from prunetune.backend.graph._last import ChannelsLastRules
 from prunetune.backend.graph._records import ChannelMember
-from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, is_multi
+from prunetune.backend.graph._shuffle import ShuffleRules
+from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
 from prunetune.backend.graph._trace import node_shape
 from prunetune.backend.graph._transposed import TransposedConvRules
 
@@ -29,11 +30,10 @@ _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
     nn.LayerNorm: "LayerNorm normalises across channels",
     nn.PixelShuffle: "PixelShuffle moves channels into space",
     nn.PixelUnshuffle: "PixelUnshuffle moves space into channels",
-    nn.ChannelShuffle: "ChannelShuffle permutes channels across groups",
 }
 
 
-class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
+class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
@@ -101,6 +101,8 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         )
         if passthrough:
             return self._same(node, f"module '{name}' ({kind.__name__})")
+        if kind is nn.ChannelShuffle:
+            return self._channel_shuffle(node, int(module.groups), f"module '{name}'")
         if kind is nn.Flatten:
             return self._reshape(node, f"module '{name}' (Flatten)", literal_sizes=None)
         if kind in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
@@ -122,6 +124,13 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             return self._unknown(node, what)
         if name == "getitem":
             return self._getitem(node, what)
+        shuffled = [s for s in node.all_input_nodes if isinstance(self.values.get(s), Shuffled)]
+        if shuffled and name in ("contiguous", "clone", "detach"):
+            return self.values[shuffled[0]]
+        if shuffled and name not in rules.RESHAPE_OPS and name not in rules.PERMUTE_OPS:
+            return self._unknown(node, f"{what} (acts on a channel shuffle's groups)")
+        if name == "channel_shuffle" or name == "native_channel_shuffle":
+            return self._channel_shuffle(node, int(rules.argument(node, 1, "groups", 1)), what)
         if name in ("max", "min") and isinstance(rules.argument(node, 1, "other"), fx.Node):
             return self._elementwise(node, what)
         if name in rules.ELEMENTWISE_OPS:
@@ -225,6 +234,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         return result
 
     def _reshape(self, node: fx.Node, what: str, literal_sizes: list[Any] | None) -> Any:
+        shuffle = self._shuffle_view(node, what, literal_sizes)
+        if shuffle is not None:
+            return shuffle
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
@@ -250,6 +262,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         shape = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         rank = len(shape or ())
         order = self._permute_order(node, name, rank)
+        swapped = self._shuffle_swap(node, order)
+        if swapped is not None:
+            return swapped
         moved = self._permute_channels(node, order) if order is not None else None
         if moved is not None:
             return moved
@@ -416,9 +431,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         # depthwise, possibly with a channel multiplier: output j is made from input j // m
         depthwise = groups > 1 and groups == c_in and c_out % c_in == 0
         reason = None
-        if groups > 1 and any(s.mult != 1 for s in channels):
+        if groups > 1 and not depthwise and any(s.mult != 1 for s in channels):
             reason = f"conv '{name}' reads a tensor whose dim 1 does not hold whole channels"
-        elif groups > 1 and len(channels) > 1:
+        elif groups > 1 and not depthwise and len(channels) > 1:
             reason = f"grouped conv '{name}' reads a concat of several groups"
         if reason is not None:
             self._fix(channels, reason)
@@ -428,10 +443,14 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
             offset += segment.size * segment.mult
         outputs: Channels
-        if depthwise:
+        if depthwise:  # each input feature makes ``multiplier`` consecutive outputs
             multiplier = c_out // c_in
-            outputs = (Segment(channels[0].slot, c_in, multiplier),)
-            self.slots.add_member(channels[0].slot, ChannelMember(name, "out", 0, multiplier))
+            outputs = tuple(Segment(s.slot, s.size, s.mult * multiplier) for s in channels)
+            offset = 0
+            for segment in outputs:
+                member = ChannelMember(name, "out", offset, segment.mult)
+                self.slots.add_member(segment.slot, member)
+                offset += segment.size * segment.mult
         elif groups == 1:
             outputs = self._output_slots(name, c_out)
         else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import networkx as nx
 from torch import Tensor, fx, nn
@@ -318,18 +318,24 @@ def _analyse(module: fx.GraphModule) -> ChannelAnalysis:
     the layers coupled to it) until none asks for more, or ``_MAX_PASSES`` passes (the last
     one then keeps whole what it could not split)."""
     cuts: dict[str, frozenset[int]] = {}
+    blocks: dict[str, frozenset[tuple[int, int, int]]] = {}
     for _ in range(_MAX_PASSES):
-        analysis = ChannelAnalysis(module, cuts)
+        analysis = ChannelAnalysis(module, cuts, blocks)
         analysis.run()
-        new = {
-            name: frozenset(wanted) | cuts.get(name, frozenset())
-            for name, wanted in analysis.requests.items()
-            if not wanted <= cuts.get(name, frozenset())
-        }
-        if not new:
+        grown = _grow(cuts, analysis.requests) | _grow(blocks, analysis.block_requests)
+        if not grown:
             break
-        cuts.update(new)
     return analysis
+
+
+def _grow(plan: dict[str, frozenset[Any]], requests: dict[str, set[Any]]) -> bool:
+    """Add ``requests`` to ``plan``; whether anything was new."""
+    grown = False
+    for name, wanted in requests.items():
+        if not wanted <= plan.get(name, frozenset()):
+            plan[name] = frozenset(wanted) | plan.get(name, frozenset())
+            grown = True
+    return grown
 
 
 def _layer_info(
@@ -339,7 +345,8 @@ def _layer_info(
 ) -> LayerInfo:
     module = record.module
     out_group = out_segments[0].group
-    pieces = out_segments if len(out_segments) > 1 else ()
+    whole = record.depthwise or (len(out_segments) == 1 and out_segments[0].multiplier == 1)
+    pieces = () if whole else out_segments
     if isinstance(module, nn.Linear):
         return LayerInfo(
             name=record.name,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
@@ -13,7 +14,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 from prunetune.backend.graph._groups import Channels, Segment, SlotSet
 from prunetune.backend.graph._records import ChannelMember
 
-__all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "is_multi"]
+__all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "Shuffled", "is_multi"]
 
 
 @dataclass
@@ -59,6 +60,16 @@ class Last:
     channels: Channels
 
 
+@dataclass(frozen=True)
+class Shuffled:
+    """The middle of a channel shuffle: a tensor whose channels were viewed as dims 1 and 2,
+    ``[batch, groups, C / groups, ...]`` (``swapped``: ``[batch, C / groups, groups, ...]``),
+    ``pieces`` being what each of the ``groups`` runs of ``C / groups`` channels is made of."""
+
+    pieces: tuple[Channels, ...]
+    swapped: bool = False
+
+
 def is_multi(meta: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
     """Whether recorded tensor metadata is for several outputs (not one tensor's NamedTuple)."""
     return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)
@@ -68,18 +79,26 @@ class AnalysisState:
     """Slots, the channels of every value so far, layer records, and how to couple or fix.
 
     ``cuts`` names, for layers whose output is cut into pieces, the output channels where a new
-    piece starts. A pass that finds a split (or a join) between the channels of one producer
-    asks for the cuts it needs in :attr:`requests`; the analysis is then run again with them,
-    until no pass asks for more (see ``ChannelGraph.trace``).
+    piece starts; ``blocks`` names runs ``(start, stop, k)`` of output channels pruned in whole
+    blocks of ``k`` (a channel shuffle interleaves them with blocks elsewhere). A pass that finds
+    a split (or a join) that needs them asks for them in :attr:`requests` and
+    :attr:`block_requests`; the analysis is then run again with them, until no pass asks for
+    more (see ``ChannelGraph.trace``).
     """
 
     def __init__(
-        self, module: fx.GraphModule, cuts: Mapping[str, frozenset[int]] | None = None
+        self,
+        module: fx.GraphModule,
+        cuts: Mapping[str, frozenset[int]] | None = None,
+        blocks: Mapping[str, frozenset[tuple[int, int, int]]] | None = None,
     ) -> None:
         self.module = module
         self.cuts: Mapping[str, frozenset[int]] = cuts or {}
+        self.blocks: Mapping[str, frozenset[tuple[int, int, int]]] = blocks or {}
         self.requests: dict[str, set[int]] = {}
-        self.origin: dict[int, tuple[str, int]] = {}
+        self.block_requests: dict[str, set[tuple[int, int, int]]] = {}
+        # slot -> (layer, first output channel, output channels per slot channel)
+        self.origin: dict[int, tuple[str, int, int]] = {}
         self.submodules = dict(module.named_modules())
         self.slots = SlotSet()
         self.values: dict[fx.Node, Any] = {}
@@ -115,6 +134,9 @@ class AnalysisState:
         elif isinstance(value, Many):
             for item in value.items:
                 self._fix_value(item, reason)
+        elif isinstance(value, Shuffled):
+            for piece in value.pieces:
+                self._fix(piece, reason)
 
     def _fresh(self, node: fx.Node, reason: str) -> Any:
         """New fixed slots for whatever tensors ``node`` returns."""
@@ -141,15 +163,22 @@ class AnalysisState:
 
     def _output_slots(self, name: str, size: int) -> Channels:
         """New slots for the ``size`` output channels of layer ``name``: one slot, or one per
-        piece where :attr:`cuts` cut its output; each is an ``out`` member at its offset."""
+        piece where :attr:`cuts` cut its output, each in blocks where :attr:`blocks` asks; each
+        is an ``out`` member at its offset."""
         bounds = [0, *sorted(c for c in self.cuts.get(name, ()) if 0 < c < size), size]
         segments = []
         for start, stop in itertools.pairwise(bounds):
+            block = 1
+            for low, high, k in self.blocks.get(name, ()):
+                if low <= start and stop <= high and (start - low) % k == 0:
+                    block = math.lcm(block, k)
+            if (stop - start) % block:
+                block = 1  # cut inside a block: the join that asked for it keeps it whole
             label = name if len(bounds) == 2 else f"{name}[{start}:{stop}]"
-            slot = self.slots.new(stop - start, label)
-            self.origin[slot] = (name, start)
-            self.slots.add_member(slot, ChannelMember(name, "out", start))
-            segments.append(Segment(slot, stop - start))
+            slot = self.slots.new((stop - start) // block, label)
+            self.origin[slot] = (name, start, block)
+            self.slots.add_member(slot, ChannelMember(name, "out", start, block))
+            segments.append(Segment(slot, (stop - start) // block, block))
         return tuple(segments)
 
     def _cuts_needed(
@@ -178,9 +207,27 @@ class AnalysisState:
                 origin = self.origin.get(member)
                 if origin is None:
                     return False
-                wanted.setdefault(origin[0], set()).add(origin[1] + channel)
+                name, start, block = origin
+                wanted.setdefault(name, set()).add(start + channel * block)
         for name, cuts in wanted.items():
             self.requests.setdefault(name, set()).update(cuts)
+        return True
+
+    def _request_blocks(self, slot: int, factor: int) -> bool:
+        """Ask for every layer whose output is coupled to ``slot`` to prune those channels in
+        blocks of ``factor`` of them; ``False`` (nothing asked) when that cannot be done."""
+        wanted: dict[str, set[tuple[int, int, int]]] = {}
+        size = self.slots.size(slot)
+        if size % factor:
+            return False
+        for member in self.slots.set_of(slot):
+            origin = self.origin.get(member)
+            if origin is None:
+                return False
+            name, start, block = origin
+            wanted.setdefault(name, set()).add((start, start + size * block, block * factor))
+        for name, blocks in wanted.items():
+            self.block_requests.setdefault(name, set()).update(blocks)
         return True
 
     def _pieces(self, channels: Channels, sizes: Sequence[int]) -> list[Channels] | None:
@@ -219,6 +266,8 @@ class AnalysisState:
                 needed_second = self._cuts_needed(second, _starts(first))
                 if needed_first is not None and needed_second is not None:
                     self._request_cuts(needed_first + needed_second)
+                    if not needed_first and not needed_second:  # the same runs, in blocks
+                        self._align_blocks(first, second)
             reason = (
                 f"{what} at node '{node.name}' combines tensors whose channels are "
                 "concatenated differently"
@@ -226,6 +275,15 @@ class AnalysisState:
             self._fix(first, reason)
             self._fix(second, reason)
         return first
+
+    def _align_blocks(self, first: Channels, second: Channels) -> None:
+        """For segments that cover the same features with channels of different sizes, ask
+        for the finer one's producers to prune in the coarser one's blocks."""
+        for a, b in zip(first, second, strict=True):
+            if a.mult != b.mult:
+                fine, coarse = (a, b) if a.mult < b.mult else (b, a)
+                if coarse.mult % fine.mult == 0:
+                    self._request_blocks(fine.slot, coarse.mult // fine.mult)
 
     def _record_call(
         self, node: fx.Node, name: str, channels: Channels, what: str, positions: int = 0

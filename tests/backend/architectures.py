@@ -176,7 +176,7 @@ class FlattenLinearNet(nn.Module):
 
 
 class ChannelShuffleNet(nn.Module):
-    """A ShuffleNet-style channel shuffle (view-transpose-reshape), which mixes channels."""
+    """A ShuffleNet-style channel shuffle (view-transpose-reshape) in four groups."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -476,6 +476,58 @@ class C2fNet(nn.Module):
         return self.fc(self.cv2(torch.cat(y, 1)).mean((2, 3)))
 
 
+def _shuffle(x: Tensor, groups: int) -> Tensor:
+    n, c, h, w = x.shape
+    x = x.view(n, groups, c // groups, h, w)
+    return torch.transpose(x, 1, 2).contiguous().view(n, c, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """A ShuffleNetV2 unit: stride 2 runs two branches on the input, stride 1 one branch on
+    the second half (``chunk``); both concatenate and shuffle the channels in two groups."""
+
+    def __init__(self, inp: int, oup: int, stride: int, module: bool = False) -> None:
+        super().__init__()
+        half = oup // 2
+        self.stride = stride
+        if stride == 2:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(inp, inp, 3, 2, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                _conv_bn(inp, half, kernel=1),
+            )  # fmt: skip
+        self.branch2 = nn.Sequential(
+            _conv_bn(inp if stride == 2 else half, half, kernel=1),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            _conv_bn(half, half, kernel=1),
+        )  # fmt: skip
+        self.shuffle = nn.ChannelShuffle(2) if module else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return self.shuffle(out) if self.shuffle is not None else _shuffle(out, 2)
+
+
+class ShuffleNetV2Style(nn.Module):
+    """A stem, a ShuffleNetV2 stage (a stride-2 unit, two stride-1 units), a 1x1 conv and a
+    classifier. (``nn.ChannelShuffle`` would not export: torch's ONNX exporter lacks it.)"""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.stage = nn.Sequential(
+            _ShuffleUnit(16, 32, 2), _ShuffleUnit(32, 32, 1), _ShuffleUnit(32, 32, 1)
+        )
+        self.head = _conv_bn(32, 48, kernel=1)
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.head(self.stage(self.stem(x))).mean((2, 3)))
+
+
 def single_conv(num_classes: int = 10) -> nn.Module:
     """A model with nothing to prune: one conv from the image to the output."""
     return nn.Conv2d(3, num_classes, 3)
@@ -514,6 +566,8 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "functional_weight": FunctionalWeightNet,
     "gated_split": GatedSplitNet,
     "c2f": C2fNet,
+    "shufflenet_v2_style": ShuffleNetV2Style,
+    "channel_shuffle": ChannelShuffleNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

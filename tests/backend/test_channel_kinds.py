@@ -45,3 +45,46 @@ def test_a_c2f_block_prunes_its_split_halves_and_bottlenecks() -> None:
     assert len(graph.layer("cv1.0").outputs) == 2
     model = _prunes_exactly("c2f").model
     assert model.cv2[0].in_channels == 2 * model.cv1[0].out_channels
+
+
+def test_shufflenet_v2_units_prune_through_their_channel_shuffles() -> None:
+    graph = ChannelGraph.trace(build("shufflenet_v2_style"), X)
+    shuffled = graph.group("stage.0.branch1.2.0[0:4]")
+    assert shuffled.prunable
+    producers = {m.module for m in shuffled.members if m.role == "out"}
+    assert producers == {f"stage.{i}.branch2.3.0" for i in range(3)} | {"stage.0.branch1.2.0"}
+    # each unit's shuffle doubles the block its branch output is pruned in
+    assert [s.multiplier for s in graph.layer("stage.2.branch2.3.0").outputs] == [4]
+    assert not graph.unprunable.keys() - {"input", "fc"}
+    model = _prunes_exactly("shufflenet_v2_style", 0.4).model
+    assert model.head[0].in_channels < 32
+
+
+def test_a_channel_shuffle_module_prunes_like_the_view_transpose_form() -> None:
+    from tests.backend.architectures import _ShuffleUnit
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), _ShuffleUnit(16, 32, 2, module=True), torch.nn.Conv2d(32, 8, 1)
+    ).eval()
+    graph = ChannelGraph.trace(model, X)
+    assert graph.group("1.branch1.2.0").prunable
+    assert [s.multiplier for s in graph.layer("2").in_segments] == [2]
+    result = prunetune.prune(model, X, "flops<=50%")
+    assert result.flops == result.costs["flops"] == count_flops(result.model, X)
+
+
+def test_a_shuffle_of_runs_no_layer_can_cut_is_kept_whole_with_the_reason() -> None:
+    class _InputShuffle(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.shuffle = torch.nn.ChannelShuffle(3)  # runs of 2: one cuts the image's 3
+            self.head = torch.nn.Conv2d(6, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.shuffle(torch.cat([x, self.conv(x)], 1)))
+
+    graph = ChannelGraph.trace(_InputShuffle().eval(), X)
+    assert "no layer's output can be cut" in graph.unprunable["conv"]
+    found = prunetune.inspect(_InputShuffle().eval(), X)
+    assert "% of FLOPs" in found.kept_whole["conv"]

@@ -56,7 +56,8 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
         sizes = sum(graph.group(s.group).size * s.multiplier for s in layer.in_segments)
         assert sizes == layer.in_channels
         if layer.out_segments:  # an output cut into pieces: one group (or more) per piece
-            assert sum(graph.group(s.group).size for s in layer.outputs) == layer.out_channels
+            pieces = sum(graph.group(s.group).size * s.multiplier for s in layer.outputs)
+            assert pieces == layer.out_channels
             continue
         _group_of(graph, layer.name, "out")
         assert graph.group(layer.out_group).size == layer.out_channels
@@ -228,11 +229,13 @@ def test_dag_has_shapes_on_every_edge() -> None:
     assert graph.dense_widths()["conv1"] == 16
 
 
-def test_channel_shuffle_fixes_the_mixed_group_with_the_node_name() -> None:
+def test_channel_shuffle_prunes_its_groups_in_whole_blocks() -> None:
     graph = ChannelGraph.trace(ChannelShuffleNet(), X)
-    mixed = graph.group("conv1.0")
-    assert not mixed.prunable
-    assert "view" in (mixed.reason or "") and "mixes channels" in (mixed.reason or "")
+    shuffled = graph.group("conv1.0[0:4]")  # the 4 runs of 4 channels keep the same channels
+    assert shuffled.prunable and shuffled.size == 4
+    assert [(s.group, s.multiplier) for s in graph.layer("conv2.0").in_segments] == [
+        ("conv1.0[0:4]", 4)
+    ]
     assert graph.group("conv2.0").prunable  # the conv after the shuffle may still shrink
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -154,6 +155,15 @@ def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
     """The graph's kept-whole groups and layers, each with the share of the dense FLOPs it
     fixes where ops there are counted but not pruned (transposed convs, matmuls, ...)."""
     kept = dict(graph.unprunable)
+    touched: dict[str, int] = {}  # MACs of the layers that read or make each group
+    for layer in graph.layers:
+        macs = layer.total_positions * layer.out_channels * math.prod(layer.kernel_size)
+        macs *= layer.in_channels // layer.groups
+        for name in {layer.out_group, *(s.group for s in (*layer.outputs, *layer.in_segments))}:
+            touched[name] = touched.get(name, 0) + macs
+    for name, macs in touched.items():
+        if name in kept and name not in graph.constant_flops and dense_flops:
+            kept[name] += f" ({100 * macs / dense_flops:.1f}% of FLOPs in the layers it touches)"
     for place, macs in graph.constant_flops.items():
         share = f"{100 * macs / dense_flops:.1f}% of FLOPs" if dense_flops else "no FLOPs"
         reason = kept.get(place, "reads channels kept whole; counted, not pruned")
