@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo, ScaleInfo
 from prunetune.backend.spec import SubnetSpec
 
 __all__ = ["feature_indices", "output_major", "prune_model", "zero_pruned_channels"]
@@ -155,7 +155,24 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     for norm in graph.norms:
         indices = feature_indices(_norm_segments(norm), kept_tuples, sizes)
         _prune_norm(pruned.get_submodule(norm.name), indices)
+    for scale in graph.scales:
+        _prune_scale(pruned, scale, feature_indices(scale.segments, kept_tuples, sizes))
     return pruned
+
+
+def _prune_scale(model: nn.Module, scale: ScaleInfo, kept: Tensor) -> None:
+    """Keep the entries of a per-channel parameter or buffer (layer scale, PReLU slopes) of the
+    kept channels, along its channel dim."""
+    owner_name, _, attribute = scale.name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    tensor = getattr(owner, attribute)
+    smaller = tensor.detach().index_select(scale.dim, kept).clone()
+    if isinstance(tensor, nn.Parameter):
+        setattr(owner, attribute, _parameter(smaller, tensor))
+    else:
+        owner.register_buffer(attribute, smaller, persistent=attribute in owner.state_dict())
+    if isinstance(owner, nn.PReLU):
+        owner.num_parameters = len(kept)
 
 
 def _norm_segments(norm: NormInfo) -> tuple[ChannelSegment, ...]:
@@ -195,6 +212,14 @@ def zero_pruned_channels(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec
                         _zero(module, "bias", rows)
                     else:
                         _zero(module, "running_mean", rows)
+        sizes = {group.name: group.size for group in graph.groups}
+        for scale in graph.scales:  # an added bias would turn zeros into non-zeros
+            owner_name, _, attribute = scale.name.rpartition(".")
+            tensor = getattr(zeroed.get_submodule(owner_name) if owner_name else zeroed, attribute)
+            keep = feature_indices(scale.segments, kept, sizes)
+            removed = torch.ones(tensor.shape[scale.dim], dtype=torch.bool)
+            removed[keep] = False
+            tensor.index_fill_(scale.dim, removed.nonzero().flatten(), 0)
     return zeroed
 
 

@@ -391,6 +391,9 @@ class ParamsModel(_QuadraticCost):
                     raise ValueError(f"norm {norm.name!r} names unknown group {segment.group!r}")
                 if norm.affine:
                     terms.add_linear(index[segment.group], 2 * segment.multiplier)
+        for scale in getattr(graph, "scales", ()):  # per-channel parameters (layer scale)
+            for segment in scale.segments if scale.parameter else ():
+                terms.add_linear(index[segment.group], segment.multiplier)
         terms.constant += int(graph.other_params)
         return cls(view, terms)
 

@@ -94,6 +94,11 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
             normed = self._last_norm(node, module)
             if normed is not None:
                 return normed
+        if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+            channels = self._same(node, f"module '{name}' (PReLU)")
+            if isinstance(channels, tuple) and self.channels(node.args[0]) is not None:
+                self._add_scale(f"{name}.weight", channels, 0, node, f"module '{name}'")
+            return channels
         passthrough = kind in rules.PASSTHROUGH_MODULE_TYPES
         passthrough |= isinstance(module, nn.PReLU) and module.num_parameters == 1
         passthrough |= isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d)) and not (
@@ -204,9 +209,14 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
         rank = len(out_shape)
         joined: list[Channels] = []
         conflict: str | None = None
+        scales: list[tuple[str, int]] = []
         for source in node.all_input_nodes:
             shape = node_shape(source)
             if shape is None or len(shape) == 0:
+                continue
+            scale = self._scale_of(source, out_shape, 1)
+            if scale is not None:  # a per-channel parameter: pruned with the channels
+                scales.append(scale)
                 continue
             channels = self.channels(source)
             if channels is not None and len(shape) == rank:
@@ -231,6 +241,8 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
             result = self._join(result, other, node, what)
         if conflict is not None:
             self._fix(result, conflict)
+        for name, dim in scales:
+            self._add_scale(name, result, dim, node, what)
         return result
 
     def _reshape(self, node: fx.Node, what: str, literal_sizes: list[Any] | None) -> Any:

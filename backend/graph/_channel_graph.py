@@ -10,7 +10,13 @@ from torch import Tensor, fx, nn
 
 from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
-from prunetune.backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.graph._records import (
+    ChannelGroup,
+    ChannelSegment,
+    LayerInfo,
+    NormInfo,
+    ScaleInfo,
+)
 from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
 
@@ -60,6 +66,7 @@ class ChannelGraph:
         leaf_modules: tuple[type[nn.Module], ...],
         mask_points: tuple[MaskPoint, ...],
         constant_flops: dict[str, int] | None = None,
+        scales: tuple[ScaleInfo, ...] = (),
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -73,6 +80,7 @@ class ChannelGraph:
         self._leaf_modules = leaf_modules
         self._mask_points = mask_points
         self._constant_flops = dict(constant_flops or {})
+        self._scales = scales
 
     @classmethod
     def trace(
@@ -139,6 +147,10 @@ class ChannelGraph:
             )
             for record in analysis.norms.values()
         )
+        scales = tuple(
+            ScaleInfo(name, segments(channels), dim, _is_param(model, name))
+            for name, (channels, dim) in analysis.scales.items()
+        )
         unprunable = {group.name: group.reason or "" for group in groups if not group.prunable}
         for name, reason in analysis.unknown_modules.items():
             unprunable.setdefault(name, f"module kept whole: {reason}")
@@ -161,6 +173,7 @@ class ChannelGraph:
         modules = [r.module for r in analysis.layers.values()]
         modules += [r.module for r in analysis.norms.values()]
         counted = {id(p) for module in modules for p in module.parameters()}
+        counted |= {id(model.get_parameter(scale.name)) for scale in scales if scale.parameter}
         other_params = sum(p.numel() for p in model.parameters() if id(p) not in counted)
         channel_names = {
             node.name: tuple(slot_names.get(s.slot, "?") for s in value)
@@ -178,6 +191,7 @@ class ChannelGraph:
             other_params=other_params,
             leaf_modules=tuple(leaf_modules),
             mask_points=tuple(mask_points),
+            scales=scales,
         )
 
     @property
@@ -204,6 +218,12 @@ class ChannelGraph:
     def norms(self) -> tuple[NormInfo, ...]:
         """Every BatchNorm layer, in order of first call."""
         return self._norms
+
+    @property
+    def scales(self) -> tuple[ScaleInfo, ...]:
+        """Per-channel parameters and buffers applied to activations (layer scale, PReLU
+        slopes): pruned with the channels they meet."""
+        return self._scales
 
     @property
     def unprunable(self) -> dict[str, str]:
@@ -307,6 +327,14 @@ def _constant_flops(
             place = next(reversed(stack.values()))[0] if stack else node.name
         totals[place] = totals.get(place, 0) + flops
     return {place: flops // (2 * batch) for place, flops in totals.items()}
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
 
 
 _MAX_PASSES = 64

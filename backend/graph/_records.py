@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ChannelGroup", "ChannelMember", "ChannelSegment", "LayerInfo", "NormInfo"]
+__all__ = [
+    "ChannelGroup",
+    "ChannelMember",
+    "ChannelSegment",
+    "LayerInfo",
+    "NormInfo",
+    "ScaleInfo",
+]
 
 
 @dataclass(frozen=True)
@@ -142,3 +149,21 @@ class NormInfo:
     input_hw: tuple[int, ...] = ()
     calls: int = 1
     segments: tuple[ChannelSegment, ...] = ()
+
+
+@dataclass(frozen=True)
+class ScaleInfo:
+    """A per-channel parameter (or buffer) applied elementwise to a group's activations: a
+    layer scale ``x * gamma``, the slopes of a ``PReLU(C)``, a bias added to a map.
+
+    Attributes:
+        name: the tensor's qualified name in the model (``blocks.0.gamma``, ``act.weight``).
+        segments: the groups along its channel dim, in order (several after a concat).
+        dim: the tensor's dim with one entry per channel; every other dim has size 1.
+        parameter: a parameter (counted in the model's parameters), not a buffer.
+    """
+
+    name: str
+    segments: tuple[ChannelSegment, ...]
+    dim: int
+    parameter: bool = True

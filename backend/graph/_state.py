@@ -106,6 +106,8 @@ class AnalysisState:
         self.norms: dict[str, NormRecord] = {}
         self.unknown_modules: dict[str, str] = {}
         self.mask_points: list[tuple[fx.Node, Channels]] = []
+        # per-channel tensors applied to activations: qualified name -> (channels, dim)
+        self.scales: dict[str, tuple[Channels, int]] = {}
         self._input_seen = False
 
     def channels(self, node: Any) -> Channels | None:
@@ -284,6 +286,17 @@ class AnalysisState:
                 fine, coarse = (a, b) if a.mult < b.mult else (b, a)
                 if coarse.mult % fine.mult == 0:
                     self._request_blocks(fine.slot, coarse.mult // fine.mult)
+
+    def _add_scale(self, name: str, channels: Channels, dim: int, node: fx.Node, what: str) -> None:
+        """Record the per-channel tensor ``name`` applied to ``channels`` (along its ``dim``);
+        one used again is coupled to its first use. Masks go after ``node`` too (an added
+        bias would turn masked channels into non-zeros)."""
+        self.mask_points.append((node, channels))
+        known = self.scales.get(name)
+        if known is not None:
+            self._join(known[0], channels, node, what)
+            return
+        self.scales[name] = (channels, dim)
 
     def _record_call(
         self, node: fx.Node, name: str, channels: Channels, what: str, positions: int = 0

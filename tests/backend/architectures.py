@@ -528,6 +528,33 @@ class ShuffleNetV2Style(nn.Module):
         return self.fc(self.head(self.stage(self.stem(x))).mean((2, 3)))
 
 
+class LayerScaleNet(nn.Module):
+    """Per-channel parameters multiplied into activations: a ``PReLU(C)`` and a layer scale
+    ``gamma`` of shape ``[C, 1, 1]`` in a residual block, one viewed as ``[1, C, 1, 1]`` from
+    ``[C]``, and one of shape ``[C]`` on a channels-last map (ConvNeXt), with a bias buffer."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.act = nn.PReLU(32, init=0.1)
+        self.project = nn.Conv2d(32, 16, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 16)[:, None, None])
+        self.mid = nn.Conv2d(16, 24, 3, padding=1)
+        self.scale = nn.Parameter(torch.linspace(-1.0, 1.0, 24))
+        self.pointwise = nn.Linear(24, 24)
+        self.last_scale = nn.Parameter(torch.linspace(0.1, 1.0, 24))
+        self.register_buffer("shift", torch.linspace(-0.5, 0.5, 24))
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = x + self.gamma * self.project(self.act(self.expand(x)))
+        x = self.mid(x) * self.scale.view(1, -1, 1, 1)
+        y = self.pointwise(x.permute(0, 2, 3, 1)) * self.last_scale + self.shift
+        return self.fc(y.permute(0, 3, 1, 2).mean((2, 3)))
+
+
 def single_conv(num_classes: int = 10) -> nn.Module:
     """A model with nothing to prune: one conv from the image to the output."""
     return nn.Conv2d(3, num_classes, 3)
@@ -568,6 +595,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "c2f": C2fNet,
     "shufflenet_v2_style": ShuffleNetV2Style,
     "channel_shuffle": ChannelShuffleNet,
+    "layer_scale": LayerScaleNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -88,3 +88,34 @@ def test_a_shuffle_of_runs_no_layer_can_cut_is_kept_whole_with_the_reason() -> N
     assert "no layer's output can be cut" in graph.unprunable["conv"]
     found = prunetune.inspect(_InputShuffle().eval(), X)
     assert "% of FLOPs" in found.kept_whole["conv"]
+
+
+def test_layer_scales_and_prelu_slopes_are_pruned_with_their_channels() -> None:
+    graph = ChannelGraph.trace(build("layer_scale"), X)
+    scales = {scale.name: scale for scale in graph.scales}
+    assert {name: s.dim for name, s in scales.items()} == {
+        "act.weight": 0, "gamma": 0, "scale": 0, "last_scale": 0, "shift": 0,
+    }  # fmt: skip
+    assert [s.group for s in scales["gamma"].segments] == ["stem.0"]
+    assert not scales["shift"].parameter
+    assert not graph.unprunable.keys() - {"input", "fc"}
+    model = _prunes_exactly("layer_scale").model
+    width = model.stem[0].out_channels
+    assert width < 16 and model.gamma.shape == (width, 1, 1)
+    assert model.act.weight.shape == (model.expand.out_channels,) == (model.act.num_parameters,)
+    assert model.shift.shape == model.last_scale.shape == (model.pointwise.out_features,)
+
+
+def test_a_per_channel_parameter_viewed_at_a_literal_width_is_kept_whole() -> None:
+    class _Literal(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.gamma = torch.nn.Parameter(torch.ones(8))
+            self.head = torch.nn.Conv2d(8, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x) * self.gamma.view(1, 8, 1, 1))
+
+    graph = ChannelGraph.trace(_Literal().eval(), X)
+    assert not graph.scales and not graph.group("conv").prunable

@@ -71,6 +71,7 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
         p.numel() for layer in graph.layers for p in model.get_submodule(layer.name).parameters()
     )
     counted += sum(p.numel() for n in graph.norms for p in model.get_submodule(n.name).parameters())
+    counted += sum(model.get_parameter(s.name).numel() for s in graph.scales if s.parameter)
     assert counted + graph.other_params == sum(p.numel() for p in model.parameters())
 
 
