@@ -101,7 +101,15 @@ def _prune_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> None:
 
 
 def _prune_norm(norm: nn.Module, kept: Tensor) -> None:
-    """Shrink a BatchNorm layer (or a subclass) in place: affine, running statistics, size."""
+    """Shrink a BatchNorm layer (or a subclass) in place: affine, running statistics, size; or
+    a GroupNorm, whose kept channels are whole groups: affine, channels and groups."""
+    if isinstance(norm, nn.GroupNorm):
+        per_group = norm.num_channels // norm.num_groups
+        if norm.weight is not None and norm.bias is not None:
+            norm.weight = _parameter(norm.weight.detach()[kept], norm.weight)
+            norm.bias = _parameter(norm.bias.detach()[kept], norm.bias)
+        norm.num_channels, norm.num_groups = len(kept), len(kept) // per_group
+        return
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm layer, got {type(norm).__name__}")
     if norm.weight is not None and norm.bias is not None:

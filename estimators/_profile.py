@@ -246,8 +246,14 @@ def norm_axes(norm: NormInfo, view: GroupView) -> TableAxes:
         size = int(view.sizes[index[segment.group]])
         low += int(minimum.get(segment.group, size)) * segment.multiplier
         high += size * segment.multiplier
-    config = {"kind": "norm", "input_hw": list(norm.input_hw), "affine": norm.affine}
-    return TableAxes(config, (low, high, 1), None)
+    config: dict[str, Any] = {
+        "kind": "norm",
+        "input_hw": list(norm.input_hw),
+        "affine": norm.affine,
+    }
+    if norm.group_size:  # a GroupNorm: timed as one, in whole groups
+        config["group_size"] = norm.group_size
+    return TableAxes(config, (low, high, max(1, norm.group_size)), None)
 
 
 @dataclass(frozen=True, eq=False)

@@ -26,10 +26,7 @@ __all__ = ["ChannelAnalysis"]
 
 
 _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
-    nn.GroupNorm: "GroupNorm ties its channels in groups (not supported for pruning yet)",
     nn.LayerNorm: "LayerNorm normalises across channels",
-    nn.PixelShuffle: "PixelShuffle moves channels into space",
-    nn.PixelUnshuffle: "PixelUnshuffle moves space into channels",
 }
 
 
@@ -106,6 +103,12 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
         )
         if passthrough:
             return self._same(node, f"module '{name}' ({kind.__name__})")
+        if kind is nn.PixelShuffle:
+            return self._pixel_shuffle(node, module.upscale_factor, f"module '{name}'")
+        if kind is nn.PixelUnshuffle:
+            return self._pixel_unshuffle(node, module.downscale_factor, f"module '{name}'")
+        if kind is nn.GroupNorm:
+            return self._group_norm(node, module)
         if kind is nn.ChannelShuffle:
             return self._channel_shuffle(node, int(module.groups), f"module '{name}'")
         if kind is nn.Flatten:
@@ -134,6 +137,14 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
             return self.values[shuffled[0]]
         if shuffled and name not in rules.RESHAPE_OPS and name not in rules.PERMUTE_OPS:
             return self._unknown(node, f"{what} (acts on a channel shuffle's groups)")
+        if name in ("pixel_shuffle", "pixel_unshuffle"):
+            factor = rules.argument(
+                node, 1, "upscale_factor", rules.argument(node, 1, "downscale_factor")
+            )
+            if isinstance(factor, int):
+                if name == "pixel_shuffle":
+                    return self._pixel_shuffle(node, factor, what)
+                return self._pixel_unshuffle(node, factor, what)
         if name == "channel_shuffle" or name == "native_channel_shuffle":
             return self._channel_shuffle(node, int(rules.argument(node, 1, "groups", 1)), what)
         if name in ("max", "min") and isinstance(rules.argument(node, 1, "other"), fx.Node):
@@ -505,6 +516,24 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
             return shared
         out_features = cast(nn.Linear, module).out_features
         return self._add_layer(node, module, channels, out_features, ((), (), 1))
+
+    def _group_norm(self, node: fx.Node, module: nn.GroupNorm) -> Any:
+        """``GroupNorm``: statistics within each group of ``C / G`` channels, so its input is
+        pruned in whole groups (channels per group kept; surgery lowers ``num_groups``)."""
+        name = str(node.target)
+        per_group = module.num_channels // module.num_groups
+        channels = self.channels(node.args[0] if node.args else None)
+        if module.num_groups == 1:
+            reason = "GroupNorm with one group normalises across all its channels"
+        elif channels is not None and self._in_blocks(channels, per_group):
+            return self._norm(node, module)
+        else:
+            reason = (
+                f"GroupNorm normalises in groups of {per_group} channels that are not made by "
+                "layers that can prune in whole groups"
+            )
+        self.unknown_modules[name] = reason
+        return self._unknown(node, f"module '{name}' ({reason})")
 
     def _norm(self, node: fx.Node, module: nn.Module) -> Any:
         name = str(node.target)

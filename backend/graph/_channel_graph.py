@@ -144,6 +144,7 @@ class ChannelGraph:
                 input_hw=record.input_hw,
                 calls=record.calls,
                 segments=segments(record.channels),
+                group_size=_group_size(record.module),
             )
             for record in analysis.norms.values()
         )
@@ -327,6 +328,12 @@ def _constant_flops(
             place = next(reversed(stack.values()))[0] if stack else node.name
         totals[place] = totals.get(place, 0) + flops
     return {place: flops // (2 * batch) for place, flops in totals.items()}
+
+
+def _group_size(module: nn.Module) -> int:
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels // module.num_groups
+    return 0
 
 
 def _is_param(model: nn.Module, name: str) -> bool:

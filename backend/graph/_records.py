@@ -141,6 +141,8 @@ class NormInfo:
     A norm after a concat sees several groups: ``segments`` lists them in channel order (its
     parameters then number ``2 * sum(width(seg.group) * seg.multiplier)``), and ``group`` is the
     first of them. ``segments`` is filled for every norm, one entry in the ordinary case.
+    ``group_size`` is the channels per group of a ``GroupNorm`` (it prunes whole groups), 0 for
+    a BatchNorm.
     """
 
     name: str
@@ -149,6 +151,7 @@ class NormInfo:
     input_hw: tuple[int, ...] = ()
     calls: int = 1
     segments: tuple[ChannelSegment, ...] = ()
+    group_size: int = 0
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Channel shuffles (ShuffleNet): ``view(N, g, C/g, H, W) -> transpose(1, 2) -> view(N, C, H, W)``
-and ``nn.ChannelShuffle``, pruned through by coupling the ``g`` runs of ``C / g`` channels.
+and ``nn.ChannelShuffle``, pruned through by coupling the ``g`` runs of ``C / g`` channels; and
+pixel shuffles, which move blocks of ``r^2`` channels into space (pruned in whole blocks).
 
 The shuffle interleaves the runs: output channel ``j * g + i`` is channel ``j`` of run ``i``. A
 pruned model shuffles its own, smaller tensor the same way, which equals the dense shuffle with
@@ -105,3 +106,26 @@ class ShuffleRules(AnalysisState):
             return self._unknown(node, f"{what} (shuffles runs of differently made channels)")
         groups = len(pieces)
         return tuple(Segment(s.slot, s.size, s.mult * groups) for s in pieces[0])
+
+    def _pixel_shuffle(self, node: fx.Node, factor: int, what: str) -> Any:
+        """``PixelShuffle(r)``: output channel ``c`` is made of input channels ``c * r^2`` to
+        ``(c + 1) * r^2 - 1``, so the producers prune in whole blocks of ``r^2``."""
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        block = factor * factor
+        if channels is None or factor < 1:
+            return self._unknown(node, what)
+        if not self._in_blocks(channels, block):
+            return self._unknown(
+                node,
+                f"{what} (its blocks of {block} channels are not made by layers that can "
+                "prune in whole blocks)",
+            )
+        return tuple(Segment(s.slot, s.size, s.mult // block) for s in channels)
+
+    def _pixel_unshuffle(self, node: fx.Node, factor: int, what: str) -> Any:
+        """``PixelUnshuffle(r)``: each input channel becomes ``r^2`` consecutive channels."""
+        channels = self.channels(node.args[0] if node.args else None)
+        if channels is None or factor < 1:
+            return self._unknown(node, what)
+        return tuple(Segment(s.slot, s.size, s.mult * factor * factor) for s in channels)

@@ -278,6 +278,23 @@ class AnalysisState:
             self._fix(second, reason)
         return first
 
+    def _in_blocks(self, channels: Channels, block: int) -> bool:
+        """Whether ``channels`` come in whole runs of ``block`` features (each channel spanning
+        a multiple of ``block``); where they could, the blocks are requested instead (the next
+        pass then finds them), and ``False`` is returned."""
+        aligned, offset = True, 0
+        for segment in channels:
+            if offset % block:
+                return False
+            if segment.mult % block:
+                if block % segment.mult or not self._request_blocks(
+                    segment.slot, block // segment.mult
+                ):
+                    return False
+                aligned = False
+            offset += segment.size * segment.mult
+        return aligned
+
     def _align_blocks(self, first: Channels, second: Channels) -> None:
         """For segments that cover the same features with channels of different sizes, ask
         for the finer one's producers to prune in the coarser one's blocks."""

@@ -555,6 +555,31 @@ class LayerScaleNet(nn.Module):
         return self.fc(y.permute(0, 3, 1, 2).mean((2, 3)))
 
 
+class PixelShuffleGroupNormNet(nn.Module):
+    """GroupNorms (4 and 2 groups) between convs, and a super-resolution style head: a conv to
+    ``4 * r^2`` channels, ``nn.PixelShuffle(2)``, a conv, ``F.pixel_shuffle`` and
+    ``F.pixel_unshuffle``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.body_norm = nn.GroupNorm(2, 16)
+        self.upsample = nn.Conv2d(16, 32, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.refine = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm(self.stem(x)))
+        x = F.relu(self.body_norm(self.body(x)))
+        x = self.refine(self.shuffle(self.upsample(x)))
+        x = self.head(F.pixel_unshuffle(F.pixel_shuffle(x, 2), 2))
+        return self.fc(x.mean((2, 3)))
+
+
 def single_conv(num_classes: int = 10) -> nn.Module:
     """A model with nothing to prune: one conv from the image to the output."""
     return nn.Conv2d(3, num_classes, 3)
@@ -596,6 +621,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "shufflenet_v2_style": ShuffleNetV2Style,
     "channel_shuffle": ChannelShuffleNet,
     "layer_scale": LayerScaleNet,
+    "pixel_shuffle_group_norm": PixelShuffleGroupNormNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -119,3 +119,26 @@ def test_a_per_channel_parameter_viewed_at_a_literal_width_is_kept_whole() -> No
 
     graph = ChannelGraph.trace(_Literal().eval(), X)
     assert not graph.scales and not graph.group("conv").prunable
+
+
+def test_pixel_shuffles_and_group_norms_prune_in_whole_blocks() -> None:
+    graph = ChannelGraph.trace(build("pixel_shuffle_group_norm"), X)
+    # GroupNorm(4, 16) keeps whole groups of 4 channels; GroupNorm(2, 16) groups of 8
+    assert [(s.group, s.multiplier) for s in graph.layer("stem").outputs] == [("stem", 4)]
+    assert [(s.group, s.multiplier) for s in graph.layer("body").outputs] == [("body", 8)]
+    # PixelShuffle(2) makes each output channel from 4 of the conv's channels
+    assert graph.layer("upsample").outputs[0].multiplier == 4
+    assert [(s.group, s.multiplier) for s in graph.layer("refine").in_segments] == [("upsample", 1)]
+    assert not graph.unprunable.keys() - {"input", "fc"}
+    model = _prunes_exactly("pixel_shuffle_group_norm", 0.4).model
+    assert model.norm.num_channels == 4 * model.norm.num_groups == model.stem.out_channels
+    assert model.body_norm.num_channels == 8 * model.body_norm.num_groups
+    assert model.upsample.out_channels == 4 * model.refine.in_channels
+
+
+def test_a_group_norm_of_one_group_is_kept_whole_with_the_reason() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(1, 8), torch.nn.Conv2d(8, 4, 3)
+    ).eval()
+    found = prunetune.inspect(model, X)
+    assert "one group normalises across all its channels" in found.kept_whole["1"]

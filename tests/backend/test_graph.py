@@ -62,7 +62,9 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
         _group_of(graph, layer.name, "out")
         assert graph.group(layer.out_group).size == layer.out_channels
     for norm in graph.norms:
-        assert isinstance(model.get_submodule(norm.name), nn.modules.batchnorm._BatchNorm)
+        assert isinstance(
+            model.get_submodule(norm.name), (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+        )
         assert norm.segments[0].group == norm.group
     names = [group.name for group in graph.groups]
     assert len(set(names)) == len(names)
