@@ -178,7 +178,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
             return self._permute(node, name, what)
         if name in rules.EXPAND_OPS:
             return self._same(node, what)
-        if name in rules.REDUCE_OPS:
+        if name in rules.REDUCE_OPS or name in rules.NORM_OPS:
             return self._reduce(node, what)
         if name in rules.CAT_OPS:
             return self._cat(node, what)
@@ -310,11 +310,23 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         shape = node_shape(source) if isinstance(source, fx.Node) else None
-        dims = rules.argument(node, 1, "dim", rules.argument(node, 1, "axis"))
+        position = 2 if rules.op_name(node) in rules.NORM_OPS else 1  # norm(x, p, dim)
+        dims = rules.argument(node, position, "dim", rules.argument(node, position, "axis"))
         reduced = rules.normalise_dims(dims, len(shape or ()))
         if self.last(source) is not None:
             value = self._last_reduce(node, reduced)
+            if value is None and reduced is not None and len(shape or ()) - 1 in reduced:
+                what = (
+                    f"{what} (a statistic across the channels, as a LayerNorm or a global "
+                    "response norm takes: pruning would change it, so they are kept whole)"
+                )
             return value if value is not None else self._unknown(node, what)
+        if channels is not None and reduced is not None and 1 in reduced and 0 not in reduced:
+            return self._unknown(
+                node,
+                f"{what} (a statistic across the channels, as a LayerNorm or a global response "
+                "norm takes: pruning would change it, so they are kept whole)",
+            )
         if channels is None or reduced is None or 0 in reduced or 1 in reduced:
             return self._unknown(node, f"{what} (reduces over the batch or channel dim)")
         meta = node.meta.get("tensor_meta")

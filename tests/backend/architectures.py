@@ -580,6 +580,54 @@ class PixelShuffleGroupNormNet(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
+class _GhostModule(nn.Module):
+    """GhostNet's module: a primary 1x1 conv, and a cheap depthwise conv of its output
+    concatenated to it (then sliced to ``oup`` channels)."""
+
+    def __init__(self, inp: int, oup: int, relu: bool = True) -> None:
+        super().__init__()
+        self.oup = oup
+        init = oup // 2
+        act: nn.Module = nn.ReLU() if relu else nn.Identity()
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init, 1, bias=False), nn.BatchNorm2d(init), act
+        )
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False), nn.BatchNorm2d(init), act
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1 = self.primary_conv(x)
+        out = torch.cat([x1, self.cheap_operation(x1)], dim=1)
+        return out[:, : self.oup, :, :]
+
+
+class GhostGRNNet(nn.Module):
+    """A GhostNet bottleneck (ghost module, ghost module, residual), then a ConvNeXt V2 block
+    on the channels-last map: Linear, GELU, global response norm (GRN), Linear."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.ghost1 = _GhostModule(16, 32)
+        self.ghost2 = _GhostModule(32, 16, relu=False)
+        self.pwconv1 = nn.Linear(16, 48)
+        self.grn_gamma = nn.Parameter(torch.linspace(-0.5, 0.5, 48).view(1, 1, 1, 48))
+        self.grn_beta = nn.Parameter(torch.linspace(0.1, 0.2, 48).view(1, 1, 1, 48))
+        self.pwconv2 = nn.Linear(48, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = x + self.ghost2(self.ghost1(x))
+        y = F.gelu(self.pwconv1(x.permute(0, 2, 3, 1)))
+        gx = torch.norm(y, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        y = self.grn_gamma * (y * nx) + self.grn_beta + y
+        x = x + self.pwconv2(y).permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
+
+
 def single_conv(num_classes: int = 10) -> nn.Module:
     """A model with nothing to prune: one conv from the image to the output."""
     return nn.Conv2d(3, num_classes, 3)
@@ -622,6 +670,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "channel_shuffle": ChannelShuffleNet,
     "layer_scale": LayerScaleNet,
     "pixel_shuffle_group_norm": PixelShuffleGroupNormNet,
+    "ghost_grn": GhostGRNNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

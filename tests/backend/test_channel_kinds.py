@@ -142,3 +142,28 @@ def test_a_group_norm_of_one_group_is_kept_whole_with_the_reason() -> None:
     ).eval()
     found = prunetune.inspect(model, X)
     assert "one group normalises across all its channels" in found.kept_whole["1"]
+
+
+def test_ghost_modules_prune_their_primary_and_cheap_halves_together() -> None:
+    graph = ChannelGraph.trace(build("ghost_grn"), X)
+    ghost = graph.group("ghost1.primary_conv.0")  # ghost1's primary conv and its cheap copy
+    assert ghost.prunable
+    assert {"ghost1.cheap_operation.0", "ghost2.primary_conv.0"} <= {
+        m.module for m in ghost.members
+    }
+    assert graph.layer("ghost1.cheap_operation.0").depthwise
+    # ghost2's output (primary, cheap) is added to the stem's: the stem is cut in two halves
+    residual = graph.group("stem.0[0:8]")
+    assert residual.prunable and {"ghost2.cheap_operation.0", "pwconv1"} <= {
+        m.module for m in residual.members
+    }
+    model = _prunes_exactly("ghost_grn").model
+    assert model.ghost1.cheap_operation[0].in_channels == model.ghost1.primary_conv[0].out_channels
+
+
+def test_a_global_response_norm_is_kept_whole_with_the_reason_and_its_share() -> None:
+    found = prunetune.inspect(build("ghost_grn"), X)
+    reason = found.kept_whole["pwconv1"]
+    assert "a statistic across the channels" in reason and "global response norm" in reason
+    assert "% of FLOPs" in reason
+    assert {s.name for s in found.graph.scales} >= {"grn_gamma", "grn_beta"}
