@@ -10,12 +10,18 @@ the equivalence tests check.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo, ScaleInfo
+from prunetune.backend.graph import (
+    ChannelGraph,
+    ChannelSegment,
+    LayerInfo,
+    NormInfo,
+    ScaleInfo,
+)
 from prunetune.backend.spec import SubnetSpec
 
 __all__ = ["feature_indices", "output_major", "prune_model", "zero_pruned_channels"]
@@ -100,6 +106,23 @@ def _prune_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> None:
     linear.in_features, linear.out_features = len(kept_in), len(kept_out)
 
 
+def _prune_functional(
+    model: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Tensor
+) -> None:
+    """Keep the rows and columns of a functional layer's weight (``F.conv2d(x, self.weight)``,
+    ``F.linear``; ungrouped, weight ``[out, in, *kernel]``) and the entries of its bias."""
+    _replace(model, layer.weight, lambda weight: weight[kept_out][:, kept_in])
+    if layer.bias_parameter:
+        _replace(model, layer.bias_parameter, lambda bias: bias[kept_out])
+
+
+def _replace(model: nn.Module, name: str, keep: Callable[[Tensor], Tensor]) -> None:
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    parameter = getattr(owner, attribute)
+    setattr(owner, attribute, _parameter(keep(parameter.detach()), parameter))
+
+
 def _prune_norm(norm: nn.Module, kept: Tensor) -> None:
     """Shrink a BatchNorm layer (or a subclass) in place: affine, running statistics, size; or
     a GroupNorm, whose kept channels are whole groups: affine, channels and groups."""
@@ -150,16 +173,17 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     sizes = {group.name: group.size for group in graph.groups}
     pruned = copy.deepcopy(model)
     for layer in graph.layers:
-        module = pruned.get_submodule(layer.name)
         kept_in = feature_indices(layer.in_segments, kept_tuples, sizes)
         if layer.depthwise:  # the kept input features, each with its block of outputs
             kept_out = kept_in
         else:  # an output cut into pieces keeps each piece's channels
             kept_out = feature_indices(layer.outputs, kept_tuples, sizes)
-        if layer.kind == "conv":
-            _prune_conv(module, layer, kept_out, kept_in)
+        if layer.weight:
+            _prune_functional(pruned, layer, kept_out, kept_in)
+        elif layer.kind == "conv":
+            _prune_conv(pruned.get_submodule(layer.name), layer, kept_out, kept_in)
         else:
-            _prune_linear(module, kept_out, kept_in)
+            _prune_linear(pruned.get_submodule(layer.name), kept_out, kept_in)
     for norm in graph.norms:
         indices = feature_indices(_norm_segments(norm), kept_tuples, sizes)
         _prune_norm(pruned.get_submodule(norm.name), indices)

@@ -14,6 +14,7 @@ from typing import Any, cast
 from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
+from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
 from prunetune.backend.graph._last import ChannelsLastRules
 from prunetune.backend.graph._records import ChannelMember
@@ -30,7 +31,7 @@ _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
 }
 
 
-class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
+class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, FunctionalRules):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
@@ -80,13 +81,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
             if unlike is not None:
                 self.unknown_modules[name] = unlike
                 return self._unknown(node, f"module '{name}' ({kind.__name__}: {unlike})")
-            if isinstance(module, rules.CONV_TYPES):
-                return self._conv(node, module)
-            if isinstance(module, rules.TRANSPOSED_CONV_TYPES):
-                return self._transposed_conv(node, module)
-            if isinstance(module, rules.LINEAR_TYPES):
-                return self._linear(node, module)
-            return self._norm(node, module)
+            if isinstance(module, rules.NORM_TYPES):
+                return self._norm(node, module)
+            return self._layer_call(node, module)
         if isinstance(module, nn.LayerNorm):
             normed = self._last_norm(node, module)
             if normed is not None:
@@ -125,11 +122,29 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
         self.unknown_modules[name] = reason
         return self._unknown(node, f"module '{name}' ({kind.__name__}: {reason})")
 
+    def _layer_call(self, node: fx.Node, module: nn.Module) -> Any:
+        """A call of a conv, transposed conv or linear layer (or a stand-in for one)."""
+        if isinstance(module, rules.CONV_TYPES):
+            return self._conv(node, module)
+        if isinstance(module, rules.TRANSPOSED_CONV_TYPES):
+            return self._transposed_conv(node, module)
+        return self._linear(node, module)
+
     def _call_function(self, node: fx.Node) -> Any:
         name = rules.op_name(node)
         what = rules.describe(node)
         if name is None:
             return self._unknown(node, what)
+        if name in FUNCTIONAL_LAYERS:
+            stand_in = self._functional_stand_in(node, name)
+            if stand_in is not None:  # F.conv2d(x, self.weight, self.bias) and kin
+                value = self._layer_call(node, stand_in)
+                self._name_parameters(node)
+                return value
+            what = (
+                f"{what} (a functional layer that is not ungrouped on a submodule's own "
+                "`weight` and `bias` parameters)"
+            )
         if name == "getitem":
             return self._getitem(node, what)
         shuffled = [s for s in node.all_input_nodes if isinstance(self.values.get(s), Shuffled)]
@@ -449,7 +464,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
         return rules.unlike_its_layer(module, out_shape, int(node.meta.get("flops", 0)) // 2)
 
     def _conv(self, node: fx.Node, module: nn.Module) -> Any:
-        name = str(node.target)
+        name = self._layer_name(node)
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
@@ -511,7 +526,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules):
         return outputs
 
     def _linear(self, node: fx.Node, module: nn.Module) -> Any:
-        name = str(node.target)
+        name = self._layer_name(node)
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None

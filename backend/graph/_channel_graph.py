@@ -175,6 +175,8 @@ class ChannelGraph:
         modules += [r.module for r in analysis.norms.values()]
         counted = {id(p) for module in modules for p in module.parameters()}
         counted |= {id(model.get_parameter(scale.name)) for scale in scales if scale.parameter}
+        for record in analysis.layers.values():  # functional layers: their real parameters
+            counted |= {id(model.get_parameter(n)) for n in (record.weight, record.bias) if n}
         other_params = sum(p.numel() for p in model.parameters() if id(p) not in counted)
         channel_names = {
             node.name: tuple(slot_names.get(s.slot, "?") for s in value)
@@ -183,7 +185,9 @@ class ChannelGraph:
         }
         return cls(
             dag=build_dag(module, channel_names),
-            constant_flops=_constant_flops(module, analysis.layers, example_input.shape[0]),
+            constant_flops=_constant_flops(
+                module, analysis.layers, example_input.shape[0], set(analysis.functional)
+            ),
             groups=groups,
             layers=layers,
             norms=norms,
@@ -313,13 +317,16 @@ class ChannelGraph:
 
 
 def _constant_flops(
-    module: fx.GraphModule, layers: Mapping[str, LayerRecord], batch: int
+    module: fx.GraphModule, layers: Mapping[str, LayerRecord], batch: int, functional: set[fx.Node]
 ) -> dict[str, int]:
-    """The MACs per example of every node that is not a call of a recorded layer, by place."""
+    """The MACs per example of every node that is not a call of a recorded layer (a layer
+    module, or a functional layer call in ``functional``), by place."""
     totals: dict[str, int] = {}
     for node in module.graph.nodes:
         flops = int(node.meta.get("flops", 0))
         if not flops or (node.op == "call_module" and str(node.target) in layers):
+            continue
+        if node in functional:
             continue
         if node.op == "call_module":
             place = str(node.target)
@@ -396,6 +403,8 @@ def _layer_info(
             calls=record.calls,
             positions=record.positions,
             out_segments=pieces,
+            weight=record.weight,
+            bias_parameter=record.bias,
         )
     conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
     padding = conv.padding
@@ -424,4 +433,6 @@ def _layer_info(
         positions=record.positions,
         transposed=isinstance(module, nn.modules.conv._ConvTransposeNd),
         out_segments=pieces,
+        weight=record.weight,
+        bias_parameter=record.bias,
     )

@@ -118,7 +118,7 @@ class ChannelsLastRules(ScaleRules):
         (dim 1 of a plain input is then positions, kept whole); its output is a new group
         along the last dim, with ``prod(shape[1:-1])`` positions per call.
         """
-        name = str(node.target)
+        name = self._layer_name(node)
         source = node.args[0]
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
         out_shape = node_shape(node)

@@ -93,6 +93,9 @@ class LayerInfo:
             *input* positions of a transposed conv) summed over every call, per example; 0
             means ``calls * prod(output_hw)``.
         transposed: a transposed conv, whose weight is ``[in, out / groups, *kernel]``.
+        weight: for a layer written as a function of parameters (``F.conv2d(x, self.weight,
+            self.bias)``, ``F.linear``) in module ``name``, the weight's qualified name; empty
+            for a layer module. ``bias_parameter`` names its bias (empty if none).
         out_segments: the groups along the layer's output channels, in order, when its output
             is cut into pieces (a ``chunk`` or ``split`` of its output along the channels, each
             piece pruned on its own); empty when the output is one group, ``out_group``.
@@ -117,6 +120,8 @@ class LayerInfo:
     positions: int = 0
     transposed: bool = False
     out_segments: tuple[ChannelSegment, ...] = ()
+    weight: str = ""
+    bias_parameter: str = ""
 
     @property
     def outputs(self) -> tuple[ChannelSegment, ...]:

@@ -19,7 +19,7 @@ from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._state import AnalysisState
 from prunetune.backend.graph._trace import node_shape
 
-__all__ = ["ScaleRules"]
+__all__ = ["ScaleRules", "attribute"]
 
 _VIEWS = rules.RESHAPE_OPS | {"getitem", "to", "type_as", "contiguous", "float", "half", "clone"}
 
@@ -49,14 +49,15 @@ class ScaleRules(AnalysisState):
                 return None  # a literal width would not follow the pruned one
             node = node.args[0]
         target = str(node.target)
-        tensor = _attribute(self.module, target)
+        tensor = attribute(self.module, target)
         if not isinstance(tensor, torch.Tensor) or tensor.numel() != channels:
             return None
         dims = [i for i, size in enumerate(tensor.shape) if size == channels]
         return (target, dims[0]) if len(dims) == 1 else None
 
 
-def _attribute(module: torch.nn.Module, target: str) -> Any:
+def attribute(module: torch.nn.Module, target: str) -> Any:
+    """The attribute ``target`` (a qualified name) of ``module``, ``None`` if there is none."""
     owner_name, _, attribute = target.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return getattr(owner, attribute, None)

@@ -19,7 +19,9 @@ __all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "Shuffl
 
 @dataclass
 class LayerRecord:
-    """A conv or linear module as first called, plus its call count."""
+    """A conv or linear module as first called, plus its call count. A functional layer
+    (``F.conv2d(x, self.weight, self.bias)``) names its ``weight`` and ``bias`` parameters; its
+    ``module`` is then a stand-in on the meta device with the call's configuration."""
 
     name: str
     kind: Literal["conv", "linear"]
@@ -31,6 +33,8 @@ class LayerRecord:
     output_hw: tuple[int, ...]
     calls: int = 1
     positions: int = 0
+    weight: str = ""
+    bias: str = ""
 
 
 @dataclass
@@ -108,6 +112,9 @@ class AnalysisState:
         self.mask_points: list[tuple[fx.Node, Channels]] = []
         # per-channel tensors applied to activations: qualified name -> (channels, dim)
         self.scales: dict[str, tuple[Channels, int]] = {}
+        # calls of F.conv2d / F.linear on parameters: node -> the module holding the weight
+        self.functional: dict[fx.Node, str] = {}
+        self._functional_bias: dict[str, str] = {}
         self._input_seen = False
 
     def channels(self, node: Any) -> Channels | None:
@@ -123,6 +130,11 @@ class AnalysisState:
         return value.channels if isinstance(value, Last) else None
 
     # --- helpers ---------------------------------------------------------------------------
+
+    def _layer_name(self, node: fx.Node) -> str:
+        """The name of the layer a call computes: its module, or the module whose weight a
+        functional call reads."""
+        return self.functional.get(node, str(node.target))
 
     def _fix(self, channels: Channels | None, reason: str) -> None:
         for segment in channels or ():
@@ -351,7 +363,7 @@ class AnalysisState:
             out_size: its output channels.
             positions: ``(input_hw, output_hw, positions per example)`` of this call.
         """
-        name = str(node.target)
+        name = self._layer_name(node)
         offset = 0
         for segment in inputs:
             self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))

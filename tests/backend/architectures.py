@@ -407,19 +407,64 @@ class DictOutputNet(nn.Module):
         return {"out": self.out(features), "aux": self.aux(features.mean((2, 3)))}
 
 
+class _FunctionalConv(nn.Module):
+    """A conv written as ``F.conv2d(x, self.weight, self.bias)`` in a plain module."""
+
+    def __init__(self, inp: int, oup: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(oup, inp, 3, 3) * 0.1)
+        self.bias = nn.Parameter(torch.linspace(-0.1, 0.1, oup))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class _FunctionalLinear(nn.Module):
+    """A linear layer written as ``F.linear(x, self.weight)`` in a plain module."""
+
+    def __init__(self, inp: int, oup: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(oup, inp) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
 class FunctionalWeightNet(nn.Module):
-    """A layer written as ``F.conv2d(x, self.weight)`` in a plain module (kept whole, counted)."""
+    """Layers written as functions of parameters in plain modules (``F.conv2d(x, self.weight,
+    self.bias)``, ``F.linear``), pruned like the built-ins; and one reading a root parameter
+    under another name (kept whole, counted)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = _conv_bn(3, 16)
-        self.weight = nn.Parameter(torch.randn(16, 16, 3, 3) * 0.1)
+        self.block = _FunctionalConv(16, 16)
+        self.kernel = nn.Parameter(torch.randn(16, 16, 1, 1) * 0.1)
         self.conv = _conv_bn(16, 24)
+        self.hidden = _FunctionalLinear(24, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.block(self.stem(x)))
+        x = F.relu(F.conv2d(x, self.kernel))
+        return self.fc(F.relu(self.hidden(self.conv(x).mean((2, 3)))))
+
+
+class Conv1dNet(nn.Module):
+    """Sequence-style Conv1d layers with BatchNorm1d on the flattened map ``[batch, C, H*W]``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv1 = nn.Conv1d(8, 16, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm1d(16)
+        self.conv2 = nn.Conv1d(16, 24, 3, stride=2)
         self.fc = nn.Linear(24, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(F.conv2d(self.stem(x), self.weight, padding=1))
-        return self.fc(self.conv(x).mean((2, 3)))
+        x = self.stem(x).flatten(2)
+        x = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(2))
 
 
 class GatedSplitNet(nn.Module):
@@ -671,6 +716,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "layer_scale": LayerScaleNet,
     "pixel_shuffle_group_norm": PixelShuffleGroupNormNet,
     "ghost_grn": GhostGRNNet,
+    "conv1d": Conv1dNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

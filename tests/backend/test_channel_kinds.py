@@ -167,3 +167,22 @@ def test_a_global_response_norm_is_kept_whole_with_the_reason_and_its_share() ->
     assert "a statistic across the channels" in reason and "global response norm" in reason
     assert "% of FLOPs" in reason
     assert {s.name for s in found.graph.scales} >= {"grn_gamma", "grn_beta"}
+
+
+def test_functional_layers_on_a_modules_own_weight_prune_like_the_builtins() -> None:
+    graph = ChannelGraph.trace(build("functional_weight"), X)
+    block, hidden = graph.layer("block"), graph.layer("hidden")
+    assert (block.kind, block.weight, block.bias_parameter) == (
+        "conv",
+        "block.weight",
+        "block.bias",
+    )
+    assert (hidden.kind, hidden.weight, hidden.bias_parameter) == ("linear", "hidden.weight", "")
+    assert {"stem.0", "conv.0", "hidden"} <= {g.name for g in graph.prunable_groups}
+    assert "block" not in graph.constant_flops  # costed as a layer, not as a constant
+    reason = graph.unprunable["block"]  # read by F.conv2d(x, self.kernel): a root parameter
+    assert "not ungrouped on a submodule's own `weight`" in reason
+    model = _prunes_exactly("functional_weight").model
+    assert model.block.weight.shape[1] == model.stem[0].out_channels < 16
+    assert model.block.bias.shape[0] == model.block.weight.shape[0]
+    assert model.hidden.weight.shape[0] == model.fc.in_features < 32

@@ -52,7 +52,13 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
     model = build(name)
     for layer in graph.layers:
         module = model.get_submodule(layer.name)
-        assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+        if layer.weight:  # F.conv2d(x, self.weight, self.bias) in a plain module
+            assert model.get_parameter(layer.weight).shape[:2] == (
+                layer.out_channels,
+                layer.in_channels,
+            )
+        else:
+            assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
         sizes = sum(graph.group(s.group).size * s.multiplier for s in layer.in_segments)
         assert sizes == layer.in_channels
         if layer.out_segments:  # an output cut into pieces: one group (or more) per piece

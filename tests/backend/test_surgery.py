@@ -105,7 +105,10 @@ def test_pruned_zeroed_and_masked_models_agree(name: str) -> None:
         assert macs == reference_macs(graph, spec.widths)
         for layer in graph.layers:
             module = pruned.get_submodule(layer.name)
-            out_features = module.out_channels if layer.kind == "conv" else module.out_features
+            if layer.weight:  # a functional layer: its weight's rows
+                out_features = pruned.get_parameter(layer.weight).shape[0]
+            else:
+                out_features = module.out_channels if layer.kind == "conv" else module.out_features
             widths = [
                 spec.widths.get(s.group, graph.group(s.group).size) * s.multiplier
                 for s in layer.outputs
