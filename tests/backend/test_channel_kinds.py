@@ -56,6 +56,8 @@ def test_shufflenet_v2_units_prune_through_their_channel_shuffles() -> None:
     # each unit's shuffle doubles the block its branch output is pruned in
     assert [s.multiplier for s in graph.layer("stage.2.branch2.3.0").outputs] == [4]
     assert not graph.unprunable.keys() - {"input", "fc"}
+    summary = {g.name: g for g in prunetune.inspect(build("shufflenet_v2_style"), X).groups}
+    assert summary["stage.0.branch1.2.0[0:4]"].spans == 4  # stage.2's blocks of 4 channels
     model = _prunes_exactly("shufflenet_v2_style", 0.4).model
     assert model.head[0].in_channels < 32
 
