@@ -28,6 +28,11 @@ __all__ = ["ChannelAnalysis"]
 
 _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
     nn.LayerNorm: "LayerNorm normalises across channels",
+    nn.MultiheadAttention: (
+        "attention projections are kept whole: MultiheadAttention's query, key, value and "
+        "output projections share its embedding width, split into heads inside one fused op "
+        "(pruning whole heads is not supported yet)"
+    ),
 }
 
 

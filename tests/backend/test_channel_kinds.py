@@ -188,3 +188,21 @@ def test_functional_layers_on_a_modules_own_weight_prune_like_the_builtins() -> 
     assert model.block.weight.shape[1] == model.stem[0].out_channels < 16
     assert model.block.bias.shape[0] == model.block.weight.shape[0]
     assert model.hidden.weight.shape[0] == model.fc.in_features < 32
+
+
+def test_attention_projections_are_kept_whole_with_the_reason() -> None:
+    class _Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 16, 8, stride=8)
+            self.attention = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            out, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+            return self.fc(out.mean(1))
+
+    found = prunetune.inspect(_Attention().eval(), X)
+    assert "attention projections are kept whole" in found.kept_whole["attention"]
+    assert "pruning whole heads is not supported" in found.kept_whole["attention"]
