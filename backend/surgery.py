@@ -10,12 +10,18 @@ the equivalence tests check.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.graph import ChannelGraph, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.graph import (
+    ChannelGraph,
+    ChannelSegment,
+    LayerInfo,
+    NormInfo,
+    ScaleInfo,
+)
 from prunetune.backend.spec import SubnetSpec
 
 __all__ = ["feature_indices", "output_major", "prune_model", "zero_pruned_channels"]
@@ -63,7 +69,7 @@ def _prune_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Te
         groups = 1
         new_weight = weight[kept_in][:, kept_out]
         in_channels = len(kept_in)
-    elif layer.depthwise:  # kept_out: the kept input channels; each has a block of outputs
+    elif layer.depthwise:  # kept_out: the kept input features; each has a block of outputs
         groups = len(kept_out)
         multiplier = conv.out_channels // conv.groups
         kept_out = (kept_out[:, None] * multiplier + torch.arange(multiplier)).flatten()
@@ -100,8 +106,33 @@ def _prune_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> None:
     linear.in_features, linear.out_features = len(kept_in), len(kept_out)
 
 
+def _prune_functional(
+    model: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Tensor
+) -> None:
+    """Keep the rows and columns of a functional layer's weight (``F.conv2d(x, self.weight)``,
+    ``F.linear``; ungrouped, weight ``[out, in, *kernel]``) and the entries of its bias."""
+    _replace(model, layer.weight, lambda weight: weight[kept_out][:, kept_in])
+    if layer.bias_parameter:
+        _replace(model, layer.bias_parameter, lambda bias: bias[kept_out])
+
+
+def _replace(model: nn.Module, name: str, keep: Callable[[Tensor], Tensor]) -> None:
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    parameter = getattr(owner, attribute)
+    setattr(owner, attribute, _parameter(keep(parameter.detach()), parameter))
+
+
 def _prune_norm(norm: nn.Module, kept: Tensor) -> None:
-    """Shrink a BatchNorm layer (or a subclass) in place: affine, running statistics, size."""
+    """Shrink a BatchNorm layer (or a subclass) in place: affine, running statistics, size; or
+    a GroupNorm, whose kept channels are whole groups: affine, channels and groups."""
+    if isinstance(norm, nn.GroupNorm):
+        per_group = norm.num_channels // norm.num_groups
+        if norm.weight is not None and norm.bias is not None:
+            norm.weight = _parameter(norm.weight.detach()[kept], norm.weight)
+            norm.bias = _parameter(norm.bias.detach()[kept], norm.bias)
+        norm.num_channels, norm.num_groups = len(kept), len(kept) // per_group
+        return
     if not isinstance(norm, nn.modules.batchnorm._BatchNorm):
         raise TypeError(f"expected a BatchNorm layer, got {type(norm).__name__}")
     if norm.weight is not None and norm.bias is not None:
@@ -142,16 +173,38 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     sizes = {group.name: group.size for group in graph.groups}
     pruned = copy.deepcopy(model)
     for layer in graph.layers:
-        module = pruned.get_submodule(layer.name)
         kept_in = feature_indices(layer.in_segments, kept_tuples, sizes)
-        if layer.kind == "conv":
-            _prune_conv(module, layer, kept[layer.out_group], kept_in)
+        if layer.depthwise:  # the kept input features, each with its block of outputs
+            kept_out = kept_in
+        else:  # an output cut into pieces keeps each piece's channels
+            kept_out = feature_indices(layer.outputs, kept_tuples, sizes)
+        if layer.weight:
+            _prune_functional(pruned, layer, kept_out, kept_in)
+        elif layer.kind == "conv":
+            _prune_conv(pruned.get_submodule(layer.name), layer, kept_out, kept_in)
         else:
-            _prune_linear(module, kept[layer.out_group], kept_in)
+            _prune_linear(pruned.get_submodule(layer.name), kept_out, kept_in)
     for norm in graph.norms:
         indices = feature_indices(_norm_segments(norm), kept_tuples, sizes)
         _prune_norm(pruned.get_submodule(norm.name), indices)
+    for scale in graph.scales:
+        _prune_scale(pruned, scale, feature_indices(scale.segments, kept_tuples, sizes))
     return pruned
+
+
+def _prune_scale(model: nn.Module, scale: ScaleInfo, kept: Tensor) -> None:
+    """Keep the entries of a per-channel parameter or buffer (layer scale, PReLU slopes) of the
+    kept channels, along its channel dim."""
+    owner_name, _, attribute = scale.name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    tensor = getattr(owner, attribute)
+    smaller = tensor.detach().index_select(scale.dim, kept).clone()
+    if isinstance(tensor, nn.Parameter):
+        setattr(owner, attribute, _parameter(smaller, tensor))
+    else:
+        owner.register_buffer(attribute, smaller, persistent=attribute in owner.state_dict())
+    if isinstance(owner, nn.PReLU):
+        owner.num_parameters = len(kept)
 
 
 def _norm_segments(norm: NormInfo) -> tuple[ChannelSegment, ...]:
@@ -191,6 +244,14 @@ def zero_pruned_channels(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec
                         _zero(module, "bias", rows)
                     else:
                         _zero(module, "running_mean", rows)
+        sizes = {group.name: group.size for group in graph.groups}
+        for scale in graph.scales:  # an added bias would turn zeros into non-zeros
+            owner_name, _, attribute = scale.name.rpartition(".")
+            tensor = getattr(zeroed.get_submodule(owner_name) if owner_name else zeroed, attribute)
+            keep = feature_indices(scale.segments, kept, sizes)
+            removed = torch.ones(tensor.shape[scale.dim], dtype=torch.bool)
+            removed[keep] = False
+            tensor.index_fill_(scale.dim, removed.nonzero().flatten(), 0)
     return zeroed
 
 

@@ -174,19 +174,26 @@ class _Terms:
         """A conv/linear layer costing ``per_pair`` per (output, input feature) pair (divided
         by ``groups``) and ``per_out`` per output channel."""
         out = index[layer.out_group]
-        if layer.depthwise:  # one group; each input channel makes out_channels / groups outputs
+        if layer.depthwise:  # each input feature makes out_channels / groups outputs
             multiplier = layer.out_channels // layer.groups
-            if per_out:
-                self.add_linear(out, per_out * multiplier)
-            self.add_linear(out, per_pair * multiplier * (layer.in_channels // layer.groups))
+            per_feature = per_out * multiplier
+            per_feature += per_pair * multiplier * (layer.in_channels // layer.groups)
+            for segment in layer.in_segments:
+                self.add_linear(index[segment.group], per_feature * segment.multiplier)
+            return
+        inputs = [(index[seg.group], seg.multiplier) for seg in layer.in_segments]
+        if layer.out_segments or all(
+            per_pair * mult % layer.groups == 0 for _, mult in inputs
+        ):  # an output cut into pieces: each piece's channels cost as the whole's do
+            for piece in layer.outputs:  # pruned in blocks of ``multiplier`` channels
+                if per_out:
+                    self.add_linear(index[piece.group], per_out * piece.multiplier)
+                for inp, mult in inputs:
+                    coef = per_pair * mult * piece.multiplier // layer.groups
+                    self.add_quadratic(index[piece.group], inp, coef)
             return
         if per_out:
             self.add_linear(out, per_out)
-        inputs = [(index[seg.group], seg.multiplier) for seg in layer.in_segments]
-        if all(per_pair * mult % layer.groups == 0 for _, mult in inputs):
-            for inp, mult in inputs:
-                self.add_quadratic(out, inp, per_pair * mult // layer.groups)
-            return
         self.grouped.append(
             _GroupedTerm(
                 out=out,
@@ -384,6 +391,9 @@ class ParamsModel(_QuadraticCost):
                     raise ValueError(f"norm {norm.name!r} names unknown group {segment.group!r}")
                 if norm.affine:
                     terms.add_linear(index[segment.group], 2 * segment.multiplier)
+        for scale in getattr(graph, "scales", ()):  # per-channel parameters (layer scale)
+            for segment in scale.segments if scale.parameter else ():
+                terms.add_linear(index[segment.group], segment.multiplier)
         terms.constant += int(graph.other_params)
         return cls(view, terms)
 
@@ -408,7 +418,7 @@ def _layer_terms(
 
 
 def _check_layer(layer: LayerInfo, index: Mapping[str, int]) -> None:
-    names = [layer.out_group, *(seg.group for seg in layer.in_segments)]
+    names = [*(seg.group for seg in layer.outputs), *(seg.group for seg in layer.in_segments)]
     unknown = [name for name in names if name not in index]
     if unknown:
         raise ValueError(f"layer {layer.name!r} names unknown channel group {unknown[0]!r}")

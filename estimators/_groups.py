@@ -256,7 +256,7 @@ def graph_fingerprint(graph: GraphLike) -> str:
         "layers": [
             [
                 layer.name,
-                layer.out_group,
+                layer.out_group if not layer.out_segments else [s.group for s in layer.outputs],
                 [[seg.group, seg.multiplier] for seg in layer.in_segments],
                 layer.calls,
                 layer_config(layer),

@@ -129,7 +129,9 @@ class _TableUse:
     channel block and the factors for unaligned widths.
     """
 
-    def __init__(self, table: LatencyTable, members: list[tuple[np.ndarray, int, int]]) -> None:
+    def __init__(
+        self, table: LatencyTable, members: list[tuple[np.ndarray, np.ndarray, int]]
+    ) -> None:
         self.in_grid = np.array(table.in_grid, dtype=np.float64)
         self.out_grid = np.array(table.out_grid, dtype=np.float64)
         self.blocks = table.blocks
@@ -139,7 +141,9 @@ class _TableUse:
         self.stride = padded.shape[1]
         self.flat = padded.ravel()
         self.in_matrix = np.stack([m[0] for m in members], axis=1).astype(np.int64)
-        self.out_columns = np.array([m[1] for m in members], dtype=np.int64)
+        # output channels of each layer: the sum of its output groups' widths (one, unless
+        # its output is cut into pieces)
+        self.out_matrix = np.stack([m[1] for m in members], axis=1).astype(np.int64)
         self.calls = np.array([m[2] for m in members], dtype=np.float64)
         self.in_low, self.in_t, self.in_scale = _blocks_np(
             self.in_grid, self.blocks[0], self.unaligned[0]
@@ -151,11 +155,11 @@ class _TableUse:
             )
 
     def tensors(self, dtype: torch.dtype, device: torch.device) -> tuple[Tensor, ...]:
-        """``in_grid, out_grid, flat, in_matrix, calls`` in ``dtype``, and ``out_columns``."""
+        """``in_grid, out_grid, flat, in_matrix, calls, out_matrix`` in ``dtype``."""
         floats = (self.in_grid, self.out_grid, self.flat, self.in_matrix, self.calls)
         return (
             *(torch.as_tensor(array, dtype=dtype, device=device) for array in floats),
-            torch.as_tensor(self.out_columns, device=device),
+            torch.as_tensor(self.out_matrix, dtype=dtype, device=device),
         )
 
     def lookup(self, full_widths: np.ndarray) -> np.ndarray:
@@ -164,7 +168,7 @@ class _TableUse:
         t_in = self.in_t[features]
         base = self.in_low[features] * self.stride
         if self.out_grid.size:
-            outputs = np.minimum(full_widths[:, self.out_columns], self.out_low.size - 1)
+            outputs = np.minimum(full_widths @ self.out_matrix, self.out_low.size - 1)
             base += self.out_low[outputs]
             t_out = self.out_t[outputs]
             v00, v01 = self.flat[base], self.flat[base + 1]
@@ -249,24 +253,26 @@ class LatencyPredictor(CostModel):
         super().__init__(view)
         profile.check_graph(graph)
         self.profile = profile
-        layers: dict[str, list[tuple[np.ndarray, int, int]]] = {}
+        layers: dict[str, list[tuple[np.ndarray, np.ndarray, int]]] = {}
         columns = len(view.names)
         index = view.index
         for layer in graph.layers:
             in_vector = np.zeros(columns)
-            if layer.depthwise:
-                in_vector[index[layer.out_group]] = 1.0
-            else:
-                for segment in layer.in_segments:
-                    in_vector[index[segment.group]] += segment.multiplier
+            for segment in layer.in_segments:  # a depthwise conv's too: its input features
+                in_vector[index[segment.group]] += segment.multiplier
+            out_vector = np.zeros(columns)
+            for piece in layer.outputs:
+                out_vector[index[piece.group]] += piece.multiplier
             key = layer_axes(layer, view).key
-            layers.setdefault(key, []).append((in_vector, index[layer.out_group], layer.calls))
+            layers.setdefault(key, []).append((in_vector, out_vector, layer.calls))
         for norm in graph.norms:
             in_vector = np.zeros(columns)
             for segment in norm_segments(norm):
                 in_vector[index[segment.group]] += segment.multiplier
             key = norm_axes(norm, view).key
-            layers.setdefault(key, []).append((in_vector, index[norm.group], norm.calls))
+            out_vector = np.zeros(columns)
+            out_vector[index[norm.group]] = 1.0
+            layers.setdefault(key, []).append((in_vector, out_vector, norm.calls))
         self._uses: list[_TableUse] = []
         for key, members in layers.items():
             table = profile.tables.get(key)
@@ -392,7 +398,7 @@ class LatencyPredictor(CostModel):
                 use.tensors(widths.dtype, widths.device) for use in self._uses
             ]
         total = torch.zeros(widths.shape[0], dtype=widths.dtype, device=widths.device)
-        for use, (in_grid, out_grid, flat, in_matrix, calls, columns) in zip(
+        for use, (in_grid, out_grid, flat, in_matrix, calls, out_matrix) in zip(
             self._uses, self._torch_cache[key], strict=True
         ):
             low_in, t_in, scale_in = _blocks_torch(
@@ -401,7 +407,7 @@ class LatencyPredictor(CostModel):
             base = low_in * use.stride
             if out_grid.numel():
                 low_out, t_out, scale_out = _blocks_torch(
-                    out_grid, widths[:, columns], use.blocks[1], use.unaligned[1]
+                    out_grid, widths @ out_matrix, use.blocks[1], use.unaligned[1]
                 )
                 base = base + low_out
                 v00, v01 = flat[base], flat[base + 1]

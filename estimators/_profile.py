@@ -213,17 +213,27 @@ def layer_axes(layer: LayerInfo, view: GroupView) -> TableAxes:
     steps = np.ones(len(view.names), dtype=np.int64)
     steps[view.prunable_index] = view.steps
     out = index[layer.out_group]
-    if layer.depthwise:
+    if layer.depthwise:  # its input features, whatever groups they come from
+        ins = [(index[s.group], s.multiplier) for s in layer.in_segments]
+        step = int(steps[out]) if len(ins) == 1 and ins[0][1] == 1 else 1
+        low = sum(int(full_min[i]) * m for i, m in ins)
         return TableAxes(
-            layer_config(layer), (int(full_min[out]), int(view.sizes[out]), int(steps[out])), None
+            layer_config(layer), (low, sum(int(view.sizes[i]) * m for i, m in ins), step), None
         )
     step = layer.groups
     low = sum(int(full_min[index[s.group]]) * s.multiplier for s in layer.in_segments)
     high = sum(int(view.sizes[index[s.group]]) * s.multiplier for s in layer.in_segments)
+    # several when its output is cut in pieces, in blocks of ``multiplier`` channels
+    outs = [(index[s.group], s.multiplier) for s in layer.outputs]
+    out_step = math.lcm(step, int(steps[out])) if not layer.out_segments else 1
     return TableAxes(
         layer_config(layer),
         (low, high, step),
-        (int(full_min[out]), int(view.sizes[out]), math.lcm(step, int(steps[out]))),
+        (
+            sum(int(full_min[i]) * m for i, m in outs),
+            sum(int(view.sizes[i]) * m for i, m in outs),
+            out_step,
+        ),
     )
 
 
@@ -236,8 +246,14 @@ def norm_axes(norm: NormInfo, view: GroupView) -> TableAxes:
         size = int(view.sizes[index[segment.group]])
         low += int(minimum.get(segment.group, size)) * segment.multiplier
         high += size * segment.multiplier
-    config = {"kind": "norm", "input_hw": list(norm.input_hw), "affine": norm.affine}
-    return TableAxes(config, (low, high, 1), None)
+    config: dict[str, Any] = {
+        "kind": "norm",
+        "input_hw": list(norm.input_hw),
+        "affine": norm.affine,
+    }
+    if norm.group_size:  # a GroupNorm: timed as one, in whole groups
+        config["group_size"] = norm.group_size
+    return TableAxes(config, (low, high, max(1, norm.group_size)), None)
 
 
 @dataclass(frozen=True, eq=False)

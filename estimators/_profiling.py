@@ -133,7 +133,11 @@ def _layer_runner(
     if kind == "norm":
         dims = max(1, len(input_hw))
         norm_class: Callable[..., nn.Module] = _NORMS[dims]
-        module = nn.Sequential(norm_class(in_width, affine=config["affine"]), nn.ReLU())
+        norm = norm_class(in_width, affine=config["affine"])
+        if config.get("group_size"):
+            groups = max(1, in_width // config["group_size"])  # widths are whole groups
+            norm = nn.GroupNorm(groups, in_width, affine=config["affine"])
+        module = nn.Sequential(norm, nn.ReLU())
         inputs = torch.randn(batch_size, in_width, *input_hw)
     elif kind == "linear":
         module = nn.Linear(in_width, out_width, bias=config["bias"])

@@ -7,6 +7,7 @@ from prunetune.backend.graph._records import (
     ChannelSegment,
     LayerInfo,
     NormInfo,
+    ScaleInfo,
 )
 from prunetune.backend.graph._trace import eval_mode
 
@@ -18,5 +19,6 @@ __all__ = [
     "LayerInfo",
     "MaskPoint",
     "NormInfo",
+    "ScaleInfo",
     "eval_mode",
 ]

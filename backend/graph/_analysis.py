@@ -14,10 +14,12 @@ from typing import Any, cast
 from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
+from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
 from prunetune.backend.graph._last import ChannelsLastRules
 from prunetune.backend.graph._records import ChannelMember
-from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, is_multi
+from prunetune.backend.graph._shuffle import ShuffleRules
+from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
 from prunetune.backend.graph._trace import node_shape
 from prunetune.backend.graph._transposed import TransposedConvRules
 
@@ -25,15 +27,16 @@ __all__ = ["ChannelAnalysis"]
 
 
 _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
-    nn.GroupNorm: "GroupNorm ties its channels in groups (not supported for pruning yet)",
     nn.LayerNorm: "LayerNorm normalises across channels",
-    nn.PixelShuffle: "PixelShuffle moves channels into space",
-    nn.PixelUnshuffle: "PixelUnshuffle moves space into channels",
-    nn.ChannelShuffle: "ChannelShuffle permutes channels across groups",
+    nn.MultiheadAttention: (
+        "attention projections are kept whole: MultiheadAttention's query, key, value and "
+        "output projections share its embedding width, split into heads inside one fused op "
+        "(pruning whole heads is not supported yet)"
+    ),
 }
 
 
-class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
+class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, FunctionalRules):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
@@ -84,17 +87,18 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             if unlike is not None:
                 self.unknown_modules[name] = unlike
                 return self._unknown(node, f"module '{name}' ({kind.__name__}: {unlike})")
-            if isinstance(module, rules.CONV_TYPES):
-                return self._conv(node, module)
-            if isinstance(module, rules.TRANSPOSED_CONV_TYPES):
-                return self._transposed_conv(node, module)
-            if isinstance(module, rules.LINEAR_TYPES):
-                return self._linear(node, module)
-            return self._norm(node, module)
+            if isinstance(module, rules.NORM_TYPES):
+                return self._norm(node, module)
+            return self._layer_call(node, module)
         if isinstance(module, nn.LayerNorm):
             normed = self._last_norm(node, module)
             if normed is not None:
                 return normed
+        if isinstance(module, nn.PReLU) and module.num_parameters > 1:
+            channels = self._same(node, f"module '{name}' (PReLU)")
+            if isinstance(channels, tuple) and self.channels(node.args[0]) is not None:
+                self._add_scale(f"{name}.weight", channels, 0, node, f"module '{name}'")
+            return channels
         passthrough = kind in rules.PASSTHROUGH_MODULE_TYPES
         passthrough |= isinstance(module, nn.PReLU) and module.num_parameters == 1
         passthrough |= isinstance(module, (nn.InstanceNorm1d, nn.InstanceNorm2d)) and not (
@@ -102,6 +106,14 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         )
         if passthrough:
             return self._same(node, f"module '{name}' ({kind.__name__})")
+        if kind is nn.PixelShuffle:
+            return self._pixel_shuffle(node, module.upscale_factor, f"module '{name}'")
+        if kind is nn.PixelUnshuffle:
+            return self._pixel_unshuffle(node, module.downscale_factor, f"module '{name}'")
+        if kind is nn.GroupNorm:
+            return self._group_norm(node, module)
+        if kind is nn.ChannelShuffle:
+            return self._channel_shuffle(node, int(module.groups), f"module '{name}'")
         if kind is nn.Flatten:
             return self._reshape(node, f"module '{name}' (Flatten)", literal_sizes=None)
         if kind in (nn.Softmax, nn.LogSoftmax, nn.Softmin):
@@ -116,13 +128,46 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         self.unknown_modules[name] = reason
         return self._unknown(node, f"module '{name}' ({kind.__name__}: {reason})")
 
+    def _layer_call(self, node: fx.Node, module: nn.Module) -> Any:
+        """A call of a conv, transposed conv or linear layer (or a stand-in for one)."""
+        if isinstance(module, rules.CONV_TYPES):
+            return self._conv(node, module)
+        if isinstance(module, rules.TRANSPOSED_CONV_TYPES):
+            return self._transposed_conv(node, module)
+        return self._linear(node, module)
+
     def _call_function(self, node: fx.Node) -> Any:
         name = rules.op_name(node)
         what = rules.describe(node)
         if name is None:
             return self._unknown(node, what)
+        if name in FUNCTIONAL_LAYERS:
+            stand_in = self._functional_stand_in(node, name)
+            if stand_in is not None:  # F.conv2d(x, self.weight, self.bias) and kin
+                value = self._layer_call(node, stand_in)
+                self._name_parameters(node)
+                return value
+            what = (
+                f"{what} (a functional layer that is not ungrouped on a submodule's own "
+                "`weight` and `bias` parameters)"
+            )
         if name == "getitem":
             return self._getitem(node, what)
+        shuffled = [s for s in node.all_input_nodes if isinstance(self.values.get(s), Shuffled)]
+        if shuffled and name in ("contiguous", "clone", "detach"):
+            return self.values[shuffled[0]]
+        if shuffled and name not in rules.RESHAPE_OPS and name not in rules.PERMUTE_OPS:
+            return self._unknown(node, f"{what} (acts on a channel shuffle's groups)")
+        if name in ("pixel_shuffle", "pixel_unshuffle"):
+            factor = rules.argument(
+                node, 1, "upscale_factor", rules.argument(node, 1, "downscale_factor")
+            )
+            if isinstance(factor, int):
+                if name == "pixel_shuffle":
+                    return self._pixel_shuffle(node, factor, what)
+                return self._pixel_unshuffle(node, factor, what)
+        if name == "channel_shuffle" or name == "native_channel_shuffle":
+            return self._channel_shuffle(node, int(rules.argument(node, 1, "groups", 1)), what)
         if name in ("max", "min") and isinstance(rules.argument(node, 1, "other"), fx.Node):
             return self._elementwise(node, what)
         if name in rules.ELEMENTWISE_OPS:
@@ -154,7 +199,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             return self._permute(node, name, what)
         if name in rules.EXPAND_OPS:
             return self._same(node, what)
-        if name in rules.REDUCE_OPS:
+        if name in rules.REDUCE_OPS or name in rules.NORM_OPS:
             return self._reduce(node, what)
         if name in rules.CAT_OPS:
             return self._cat(node, what)
@@ -196,9 +241,14 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         rank = len(out_shape)
         joined: list[Channels] = []
         conflict: str | None = None
+        scales: list[tuple[str, int]] = []
         for source in node.all_input_nodes:
             shape = node_shape(source)
             if shape is None or len(shape) == 0:
+                continue
+            scale = self._scale_of(source, out_shape, 1)
+            if scale is not None:  # a per-channel parameter: pruned with the channels
+                scales.append(scale)
                 continue
             channels = self.channels(source)
             if channels is not None and len(shape) == rank:
@@ -223,9 +273,14 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             result = self._join(result, other, node, what)
         if conflict is not None:
             self._fix(result, conflict)
+        for name, dim in scales:
+            self._add_scale(name, result, dim, node, what)
         return result
 
     def _reshape(self, node: fx.Node, what: str, literal_sizes: list[Any] | None) -> Any:
+        shuffle = self._shuffle_view(node, what, literal_sizes)
+        if shuffle is not None:
+            return shuffle
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
@@ -251,6 +306,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         shape = node_shape(node.args[0]) if isinstance(node.args[0], fx.Node) else None
         rank = len(shape or ())
         order = self._permute_order(node, name, rank)
+        swapped = self._shuffle_swap(node, order)
+        if swapped is not None:
+            return swapped
         moved = self._permute_channels(node, order) if order is not None else None
         if moved is not None:
             return moved
@@ -273,11 +331,23 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         shape = node_shape(source) if isinstance(source, fx.Node) else None
-        dims = rules.argument(node, 1, "dim", rules.argument(node, 1, "axis"))
+        position = 2 if rules.op_name(node) in rules.NORM_OPS else 1  # norm(x, p, dim)
+        dims = rules.argument(node, position, "dim", rules.argument(node, position, "axis"))
         reduced = rules.normalise_dims(dims, len(shape or ()))
         if self.last(source) is not None:
             value = self._last_reduce(node, reduced)
+            if value is None and reduced is not None and len(shape or ()) - 1 in reduced:
+                what = (
+                    f"{what} (a statistic across the channels, as a LayerNorm or a global "
+                    "response norm takes: pruning would change it, so they are kept whole)"
+                )
             return value if value is not None else self._unknown(node, what)
+        if channels is not None and reduced is not None and 1 in reduced and 0 not in reduced:
+            return self._unknown(
+                node,
+                f"{what} (a statistic across the channels, as a LayerNorm or a global response "
+                "norm takes: pruning would change it, so they are kept whole)",
+            )
         if channels is None or reduced is None or 0 in reduced or 1 in reduced:
             return self._unknown(node, f"{what} (reduces over the batch or channel dim)")
         meta = node.meta.get("tensor_meta")
@@ -311,15 +381,63 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         return result
 
     def _split(self, node: fx.Node, name: str, what: str) -> Any:
+        """``chunk``, ``split`` and kin: along positions every piece keeps the channels; along
+        the channels (dim 1, or the last dim of a :class:`Last` value) each piece takes its
+        own run of them, the producers' outputs cut where the pieces start."""
         source = node.args[0] if node.args else None
-        channels = self.channels(source)
+        last = self.last(source)
+        channels = last if last is not None else self.channels(source)
         shape = node_shape(source) if isinstance(source, fx.Node) else None
+        rank = len(shape or ())
         position = 1 if name == "unbind" else 2
-        axis = rules.normalise_dims(rules.argument(node, position, "dim", 0), len(shape or ()))
+        axis = rules.normalise_dims(rules.argument(node, position, "dim", 0), rank)
         meta = node.meta.get("tensor_meta")
-        if channels is None or axis is None or axis[0] < 2 or not is_multi(meta):
+        if channels is None or axis is None or not is_multi(meta):
             return self._unknown(node, f"{what} (splits along the batch or channel dim)")
-        return Many(tuple(channels for _ in meta))
+        channel_axis = rank - 1 if last is not None else 1
+        if axis[0] == channel_axis and name != "unbind":
+            return self._split_channels(node, name, what, channels, last is not None)
+        if axis[0] == 0 or axis[0] == channel_axis or (last is None and axis[0] < 2):
+            return self._unknown(node, f"{what} (splits along the batch or channel dim)")
+        value = Last(channels) if last is not None else channels
+        return Many(tuple(value for _ in meta))
+
+    def _split_channels(
+        self, node: fx.Node, name: str, what: str, channels: Channels, last: bool
+    ) -> Any:
+        """A split of the channels into pieces of equal size that the pruned model cuts alike:
+        ``chunk(n)``, ``tensor_split(n)``, or ``split`` by a size computed from the tensor.
+        The pieces are coupled one to one (each keeps the same channels, so they stay equal),
+        and the producers' outputs are cut where the pieces start. Literal sizes would not
+        follow a pruned width: those pieces are kept whole."""
+        meta = node.meta.get("tensor_meta")
+        axis = len(node_shape(node.args[0]) or ()) - 1 if last else 1  # type: ignore[arg-type]
+        sizes = [int(item.shape[axis]) for item in meta]  # type: ignore[union-attr]
+        sections = rules.argument(node, 1, "chunks" if name == "chunk" else "split_size")
+        if name == "tensor_split":
+            sections = rules.argument(node, 1, "sections", rules.argument(node, 1, "indices"))
+        relative = name == "chunk" or (name == "tensor_split" and isinstance(sections, int))
+        relative |= name == "split" and bool(
+            [a for a in fx.node.map_arg(sections, lambda n: n) or () if isinstance(a, fx.Node)]
+            if isinstance(sections, (tuple, list))
+            else isinstance(sections, fx.Node)
+        )
+        if not relative:
+            return self._unknown(
+                node,
+                f"{what} (cuts the channels at literal sizes {sizes}: compute them from the "
+                "tensor, e.g. x.chunk(2, 1), to let them be pruned)",
+            )
+        if len(set(sizes)) != 1:
+            return self._unknown(node, f"{what} (cuts the channels into unequal pieces {sizes})")
+        pieces = self._pieces(channels, sizes)
+        if pieces is None:
+            return self._unknown(
+                node, f"{what} (splits the channels where no layer's output can be cut)"
+            )
+        for piece in pieces[1:]:
+            self._join(pieces[0], piece, node, what)
+        return Many(tuple(Last(p) if last else p for p in pieces))
 
     def _getitem(self, node: fx.Node, what: str) -> Any:
         source, index = node.args[0], node.args[1]
@@ -352,7 +470,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         return rules.unlike_its_layer(module, out_shape, int(node.meta.get("flops", 0)) // 2)
 
     def _conv(self, node: fx.Node, module: nn.Module) -> Any:
-        name = str(node.target)
+        name = self._layer_name(node)
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
@@ -369,9 +487,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         # depthwise, possibly with a channel multiplier: output j is made from input j // m
         depthwise = groups > 1 and groups == c_in and c_out % c_in == 0
         reason = None
-        if groups > 1 and any(s.mult != 1 for s in channels):
+        if groups > 1 and not depthwise and any(s.mult != 1 for s in channels):
             reason = f"conv '{name}' reads a tensor whose dim 1 does not hold whole channels"
-        elif groups > 1 and len(channels) > 1:
+        elif groups > 1 and not depthwise and len(channels) > 1:
             reason = f"grouped conv '{name}' reads a concat of several groups"
         if reason is not None:
             self._fix(channels, reason)
@@ -380,18 +498,24 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         for segment in channels:
             self.slots.add_member(segment.slot, ChannelMember(name, "in", offset, segment.mult))
             offset += segment.size * segment.mult
-        if depthwise:
+        outputs: Channels
+        if depthwise:  # each input feature makes ``multiplier`` consecutive outputs
             multiplier = c_out // c_in
-            outputs = (Segment(channels[0].slot, c_in, multiplier),)
-            self.slots.add_member(channels[0].slot, ChannelMember(name, "out", 0, multiplier))
+            outputs = tuple(Segment(s.slot, s.size, s.mult * multiplier) for s in channels)
+            offset = 0
+            for segment in outputs:
+                member = ChannelMember(name, "out", offset, segment.mult)
+                self.slots.add_member(segment.slot, member)
+                offset += segment.size * segment.mult
+        elif groups == 1:
+            outputs = self._output_slots(name, c_out)
         else:
             slot = self.slots.new(c_out, name)
             self.slots.add_member(slot, ChannelMember(name, "out"))
-            if groups > 1:
-                # every conv group must keep the same number of input and output channels
-                self.slots.add_step(slot, groups)
-                if reason is None:
-                    self.slots.add_step(channels[0].slot, groups)
+            # every conv group must keep the same number of input and output channels
+            self.slots.add_step(slot, groups)
+            if reason is None:
+                self.slots.add_step(channels[0].slot, groups)
             outputs = (Segment(slot, c_out),)
         self.layers[name] = LayerRecord(
             name,
@@ -408,7 +532,7 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
         return outputs
 
     def _linear(self, node: fx.Node, module: nn.Module) -> Any:
-        name = str(node.target)
+        name = self._layer_name(node)
         source = node.args[0] if node.args else None
         channels = self.channels(source)
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
@@ -426,6 +550,24 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules):
             return shared
         out_features = cast(nn.Linear, module).out_features
         return self._add_layer(node, module, channels, out_features, ((), (), rows))
+
+    def _group_norm(self, node: fx.Node, module: nn.GroupNorm) -> Any:
+        """``GroupNorm``: statistics within each group of ``C / G`` channels, so its input is
+        pruned in whole groups (channels per group kept; surgery lowers ``num_groups``)."""
+        name = str(node.target)
+        per_group = module.num_channels // module.num_groups
+        channels = self.channels(node.args[0] if node.args else None)
+        if module.num_groups == 1:
+            reason = "GroupNorm with one group normalises across all its channels"
+        elif channels is not None and self._in_blocks(channels, per_group):
+            return self._norm(node, module)
+        else:
+            reason = (
+                f"GroupNorm normalises in groups of {per_group} channels that are not made by "
+                "layers that can prune in whole groups"
+            )
+        self.unknown_modules[name] = reason
+        return self._unknown(node, f"module '{name}' ({reason})")
 
     def _norm(self, node: fx.Node, module: nn.Module) -> Any:
         name = str(node.target)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import networkx as nx
 import torch
@@ -11,7 +11,13 @@ from torch import Tensor, fx, nn
 
 from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
-from prunetune.backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
+from prunetune.backend.graph._records import (
+    ChannelGroup,
+    ChannelSegment,
+    LayerInfo,
+    NormInfo,
+    ScaleInfo,
+)
 from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
 
@@ -61,6 +67,7 @@ class ChannelGraph:
         leaf_modules: tuple[type[nn.Module], ...],
         mask_points: tuple[MaskPoint, ...],
         constant_flops: dict[str, int] | None = None,
+        scales: tuple[ScaleInfo, ...] = (),
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -74,6 +81,7 @@ class ChannelGraph:
         self._leaf_modules = leaf_modules
         self._mask_points = mask_points
         self._constant_flops = dict(constant_flops or {})
+        self._scales = scales
 
     @classmethod
     def trace(
@@ -119,15 +127,14 @@ class ChannelGraph:
             )
         module = trace_module(model, leaf_modules, (example_input,))
         propagate_shapes(module, model, example_input)
-        analysis = ChannelAnalysis(module)
-        analysis.run()
+        analysis = _analyse(module)
         groups, slot_names = analysis.slots.build()
 
         def segments(channels: Channels) -> tuple[ChannelSegment, ...]:
             return tuple(ChannelSegment(slot_names[s.slot], s.mult) for s in channels)
 
         layers = tuple(
-            _layer_info(record, segments(record.inputs), segments(record.outputs)[0].group)
+            _layer_info(record, segments(record.inputs), segments(record.outputs))
             for record in analysis.layers.values()
         )
         norms = tuple(
@@ -138,8 +145,13 @@ class ChannelGraph:
                 input_hw=record.input_hw,
                 calls=record.calls,
                 segments=segments(record.channels),
+                group_size=_group_size(record.module),
             )
             for record in analysis.norms.values()
+        )
+        scales = tuple(
+            ScaleInfo(name, segments(channels), dim, _is_param(model, name))
+            for name, (channels, dim) in analysis.scales.items()
         )
         unprunable = {group.name: group.reason or "" for group in groups if not group.prunable}
         for name, reason in analysis.unknown_modules.items():
@@ -163,6 +175,9 @@ class ChannelGraph:
         modules = [r.module for r in analysis.layers.values()]
         modules += [r.module for r in analysis.norms.values()]
         counted = {id(p) for module in modules for p in module.parameters()}
+        counted |= {id(model.get_parameter(scale.name)) for scale in scales if scale.parameter}
+        for record in analysis.layers.values():  # functional layers: their real parameters
+            counted |= {id(model.get_parameter(n)) for n in (record.weight, record.bias) if n}
         other_params = sum(p.numel() for p in model.parameters() if id(p) not in counted)
         channel_names = {
             node.name: tuple(slot_names.get(s.slot, "?") for s in value)
@@ -171,7 +186,9 @@ class ChannelGraph:
         }
         return cls(
             dag=build_dag(module, channel_names),
-            constant_flops=_constant_flops(module, analysis.layers, example_input.shape[0]),
+            constant_flops=_constant_flops(
+                module, analysis.layers, example_input.shape[0], set(analysis.functional)
+            ),
             groups=groups,
             layers=layers,
             norms=norms,
@@ -180,6 +197,7 @@ class ChannelGraph:
             other_params=other_params,
             leaf_modules=tuple(leaf_modules),
             mask_points=tuple(mask_points),
+            scales=scales,
         )
 
     @property
@@ -206,6 +224,12 @@ class ChannelGraph:
     def norms(self) -> tuple[NormInfo, ...]:
         """Every BatchNorm layer, in order of first call."""
         return self._norms
+
+    @property
+    def scales(self) -> tuple[ScaleInfo, ...]:
+        """Per-channel parameters and buffers applied to activations (layer scale, PReLU
+        slopes): pruned with the channels they meet."""
+        return self._scales
 
     @property
     def unprunable(self) -> dict[str, str]:
@@ -295,13 +319,16 @@ class ChannelGraph:
 
 
 def _constant_flops(
-    module: fx.GraphModule, layers: Mapping[str, LayerRecord], batch: int
+    module: fx.GraphModule, layers: Mapping[str, LayerRecord], batch: int, functional: set[fx.Node]
 ) -> dict[str, int]:
-    """The MACs per example of every node that is not a call of a recorded layer, by place."""
+    """The MACs per example of every node that is not a call of a recorded layer (a layer
+    module, or a functional layer call in ``functional``), by place."""
     totals: dict[str, int] = {}
     for node in module.graph.nodes:
         flops = int(node.meta.get("flops", 0))
         if not flops or (node.op == "call_module" and str(node.target) in layers):
+            continue
+        if node in functional:
             continue
         if node.op == "call_module":
             place = str(node.target)
@@ -312,10 +339,58 @@ def _constant_flops(
     return {place: flops // (2 * batch) for place, flops in totals.items()}
 
 
+def _group_size(module: nn.Module) -> int:
+    if isinstance(module, nn.GroupNorm):
+        return module.num_channels // module.num_groups
+    return 0
+
+
+def _is_param(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
+
+
+_MAX_PASSES = 64
+
+
+def _analyse(module: fx.GraphModule) -> ChannelAnalysis:
+    """The channel analysis of ``module``, run again with the output cuts each pass asks for
+    (a split of a layer's channels cuts its output into pieces, and that can ask for cuts of
+    the layers coupled to it) until none asks for more, or ``_MAX_PASSES`` passes (the last
+    one then keeps whole what it could not split)."""
+    cuts: dict[str, frozenset[int]] = {}
+    blocks: dict[str, frozenset[tuple[int, int, int]]] = {}
+    for _ in range(_MAX_PASSES):
+        analysis = ChannelAnalysis(module, cuts, blocks)
+        analysis.run()
+        grown = _grow(cuts, analysis.requests) | _grow(blocks, analysis.block_requests)
+        if not grown:
+            break
+    return analysis
+
+
+def _grow(plan: dict[str, frozenset[Any]], requests: dict[str, set[Any]]) -> bool:
+    """Add ``requests`` to ``plan``; whether anything was new."""
+    grown = False
+    for name, wanted in requests.items():
+        if not wanted <= plan.get(name, frozenset()):
+            plan[name] = frozenset(wanted) | plan.get(name, frozenset())
+            grown = True
+    return grown
+
+
 def _layer_info(
-    record: LayerRecord, in_segments: tuple[ChannelSegment, ...], out_group: str
+    record: LayerRecord,
+    in_segments: tuple[ChannelSegment, ...],
+    out_segments: tuple[ChannelSegment, ...],
 ) -> LayerInfo:
     module = record.module
+    out_group = out_segments[0].group
+    whole = record.depthwise or (len(out_segments) == 1 and out_segments[0].multiplier == 1)
+    pieces = () if whole else out_segments
     if isinstance(module, nn.Linear):
         return LayerInfo(
             name=record.name,
@@ -329,6 +404,9 @@ def _layer_info(
             bias=module.bias is not None,
             calls=record.calls,
             positions=record.positions,
+            out_segments=pieces,
+            weight=record.weight,
+            bias_parameter=record.bias,
         )
     conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
     padding = conv.padding
@@ -356,4 +434,7 @@ def _layer_info(
         calls=record.calls,
         positions=record.positions,
         transposed=isinstance(module, nn.modules.conv._ConvTransposeNd),
+        out_segments=pieces,
+        weight=record.weight,
+        bias_parameter=record.bias,
     )

@@ -66,6 +66,11 @@ class SlotSet:
             self._parent[slot], slot = root, self._parent[slot]
         return root
 
+    def set_of(self, slot: int) -> list[int]:
+        """Every slot in ``slot``'s set (coupled one to one with it), ``slot`` first."""
+        root = self.find(slot)
+        return [slot, *(s for s in range(len(self._slots)) if s != slot and self.find(s) == root)]
+
     def size(self, slot: int) -> int:
         """Channels in ``slot``."""
         return self._slots[slot].size

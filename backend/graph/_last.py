@@ -17,7 +17,8 @@ from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels, Segment
-from prunetune.backend.graph._state import AnalysisState, Last
+from prunetune.backend.graph._scales import ScaleRules
+from prunetune.backend.graph._state import Last
 from prunetune.backend.graph._trace import node_shape
 
 __all__ = ["ChannelsLastRules"]
@@ -28,7 +29,7 @@ def as_value(channels: Channels, rank: int) -> Any:
     return channels if rank == 2 else Last(channels)
 
 
-class ChannelsLastRules(AnalysisState):
+class ChannelsLastRules(ScaleRules):
     """The rules for :class:`Last` values, used by the channel analysis."""
 
     def _permute_channels(self, node: fx.Node, order: tuple[int, ...]) -> Any | None:
@@ -70,9 +71,14 @@ class ChannelsLastRules(AnalysisState):
         if out_shape is None or not any(lasts):
             return None
         joined: list[Channels] = []
+        scales: list[tuple[str, int]] = []
         for source, last in zip(node.all_input_nodes, lasts, strict=True):
             shape = node_shape(source)
             if shape is None or len(shape) == 0 or math.prod(shape) == 1:
+                continue
+            scale = self._scale_of(source, out_shape, len(out_shape) - 1) if last is None else None
+            if scale is not None:  # a per-channel parameter (layer scale): pruned with them
+                scales.append(scale)
                 continue
             if last is None or len(shape) != len(out_shape) or shape[-1] != out_shape[-1]:
                 return None
@@ -80,6 +86,8 @@ class ChannelsLastRules(AnalysisState):
         result = joined[0]
         for other in joined[1:]:
             result = self._join(result, other, node, what)
+        for name, dim in scales:
+            self._add_scale(name, result, dim, node, what)
         return Last(result)
 
     def _last_reduce(self, node: fx.Node, reduced: tuple[int, ...] | None) -> Any | None:
@@ -110,7 +118,7 @@ class ChannelsLastRules(AnalysisState):
         (dim 1 of a plain input is then positions, kept whole); its output is a new group
         along the last dim, with ``prod(shape[1:-1])`` positions per call.
         """
-        name = str(node.target)
+        name = self._layer_name(node)
         source = node.args[0]
         in_shape = node_shape(source) if isinstance(source, fx.Node) else None
         out_shape = node_shape(node)

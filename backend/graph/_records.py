@@ -11,7 +11,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-__all__ = ["ChannelGroup", "ChannelMember", "ChannelSegment", "LayerInfo", "NormInfo"]
+__all__ = [
+    "ChannelGroup",
+    "ChannelMember",
+    "ChannelSegment",
+    "LayerInfo",
+    "NormInfo",
+    "ScaleInfo",
+]
 
 
 @dataclass(frozen=True)
@@ -86,6 +93,12 @@ class LayerInfo:
             *input* positions of a transposed conv) summed over every call, per example; 0
             means ``calls * prod(output_hw)``.
         transposed: a transposed conv, whose weight is ``[in, out / groups, *kernel]``.
+        weight: for a layer written as a function of parameters (``F.conv2d(x, self.weight,
+            self.bias)``, ``F.linear``) in module ``name``, the weight's qualified name; empty
+            for a layer module. ``bias_parameter`` names its bias (empty if none).
+        out_segments: the groups along the layer's output channels, in order, when its output
+            is cut into pieces (a ``chunk`` or ``split`` of its output along the channels, each
+            piece pruned on its own); empty when the output is one group, ``out_group``.
     """
 
     name: str
@@ -106,6 +119,14 @@ class LayerInfo:
     calls: int = 1
     positions: int = 0
     transposed: bool = False
+    out_segments: tuple[ChannelSegment, ...] = ()
+    weight: str = ""
+    bias_parameter: str = ""
+
+    @property
+    def outputs(self) -> tuple[ChannelSegment, ...]:
+        """The groups along the output channels in order: ``out_segments``, or ``out_group``."""
+        return self.out_segments or (ChannelSegment(self.out_group),)
 
     @property
     def total_positions(self) -> int:
@@ -125,6 +146,8 @@ class NormInfo:
     A norm after a concat sees several groups: ``segments`` lists them in channel order (its
     parameters then number ``2 * sum(width(seg.group) * seg.multiplier)``), and ``group`` is the
     first of them. ``segments`` is filled for every norm, one entry in the ordinary case.
+    ``group_size`` is the channels per group of a ``GroupNorm`` (it prunes whole groups), 0 for
+    a BatchNorm.
     """
 
     name: str
@@ -133,3 +156,22 @@ class NormInfo:
     input_hw: tuple[int, ...] = ()
     calls: int = 1
     segments: tuple[ChannelSegment, ...] = ()
+    group_size: int = 0
+
+
+@dataclass(frozen=True)
+class ScaleInfo:
+    """A per-channel parameter (or buffer) applied elementwise to a group's activations: a
+    layer scale ``x * gamma``, the slopes of a ``PReLU(C)``, a bias added to a map.
+
+    Attributes:
+        name: the tensor's qualified name in the model (``blocks.0.gamma``, ``act.weight``).
+        segments: the groups along its channel dim, in order (several after a concat).
+        dim: the tensor's dim with one entry per channel; every other dim has size 1.
+        parameter: a parameter (counted in the model's parameters), not a buffer.
+    """
+
+    name: str
+    segments: tuple[ChannelSegment, ...]
+    dim: int
+    parameter: bool = True

@@ -19,6 +19,7 @@ __all__ = [
     "EXPAND_OPS",
     "LAYER_TYPES",
     "LINEAR_TYPES",
+    "NORM_OPS",
     "NORM_TYPES",
     "PASSTHROUGH_MODULE_TYPES",
     "PERMUTE_OPS",
@@ -147,6 +148,8 @@ PERMUTE_OPS = _names("permute transpose swapaxes swapdims")
 EXPAND_OPS = _names("expand expand_as repeat broadcast_to")
 # Reductions taking ``dim`` as their second argument.
 REDUCE_OPS = _names("mean sum amax amin max min std var logsumexp prod nanmean nansum median")
+# Norms of a tensor taking ``dim`` as their third argument: ``torch.norm(x, p, dim)``.
+NORM_OPS = _names("norm")
 CAT_OPS = _names("cat concat concatenate")
 SPLIT_OPS = _names("split chunk tensor_split unbind split_with_sizes")
 SOFTMAX_OPS = _names("softmax log_softmax softmin")

@@ -177,7 +177,7 @@ class FlattenLinearNet(nn.Module):
 
 
 class ChannelShuffleNet(nn.Module):
-    """A ShuffleNet-style channel shuffle (view-transpose-reshape), which mixes channels."""
+    """A ShuffleNet-style channel shuffle (view-transpose-reshape) in four groups."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
@@ -408,19 +408,270 @@ class DictOutputNet(nn.Module):
         return {"out": self.out(features), "aux": self.aux(features.mean((2, 3)))}
 
 
+class _FunctionalConv(nn.Module):
+    """A conv written as ``F.conv2d(x, self.weight, self.bias)`` in a plain module."""
+
+    def __init__(self, inp: int, oup: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(oup, inp, 3, 3) * 0.1)
+        self.bias = nn.Parameter(torch.linspace(-0.1, 0.1, oup))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight, self.bias, padding=1)
+
+
+class _FunctionalLinear(nn.Module):
+    """A linear layer written as ``F.linear(x, self.weight)`` in a plain module."""
+
+    def __init__(self, inp: int, oup: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(oup, inp) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+
 class FunctionalWeightNet(nn.Module):
-    """A layer written as ``F.conv2d(x, self.weight)`` in a plain module (kept whole, counted)."""
+    """Layers written as functions of parameters in plain modules (``F.conv2d(x, self.weight,
+    self.bias)``, ``F.linear``), pruned like the built-ins; and one reading a root parameter
+    under another name (kept whole, counted)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.stem = _conv_bn(3, 16)
-        self.weight = nn.Parameter(torch.randn(16, 16, 3, 3) * 0.1)
+        self.block = _FunctionalConv(16, 16)
+        self.kernel = nn.Parameter(torch.randn(16, 16, 1, 1) * 0.1)
         self.conv = _conv_bn(16, 24)
+        self.hidden = _FunctionalLinear(24, 32)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.block(self.stem(x)))
+        x = F.relu(F.conv2d(x, self.kernel))
+        return self.fc(F.relu(self.hidden(self.conv(x).mean((2, 3)))))
+
+
+class Conv1dNet(nn.Module):
+    """Sequence-style Conv1d layers with BatchNorm1d on the flattened map ``[batch, C, H*W]``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv1 = nn.Conv1d(8, 16, 5, padding=2, bias=False)
+        self.bn1 = nn.BatchNorm1d(16)
+        self.conv2 = nn.Conv1d(16, 24, 3, stride=2)
         self.fc = nn.Linear(24, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(F.conv2d(self.stem(x), self.weight, padding=1))
-        return self.fc(self.conv(x).mean((2, 3)))
+        x = self.stem(x).flatten(2)
+        x = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        return self.fc(x.mean(2))
+
+
+class GatedSplitNet(nn.Module):
+    """A conv whose output is cut in halves gated against each other (``a * sigmoid(b)``, GLU
+    style) by ``Tensor.chunk``; one cut in thirds by ``torch.split`` at a size computed from
+    the tensor, each third to its own conv; one split at literal sizes (kept whole)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.gate = nn.Conv2d(16, 32, 3, padding=1, bias=False)
+        self.gate_bn = nn.BatchNorm2d(32)
+        self.mix = _conv_bn(16, 24)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(16, 8, 1)
+        self.literal = nn.Conv2d(16, 12, 1)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = self.gate_bn(self.gate(self.stem(x))).chunk(2, dim=1)
+        x = self.mix(a * torch.sigmoid(b))
+        left, middle, right = torch.split(x, x.shape[1] // 3, dim=1)
+        x = torch.cat([self.left(left), self.right(torch.cat([middle, right], 1))], 1)
+        first, second = torch.split(self.literal(x), [4, 8], dim=1)
+        return self.fc(torch.cat([second, first], 1).mean((2, 3)))
+
+
+class _Bottleneck(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.cv1 = _conv_bn(channels, channels)
+        self.cv2 = _conv_bn(channels, channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.cv2(self.cv1(x))
+
+
+class C2fNet(nn.Module):
+    """A YOLOv8 C2f block: a 1x1 conv split in two halves, bottlenecks on the second half, and a
+    1x1 conv over the concat of both halves and every bottleneck's output."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 8, blocks: int = 2) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.cv1 = _conv_bn(16, 2 * hidden, kernel=1)
+        self.m = nn.ModuleList(_Bottleneck(hidden) for _ in range(blocks))
+        self.cv2 = _conv_bn((2 + blocks) * hidden, 24, kernel=1)
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, second = self.cv1(self.stem(x)).chunk(2, 1)  # fx cannot trace list(proxy)
+        y = [first, second]
+        y.extend(m(y[-1]) for m in self.m)
+        return self.fc(self.cv2(torch.cat(y, 1)).mean((2, 3)))
+
+
+def _shuffle(x: Tensor, groups: int) -> Tensor:
+    n, c, h, w = x.shape
+    x = x.view(n, groups, c // groups, h, w)
+    return torch.transpose(x, 1, 2).contiguous().view(n, c, h, w)
+
+
+class _ShuffleUnit(nn.Module):
+    """A ShuffleNetV2 unit: stride 2 runs two branches on the input, stride 1 one branch on
+    the second half (``chunk``); both concatenate and shuffle the channels in two groups."""
+
+    def __init__(self, inp: int, oup: int, stride: int, module: bool = False) -> None:
+        super().__init__()
+        half = oup // 2
+        self.stride = stride
+        if stride == 2:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(inp, inp, 3, 2, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                _conv_bn(inp, half, kernel=1),
+            )  # fmt: skip
+        self.branch2 = nn.Sequential(
+            _conv_bn(inp if stride == 2 else half, half, kernel=1),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=False), nn.BatchNorm2d(half),
+            _conv_bn(half, half, kernel=1),
+        )  # fmt: skip
+        self.shuffle = nn.ChannelShuffle(2) if module else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return self.shuffle(out) if self.shuffle is not None else _shuffle(out, 2)
+
+
+class ShuffleNetV2Style(nn.Module):
+    """A stem, a ShuffleNetV2 stage (a stride-2 unit, two stride-1 units), a 1x1 conv and a
+    classifier. (``nn.ChannelShuffle`` would not export: torch's ONNX exporter lacks it.)"""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.stage = nn.Sequential(
+            _ShuffleUnit(16, 32, 2), _ShuffleUnit(32, 32, 1), _ShuffleUnit(32, 32, 1)
+        )
+        self.head = _conv_bn(32, 48, kernel=1)
+        self.fc = nn.Linear(48, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.head(self.stage(self.stem(x))).mean((2, 3)))
+
+
+class LayerScaleNet(nn.Module):
+    """Per-channel parameters multiplied into activations: a ``PReLU(C)`` and a layer scale
+    ``gamma`` of shape ``[C, 1, 1]`` in a residual block, one viewed as ``[1, C, 1, 1]`` from
+    ``[C]``, and one of shape ``[C]`` on a channels-last map (ConvNeXt), with a bias buffer."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.expand = nn.Conv2d(16, 32, 1)
+        self.act = nn.PReLU(32, init=0.1)
+        self.project = nn.Conv2d(32, 16, 3, padding=1)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 16)[:, None, None])
+        self.mid = nn.Conv2d(16, 24, 3, padding=1)
+        self.scale = nn.Parameter(torch.linspace(-1.0, 1.0, 24))
+        self.pointwise = nn.Linear(24, 24)
+        self.last_scale = nn.Parameter(torch.linspace(0.1, 1.0, 24))
+        self.register_buffer("shift", torch.linspace(-0.5, 0.5, 24))
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = x + self.gamma * self.project(self.act(self.expand(x)))
+        x = self.mid(x) * self.scale.view(1, -1, 1, 1)
+        y = self.pointwise(x.permute(0, 2, 3, 1)) * self.last_scale + self.shift
+        return self.fc(y.permute(0, 3, 1, 2).mean((2, 3)))
+
+
+class PixelShuffleGroupNormNet(nn.Module):
+    """GroupNorms (4 and 2 groups) between convs, and a super-resolution style head: a conv to
+    ``4 * r^2`` channels, ``nn.PixelShuffle(2)``, a conv, ``F.pixel_shuffle`` and
+    ``F.pixel_unshuffle``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.norm = nn.GroupNorm(4, 16)
+        self.body = nn.Conv2d(16, 16, 3, padding=1)
+        self.body_norm = nn.GroupNorm(2, 16)
+        self.upsample = nn.Conv2d(16, 32, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+        self.refine = nn.Conv2d(8, 16, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.norm(self.stem(x)))
+        x = F.relu(self.body_norm(self.body(x)))
+        x = self.refine(self.shuffle(self.upsample(x)))
+        x = self.head(F.pixel_unshuffle(F.pixel_shuffle(x, 2), 2))
+        return self.fc(x.mean((2, 3)))
+
+
+class _GhostModule(nn.Module):
+    """GhostNet's module: a primary 1x1 conv, and a cheap depthwise conv of its output
+    concatenated to it (then sliced to ``oup`` channels)."""
+
+    def __init__(self, inp: int, oup: int, relu: bool = True) -> None:
+        super().__init__()
+        self.oup = oup
+        init = oup // 2
+        act: nn.Module = nn.ReLU() if relu else nn.Identity()
+        self.primary_conv = nn.Sequential(
+            nn.Conv2d(inp, init, 1, bias=False), nn.BatchNorm2d(init), act
+        )
+        self.cheap_operation = nn.Sequential(
+            nn.Conv2d(init, init, 3, 1, 1, groups=init, bias=False), nn.BatchNorm2d(init), act
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x1 = self.primary_conv(x)
+        out = torch.cat([x1, self.cheap_operation(x1)], dim=1)
+        return out[:, : self.oup, :, :]
+
+
+class GhostGRNNet(nn.Module):
+    """A GhostNet bottleneck (ghost module, ghost module, residual), then a ConvNeXt V2 block
+    on the channels-last map: Linear, GELU, global response norm (GRN), Linear."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = _conv_bn(3, 16)
+        self.ghost1 = _GhostModule(16, 32)
+        self.ghost2 = _GhostModule(32, 16, relu=False)
+        self.pwconv1 = nn.Linear(16, 48)
+        self.grn_gamma = nn.Parameter(torch.linspace(-0.5, 0.5, 48).view(1, 1, 1, 48))
+        self.grn_beta = nn.Parameter(torch.linspace(0.1, 0.2, 48).view(1, 1, 1, 48))
+        self.pwconv2 = nn.Linear(48, 16)
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.stem(x)
+        x = x + self.ghost2(self.ghost1(x))
+        y = F.gelu(self.pwconv1(x.permute(0, 2, 3, 1)))
+        gx = torch.norm(y, p=2, dim=(1, 2), keepdim=True)
+        nx = gx / (gx.mean(dim=-1, keepdim=True) + 1e-6)
+        y = self.grn_gamma * (y * nx) + self.grn_beta + y
+        x = x + self.pwconv2(y).permute(0, 3, 1, 2)
+        return self.fc(x.mean((2, 3)))
 
 
 def single_conv(num_classes: int = 10) -> nn.Module:
@@ -519,6 +770,14 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "functional_weight": FunctionalWeightNet,
     "shape_logic": ShapeLogicNet,
     "folded_patches": FoldedPatchesNet,
+    "gated_split": GatedSplitNet,
+    "c2f": C2fNet,
+    "shufflenet_v2_style": ShuffleNetV2Style,
+    "channel_shuffle": ChannelShuffleNet,
+    "layer_scale": LayerScaleNet,
+    "pixel_shuffle_group_norm": PixelShuffleGroupNormNet,
+    "ghost_grn": GhostGRNNet,
+    "conv1d": Conv1dNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

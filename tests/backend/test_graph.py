@@ -52,13 +52,25 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
     model = build(name)
     for layer in graph.layers:
         module = model.get_submodule(layer.name)
-        assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-        _group_of(graph, layer.name, "out")
+        if layer.weight:  # F.conv2d(x, self.weight, self.bias) in a plain module
+            assert model.get_parameter(layer.weight).shape[:2] == (
+                layer.out_channels,
+                layer.in_channels,
+            )
+        else:
+            assert isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
         sizes = sum(graph.group(s.group).size * s.multiplier for s in layer.in_segments)
         assert sizes == layer.in_channels
+        if layer.out_segments:  # an output cut into pieces: one group (or more) per piece
+            pieces = sum(graph.group(s.group).size * s.multiplier for s in layer.outputs)
+            assert pieces == layer.out_channels
+            continue
+        _group_of(graph, layer.name, "out")
         assert graph.group(layer.out_group).size == layer.out_channels
     for norm in graph.norms:
-        assert isinstance(model.get_submodule(norm.name), nn.modules.batchnorm._BatchNorm)
+        assert isinstance(
+            model.get_submodule(norm.name), (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
+        )
         assert norm.segments[0].group == norm.group
     names = [group.name for group in graph.groups]
     assert len(set(names)) == len(names)
@@ -67,6 +79,7 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
         p.numel() for layer in graph.layers for p in model.get_submodule(layer.name).parameters()
     )
     counted += sum(p.numel() for n in graph.norms for p in model.get_submodule(n.name).parameters())
+    counted += sum(model.get_parameter(s.name).numel() for s in graph.scales if s.parameter)
     assert counted + graph.other_params == sum(p.numel() for p in model.parameters())
 
 
@@ -225,11 +238,13 @@ def test_dag_has_shapes_on_every_edge() -> None:
     assert graph.dense_widths()["conv1"] == 16
 
 
-def test_channel_shuffle_fixes_the_mixed_group_with_the_node_name() -> None:
+def test_channel_shuffle_prunes_its_groups_in_whole_blocks() -> None:
     graph = ChannelGraph.trace(ChannelShuffleNet(), X)
-    mixed = graph.group("conv1.0")
-    assert not mixed.prunable
-    assert "view" in (mixed.reason or "") and "mixes channels" in (mixed.reason or "")
+    shuffled = graph.group("conv1.0[0:4]")  # the 4 runs of 4 channels keep the same channels
+    assert shuffled.prunable and shuffled.size == 4
+    assert [(s.group, s.multiplier) for s in graph.layer("conv2.0").in_segments] == [
+        ("conv1.0[0:4]", 4)
+    ]
     assert graph.group("conv2.0").prunable  # the conv after the shuffle may still shrink
 
 
@@ -334,7 +349,7 @@ class _Ops(nn.Module):
         ("channel_slice", False, "getitem"),
         ("spatial_slice", True, None),
         ("permute", True, None),  # to channels-last and back
-        ("chunk", True, "chunk"),
+        ("chunk", True, None),  # each half pruned alike, the convs cut in halves
         ("chunk_spatial", True, None),
     ],
 )

@@ -42,9 +42,10 @@ def reference_macs(graph: ChannelGraph, widths: dict[str, int]) -> int:
     for layer in graph.layers:
         if layer.depthwise:  # each kept input channel makes out_channels / groups outputs
             per_channel = math.prod(layer.kernel_size) * layer.out_channels // layer.groups
-            total += layer.total_positions * width[layer.out_group] * per_channel
+            features = sum(width[s.group] * s.multiplier for s in layer.in_segments)
+            total += layer.total_positions * features * per_channel
             continue
-        out_channels = width[layer.out_group]
+        out_channels = sum(width[s.group] * s.multiplier for s in layer.outputs)
         in_features = sum(width[s.group] * s.multiplier for s in layer.in_segments)
         groups = out_channels if layer.depthwise else layer.groups
         per_position = out_channels * math.prod(layer.kernel_size) * in_features
@@ -104,8 +105,15 @@ def test_pruned_zeroed_and_masked_models_agree(name: str) -> None:
         assert macs == reference_macs(graph, spec.widths)
         for layer in graph.layers:
             module = pruned.get_submodule(layer.name)
-            out_features = module.out_channels if layer.kind == "conv" else module.out_features
-            assert out_features == spec.widths.get(layer.out_group, layer.out_channels)
+            if layer.weight:  # a functional layer: its weight's rows
+                out_features = pruned.get_parameter(layer.weight).shape[0]
+            else:
+                out_features = module.out_channels if layer.kind == "conv" else module.out_features
+            widths = [
+                spec.widths.get(s.group, graph.group(s.group).size) * s.multiplier
+                for s in layer.outputs
+            ]
+            assert out_features == (widths[0] if layer.depthwise else sum(widths))
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), f"{key} of the dense model changed"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,9 @@ class GroupSummary:
         step: widths are kept at multiples of this (e.g. channels that feed a grouped conv).
         members: the layers whose channels are coupled in this group.
         reason: why the group is kept whole, when it is.
+        spans: the most consecutive channels of one layer that a channel of the group stands
+            for (a shuffle, pixel shuffle or GroupNorm prunes them in such blocks; a depthwise
+            conv's channel multiplier); 1 for plain channels.
     """
 
     name: str
@@ -33,6 +37,7 @@ class GroupSummary:
     step: int
     members: tuple[str, ...]
     reason: str | None = None
+    spans: int = 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +88,7 @@ class Inspection:
                     step=g.step,
                     members=tuple(sorted({m.module for m in g.members})),
                     reason=g.reason or None,
+                    spans=max((m.multiplier for m in g.members if m.role != "in"), default=1),
                 )
                 for g in graph.groups
             ),
@@ -120,6 +126,7 @@ class Inspection:
                     "step": g.step,
                     "members": list(g.members),
                     **({"reason": g.reason} if g.reason else {}),
+                    **({"spans": g.spans} if g.spans > 1 else {}),
                 }
                 for g in self.groups
             ],
@@ -138,6 +145,8 @@ class Inspection:
         width = max((len(g.name) for g in prunable), default=0)
         for group in prunable:
             step = f" (step {group.step})" if group.step > 1 else ""
+            if group.spans > 1:
+                step += f" (each up to {group.spans} of a layer's channels)"
             lines.append(
                 f"  {group.name:<{width}}  {group.size:>5}{step}  {', '.join(group.members)}"
             )
@@ -154,6 +163,17 @@ def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
     """The graph's kept-whole groups and layers, each with the share of the dense FLOPs it
     fixes where ops there are counted but not pruned (transposed convs, matmuls, ...)."""
     kept = dict(graph.unprunable)
+    touched: dict[str, int] = {}  # MACs of the layers that read or make each group
+    for layer in graph.layers:
+        macs = layer.total_positions * layer.out_channels * math.prod(layer.kernel_size)
+        macs *= layer.in_channels // layer.groups
+        for name in {layer.out_group, *(s.group for s in (*layer.outputs, *layer.in_segments))}:
+            touched[name] = touched.get(name, 0) + macs
+    for name, macs in touched.items():  # the model's own input and output go without saying
+        if kept.get(name, "model input") in ("model input", "model output"):
+            continue
+        if name not in graph.constant_flops and dense_flops:
+            kept[name] += f" ({100 * macs / dense_flops:.1f}% of FLOPs in the layers it touches)"
     for place, macs in graph.constant_flops.items():
         share = f"{100 * macs / dense_flops:.1f}% of FLOPs" if dense_flops else "no FLOPs"
         reason = kept.get(place, "reads channels kept whole; counted, not pruned")

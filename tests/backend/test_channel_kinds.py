@@ -1,0 +1,208 @@
+"""Channel kinds pruned through with the coupling each needs: splits of the channels (gated
+halves, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles and group norms."""
+
+from __future__ import annotations
+
+import torch
+
+import prunetune
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.measure import count_flops
+from tests.backend.architectures import build
+
+X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def _prunes_exactly(name: str, share: float = 0.5) -> prunetune.PruneResult:
+    model = build(name)
+    found = prunetune.inspect(model, X)
+    assert found.costs["flops"] == count_flops(model, X)
+    result = prunetune.prune(model, X, {"flops": f"{100 * share:g}%"})
+    assert result.flops == result.costs["flops"] == count_flops(result.model, X)
+    assert result.flops <= share * result.dense_flops
+    return result
+
+
+def test_halves_gated_against_each_other_keep_the_same_channels() -> None:
+    graph = ChannelGraph.trace(build("gated_split"), X)
+    gate = graph.layer("gate")
+    assert [s.group for s in gate.outputs] == ["gate[0:16]", "gate[0:16]"]
+    assert graph.group("gate[0:16]").prunable
+    assert {m.module for m in graph.group("gate[0:16]").members} == {"gate", "gate_bn", "mix.0"}
+    thirds = graph.group("mix.0[0:8]")  # split by a size computed from the tensor
+    assert thirds.prunable and {"left", "right"} <= {m.module for m in thirds.members}
+    assert "literal sizes [4, 8]" in graph.unprunable["literal"]
+    model = _prunes_exactly("gated_split", 0.4).model
+    assert model.gate.out_channels == 2 * model.mix[0].in_channels < 32
+    assert model.mix[0].out_channels == 3 * model.left.in_channels
+
+
+def test_a_c2f_block_prunes_its_split_halves_and_bottlenecks() -> None:
+    graph = ChannelGraph.trace(build("c2f"), X)
+    halves = graph.group("cv1.0[0:8]")
+    assert halves.prunable
+    assert {"cv1.0", "m.0.cv2.0", "m.1.cv2.0", "cv2.0"} <= {m.module for m in halves.members}
+    assert len(graph.layer("cv1.0").outputs) == 2
+    model = _prunes_exactly("c2f").model
+    assert model.cv2[0].in_channels == 2 * model.cv1[0].out_channels
+
+
+def test_shufflenet_v2_units_prune_through_their_channel_shuffles() -> None:
+    graph = ChannelGraph.trace(build("shufflenet_v2_style"), X)
+    shuffled = graph.group("stage.0.branch1.2.0[0:4]")
+    assert shuffled.prunable
+    producers = {m.module for m in shuffled.members if m.role == "out"}
+    assert producers == {f"stage.{i}.branch2.3.0" for i in range(3)} | {"stage.0.branch1.2.0"}
+    # each unit's shuffle doubles the block its branch output is pruned in
+    assert [s.multiplier for s in graph.layer("stage.2.branch2.3.0").outputs] == [4]
+    assert not graph.unprunable.keys() - {"input", "fc"}
+    summary = {g.name: g for g in prunetune.inspect(build("shufflenet_v2_style"), X).groups}
+    assert summary["stage.0.branch1.2.0[0:4]"].spans == 4  # stage.2's blocks of 4 channels
+    model = _prunes_exactly("shufflenet_v2_style", 0.4).model
+    assert model.head[0].in_channels < 32
+
+
+def test_a_channel_shuffle_module_prunes_like_the_view_transpose_form() -> None:
+    from tests.backend.architectures import _ShuffleUnit
+
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3), _ShuffleUnit(16, 32, 2, module=True), torch.nn.Conv2d(32, 8, 1)
+    ).eval()
+    graph = ChannelGraph.trace(model, X)
+    assert graph.group("1.branch1.2.0").prunable
+    assert [s.multiplier for s in graph.layer("2").in_segments] == [2]
+    result = prunetune.prune(model, X, "flops<=50%")
+    assert result.flops == result.costs["flops"] == count_flops(result.model, X)
+
+
+def test_a_shuffle_of_runs_no_layer_can_cut_is_kept_whole_with_the_reason() -> None:
+    class _InputShuffle(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+            self.shuffle = torch.nn.ChannelShuffle(3)  # runs of 2: one cuts the image's 3
+            self.head = torch.nn.Conv2d(6, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.shuffle(torch.cat([x, self.conv(x)], 1)))
+
+    graph = ChannelGraph.trace(_InputShuffle().eval(), X)
+    assert "no layer's output can be cut" in graph.unprunable["conv"]
+    found = prunetune.inspect(_InputShuffle().eval(), X)
+    assert "% of FLOPs" in found.kept_whole["conv"]
+
+
+def test_layer_scales_and_prelu_slopes_are_pruned_with_their_channels() -> None:
+    graph = ChannelGraph.trace(build("layer_scale"), X)
+    scales = {scale.name: scale for scale in graph.scales}
+    assert {name: s.dim for name, s in scales.items()} == {
+        "act.weight": 0, "gamma": 0, "scale": 0, "last_scale": 0, "shift": 0,
+    }  # fmt: skip
+    assert [s.group for s in scales["gamma"].segments] == ["stem.0"]
+    assert not scales["shift"].parameter
+    assert not graph.unprunable.keys() - {"input", "fc"}
+    model = _prunes_exactly("layer_scale").model
+    width = model.stem[0].out_channels
+    assert width < 16 and model.gamma.shape == (width, 1, 1)
+    assert model.act.weight.shape == (model.expand.out_channels,) == (model.act.num_parameters,)
+    assert model.shift.shape == model.last_scale.shape == (model.pointwise.out_features,)
+
+
+def test_a_per_channel_parameter_viewed_at_a_literal_width_is_kept_whole() -> None:
+    class _Literal(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.gamma = torch.nn.Parameter(torch.ones(8))
+            self.head = torch.nn.Conv2d(8, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.conv(x) * self.gamma.view(1, 8, 1, 1))
+
+    graph = ChannelGraph.trace(_Literal().eval(), X)
+    assert not graph.scales and not graph.group("conv").prunable
+
+
+def test_pixel_shuffles_and_group_norms_prune_in_whole_blocks() -> None:
+    graph = ChannelGraph.trace(build("pixel_shuffle_group_norm"), X)
+    # GroupNorm(4, 16) keeps whole groups of 4 channels; GroupNorm(2, 16) groups of 8
+    assert [(s.group, s.multiplier) for s in graph.layer("stem").outputs] == [("stem", 4)]
+    assert [(s.group, s.multiplier) for s in graph.layer("body").outputs] == [("body", 8)]
+    # PixelShuffle(2) makes each output channel from 4 of the conv's channels
+    assert graph.layer("upsample").outputs[0].multiplier == 4
+    assert [(s.group, s.multiplier) for s in graph.layer("refine").in_segments] == [("upsample", 1)]
+    assert not graph.unprunable.keys() - {"input", "fc"}
+    model = _prunes_exactly("pixel_shuffle_group_norm", 0.4).model
+    assert model.norm.num_channels == 4 * model.norm.num_groups == model.stem.out_channels
+    assert model.body_norm.num_channels == 8 * model.body_norm.num_groups
+    assert model.upsample.out_channels == 4 * model.refine.in_channels
+
+
+def test_a_group_norm_of_one_group_is_kept_whole_with_the_reason() -> None:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(1, 8), torch.nn.Conv2d(8, 4, 3)
+    ).eval()
+    found = prunetune.inspect(model, X)
+    assert "one group normalises across all its channels" in found.kept_whole["1"]
+
+
+def test_ghost_modules_prune_their_primary_and_cheap_halves_together() -> None:
+    graph = ChannelGraph.trace(build("ghost_grn"), X)
+    ghost = graph.group("ghost1.primary_conv.0")  # ghost1's primary conv and its cheap copy
+    assert ghost.prunable
+    assert {"ghost1.cheap_operation.0", "ghost2.primary_conv.0"} <= {
+        m.module for m in ghost.members
+    }
+    assert graph.layer("ghost1.cheap_operation.0").depthwise
+    # ghost2's output (primary, cheap) is added to the stem's: the stem is cut in two halves
+    residual = graph.group("stem.0[0:8]")
+    assert residual.prunable and {"ghost2.cheap_operation.0", "pwconv1"} <= {
+        m.module for m in residual.members
+    }
+    model = _prunes_exactly("ghost_grn").model
+    assert model.ghost1.cheap_operation[0].in_channels == model.ghost1.primary_conv[0].out_channels
+
+
+def test_a_global_response_norm_is_kept_whole_with_the_reason_and_its_share() -> None:
+    found = prunetune.inspect(build("ghost_grn"), X)
+    reason = found.kept_whole["pwconv1"]
+    assert "a statistic across the channels" in reason and "global response norm" in reason
+    assert "% of FLOPs" in reason
+    assert {s.name for s in found.graph.scales} >= {"grn_gamma", "grn_beta"}
+
+
+def test_functional_layers_on_a_modules_own_weight_prune_like_the_builtins() -> None:
+    graph = ChannelGraph.trace(build("functional_weight"), X)
+    block, hidden = graph.layer("block"), graph.layer("hidden")
+    assert (block.kind, block.weight, block.bias_parameter) == (
+        "conv",
+        "block.weight",
+        "block.bias",
+    )
+    assert (hidden.kind, hidden.weight, hidden.bias_parameter) == ("linear", "hidden.weight", "")
+    assert {"stem.0", "conv.0", "hidden"} <= {g.name for g in graph.prunable_groups}
+    assert "block" not in graph.constant_flops  # costed as a layer, not as a constant
+    reason = graph.unprunable["block"]  # read by F.conv2d(x, self.kernel): a root parameter
+    assert "not ungrouped on a submodule's own `weight`" in reason
+    model = _prunes_exactly("functional_weight").model
+    assert model.block.weight.shape[1] == model.stem[0].out_channels < 16
+    assert model.block.bias.shape[0] == model.block.weight.shape[0]
+    assert model.hidden.weight.shape[0] == model.fc.in_features < 32
+
+
+def test_attention_projections_are_kept_whole_with_the_reason() -> None:
+    class _Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = torch.nn.Conv2d(3, 16, 8, stride=8)
+            self.attention = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.fc = torch.nn.Linear(16, 10)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            out, _ = self.attention(tokens, tokens, tokens, need_weights=False)
+            return self.fc(out.mean(1))
+
+    found = prunetune.inspect(_Attention().eval(), X)
+    assert "attention projections are kept whole" in found.kept_whole["attention"]
+    assert "pruning whole heads is not supported" in found.kept_whole["attention"]
