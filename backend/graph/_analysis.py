@@ -110,8 +110,10 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, Func
             return self._pixel_shuffle(node, module.upscale_factor, f"module '{name}'")
         if kind is nn.PixelUnshuffle:
             return self._pixel_unshuffle(node, module.downscale_factor, f"module '{name}'")
-        if kind is nn.GroupNorm:
-            return self._group_norm(node, module)
+        if isinstance(module, nn.GroupNorm) and (
+            kind is nn.GroupNorm or rules.is_layer_subclass(module)
+        ):
+            return self._group_norm(node, cast(nn.GroupNorm, module))
         if kind is nn.ChannelShuffle:
             return self._channel_shuffle(node, int(module.groups), f"module '{name}'")
         if kind is nn.Flatten:
@@ -556,8 +558,12 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, Func
         pruned in whole groups (channels per group kept; surgery lowers ``num_groups``)."""
         name = str(node.target)
         per_group = module.num_channels // module.num_groups
-        channels = self.channels(node.args[0] if node.args else None)
-        if module.num_groups == 1:
+        source = node.args[0] if node.args else None
+        channels = self.channels(source)
+        in_shape = node_shape(source) if isinstance(source, fx.Node) else None
+        if in_shape != node_shape(node) or int(node.meta.get("flops", 0)) != 0:
+            reason = f"{type(module).__name__} computes more than a GroupNorm"  # a subclass
+        elif module.num_groups == 1:
             reason = "GroupNorm with one group normalises across all its channels"
         elif channels is not None and self._in_blocks(channels, per_group):
             return self._norm(node, module)

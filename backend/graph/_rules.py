@@ -61,15 +61,17 @@ LAYER_TYPES = (*CONV_TYPES, *TRANSPOSED_CONV_TYPES, *LINEAR_TYPES, *NORM_TYPES)
 
 
 def is_layer_subclass(module: nn.Module) -> bool:
-    """Whether ``module`` is a user subclass of a conv, linear or BatchNorm layer that can be
-    pruned like the built-in one: it holds no parameters but ``weight`` and ``bias`` and no
+    """Whether ``module`` is a user subclass of a conv, linear, BatchNorm or GroupNorm layer that
+    can be pruned like the built-in one: it holds no parameters but ``weight`` and ``bias`` and no
     submodule with parameters (an activation or padding it applies is fine).
 
-    Such layers (a BatchNorm that applies its activation, a conv that pads itself "same") are
+    Such layers (a BatchNorm or GroupNorm that applies its activation, as timm's
+    ``BatchNormAct2d`` and ``GroupNormAct``, a conv that pads itself "same") are
     kept as single calls when tracing; whether the call computes what the layer's weight says
     is checked on its FLOPs and shapes.
     """
-    if type(module) in LAYER_TYPES or not isinstance(module, LAYER_TYPES):
+    kinds = (*LAYER_TYPES, nn.GroupNorm)
+    if type(module) in kinds or not isinstance(module, kinds):
         return False
     return {name for name, _ in module.named_parameters()} <= {"weight", "bias"}
 

@@ -750,6 +750,48 @@ class FoldedPatchesNet(nn.Module):
         return self.head(x.reshape(b, c, h, w)).mean((2, 3))
 
 
+class StdConv2d(nn.Conv2d):
+    """A Conv2d subclass that standardises its weight per output channel (BiT, timm's
+    ``StdConv2d``)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        flat = self.weight.reshape(1, self.out_channels, -1)
+        weight = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6)
+        return F.conv2d(
+            x, weight.reshape_as(self.weight), self.bias, self.stride, self.padding,
+            self.dilation, self.groups,
+        )  # fmt: skip
+
+
+class GroupNormAct(nn.GroupNorm):
+    """A GroupNorm subclass that applies its activation (timm's ``GroupNormAct``)."""
+
+    def __init__(self, groups: int, channels: int) -> None:
+        super().__init__(groups, channels)
+        self.act = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
+
+
+class BiTStyleNet(nn.Module):
+    """Weight-standardised convs and GroupNorm-with-activation subclasses, as in BiT
+    (ResNetV2): whole networks of such layers must prune like plain ones."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = StdConv2d(3, 32, 3, padding=1)
+        self.norm1 = GroupNormAct(8, 32)
+        self.conv = StdConv2d(32, 32, 3, padding=1)
+        self.norm2 = GroupNormAct(8, 32)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm1(self.stem(x))
+        x = x + self.norm2(self.conv(x))
+        return self.head(x.mean((2, 3)))
+
+
 ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "resnext_block": ResNeXtBlockNet,
     "densenet_style": DenseNetStyle,
@@ -770,6 +812,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "functional_weight": FunctionalWeightNet,
     "shape_logic": ShapeLogicNet,
     "folded_patches": FoldedPatchesNet,
+    "bit_style": BiTStyleNet,
     "gated_split": GatedSplitNet,
     "c2f": C2fNet,
     "shufflenet_v2_style": ShuffleNetV2Style,

@@ -81,6 +81,11 @@ def random_spec(graph: ChannelGraph, name: str, rng: random.Random) -> SubnetSpe
     return SubnetSpec.from_widths(graph, ModelRef(name), widths, importance)
 
 
+RESTANDARDISED = {"bit_style"}
+"""Convs that standardise their weight over its input channels (BiT's StdConv2d) standardise
+again over the kept ones, so the pruned model is not the zeroed one; masks and zeros agree."""
+
+
 @pytest.mark.parametrize(
     "name",
     [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS else n for n in ALL_MODELS],
@@ -100,7 +105,8 @@ def test_pruned_zeroed_and_masked_models_agree(name: str) -> None:
         output, macs = run_counting_macs(pruned, X)
         with torch.no_grad():
             expected = zeroed(X)
-            torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+            if name not in RESTANDARDISED:
+                torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(masker(X), expected, atol=1e-5, rtol=1e-5)
         assert macs == reference_macs(graph, spec.widths)
         for layer in graph.layers:
