@@ -21,6 +21,8 @@ from prunetune.backend.graph import (
     LayerInfo,
     NormInfo,
     ScaleInfo,
+    is_per_output,
+    per_output_channels,
 )
 from prunetune.backend.spec import SubnetSpec
 
@@ -93,7 +95,17 @@ def _prune_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Te
     conv.weight = _parameter(new_weight, conv.weight)
     if conv.bias is not None:
         conv.bias = _parameter(conv.bias.detach()[kept_out], conv.bias)
+    _prune_per_output(conv, kept_out)
     conv.in_channels, conv.out_channels, conv.groups = in_channels, len(kept_out), groups
+
+
+def _prune_per_output(layer: nn.Module, kept_out: Tensor) -> None:
+    """Keep the kept outputs' entries of a subclass's own per-output-channel parameters (the
+    gain of a scaled weight-standardised conv); called before the layer's sizes change."""
+    outputs = per_output_channels(layer)
+    for name, parameter in list(layer.named_parameters(recurse=False)):
+        if name not in ("weight", "bias") and is_per_output(parameter, outputs):
+            setattr(layer, name, _parameter(parameter.detach()[kept_out], parameter))
 
 
 def _prune_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> None:
@@ -103,6 +115,7 @@ def _prune_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> None:
     linear.weight = _parameter(linear.weight.detach()[kept_out][:, kept_in], linear.weight)
     if linear.bias is not None:
         linear.bias = _parameter(linear.bias.detach()[kept_out], linear.bias)
+    _prune_per_output(linear, kept_out)
     linear.in_features, linear.out_features = len(kept_in), len(kept_out)
 
 

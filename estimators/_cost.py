@@ -382,7 +382,11 @@ class ParamsModel(_QuadraticCost):
             ValueError: the graph's groups are inconsistent (duplicate names, unknown groups).
         """
         view, terms = _layer_terms(
-            graph, lambda layer: (math.prod(layer.kernel_size), int(layer.bias))
+            graph,
+            lambda layer: (
+                math.prod(layer.kernel_size),
+                int(layer.bias) + layer.per_output,
+            ),
         )
         index = view.index
         for norm in graph.norms:

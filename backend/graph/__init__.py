@@ -9,6 +9,7 @@ from prunetune.backend.graph._records import (
     NormInfo,
     ScaleInfo,
 )
+from prunetune.backend.graph._rules import is_per_output, per_output_channels
 from prunetune.backend.graph._trace import eval_mode
 
 __all__ = [
@@ -21,4 +22,6 @@ __all__ = [
     "NormInfo",
     "ScaleInfo",
     "eval_mode",
+    "is_per_output",
+    "per_output_channels",
 ]

@@ -18,6 +18,7 @@ from prunetune.backend.graph._records import (
     NormInfo,
     ScaleInfo,
 )
+from prunetune.backend.graph._rules import is_per_output, per_output_channels
 from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
 
@@ -407,6 +408,7 @@ def _layer_info(
             out_segments=pieces,
             weight=record.weight,
             bias_parameter=record.bias,
+            per_output=_per_output_params(module),
         )
     conv = cast(nn.Conv1d | nn.Conv2d | nn.Conv3d, module)
     padding = conv.padding
@@ -437,4 +439,16 @@ def _layer_info(
         out_segments=pieces,
         weight=record.weight,
         bias_parameter=record.bias,
+        per_output=_per_output_params(module),
+    )
+
+
+def _per_output_params(module: nn.Module) -> int:
+    """Parameters per output channel besides the bias: a subclass's gain (see
+    :func:`~prunetune.backend.graph._rules.is_per_output`)."""
+    outputs = per_output_channels(module)
+    return sum(
+        1
+        for name, parameter in module.named_parameters(recurse=False)
+        if name not in ("weight", "bias") and is_per_output(parameter, outputs)
     )

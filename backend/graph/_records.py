@@ -99,6 +99,8 @@ class LayerInfo:
         out_segments: the groups along the layer's output channels, in order, when its output
             is cut into pieces (a ``chunk`` or ``split`` of its output along the channels, each
             piece pruned on its own); empty when the output is one group, ``out_group``.
+        per_output: parameters per output channel besides the bias, held by a layer subclass
+            (the gain of a scaled weight-standardised conv); pruned with the outputs.
     """
 
     name: str
@@ -122,6 +124,7 @@ class LayerInfo:
     out_segments: tuple[ChannelSegment, ...] = ()
     weight: str = ""
     bias_parameter: str = ""
+    per_output: int = 0
 
     @property
     def outputs(self) -> tuple[ChannelSegment, ...]:

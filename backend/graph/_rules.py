@@ -32,8 +32,10 @@ __all__ = [
     "argument",
     "index_keeps_channels",
     "is_layer_subclass",
+    "is_per_output",
     "normalise_dims",
     "op_name",
+    "per_output_channels",
     "reshape_channels",
     "unlike_its_layer",
 ]
@@ -73,7 +75,27 @@ def is_layer_subclass(module: nn.Module) -> bool:
     kinds = (*LAYER_TYPES, nn.GroupNorm)
     if type(module) in kinds or not isinstance(module, kinds):
         return False
-    return {name for name, _ in module.named_parameters()} <= {"weight", "bias"}
+    outputs = per_output_channels(module)
+    return all(
+        name in ("weight", "bias") or (outputs and is_per_output(parameter, outputs))
+        for name, parameter in module.named_parameters()
+    )
+
+
+def per_output_channels(module: nn.Module) -> int:
+    """Output channels of a conv or linear (sub)class, 0 for other modules."""
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return int(module.out_channels)
+    if isinstance(module, nn.Linear):
+        return int(module.out_features)
+    return 0
+
+
+def is_per_output(parameter: Any, outputs: int) -> bool:
+    """Whether ``parameter`` holds one value per output channel (shape ``[out, 1, ...]``), as the
+    gain of timm's ``ScaledStdConv2d``: it is then pruned with the output channels."""
+    shape = tuple(parameter.shape)
+    return bool(shape) and shape[0] == outputs and all(d == 1 for d in shape[1:])
 
 
 def unlike_its_layer(module: nn.Module, out_shape: tuple[int, ...], counted: int) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -751,12 +752,17 @@ class FoldedPatchesNet(nn.Module):
 
 
 class StdConv2d(nn.Conv2d):
-    """A Conv2d subclass that standardises its weight per output channel (BiT, timm's
-    ``StdConv2d``)."""
+    """A Conv2d subclass that standardises its weight per output channel and scales it by a
+    learned gain of one value per output channel (timm's ``ScaledStdConv2d``, NFNets)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, self.out_channels).view(-1, 1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         flat = self.weight.reshape(1, self.out_channels, -1)
-        weight = F.batch_norm(flat, None, None, training=True, momentum=0.0, eps=1e-6)
+        gain = self.gain.view(-1)
+        weight = F.batch_norm(flat, None, None, gain, training=True, momentum=0.0, eps=1e-6)
         return F.conv2d(
             x, weight.reshape_as(self.weight), self.bias, self.stride, self.padding,
             self.dilation, self.groups,
