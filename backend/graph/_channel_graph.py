@@ -153,6 +153,9 @@ class ChannelGraph:
         scales = tuple(
             ScaleInfo(name, segments(channels), dim, _is_param(model, name))
             for name, (channels, dim) in analysis.scales.items()
+            # channels no layer or norm makes (attention outputs, say) form no group: such a
+            # scale is never pruned, and its parameters count as the model's other parameters
+            if all(s.slot in slot_names for s in channels)
         )
         unprunable = {group.name: group.reason or "" for group in groups if not group.prunable}
         for name, reason in analysis.unknown_modules.items():
@@ -169,6 +172,8 @@ class ChannelGraph:
                 and str(users[0].target) in analysis.norms
             ):
                 continue  # the norm right after it is the mask point, so BN's shift is masked too
+            if not all(s.slot in slot_names for s in channels):
+                continue  # a scale on channels that form no group (attention heads' logits)
             last = isinstance(analysis.values.get(node), Last)
             point = MaskPoint(node.name, segments(channels), last)
             if any(by_name[seg.group].prunable for seg in point.segments):
