@@ -8,7 +8,10 @@ An export directory holds:
   a ``checksum`` of its own content;
 - ``weights.pt``: the pruned model's state_dict;
 - ``model.pt2``: the ``torch.export`` program (batch dimension dynamic);
-- ``model.onnx``: the ONNX graph (batch dimension dynamic).
+- ``model.onnx``: the ONNX graph (batch dimension dynamic), written by torch's TorchScript
+  exporter or, where that fails on an op, by its dynamo exporter. When neither can write the
+  model, the other files are still written and ``subnet.json`` says under ``missing_formats``
+  that ONNX is missing and why.
 
 Export runs the model, the exported program and onnxruntime on the same input and refuses to
 leave a directory behind when they disagree by more than the tolerance or compute anything
@@ -20,7 +23,9 @@ in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import warnings
@@ -235,6 +240,10 @@ def export_subnet(
     Returns:
         The export directory.
 
+    An ONNX graph that neither exporter can write (nor onnxruntime run) does not stop the
+    export: the other formats are written, ``subnet.json`` records the reason under
+    ``missing_formats`` and ``progress`` (or, without it, a ``UserWarning``) says so.
+
     Raises:
         ExportParityError: an exported format disagrees with the model beyond ``tolerance``,
             or the model computes non-finite outputs.
@@ -303,16 +312,26 @@ def export_subnet(
         if "onnx" in formats:
             _check_onnx_exportable(model)
             try:
-                error = _export_onnx(model, example, check_input, expected, staging / "model.onnx")
-            except Exception as exc:  # the ONNX exporter raises many types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise ExportParityError(f"ONNX export failed on the subnet: {first}") from exc
-            record["parity"]["onnx"] = error
-            if not error <= tolerance:
-                raise ExportParityError(
-                    f"ONNX graph differs from the model by {error:.2e} (> {tolerance})"
-                )
-            say(f"wrote model.onnx (parity {error:.1e})")
+                exporter = _write_onnx(model, example, staging / "model.onnx")
+                error = _onnx_error(staging / "model.onnx", check_input, expected, exporter)
+            except _OnnxUnavailable as exc:
+                # one op ONNX cannot express must not cost the user the other formats
+                record["missing_formats"] = {"onnx": str(exc)}
+                message = f"model.onnx not written: {exc}; the other formats are complete"
+                say(message)
+                if progress is None:
+                    warnings.warn(message, stacklevel=2)
+                (staging / "model.onnx").unlink(missing_ok=True)
+            else:
+                record["parity"]["onnx"] = error
+                record["onnx_exporter"] = exporter
+                if not error <= tolerance:
+                    raise ExportParityError(
+                        f"ONNX graph ({exporter} exporter) differs from the model by "
+                        f"{error:.2e} (> {tolerance})"
+                    )
+                via = "" if exporter == "torchscript" else f", {exporter} exporter"
+                say(f"wrote model.onnx (parity {error:.1e}{via})")
         for name in _FILES:
             if (staging / name).exists():
                 record["files"][name] = _sha256(staging / name)
@@ -364,31 +383,91 @@ def _check_onnx_exportable(model: nn.Module) -> None:
             )
 
 
-def _export_onnx(
-    model: nn.Module,
-    example: Tensor,
-    check_input: Tensor,
-    expected: list[tuple[str, Tensor]],
-    path: Path,
-) -> float:
-    """Write the ONNX graph (one named output per output tensor), reload it in onnxruntime and
-    return its largest error over every output."""
-    import onnxruntime
+class _OnnxUnavailable(Exception):
+    """Neither ONNX exporter can write the model; the message says why, per exporter."""
 
-    names = ["output" if name == "output" else f"output.{name}" for name, _ in expected]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["input"],
-            output_names=names,
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def _onnx_names(output_names: list[str]) -> list[str]:
+    """ONNX output names for the model's output tensors named by :func:`output_tensors`."""
+    return ["output" if name == "output" else f"output.{name}" for name in output_names]
+
+
+def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
+    """Write the ONNX graph of ``model`` (one named output per output tensor, batch dynamic).
+
+    The TorchScript exporter is tried first (fast, and what earlier exports used); where it
+    fails on an op (adaptive pooling to a size that does not divide the input, among others),
+    torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which needs
+    ``onnxscript``) is tried on the same program ``torch.export`` takes.
+
+    Returns:
+        The exporter that wrote the file: ``torchscript`` or ``dynamo``.
+
+    Raises:
+        _OnnxUnavailable: both failed (or the dynamo exporter is not installed); the message
+            gives each exporter's first line.
+    """
+    with torch.no_grad():
+        names = _onnx_names([name for name, _ in output_tensors(model(example))])
+
+    def export(**exporter: Any) -> None:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, (example,), str(path), input_names=["input"], output_names=names, **exporter
+            )
+
+    try:
+        export(
             dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
             dynamo=False,
         )
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"input": check_input.numpy()})
+        return "torchscript"
+    except Exception as exc:  # the TorchScript exporter raises many types
+        torchscript = _first_line(exc)
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+    except ImportError as exc:
+        raise _OnnxUnavailable(
+            f"the TorchScript exporter failed ({torchscript}) and torch's dynamo exporter "
+            "needs onnxscript, which is not installed (pip install onnxscript)"
+        ) from exc
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        export(dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    except Exception as exc:  # the dynamo exporter raises many types
+        path.unlink(missing_ok=True)
+        raise _OnnxUnavailable(
+            f"the TorchScript exporter failed ({torchscript}) and so did the dynamo exporter "
+            f"({_first_line(exc)})"
+        ) from exc
+    return "dynamo"
+
+
+def _onnx_error(
+    path: Path, check_input: Tensor, expected: list[tuple[str, Tensor]], exporter: str
+) -> float:
+    """Reload the ONNX graph in onnxruntime and return its largest error over every output.
+
+    Raises:
+        _OnnxUnavailable: onnxruntime cannot load or run the graph.
+        ExportParityError: the graph returns other outputs than the model.
+    """
+    import onnxruntime
+
+    names = _onnx_names([name for name, _ in expected])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs = session.run(None, {"input": check_input.numpy()})
+    except Exception as exc:  # onnxruntime raises its own types
+        raise _OnnxUnavailable(
+            f"onnxruntime cannot run the graph the {exporter} exporter wrote ({_first_line(exc)})"
+        ) from exc
     got = [(name, torch.from_numpy(value)) for name, value in zip(names, outputs, strict=False)]
     return _output_error(expected, got, "the ONNX graph")
 

@@ -93,3 +93,17 @@ class TinySegNet(nn.Module):
         """Per-pixel class scores, and auxiliary ones from the stem."""
         stem = self.stem(x)
         return {"out": self.head(self.body(stem)), "aux": self.aux(stem)}
+
+
+class OddPoolNet(nn.Module):
+    """Adaptive pooling to 3 x 3 of a 10 x 10 map (for a 1 x 3 x 12 x 12 input): 3 does not
+    divide 10, which torch's TorchScript ONNX exporter refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.head = nn.Linear(8 * 9, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
