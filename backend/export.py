@@ -266,10 +266,10 @@ def export_subnet(
     generator = torch.Generator().manual_seed(0)
     # batch 1 would be specialised to a constant by torch.export; 2 keeps the batch dynamic,
     # and the parity check runs at another batch size to prove it
-    example = torch.randn((2, *spec.input_shape[1:]), generator=generator)
-    check_input = torch.randn((3, *spec.input_shape[1:]), generator=generator)
+    example = tuple(torch.randn((2, *s[1:]), generator=generator) for s in spec.input_shapes)
+    check_input = tuple(torch.randn((3, *s[1:]), generator=generator) for s in spec.input_shapes)
     with torch.no_grad():
-        expected = output_tensors(model(check_input))
+        expected = output_tensors(model(*check_input))
     if not all(bool(torch.isfinite(tensor).all()) for _, tensor in expected):
         raise ExportParityError(
             "the model computes non-finite outputs (NaN or inf) on a random input: its weights "
@@ -280,7 +280,7 @@ def export_subnet(
         "spec": spec.to_dict(),
         "metrics": {
             **(metrics or {}),
-            "flops": count_flops(model, example[:1]),
+            "flops": count_flops(model, tuple(x[:1] for x in example)),
             "params": count_params(model),
         },
         "parity": {},
@@ -298,10 +298,10 @@ def export_subnet(
                 raise ExportParityError(f"torch.export failed on the subnet: {first}") from exc
             torch.export.save(program, staging / "model.pt2")
             with torch.no_grad():
-                output = output_tensors(program.module()(check_input))
+                output = output_tensors(program.module()(*check_input))
                 error = _output_error(expected, output, "the torch.export program")
                 reloaded = torch.export.load(str(staging / "model.pt2")).module()
-                output = output_tensors(reloaded(check_input))
+                output = output_tensors(reloaded(*check_input))
                 error = max(error, _output_error(expected, output, "model.pt2 reloaded"))
             record["parity"]["pt2"] = error
             if not error <= tolerance:
@@ -359,13 +359,18 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(view))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(view))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model((x - self.mean) / self.std)  # type: ignore[no-any-return]
+    def forward(self, x: Tensor, *others: Tensor) -> Any:
+        return self.model((x - self.mean) / self.std, *others)
 
 
-def _export_program(model: nn.Module, example: Tensor) -> Any:
+def _export_program(model: nn.Module, example: tuple[Tensor, ...]) -> Any:
     batch = torch.export.Dim("batch", min=1, max=65536)
-    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    return torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example))
+
+
+def _onnx_input_names(count: int) -> list[str]:
+    """``input`` for a model of one input; ``input``, ``input.1``, ... for several."""
+    return ["input", *(f"input.{index}" for index in range(1, count))]
 
 
 def _check_onnx_exportable(model: nn.Module) -> None:
@@ -397,7 +402,7 @@ def _onnx_names(output_names: list[str]) -> list[str]:
     return ["output" if name == "output" else f"output.{name}" for name in output_names]
 
 
-def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
+def _write_onnx(model: nn.Module, example: tuple[Tensor, ...], path: Path) -> str:
     """Write the ONNX graph of ``model`` (one named output per output tensor, batch dynamic).
 
     The TorchScript exporter is tried first (fast, and what earlier exports used); where it
@@ -413,18 +418,19 @@ def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
             gives each exporter's first line.
     """
     with torch.no_grad():
-        names = _onnx_names([name for name, _ in output_tensors(model(example))])
+        names = _onnx_names([name for name, _ in output_tensors(model(*example))])
+    inputs = _onnx_input_names(len(example))
 
     def export(**exporter: Any) -> None:
         with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             torch.onnx.export(
-                model, (example,), str(path), input_names=["input"], output_names=names, **exporter
+                model, example, str(path), input_names=inputs, output_names=names, **exporter
             )
 
     try:
         export(
-            dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
+            dynamic_axes={name: {0: "batch"} for name in (*inputs, *names)},
             dynamo=False,
         )
         return "torchscript"
@@ -439,7 +445,7 @@ def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
         ) from exc
     batch = torch.export.Dim("batch", min=1, max=65536)
     try:
-        export(dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+        export(dynamic_shapes=tuple({0: batch} for _ in example), dynamo=True, verbose=False)
     except Exception as exc:  # the dynamo exporter raises many types
         path.unlink(missing_ok=True)
         raise _OnnxUnavailable(
@@ -450,7 +456,7 @@ def _write_onnx(model: nn.Module, example: Tensor, path: Path) -> str:
 
 
 def _onnx_error(
-    path: Path, check_input: Tensor, expected: list[tuple[str, Tensor]], exporter: str
+    path: Path, check_input: tuple[Tensor, ...], expected: list[tuple[str, Tensor]], exporter: str
 ) -> float:
     """Reload the ONNX graph in onnxruntime and return its largest error over every output.
 
@@ -463,7 +469,8 @@ def _onnx_error(
     names = _onnx_names([name for name, _ in expected])
     try:
         session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        outputs = session.run(None, {"input": check_input.numpy()})
+        feed = dict(zip(_onnx_input_names(len(check_input)), check_input, strict=True))
+        outputs = session.run(None, {name: x.numpy() for name, x in feed.items()})
     except Exception as exc:  # onnxruntime raises its own types
         raise _OnnxUnavailable(
             f"onnxruntime cannot run the graph the {exporter} exporter wrote ({_first_line(exc)})"
@@ -580,7 +587,7 @@ def load_export(
     if dense is None:
         program = _load_program(root, spec)
         return LoadedModel(program, spec.model, spec.input_shape, spec, metrics, preprocessing)
-    graph = ChannelGraph.trace(dense, torch.zeros(spec.input_shape))
+    graph = ChannelGraph.trace(dense, tuple(torch.zeros(s) for s in spec.input_shapes))
     spec.validate(graph)
     pruned = prune_model(dense, graph, spec)
     weights = root / "weights.pt"

@@ -107,3 +107,21 @@ class OddPoolNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class TwoInputNet(nn.Module):
+    """An image and a vector of 10 side features (``forward(image, features)``), fused before
+    the head: a model that needs two example inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.side = nn.Linear(10, 24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, image: Tensor, features: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(image)))
+        x = F.relu(self.conv2(x)).mean((2, 3))
+        return self.head(x + self.side(features))

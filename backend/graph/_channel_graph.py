@@ -12,7 +12,12 @@ from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
 from prunetune.backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
 from prunetune.backend.graph._state import Last, LayerRecord
-from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
+from prunetune.backend.graph._trace import (
+    build_dag,
+    example_inputs,
+    propagate_shapes,
+    trace_module,
+)
 
 __all__ = ["ChannelGraph", "MaskPoint"]
 
@@ -60,6 +65,7 @@ class ChannelGraph:
         leaf_modules: tuple[type[nn.Module], ...],
         mask_points: tuple[MaskPoint, ...],
         constant_flops: dict[str, int] | None = None,
+        extra_input_shapes: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -73,12 +79,13 @@ class ChannelGraph:
         self._leaf_modules = leaf_modules
         self._mask_points = mask_points
         self._constant_flops = dict(constant_flops or {})
+        self._extra_input_shapes = tuple(extra_input_shapes)
 
     @classmethod
     def trace(
         cls,
         model: nn.Module,
-        example_input: Tensor,
+        example_input: Tensor | tuple[Tensor, ...],
         *,
         leaf_modules: Sequence[type[nn.Module]] = (),
     ) -> ChannelGraph:
@@ -92,7 +99,10 @@ class ChannelGraph:
 
         Args:
             model: the dense model.
-            example_input: one input batch, e.g. ``torch.randn(1, 3, 32, 32)``.
+            example_input: one input batch, e.g. ``torch.randn(1, 3, 32, 32)``; for a model
+                whose ``forward`` takes several tensors, a tuple of them (one per positional
+                argument, each ``[N, ...]`` with the same ``N``). Channels of the second and
+                later inputs are kept whole.
             leaf_modules: extra module types to keep as single calls instead of tracing through
                 them (their channels are kept whole).
 
@@ -107,17 +117,9 @@ class ChannelGraph:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(example_input, Tensor):
-            raise TypeError(
-                f"example_input must be a torch.Tensor, got {type(example_input).__name__}"
-            )
-        if example_input.ndim < 2:
-            raise ValueError(
-                "example_input must have a batch and a channel dim, e.g. shape (1, 3, 32, 32); "
-                f"got shape {tuple(example_input.shape)}"
-            )
+        inputs = example_inputs(example_input)
         module = trace_module(model, leaf_modules)
-        propagate_shapes(module, model, example_input)
+        propagate_shapes(module, model, inputs)
         analysis = ChannelAnalysis(module)
         analysis.run()
         groups, slot_names = analysis.slots.build()
@@ -170,12 +172,13 @@ class ChannelGraph:
         }
         return cls(
             dag=build_dag(module, channel_names),
-            constant_flops=_constant_flops(module, analysis.layers, example_input.shape[0]),
+            constant_flops=_constant_flops(module, analysis.layers, inputs[0].shape[0]),
             groups=groups,
             layers=layers,
             norms=norms,
             unprunable=unprunable,
-            input_shape=tuple(int(d) for d in example_input.shape),
+            input_shape=tuple(int(d) for d in inputs[0].shape),
+            extra_input_shapes=tuple(tuple(int(d) for d in x.shape) for x in inputs[1:]),
             other_params=other_params,
             leaf_modules=tuple(leaf_modules),
             mask_points=tuple(mask_points),
@@ -213,8 +216,13 @@ class ChannelGraph:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of the example input the graph was traced with."""
+        """Shape of the example input the graph was traced with (the first, for several)."""
         return self._input_shape
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of every example input, one per positional argument of ``forward``."""
+        return (self._input_shape, *self._extra_input_shapes)
 
     @property
     def other_params(self) -> int:

@@ -18,7 +18,55 @@ from torch.utils.flop_counter import FlopCounterMode
 from prunetune.backend.errors import UnsupportedModelError
 from prunetune.backend.graph._rules import is_layer_subclass
 
-__all__ = ["build_dag", "eval_mode", "node_shape", "propagate_shapes", "trace_module"]
+__all__ = [
+    "build_dag",
+    "eval_mode",
+    "example_inputs",
+    "node_shape",
+    "propagate_shapes",
+    "trace_module",
+]
+
+SEVERAL_INPUTS_HINT = (
+    "pass one example tensor per input: prunetune.prune(model, (x1, x2), ...) in Python, "
+    "--input-shape once per input on the command line (--input-shape 1,3,32,32 "
+    "--input-shape 1,10)"
+)
+
+
+def example_inputs(example_input: Tensor | tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:
+    """``example_input`` as a tuple of tensors: one per positional argument of ``forward``.
+
+    Raises:
+        TypeError: not a tensor, or a tuple/list holding something else than tensors.
+        ValueError: an empty tuple, a tensor without a batch dim (fewer than 2 dims), or
+            inputs of different batch sizes.
+    """
+    if isinstance(example_input, Tensor):
+        inputs: tuple[Tensor, ...] = (example_input,)
+    elif isinstance(example_input, tuple | list):
+        inputs = tuple(example_input)
+        if not inputs:
+            raise ValueError("example_input is an empty tuple; give at least one input tensor")
+    else:
+        raise TypeError(
+            "example_input must be a torch.Tensor, or a tuple of tensors for a model with "
+            f"several inputs, got {type(example_input).__name__}"
+        )
+    for index, tensor in enumerate(inputs):
+        which = "example_input" if len(inputs) == 1 else f"example input {index}"
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{which} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.ndim < 2:
+            raise ValueError(
+                f"{which} must have a batch and a channel dim, e.g. shape (1, 3, 32, 32); "
+                f"got shape {tuple(tensor.shape)}"
+            )
+    if len({int(t.shape[0]) for t in inputs}) > 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ValueError(f"example inputs must share their batch size (dim 0); got {shapes}")
+    return inputs
+
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -123,8 +171,11 @@ class _ShapeRecorder(ShapeProp):
         return result
 
 
-def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Tensor) -> None:
-    """Run ``module`` once on ``example_input`` in eval mode, without gradients, recording shapes.
+def propagate_shapes(
+    module: fx.GraphModule, model: nn.Module, example_input: Tensor | tuple[Tensor, ...]
+) -> None:
+    """Run ``module`` once on ``example_input`` (one tensor per positional input) in eval
+    mode, without gradients, recording shapes.
 
     Every node also gets ``meta["flops"]``: what ``FlopCounterMode`` counts for it on
     ``example_input`` (2 per multiply-accumulate, every example of the batch). Every module's
@@ -134,25 +185,28 @@ def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Te
     Raises:
         ValueError: the model fails on the example input.
     """
+    inputs = example_inputs(example_input)
     counter = FlopCounterMode(display=False)
     try:
         with eval_mode(model), eval_mode(module), torch.no_grad(), counter:
-            _ShapeRecorder(module, counter).propagate(example_input.detach().clone())
+            _ShapeRecorder(module, counter).propagate(*(x.detach().clone() for x in inputs))
     except Exception as exc:
         where = _user_frame(exc)
         at = f" (at {where})" if where else ""
-        inputs = [n for n in module.graph.nodes if n.op == "placeholder" and not n.args]
-        if len(inputs) > 1 and isinstance(exc, TypeError | RuntimeError):  # no defaults
-            names = ", ".join(str(n.target) for n in inputs)
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder" and not n.args]
+        if len(placeholders) > len(inputs) and isinstance(exc, TypeError | RuntimeError):
+            names = ", ".join(str(n.target) for n in placeholders)
             raise ValueError(
-                f"{type(model).__name__}.forward takes {len(inputs)} inputs ({names}); prunetune "
-                "traces models of one input tensor: wrap it in a module whose forward takes one "
-                "tensor and builds the others (or fixes them as buffers)"
+                f"{type(model).__name__}.forward takes {len(placeholders)} inputs ({names}) and "
+                f"{len(inputs)} example input(s) were given: {SEVERAL_INPUTS_HINT}"
             ) from exc
+        shapes = " and ".join(str(tuple(x.shape)) for x in inputs)
+        given = "example_input of shape" if len(inputs) == 1 else "example inputs of shapes"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ValueError(
-            f"running {type(model).__name__} on example_input of shape "
-            f"{tuple(example_input.shape)} failed: {type(exc).__name__}: {exc}{at}; pass an "
-            "input the model accepts, e.g. torch.randn(1, 3, 32, 32) for a CIFAR model"
+            f"running {type(model).__name__} on {given} {shapes} failed: "
+            f"{type(exc).__name__}: {first}{at}; pass an input the model accepts, e.g. "
+            "torch.randn(1, 3, 32, 32) for a CIFAR model"
         ) from exc
 
 

@@ -88,22 +88,36 @@ def _check_model(model: Any) -> nn.Module:
     return model
 
 
-def _check_input(example_input: Any) -> Tensor:
-    if not isinstance(example_input, Tensor):
-        raise TypeError(
-            f"example_input must be a torch.Tensor of shape [N, ...] (e.g. "
-            f"torch.randn(1, 3, 224, 224)), got {type(example_input).__name__}"
-        )
-    if example_input.dim() < 2 or example_input.shape[0] < 1:
+ExampleInput = Tensor | tuple[Tensor, ...]
+
+
+def _check_input(example_input: Any) -> tuple[Tensor, ...]:
+    """The example inputs as a tuple of float tensors of batch 1 (one per ``forward`` input)."""
+    several = isinstance(example_input, tuple)
+    inputs = tuple(example_input) if several else (example_input,)
+    if not inputs:
         raise ValueError(
-            f"example_input must have a batch dimension first, shape [N, ...]; got "
-            f"{tuple(example_input.shape)}"
+            "example_input is an empty tuple: give one tensor per input of forward, e.g. "
+            "(torch.randn(1, 3, 32, 32), torch.randn(1, 10))"
         )
-    return example_input[:1].detach().float()
+    for index, tensor in enumerate(inputs):
+        which = f"example_input[{index}]" if several else "example_input"
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{which} must be a torch.Tensor of shape [N, ...] (e.g. torch.randn(1, 3, 224, "
+                f"224)), or a tuple of them for a model of several inputs; got "
+                f"{type(tensor).__name__}"
+            )
+        if tensor.dim() < 2 or tensor.shape[0] < 1:
+            raise ValueError(
+                f"{which} must have a batch dimension first, shape [N, ...]; got "
+                f"{tuple(tensor.shape)}"
+            )
+    return tuple(tensor[:1].detach().float() for tensor in inputs)
 
 
 def _trace(
-    model: nn.Module, example: Tensor, leaf_modules: Sequence[type[nn.Module]]
+    model: nn.Module, example: tuple[Tensor, ...], leaf_modules: Sequence[type[nn.Module]]
 ) -> ChannelGraph:
     with eval_mode(model):
         return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
@@ -111,7 +125,7 @@ def _trace(
 
 def inspect(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: ExampleInput,
     *,
     profile: LatencyProfile | str | None = None,
     leaf_modules: Sequence[type[nn.Module]] = (),
@@ -123,8 +137,9 @@ def inspect(
 
     Args:
         model: any ``nn.Module``.
-        example_input: a float tensor of shape ``[N, ...]`` (e.g. ``[1, 3, 224, 224]``); only
-            its first example is used, so costs are per example.
+        example_input: a float tensor of shape ``[N, ...]`` (e.g. ``[1, 3, 224, 224]``), or a
+            tuple of them, one per positional input, for a model whose ``forward`` takes
+            several tensors; only the first example is used, so costs are per example.
         profile: a latency profile (object or path to ``prunetune profile``'s JSON) of this
             model: adds the predicted ``latency_ms``.
         leaf_modules: module classes not to trace into (untraceable custom blocks); they are
@@ -240,7 +255,7 @@ class PruneResult:
 
 def prune(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: ExampleInput,
     target: TargetLike,
     *,
     importance: str = "l1",
@@ -260,7 +275,9 @@ def prune(
 
     Args:
         model: any traceable ``nn.Module``; it is not modified.
-        example_input: a float tensor of shape ``[N, ...]``; costs are per example.
+        example_input: a float tensor of shape ``[N, ...]``, or a tuple of them, one per
+            positional input, for a model whose ``forward`` takes several tensors (channels
+            of the second and later inputs are kept whole); costs are per example.
         target: ``"flops<=50%"``, ``{"flops": "50%", "params": "1M"}`` or a ``Target``.
             FLOPs are multiply-accumulates; latency needs ``profile``.
         importance: channel score: ``l1`` or ``l2`` (weight norms, Li et al. 2017), ``bn`` (BN

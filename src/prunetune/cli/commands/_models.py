@@ -67,7 +67,10 @@ def add_model_options(parser: argparse.ArgumentParser, model_required: bool = Fa
     parser.add_argument(
         "--input-shape",
         type=parse_shape,
-        help="example input N,C,H,W (default: the checkpoint's, else 1,3,32,32)",
+        action="append",
+        help="example input N,C,H,W (default: the checkpoint's, else 1,3,32,32); repeat it once "
+        "per input, in order, for a model whose forward takes several tensors: "
+        "--input-shape 1,3,32,32 --input-shape 1,10",
     )
     parser.add_argument(
         "--num-classes", type=positive_int, default=10, help="classes of a freshly built model"
@@ -87,17 +90,26 @@ def add_trust_option(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model ready to trace, with its identity, example input shape and (if pruned) spec."""
+    """A model ready to trace, with its identity, example input shapes and (if pruned) spec."""
 
     model: nn.Module
     ref: ModelRef
-    input_shape: tuple[int, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
     spec: SubnetSpec | None = None
     preprocessing: dict[str, Any] | None = None
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The first (for most models the only) example input's shape."""
+        return self.input_shapes[0]
+
+    def example(self) -> tuple[torch.Tensor, ...]:
+        """Zero example inputs, one per shape of :attr:`input_shapes`."""
+        return tuple(torch.zeros(shape) for shape in self.input_shapes)
+
     def trace(self) -> ChannelGraph:
-        """The model's channel graph on a zero input of :attr:`input_shape`."""
-        return ChannelGraph.trace(self.model, torch.zeros(self.input_shape))
+        """The model's channel graph on zero inputs of :attr:`input_shapes`."""
+        return ChannelGraph.trace(self.model, self.example())
 
 
 def resolve_model(args: argparse.Namespace) -> ResolvedModel:
@@ -107,21 +119,26 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
         ValueError: neither a model nor a checkpoint is named.
         PrunetuneError: see :func:`prunetune.backend.export.load_model` and the zoo.
     """
+    given = tuple(tuple(shape) for shape in args.input_shape or ())
     if args.checkpoint:
         expect = ModelRef(args.model) if args.model else None
         loaded = load_model(args.checkpoint, expect, args.trust_model_code)
-        shape = args.input_shape or loaded.input_shape
-        if args.input_shape and tuple(args.input_shape[1:]) != tuple(loaded.input_shape[1:]):
+        recorded = loaded.spec.input_shapes if loaded.spec else (tuple(loaded.input_shape),)
+        if given and [s[1:] for s in given] != [s[1:] for s in recorded]:
             raise ValueError(
-                f"--input-shape {','.join(map(str, args.input_shape))} does not match the "
-                f"checkpoint's {','.join(map(str, loaded.input_shape))}"
+                f"--input-shape {_shapes(given)} does not match the checkpoint's "
+                f"{_shapes(recorded)}"
             )
         return ResolvedModel(
-            loaded.model, loaded.ref, tuple(shape), loaded.spec, loaded.preprocessing
+            loaded.model, loaded.ref, given or recorded, loaded.spec, loaded.preprocessing
         )
     if not args.model:
         raise ValueError("name a model with --model (or a checkpoint with --checkpoint)")
-    shape = tuple(args.input_shape or (1, 3, 32, 32))
-    ref = ModelRef(args.model, dataset_kwargs(args.model, args.num_classes, shape[1]))
+    shapes = given or ((1, 3, 32, 32),)
+    ref = ModelRef(args.model, dataset_kwargs(args.model, args.num_classes, shapes[0][1]))
     torch.manual_seed(0)
-    return ResolvedModel(ref.build(), ref, shape)
+    return ResolvedModel(ref.build(), ref, shapes)
+
+
+def _shapes(shapes: tuple[tuple[int, ...], ...]) -> str:
+    return " --input-shape ".join(",".join(map(str, shape)) for shape in shapes)

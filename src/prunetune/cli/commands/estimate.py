@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_subnet(args.subnet, args.model, args.trust_model_code)
     assert loaded.spec is not None  # load_subnet always sets it
     dense = loaded.ref.build()
-    graph = ChannelGraph.trace(dense, torch.zeros(loaded.input_shape))
+    graph = ChannelGraph.trace(dense, tuple(torch.zeros(s) for s in loaded.spec.input_shapes))
     costs = cost_models(graph, args.profile)
     figures = {metric: float(cost.evaluate(loaded.spec.widths)) for metric, cost in costs.items()}
     dense_figures = {

@@ -6,8 +6,6 @@ import argparse
 import json
 from typing import Any
 
-import torch
-
 from prunetune.api import prune
 from prunetune.backend.export import check_export_dir
 from prunetune.backend.importance import IMPORTANCE_CRITERIA
@@ -99,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             batches = [batch for _, batch in zip(range(8), loader)]
     result = prune(
         resolved.model,
-        torch.zeros(resolved.input_shape),
+        resolved.example(),
         target,
         importance=args.importance,
         allocation=args.allocation,
