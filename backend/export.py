@@ -45,7 +45,7 @@ from prunetune.backend.errors import (
     SpecError,
     UnsupportedModelError,
 )
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, match_leaf_modules
 from prunetune.backend.io import atomic_directory, check_writable
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
@@ -587,7 +587,9 @@ def load_export(
     if dense is None:
         program = _load_program(root, spec)
         return LoadedModel(program, spec.model, spec.input_shape, spec, metrics, preprocessing)
-    graph = ChannelGraph.trace(dense, tuple(torch.zeros(s) for s in spec.input_shapes))
+    example = tuple(torch.zeros(s) for s in spec.input_shapes)
+    leaves = match_leaf_modules(dense, spec.leaf_modules)
+    graph = ChannelGraph.trace(dense, example, leaf_modules=leaves)
     spec.validate(graph)
     pruned = prune_model(dense, graph, spec)
     weights = root / "weights.pt"

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from prunetune.backend.errors import SpecError
-from prunetune.backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.graph import ChannelGraph, ChannelGroup, leaf_module_key
 from prunetune.backend.models import ModelRef
 
 __all__ = ["SubnetSpec", "select_channels"]
@@ -109,6 +109,9 @@ class SubnetSpec:
             the first channels of each group (see :func:`select_channels`).
         extra_input_shapes: shapes of the second and later example inputs, for a model whose
             ``forward`` takes several tensors (empty for one input).
+        leaf_modules: the modules the graph was traced without entering, as
+            ``package.module:Class`` or a submodule's name; tracing the dense model again
+            with them rebuilds the same groups.
 
     Example:
         >>> import torch
@@ -127,6 +130,7 @@ class SubnetSpec:
     widths: dict[str, int]
     kept: dict[str, tuple[int, ...]] | None = None
     extra_input_shapes: tuple[tuple[int, ...], ...] = ()
+    leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelRef):
@@ -164,6 +168,10 @@ class SubnetSpec:
             )
         object.__setattr__(self, "input_shape", shape)
         object.__setattr__(self, "extra_input_shapes", extra)
+        leaves = tuple(self.leaf_modules)
+        if not all(isinstance(leaf, str) for leaf in leaves):
+            raise SpecError(f"leaf_modules must be strings, got {self.leaf_modules!r}")
+        object.__setattr__(self, "leaf_modules", leaves)
         object.__setattr__(self, "widths", widths)
         object.__setattr__(self, "kept", kept)
 
@@ -200,8 +208,13 @@ class SubnetSpec:
                 except KeyError:
                     raise SpecError(_unknown_group(graph, name)) from None
                 _check_width(group, width)
-        extra = graph.input_shapes[1:]
-        draft = cls(model_ref, graph.input_shape, own, extra_input_shapes=extra)
+        draft = cls(
+            model_ref,
+            graph.input_shape,
+            own,
+            extra_input_shapes=graph.input_shapes[1:],
+            leaf_modules=tuple(leaf_module_key(leaf) for leaf in graph.leaf_modules),
+        )
         draft.validate(graph)
         scores = importance or {}
         kept = {
@@ -302,6 +315,8 @@ class SubnetSpec:
         }
         if self.extra_input_shapes:
             data["extra_input_shapes"] = [list(s) for s in self.extra_input_shapes]
+        if self.leaf_modules:
+            data["leaf_modules"] = list(self.leaf_modules)
         return data
 
     @classmethod
@@ -318,7 +333,8 @@ class SubnetSpec:
             raise SpecError(
                 f"subnet spec version {version!r} is not supported (expected {_FORMAT_VERSION})"
             )
-        known = {"version", "model", "input_shape", "widths", "kept", "extra_input_shapes"}
+        known = {"version", "model", "input_shape", "widths", "kept"}
+        known |= {"extra_input_shapes", "leaf_modules"}
         unknown = set(data) - known
         if unknown:
             raise SpecError(f"subnet spec has unknown keys: {', '.join(sorted(unknown))}")
@@ -340,6 +356,7 @@ class SubnetSpec:
             widths=data["widths"],
             kept=data.get("kept"),
             extra_input_shapes=tuple(tuple(s) for s in extra),
+            leaf_modules=tuple(data.get("leaf_modules", ())),
         )
 
     def to_json(self, indent: int | None = 2) -> str:

@@ -125,3 +125,31 @@ class TwoInputNet(nn.Module):
         x = F.relu(self.bn1(self.conv1(image)))
         x = F.relu(self.conv2(x)).mean((2, 3))
         return self.head(x + self.side(features))
+
+
+class PadToEven(nn.Module):
+    """Pads a map of odd size to even: Python control flow on the input's size, which torch.fx
+    cannot trace (torch.export can)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return x
+
+
+class PaddedNet(nn.Module):
+    """A CNN with an untraceable :class:`PadToEven` between its convs (input 1 x 3 x 17 x 17)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.pad = PadToEven()
+        self.conv2 = nn.Conv2d(16, 24, 3, stride=2)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.conv3 = nn.Conv2d(24, 24, 3, padding=1)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pad(F.relu(self.conv1(x)))
+        x = F.relu(self.conv3(F.relu(self.bn2(self.conv2(x)))))
+        return self.head(x.mean((2, 3)))

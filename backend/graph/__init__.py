@@ -8,7 +8,12 @@ from prunetune.backend.graph._records import (
     LayerInfo,
     NormInfo,
 )
-from prunetune.backend.graph._trace import eval_mode
+from prunetune.backend.graph._trace import (
+    LeafModule,
+    eval_mode,
+    leaf_module_key,
+    match_leaf_modules,
+)
 
 __all__ = [
     "ChannelGraph",
@@ -16,7 +21,10 @@ __all__ = [
     "ChannelMember",
     "ChannelSegment",
     "LayerInfo",
+    "LeafModule",
     "MaskPoint",
     "NormInfo",
     "eval_mode",
+    "leaf_module_key",
+    "match_leaf_modules",
 ]

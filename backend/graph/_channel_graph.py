@@ -13,7 +13,9 @@ from prunetune.backend.graph._groups import Channels
 from prunetune.backend.graph._records import ChannelGroup, ChannelSegment, LayerInfo, NormInfo
 from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import (
+    LeafModule,
     build_dag,
+    check_leaf_modules,
     example_inputs,
     propagate_shapes,
     trace_module,
@@ -62,7 +64,7 @@ class ChannelGraph:
         unprunable: dict[str, str],
         input_shape: tuple[int, ...],
         other_params: int,
-        leaf_modules: tuple[type[nn.Module], ...],
+        leaf_modules: tuple[LeafModule, ...],
         mask_points: tuple[MaskPoint, ...],
         constant_flops: dict[str, int] | None = None,
         extra_input_shapes: tuple[tuple[int, ...], ...] = (),
@@ -87,7 +89,7 @@ class ChannelGraph:
         model: nn.Module,
         example_input: Tensor | tuple[Tensor, ...],
         *,
-        leaf_modules: Sequence[type[nn.Module]] = (),
+        leaf_modules: Sequence[LeafModule] = (),
     ) -> ChannelGraph:
         """Trace ``model`` on ``example_input`` and derive its channel groups.
 
@@ -103,8 +105,9 @@ class ChannelGraph:
                 whose ``forward`` takes several tensors, a tuple of them (one per positional
                 argument, each ``[N, ...]`` with the same ``N``). Channels of the second and
                 later inputs are kept whole.
-            leaf_modules: extra module types to keep as single calls instead of tracing through
-                them (their channels are kept whole).
+            leaf_modules: extra module types, or qualified names of submodules (``"blocks.3"``),
+                to keep as single calls instead of tracing through them (their channels are
+                kept whole).
 
         Returns:
             The channel graph.
@@ -118,6 +121,7 @@ class ChannelGraph:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         inputs = example_inputs(example_input)
+        leaf_modules = check_leaf_modules(model, leaf_modules)
         module = trace_module(model, leaf_modules)
         propagate_shapes(module, model, inputs)
         analysis = ChannelAnalysis(module)
@@ -246,8 +250,8 @@ class ChannelGraph:
         return sum(self._constant_flops.values())
 
     @property
-    def leaf_modules(self) -> tuple[type[nn.Module], ...]:
-        """The extra leaf module types the graph was traced with."""
+    def leaf_modules(self) -> tuple[LeafModule, ...]:
+        """The extra leaf module types and submodule names the graph was traced with."""
         return self._leaf_modules
 
     def trace_module(self, model: nn.Module) -> fx.GraphModule:

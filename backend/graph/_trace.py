@@ -19,9 +19,13 @@ from prunetune.backend.errors import UnsupportedModelError
 from prunetune.backend.graph._rules import is_layer_subclass
 
 __all__ = [
+    "LeafModule",
     "build_dag",
+    "check_leaf_modules",
     "eval_mode",
     "example_inputs",
+    "leaf_module_key",
+    "match_leaf_modules",
     "node_shape",
     "propagate_shapes",
     "trace_module",
@@ -72,16 +76,64 @@ _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+LeafModule = type[nn.Module] | str
+"""A module class not to trace into, or the qualified name of one submodule (``blocks.3``)."""
+
+
+def leaf_module_key(leaf: LeafModule) -> str:
+    """How a leaf module is written down: ``package.module:Class`` for a class, the submodule's
+    qualified name (no colon) for one submodule."""
+    return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
+
+
+def check_leaf_modules(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> tuple[Any, ...]:
+    """``leaf_modules`` checked against ``model``: classes of ``nn.Module``, or names of its
+    submodules.
+
+    Raises:
+        TypeError: an entry is neither a module class nor a string.
+        ValueError: a name is not a submodule of ``model`` (the message lists some that are).
+    """
+    names = {name for name, _ in model.named_modules() if name}
+    for leaf in leaf_modules:
+        if isinstance(leaf, str):
+            if leaf not in names:
+                shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+                raise ValueError(
+                    f"leaf module {leaf!r} is not a submodule of {type(model).__name__}; name a "
+                    f"submodule ({shown or 'it has none'}) or give a module class"
+                )
+        elif not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+            raise TypeError(
+                "leaf_modules takes nn.Module classes or submodule names (str), got "
+                f"{type(leaf).__name__} {leaf!r}"
+            )
+    return tuple(leaf_modules)
+
+
+def match_leaf_modules(model: nn.Module, keys: Sequence[str]) -> tuple[LeafModule, ...]:
+    """The leaf modules that :func:`leaf_module_key` wrote as ``keys``, found in ``model``
+    itself (no import: a class is matched among the model's own submodule classes)."""
+    classes = {leaf_module_key(type(m)): type(m) for m in model.modules()}
+    return tuple(
+        classes[key] if ":" in key else key for key in keys if ":" not in key or key in classes
+    )
+
+
 class _Tracer(fx.Tracer):
     """fx's default tracer (torch.nn modules are leaves) plus user-named leaf module types and
-    user subclasses of conv, linear and BatchNorm layers (see ``is_layer_subclass``)."""
+    submodules, and user subclasses of conv, linear and BatchNorm layers (see
+    ``is_layer_subclass``)."""
 
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+    def __init__(self, leaf_modules: tuple[LeafModule, ...]) -> None:
         super().__init__()
-        self._leaf_types = leaf_types
+        self._leaf_types = tuple(leaf for leaf in leaf_modules if not isinstance(leaf, str))
+        self._leaf_names = {leaf for leaf in leaf_modules if isinstance(leaf, str)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
             return True
         if is_layer_subclass(m):
             return True
@@ -113,7 +165,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
-def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ()) -> fx.GraphModule:
+def trace_module(model: nn.Module, leaf_modules: Sequence[LeafModule] = ()) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode; torch.nn modules (and ``leaf_modules``) stay
     single calls.
 
@@ -136,9 +188,10 @@ def trace_module(model: nn.Module, leaf_modules: Sequence[type[nn.Module]] = ())
             f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}{at}. "
             "Make its forward traceable: no Python control flow (if/for/while) on tensor values "
             "(use torch.where or masks instead), no tensor values converted to Python numbers; or "
-            "move that code into a module and pass its class to the Python API, "
-            "prunetune.inspect/prune(model, x, ..., leaf_modules=[ThatModule]) (its channels "
-            "are then kept whole; the command line cannot name leaf modules yet)"
+            "keep the module that holds that code as one call: leaf_modules=[ThatModule] (or its "
+            "name, 'blocks.3') in prunetune.inspect/prune, --leaf-module package.module:"
+            "ThatModule (or --leaf-module blocks.3) on the command line; its channels are then "
+            "kept whole"
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from prunetune.api._inspection import Inspection
 from prunetune.backend.errors import CheckpointError, InfeasibleTargetError, PrunetuneError
 from prunetune.backend.export import LoadedModel, check_export_dir, export_subnet, load_export
-from prunetune.backend.graph import ChannelGraph, eval_mode
+from prunetune.backend.graph import ChannelGraph, LeafModule, eval_mode
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
@@ -117,7 +117,7 @@ def _check_input(example_input: Any) -> tuple[Tensor, ...]:
 
 
 def _trace(
-    model: nn.Module, example: tuple[Tensor, ...], leaf_modules: Sequence[type[nn.Module]]
+    model: nn.Module, example: tuple[Tensor, ...], leaf_modules: Sequence[LeafModule]
 ) -> ChannelGraph:
     with eval_mode(model):
         return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
@@ -128,7 +128,7 @@ def inspect(
     example_input: ExampleInput,
     *,
     profile: LatencyProfile | str | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
+    leaf_modules: Sequence[LeafModule] = (),
 ) -> Inspection:
     """Trace ``model`` and report its coupled channel groups, dense costs and kept-whole layers.
 
@@ -142,8 +142,8 @@ def inspect(
             several tensors; only the first example is used, so costs are per example.
         profile: a latency profile (object or path to ``prunetune profile``'s JSON) of this
             model: adds the predicted ``latency_ms``.
-        leaf_modules: module classes not to trace into (untraceable custom blocks); they are
-            kept whole.
+        leaf_modules: module classes, or names of submodules (``"blocks.3"``), not to trace
+            into (blocks torch.fx cannot trace); they are kept whole.
 
     Returns:
         An :class:`Inspection`; ``print()`` it for a table.
@@ -263,7 +263,7 @@ def prune(
     round_to: int = 1,
     profile: LatencyProfile | str | None = None,
     batches: Iterable[tuple[Tensor, Tensor]] | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
+    leaf_modules: Sequence[LeafModule] = (),
     model_ref: ModelRef | None = None,
     base_spec: SubnetSpec | None = None,
 ) -> PruneResult:
@@ -289,7 +289,9 @@ def prune(
         round_to: keep pruned widths at multiples of this (8 or 16 suit CPU/GPU kernels).
         profile: a latency profile of this model (object or JSON path).
         batches: ``(inputs, labels)`` batches for ``taylor``.
-        leaf_modules: module classes not to trace into; they are kept whole.
+        leaf_modules: module classes, or names of submodules (``"blocks.3"``), not to trace
+            into (blocks torch.fx cannot trace); they are kept whole and recorded in the spec,
+            so the export reloads with them.
         model_ref: the model's identity recorded in the export (defaults to the module's class).
         base_spec: when ``model`` is itself a pruned export, the spec it was pruned with; the
             result's spec composes both (so it stays relative to the original dense model).

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunetune.backend.datasources import import_callable
 from prunetune.backend.export import load_model
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, LeafModule, match_leaf_modules
 from prunetune.backend.models import ModelRef, dataset_kwargs
 from prunetune.backend.spec import SubnetSpec
 
@@ -75,6 +76,16 @@ def add_model_options(parser: argparse.ArgumentParser, model_required: bool = Fa
     parser.add_argument(
         "--num-classes", type=positive_int, default=10, help="classes of a freshly built model"
     )
+    parser.add_argument(
+        "--leaf-module",
+        action="append",
+        default=[],
+        metavar="CLASS_OR_NAME",
+        help="do not trace into this module (code torch.fx cannot trace, e.g. Python control "
+        "flow on tensors): a class as package.module:Class (every instance), or one "
+        "submodule's name such as blocks.3; repeatable; its channels are kept whole (the "
+        "Python API's leaf_modules=)",
+    )
     add_trust_option(parser)
 
 
@@ -97,6 +108,7 @@ class ResolvedModel:
     input_shapes: tuple[tuple[int, ...], ...]
     spec: SubnetSpec | None = None
     preprocessing: dict[str, Any] | None = None
+    leaf_modules: tuple[LeafModule, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -109,7 +121,7 @@ class ResolvedModel:
 
     def trace(self) -> ChannelGraph:
         """The model's channel graph on zero inputs of :attr:`input_shapes`."""
-        return ChannelGraph.trace(self.model, self.example())
+        return ChannelGraph.trace(self.model, self.example(), leaf_modules=self.leaf_modules)
 
 
 def resolve_model(args: argparse.Namespace) -> ResolvedModel:
@@ -129,15 +141,39 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
                 f"--input-shape {_shapes(given)} does not match the checkpoint's "
                 f"{_shapes(recorded)}"
             )
+        # an export is the pruned model: trace it with the leaves of its own spec too
+        leaves = _leaf_modules(args.leaf_module)
+        if loaded.spec is not None:
+            leaves += match_leaf_modules(loaded.model, loaded.spec.leaf_modules)
         return ResolvedModel(
-            loaded.model, loaded.ref, given or recorded, loaded.spec, loaded.preprocessing
+            loaded.model, loaded.ref, given or recorded, loaded.spec, loaded.preprocessing, leaves
         )
     if not args.model:
         raise ValueError("name a model with --model (or a checkpoint with --checkpoint)")
     shapes = given or ((1, 3, 32, 32),)
     ref = ModelRef(args.model, dataset_kwargs(args.model, args.num_classes, shapes[0][1]))
     torch.manual_seed(0)
-    return ResolvedModel(ref.build(), ref, shapes)
+    model = ref.build()
+    return ResolvedModel(model, ref, shapes, leaf_modules=_leaf_modules(args.leaf_module))
+
+
+def _leaf_modules(given: list[str]) -> tuple[LeafModule, ...]:
+    """``--leaf-module`` values: ``package.module:Class`` imported; a submodule name is kept as
+    is (tracing checks that the model has it).
+
+    Raises:
+        ValueError: a class that cannot be imported or is not a module class.
+    """
+    leaves: list[LeafModule] = []
+    for value in given:
+        if ":" not in value:
+            leaves.append(value)
+            continue
+        found = import_callable(value, "--leaf-module")
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise ValueError(f"--leaf-module {value} is not an nn.Module class")
+        leaves.append(found)
+    return tuple(leaves)
 
 
 def _shapes(shapes: tuple[tuple[int, ...], ...]) -> str:

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         round_to=args.round_to,
         profile=args.profile,
         batches=batches,
+        leaf_modules=resolved.leaf_modules,
         model_ref=resolved.ref,
         base_spec=resolved.spec,
     )
