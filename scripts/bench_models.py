@@ -328,6 +328,17 @@ def _totals(rows: list[dict[str, Any]], tool: str) -> str:
     return f"{line}; {met} of {len(outcomes)} met 50% FLOPs"
 
 
+def _other_commits(rows: list[dict[str, Any]], commit: str) -> str:
+    """Where a resumed run holds rows of earlier commits, which and how many."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("commit", commit) != commit:
+            counts[row.get("commit", "?")] = counts.get(row.get("commit", "?"), 0) + 1
+    if not counts:
+        return ""
+    return " (rows of earlier commits: " + ", ".join(f"`{c}` {n}" for c, n in counts.items()) + ")"
+
+
 def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]) -> None:
     """``docs/models.md`` from the result rows."""
     ordered = [rows[name] for name in sorted(rows)]
@@ -363,7 +374,9 @@ def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]
         f"- Torch-Pruning: {_totals(benched, 'torch_pruning')}.",
         f"- Full run: {meta.get('elapsed', '?')} on {meta['machine']} "
         f"({meta.get('threads', 1)} torch thread per model).",
-        f"- Command: `{meta['command']}` at commit `{meta['commit']}`.",
+        f"- Command: `{meta['command']}` at commit `{meta['commit']}`"
+        + _other_commits(ordered, meta["commit"])
+        + ".",
         "",
         "Columns: *side* is the input side; *prunable* the share of the dense FLOPs that "
         "depends on a prunable channel group; *min* the FLOPs left with every prunable group "
@@ -447,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, name in enumerate(todo, 1):
             print(f"[{index}/{len(todo)}] {name} ...", end=" ", flush=True)
             row = bench_isolated(name, tools, args.limit_s)
+            row["commit"] = commit
             rows[name] = row
             with results.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
