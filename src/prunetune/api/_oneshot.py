@@ -28,6 +28,7 @@ from prunetune.backend.models import ModelRef
 from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
+from prunetune.backend.training import Task
 from prunetune.estimators import (
     Budget,
     CostModel,
@@ -264,6 +265,7 @@ def prune(
     profile: LatencyProfile | str | None = None,
     batches: Iterable[tuple[Tensor, Tensor]] | None = None,
     leaf_modules: Sequence[LeafModule] = (),
+    output: str | int | None = None,
     model_ref: ModelRef | None = None,
     base_spec: SubnetSpec | None = None,
 ) -> PruneResult:
@@ -289,6 +291,9 @@ def prune(
         round_to: keep pruned widths at multiples of this (8 or 16 suit CPU/GPU kernels).
         profile: a latency profile of this model (object or JSON path).
         batches: ``(inputs, labels)`` batches for ``taylor``.
+        output: for ``taylor`` on a model that returns a tuple or a dict: the index or key of
+            the output the cross-entropy is taken on (default: the first item of a tuple,
+            the ``"out"`` entry of a dict, as in training).
         leaf_modules: module classes, or names of submodules (``"blocks.3"``), not to trace
             into (blocks torch.fx cannot trace); they are kept whole and recorded in the spec,
             so the export reloads with them.
@@ -326,6 +331,11 @@ def prune(
         )
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+    if output is not None and importance != "taylor":
+        raise ValueError(
+            f"output={output!r} names the output taylor's loss is taken on; it needs "
+            "importance='taylor'"
+        )
     if importance == "taylor" and batches is None:
         raise ValueError(
             "importance='taylor' takes gradients: pass batches=[(inputs, labels), ...]"
@@ -341,7 +351,8 @@ def prune(
     name = model_ref.name if model_ref is not None else type(model).__name__
     budget = resolve_target(goal, costs, graph, name)
     with eval_mode(model):
-        scores = channel_importance(model, graph, importance, batches)
+        task = Task(output=output)
+        scores = channel_importance(model, graph, importance, batches, task)
         dense_flops = count_flops(model, example)
     latency = costs["latency_ms"].evaluate if allocation == "cost" else None
     widths = one_shot_widths(graph, budget.fits, allocation, scores, round_to, latency)

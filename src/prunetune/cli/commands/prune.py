@@ -53,6 +53,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--data-dir", help="directory of the mnist or cifar10 files")
     parser.add_argument(
+        "--output",
+        help="taylor on a model returning a tuple or dict: the output the loss is taken on, a "
+        "dict key or tuple index (default: the first item, or the dict's 'out')",
+    )
+    parser.add_argument(
         "--out",
         required=True,
         help="export directory to write: new, empty, or an earlier export (else --overwrite)",
@@ -76,6 +81,10 @@ def run(args: argparse.Namespace) -> int:
     """Prune through :func:`prunetune.prune` (the API's path), export, print what was kept."""
     out = check_export_dir(args.out, args.overwrite)
     target = target_from_args(args)
+    if args.output is not None and args.importance != "taylor":
+        raise ValueError(
+            "--output names the output taylor's loss is taken on: add --importance taylor"
+        )
     if args.importance == "taylor" and not args.dataset:
         raise ValueError("--importance taylor needs --dataset to take gradients on")
     if args.allocation == "cost" and not args.profile:
@@ -128,3 +137,10 @@ def run(args: argparse.Namespace) -> int:
         print(result.summary())
         print(f"exported to {out}")
     return 0
+
+
+def _output(text: str | None) -> str | int | None:
+    """``--output``: a tuple index when it is an integer, else a dict key."""
+    if text is not None and text.lstrip("-").isdigit():
+        return int(text)
+    return text
