@@ -109,8 +109,8 @@ def _taylor(
     found = grads.get(member.module + kind)
     if found is not None:
         return found
-    weight = module.weight if kind == ".norm" else output_major(module)
-    return torch.zeros(weight.shape[0])
+    weight = getattr(module, "weight") if kind == ".norm" else output_major(module)  # noqa: B009
+    return torch.zeros(int(weight.shape[0]))
 
 
 def _per_channel(values: Tensor, member: ChannelMember, size: int) -> Tensor:
