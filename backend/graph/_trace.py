@@ -175,7 +175,8 @@ def trace_module(model: nn.Module, leaf_modules: Sequence[LeafModule] = ()) -> f
 
     Raises:
         UnsupportedModelError: the model cannot be traced (data-dependent control flow and
-            the like); the message quotes fx's error and the offending source line.
+            the like); the message is one line quoting the first line of fx's error and the
+            offending source line; fx's own exception is chained (``__cause__``).
     """
     tracer = _Tracer(tuple(leaf_modules))
     try:
@@ -184,8 +185,11 @@ def trace_module(model: nn.Module, leaf_modules: Sequence[LeafModule] = ()) -> f
     except Exception as exc:
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
+        # one line, as on the command line; fx's full text stays in the chained exception
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UnsupportedModelError(
-            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}{at}. "
+            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+            f"{first}{at}. "
             "Make its forward traceable: no Python control flow (if/for/while) on tensor values "
             "(use torch.where or masks instead), no tensor values converted to Python numbers; or "
             "keep the module that holds that code as one call: leaf_modules=[ThatModule] (or its "

@@ -288,7 +288,9 @@ def prune(
         allocation: ``uniform`` (one keep ratio everywhere), ``global`` (least important
             channels of the whole model first) or ``cost`` (channels first where they save the
             most predicted latency per unit of importance; needs ``profile``).
-        round_to: keep pruned widths at multiples of this (8 or 16 suit CPU/GPU kernels).
+        round_to: keep pruned widths at multiples of this (8 or 16 suit CPU/GPU kernels);
+            a group narrower than it keeps its own step, and a value larger than every
+            prunable group is refused (it could round nothing).
         profile: a latency profile of this model (object or JSON path).
         batches: ``(inputs, labels)`` batches for ``taylor``.
         output: for ``taylor`` on a model that returns a tuple or a dict: the index or key of
@@ -307,7 +309,7 @@ def prune(
     Raises:
         TypeError: ``model`` is not a module or ``example_input`` not a tensor.
         ValueError: an unknown importance or allocation, a bad target, ``taylor`` without
-            batches, ``cost`` without a profile.
+            batches, ``cost`` without a profile, ``round_to`` larger than every group.
         InfeasibleTargetError: no subnet of this model meets the target.
         UnsupportedModelError: the model cannot be traced.
 
@@ -389,15 +391,24 @@ def resolve_target(
 
     Raises:
         InfeasibleTargetError: no subnet meets the target; when the model has no prunable
-            group, the message says so and names the first places kept whole.
+            group, the message says so and names the first places kept whole (also for a
+            model of no FLOPs, which meets any share of them: nothing can be pruned).
     """
     try:
-        return goal.resolve(costs)
+        budget = goal.resolve(costs)
     except InfeasibleTargetError as exc:
         if graph.prunable_groups:
             raise
         refusal = Inspection.of(graph, costs).nothing_prunable(model_name)
         raise InfeasibleTargetError(f"{refusal}: {exc}") from exc
+    below = [c for c in goal.constraints if c.relative and c.limit < 1]
+    if below and not graph.prunable_groups:
+        # a model of no FLOPs (an activation alone) meets any share of them; it is refused like
+        # any other model with nothing to prune, which cannot meet a share below 100%
+        refusal = Inspection.of(graph, costs).nothing_prunable(model_name)
+        asked = f"{below[0].metric}<={100 * below[0].limit:g}%"
+        raise InfeasibleTargetError(f"{refusal}: {asked} asks to prune it")
+    return budget
 
 
 def load(

@@ -44,7 +44,8 @@ def register(subparsers: Any) -> None:
         "--round-to",
         type=int,
         default=1,
-        help="keep pruned widths at multiples of this, e.g. 8: faster kernels (default 1)",
+        help="keep pruned widths at multiples of this, e.g. 8: faster kernels (default 1); "
+        "groups narrower than it keep their own step, a value above every group is refused",
     )
     parser.add_argument(
         "--dataset",
