@@ -27,6 +27,7 @@ file at the end (or alone with ``--page-only``).
 Usage:
     PYTHONPATH=src .venv/bin/python scripts/bench_models.py              # everything
     PYTHONPATH=src .venv/bin/python scripts/bench_models.py --resume     # continue a run
+    PYTHONPATH=src .venv/bin/python scripts/bench_models.py --jobs 8     # 8 models at once
     PYTHONPATH=src .venv/bin/python scripts/bench_models.py --models resnet18,vit_b_32 \
         --results /tmp/r.jsonl --page /tmp/models.md
 """
@@ -34,6 +35,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import copy
 import json
@@ -373,15 +375,16 @@ def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]
         f"`FlopCounterMode` (dense and pruned) on {exact} of {len(benched)}.",
         f"- Torch-Pruning: {_totals(benched, 'torch_pruning')}.",
         f"- Full run: {meta.get('elapsed', '?')} on {meta['machine']} "
-        f"({meta.get('threads', 1)} torch thread per model).",
+        f"(1 torch thread per model, {meta.get('jobs', 1)} model(s) at once).",
         f"- Command: `{meta['command']}` at commit `{meta['commit']}`"
         + _other_commits(ordered, meta["commit"])
         + ".",
         "",
         "Columns: *side* is the input side; *prunable* the share of the dense FLOPs that "
         "depends on a prunable channel group; *min* the FLOPs left with every prunable group "
-        "at its narrowest; *kept whole* how many groups or layers are kept whole; *after* the "
-        "pruned model's FLOPs as a share of the dense model's, by `FlopCounterMode`.",
+        "at its narrowest; *kept whole* how many groups or layers are kept whole (the model's "
+        "input and output included); *after* the pruned model's FLOPs as a share of the dense "
+        "model's, by `FlopCounterMode`.",
         "",
         "| model | side | params | prunetune | s | prunable | min | kept whole | after "
         "| Torch-Pruning | s | after |",
@@ -404,7 +407,8 @@ def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]
     reasons: dict[str, list[str]] = {}
     for row in benched:
         for reason in (row.get("prunetune") or {}).get("kept_whole_reasons", []):
-            reasons.setdefault(reason, []).append(row["model"])
+            if not reason.startswith(("model input", "model output")):  # every model has them
+                reasons.setdefault(reason, []).append(row["model"])
     lines += ["", "## Why layers are kept whole", ""]
     lines += ["| reason | models |", "| --- | --- |"]
     for reason, models in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
@@ -440,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-s", type=float, default=900, help="per model and both tools")
     parser.add_argument("--page-only", action="store_true", help="rewrite the page from results")
     parser.add_argument("--no-torch-pruning", action="store_true", help="prunetune's column only")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="models at once, one process each (1 thread each)"
+    )
     args = parser.parse_args(argv)
     results = Path(args.results)
     names = args.models.split(",") if args.models else list_models()
@@ -457,16 +464,24 @@ def main(argv: list[str] | None = None) -> int:
         todo = names if args.models else [n for n in names if n not in rows]
         start = time.perf_counter()
         previous = json.loads(meta_path.read_text()) if args.resume and meta_path.is_file() else {}
-        for index, name in enumerate(todo, 1):
-            print(f"[{index}/{len(todo)}] {name} ...", end=" ", flush=True)
-            row = bench_isolated(name, tools, args.limit_s)
-            row["commit"] = commit
-            rows[name] = row
-            with results.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
-            ours = (row.get("prunetune") or {}).get("status", row.get("skipped", row.get("error")))
-            theirs = (row.get("torch_pruning") or {}).get("status", "")
-            print(f"{row['wall_s']} s: prunetune {ours}; torch-pruning {theirs}", flush=True)
+        # each model runs in its own forked process; --jobs of them at once (threads only wait)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            running = {pool.submit(bench_isolated, name, tools, args.limit_s) for name in todo}
+            for index, future in enumerate(concurrent.futures.as_completed(running), 1):
+                row = future.result()
+                row["commit"] = commit
+                rows[row["model"]] = row
+                with results.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                ours = (row.get("prunetune") or {}).get(
+                    "status", row.get("skipped", row.get("error"))
+                )
+                theirs = (row.get("torch_pruning") or {}).get("status", "")
+                print(
+                    f"[{index}/{len(todo)}] {row['model']}: {row['wall_s']} s: prunetune {ours}; "
+                    f"torch-pruning {theirs}",
+                    flush=True,
+                )
         elapsed_s = time.perf_counter() - start + float(previous.get("elapsed_s", 0))
         try:
             import torch_pruning
@@ -483,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             + " ".join(argv if argv is not None else sys.argv[1:]),
             "commit": commit,
             "elapsed_s": elapsed_s,
+            "jobs": args.jobs,
             "elapsed": f"{elapsed_s / 60:.0f} min",
         }
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
