@@ -416,6 +416,9 @@ def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]
         lines.append(f"| {reason.replace('|', '/')} | {shown} |")
     lines += ["", "## Skipped", ""]
     lines += [f"- {row['model']}: {row['skipped']}" for row in skipped] or ["- none"]
+    missing = sorted(set(list_models()) - set(rows))
+    if missing:
+        lines += ["", "## Not run yet", "", f"{len(missing)} models: {', '.join(missing)}."]
     page.write_text("\n".join(lines) + "\n")
 
 
@@ -433,6 +436,30 @@ def _commit() -> str:
         return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
     except OSError:
         return "unknown"
+
+
+def _meta(
+    argv: list[str] | None, commit: str, elapsed_s: float, jobs: int, done: int, total: int
+) -> dict[str, Any]:
+    """What the page says about the run: versions, machine, command, commit, time taken."""
+    try:
+        import torch_pruning
+
+        tp_version = torch_pruning.__version__
+    except ImportError:
+        tp_version = None
+    return {
+        "torchvision": torchvision.__version__,
+        "torch": torch.__version__,
+        "torch_pruning": tp_version,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "command": "PYTHONPATH=src python scripts/bench_models.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": commit,
+        "elapsed_s": elapsed_s,
+        "jobs": jobs,
+        "elapsed": f"{elapsed_s / 60:.0f} min for {done} of {total} models",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,26 +509,12 @@ def main(argv: list[str] | None = None) -> int:
                     f"torch-pruning {theirs}",
                     flush=True,
                 )
-        elapsed_s = time.perf_counter() - start + float(previous.get("elapsed_s", 0))
-        try:
-            import torch_pruning
+                # after every model, so an interrupted run still has its figures and a page
+                elapsed_s = time.perf_counter() - start + float(previous.get("elapsed_s", 0))
+                total = len(set(rows) | set(names))
+                meta = _meta(argv, commit, elapsed_s, args.jobs, len(rows), total)
+                meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
-            tp_version = torch_pruning.__version__
-        except ImportError:
-            tp_version = None
-        meta = {
-            "torchvision": torchvision.__version__,
-            "torch": torch.__version__,
-            "torch_pruning": tp_version,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-            "command": "PYTHONPATH=src python scripts/bench_models.py "
-            + " ".join(argv if argv is not None else sys.argv[1:]),
-            "commit": commit,
-            "elapsed_s": elapsed_s,
-            "jobs": args.jobs,
-            "elapsed": f"{elapsed_s / 60:.0f} min",
-        }
-        meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     meta = json.loads(meta_path.read_text())
     write_page(rows, Path(args.page), meta)
     print(f"wrote {args.page}")
