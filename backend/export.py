@@ -294,8 +294,15 @@ def export_subnet(
             try:
                 program = _export_program(model, example)
             except Exception as exc:  # torch.export raises many types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise ExportParityError(f"torch.export failed on the subnet: {first}") from exc
+                first = _first_line(exc)
+                hint = ""
+                if "data-dependent" in first:
+                    hint = (
+                        "; the model branches on a tensor's value (Python if/while), which "
+                        "torch.export cannot capture: write it with torch.where or torch.cond"
+                    )
+                message = f"torch.export failed on the subnet: {first}{hint}"
+                raise ExportParityError(message) from exc
             torch.export.save(program, staging / "model.pt2")
             with torch.no_grad():
                 output = output_tensors(program.module()(*check_input))

@@ -153,3 +153,21 @@ class PaddedNet(nn.Module):
         x = self.pad(F.relu(self.conv1(x)))
         x = F.relu(self.conv3(F.relu(self.bn2(self.conv2(x)))))
         return self.head(x.mean((2, 3)))
+
+
+class SignGate(nn.Module):
+    """Flips the sign of a map by its mean's sign: data-dependent control flow, which neither
+    torch.fx nor torch.export can capture."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.mean() > 0:
+            return x
+        return -x
+
+
+class GatedNet(PaddedNet):
+    """:class:`PaddedNet` with a :class:`SignGate` where the padding was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = SignGate()

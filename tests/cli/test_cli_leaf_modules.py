@@ -11,8 +11,9 @@ import torch
 
 import prunetune
 from prunetune.backend.errors import UnsupportedModelError
+from prunetune.backend.export import ExportParityError
 from prunetune.cli import main
-from tests.factories import PaddedNet
+from tests.factories import GatedNet, PaddedNet, SignGate
 
 MODEL = ["--model", "tests.factories:PaddedNet", "--input-shape", "1,3,17,17"]
 
@@ -59,3 +60,14 @@ def test_a_bad_leaf_module_option_is_one_line(capsys: pytest.CaptureFixture[str]
     assert "cannot import --leaf-module 'tests.factories:nothing'" in capsys.readouterr().err
     assert main(["inspect", *MODEL, "--leaf-module", "tests.factories:blobs"]) == 2
     assert "is not an nn.Module class" in capsys.readouterr().err
+
+
+def test_data_dependent_control_flow_is_refused_and_prunes_as_a_leaf(tmp_path: Path) -> None:
+    x = torch.randn(1, 3, 17, 17)
+    with pytest.raises(UnsupportedModelError, match=r"if x.mean\(\) > 0"):
+        prunetune.prune(GatedNet(), x, "flops<=60%")
+    result = prunetune.prune(GatedNet(), x, "flops<=60%", leaf_modules=[SignGate])
+    assert result.flops == result.costs["flops"] <= 0.6 * result.dense_flops
+    assert result.model(torch.randn(2, 3, 17, 17)).shape == (2, 4)
+    with pytest.raises(ExportParityError, match=r"branches on a tensor's value.*torch.where"):
+        result.export(tmp_path / "out")
