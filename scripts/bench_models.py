@@ -290,6 +290,10 @@ def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
     return rows
 
 
+def _millions(count: int | None) -> str:
+    return "" if count is None else f"{count / 1e6:.1f}M"
+
+
 def _pct(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.0f}%"
 
@@ -399,7 +403,7 @@ def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]
         tp_status, tp_seconds, tp_after = _cell(theirs)
         ours = ours or {}
         lines.append(
-            f"| {row['model']} | {row.get('side', '')} | {row.get('params', 0) / 1e6:.1f}M "
+            f"| {row['model']} | {row.get('side', '')} | {_millions(row.get('params'))} "
             f"| {status} | {seconds} | {_pct(ours.get('prunable_share'))} "
             f"| {_pct(ours.get('min_share'))} | {ours.get('kept_whole', '')} | {after} "
             f"| {tp_status} | {tp_seconds} | {tp_after} |"
