@@ -8,7 +8,10 @@ An export directory holds:
   a ``checksum`` of its own content;
 - ``weights.pt``: the pruned model's state_dict;
 - ``model.pt2``: the ``torch.export`` program (batch dimension dynamic);
-- ``model.onnx``: the ONNX graph (batch dimension dynamic).
+- ``model.onnx``: the ONNX graph (batch dimension dynamic), written by torch's TorchScript
+  exporter or, where that fails on an op, by its dynamo exporter. When neither can write the
+  model, the other files are still written and ``subnet.json`` says under ``missing_formats``
+  that ONNX is missing and why.
 
 Export runs the model, the exported program and onnxruntime on the same input and refuses to
 leave a directory behind when they disagree by more than the tolerance or compute anything
@@ -20,7 +23,9 @@ in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import math
 import warnings
@@ -40,7 +45,7 @@ from prunetune.backend.errors import (
     SpecError,
     UnsupportedModelError,
 )
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, match_leaf_modules
 from prunetune.backend.io import atomic_directory, check_writable
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
@@ -235,6 +240,10 @@ def export_subnet(
     Returns:
         The export directory.
 
+    An ONNX graph that neither exporter can write (nor onnxruntime run) does not stop the
+    export: the other formats are written, ``subnet.json`` records the reason under
+    ``missing_formats`` and ``progress`` (or, without it, a ``UserWarning``) says so.
+
     Raises:
         ExportParityError: an exported format disagrees with the model beyond ``tolerance``,
             or the model computes non-finite outputs.
@@ -257,10 +266,10 @@ def export_subnet(
     generator = torch.Generator().manual_seed(0)
     # batch 1 would be specialised to a constant by torch.export; 2 keeps the batch dynamic,
     # and the parity check runs at another batch size to prove it
-    example = torch.randn((2, *spec.input_shape[1:]), generator=generator)
-    check_input = torch.randn((3, *spec.input_shape[1:]), generator=generator)
+    example = tuple(torch.randn((2, *s[1:]), generator=generator) for s in spec.input_shapes)
+    check_input = tuple(torch.randn((3, *s[1:]), generator=generator) for s in spec.input_shapes)
     with torch.no_grad():
-        expected = output_tensors(model(check_input))
+        expected = output_tensors(model(*check_input))
     if not all(bool(torch.isfinite(tensor).all()) for _, tensor in expected):
         raise ExportParityError(
             "the model computes non-finite outputs (NaN or inf) on a random input: its weights "
@@ -271,7 +280,7 @@ def export_subnet(
         "spec": spec.to_dict(),
         "metrics": {
             **(metrics or {}),
-            "flops": count_flops(model, example[:1]),
+            "flops": count_flops(model, tuple(x[:1] for x in example)),
             "params": count_params(model),
         },
         "parity": {},
@@ -285,14 +294,21 @@ def export_subnet(
             try:
                 program = _export_program(model, example)
             except Exception as exc:  # torch.export raises many types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise ExportParityError(f"torch.export failed on the subnet: {first}") from exc
+                first = _first_line(exc)
+                hint = ""
+                if "data-dependent" in first:
+                    hint = (
+                        "; the model branches on a tensor's value (Python if/while), which "
+                        "torch.export cannot capture: write it with torch.where or torch.cond"
+                    )
+                message = f"torch.export failed on the subnet: {first}{hint}"
+                raise ExportParityError(message) from exc
             torch.export.save(program, staging / "model.pt2")
             with torch.no_grad():
-                output = output_tensors(program.module()(check_input))
+                output = output_tensors(program.module()(*check_input))
                 error = _output_error(expected, output, "the torch.export program")
                 reloaded = torch.export.load(str(staging / "model.pt2")).module()
-                output = output_tensors(reloaded(check_input))
+                output = output_tensors(reloaded(*check_input))
                 error = max(error, _output_error(expected, output, "model.pt2 reloaded"))
             record["parity"]["pt2"] = error
             if not error <= tolerance:
@@ -303,16 +319,26 @@ def export_subnet(
         if "onnx" in formats:
             _check_onnx_exportable(model)
             try:
-                error = _export_onnx(model, example, check_input, expected, staging / "model.onnx")
-            except Exception as exc:  # the ONNX exporter raises many types
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise ExportParityError(f"ONNX export failed on the subnet: {first}") from exc
-            record["parity"]["onnx"] = error
-            if not error <= tolerance:
-                raise ExportParityError(
-                    f"ONNX graph differs from the model by {error:.2e} (> {tolerance})"
-                )
-            say(f"wrote model.onnx (parity {error:.1e})")
+                exporter = _write_onnx(model, example, staging / "model.onnx")
+                error = _onnx_error(staging / "model.onnx", check_input, expected, exporter)
+            except _OnnxUnavailable as exc:
+                # one op ONNX cannot express must not cost the user the other formats
+                record["missing_formats"] = {"onnx": str(exc)}
+                message = f"model.onnx not written: {exc}; the other formats are complete"
+                say(message)
+                if progress is None:
+                    warnings.warn(message, stacklevel=2)
+                (staging / "model.onnx").unlink(missing_ok=True)
+            else:
+                record["parity"]["onnx"] = error
+                record["onnx_exporter"] = exporter
+                if not error <= tolerance:
+                    raise ExportParityError(
+                        f"ONNX graph ({exporter} exporter) differs from the model by "
+                        f"{error:.2e} (> {tolerance})"
+                    )
+                via = "" if exporter == "torchscript" else f", {exporter} exporter"
+                say(f"wrote model.onnx (parity {error:.1e}{via})")
         for name in _FILES:
             if (staging / name).exists():
                 record["files"][name] = _sha256(staging / name)
@@ -340,13 +366,18 @@ class Normalize(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(view))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(view))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model((x - self.mean) / self.std)  # type: ignore[no-any-return]
+    def forward(self, x: Tensor, *others: Tensor) -> Any:
+        return self.model((x - self.mean) / self.std, *others)
 
 
-def _export_program(model: nn.Module, example: Tensor) -> Any:
+def _export_program(model: nn.Module, example: tuple[Tensor, ...]) -> Any:
     batch = torch.export.Dim("batch", min=1, max=65536)
-    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    return torch.export.export(model, example, dynamic_shapes=tuple({0: batch} for _ in example))
+
+
+def _onnx_input_names(count: int) -> list[str]:
+    """``input`` for a model of one input; ``input``, ``input.1``, ... for several."""
+    return ["input", *(f"input.{index}" for index in range(1, count))]
 
 
 def _check_onnx_exportable(model: nn.Module) -> None:
@@ -364,31 +395,93 @@ def _check_onnx_exportable(model: nn.Module) -> None:
             )
 
 
-def _export_onnx(
-    model: nn.Module,
-    example: Tensor,
-    check_input: Tensor,
-    expected: list[tuple[str, Tensor]],
-    path: Path,
-) -> float:
-    """Write the ONNX graph (one named output per output tensor), reload it in onnxruntime and
-    return its largest error over every output."""
-    import onnxruntime
+class _OnnxUnavailable(Exception):
+    """Neither ONNX exporter can write the model; the message says why, per exporter."""
 
-    names = ["output" if name == "output" else f"output.{name}" for name, _ in expected]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["input"],
-            output_names=names,
-            dynamic_axes={"input": {0: "batch"}, **{name: {0: "batch"} for name in names}},
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else repr(exc)
+
+
+def _onnx_names(output_names: list[str]) -> list[str]:
+    """ONNX output names for the model's output tensors named by :func:`output_tensors`."""
+    return ["output" if name == "output" else f"output.{name}" for name in output_names]
+
+
+def _write_onnx(model: nn.Module, example: tuple[Tensor, ...], path: Path) -> str:
+    """Write the ONNX graph of ``model`` (one named output per output tensor, batch dynamic).
+
+    The TorchScript exporter is tried first (fast, and what earlier exports used); where it
+    fails on an op (adaptive pooling to a size that does not divide the input, among others),
+    torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``, which needs
+    ``onnxscript``) is tried on the same program ``torch.export`` takes.
+
+    Returns:
+        The exporter that wrote the file: ``torchscript`` or ``dynamo``.
+
+    Raises:
+        _OnnxUnavailable: both failed (or the dynamo exporter is not installed); the message
+            gives each exporter's first line.
+    """
+    with torch.no_grad():
+        names = _onnx_names([name for name, _ in output_tensors(model(*example))])
+    inputs = _onnx_input_names(len(example))
+
+    def export(**exporter: Any) -> None:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model, example, str(path), input_names=inputs, output_names=names, **exporter
+            )
+
+    try:
+        export(
+            dynamic_axes={name: {0: "batch"} for name in (*inputs, *names)},
             dynamo=False,
         )
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"input": check_input.numpy()})
+        return "torchscript"
+    except Exception as exc:  # the TorchScript exporter raises many types
+        torchscript = _first_line(exc)
+    try:
+        import onnxscript  # noqa: F401  (the dynamo exporter's dependency)
+    except ImportError as exc:
+        raise _OnnxUnavailable(
+            f"the TorchScript exporter failed ({torchscript}) and torch's dynamo exporter "
+            "needs onnxscript, which is not installed (pip install onnxscript)"
+        ) from exc
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        export(dynamic_shapes=tuple({0: batch} for _ in example), dynamo=True, verbose=False)
+    except Exception as exc:  # the dynamo exporter raises many types
+        path.unlink(missing_ok=True)
+        raise _OnnxUnavailable(
+            f"the TorchScript exporter failed ({torchscript}) and so did the dynamo exporter "
+            f"({_first_line(exc)})"
+        ) from exc
+    return "dynamo"
+
+
+def _onnx_error(
+    path: Path, check_input: tuple[Tensor, ...], expected: list[tuple[str, Tensor]], exporter: str
+) -> float:
+    """Reload the ONNX graph in onnxruntime and return its largest error over every output.
+
+    Raises:
+        _OnnxUnavailable: onnxruntime cannot load or run the graph.
+        ExportParityError: the graph returns other outputs than the model.
+    """
+    import onnxruntime
+
+    names = _onnx_names([name for name, _ in expected])
+    try:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        feed = dict(zip(_onnx_input_names(len(check_input)), check_input, strict=True))
+        outputs = session.run(None, {name: x.numpy() for name, x in feed.items()})
+    except Exception as exc:  # onnxruntime raises its own types
+        raise _OnnxUnavailable(
+            f"onnxruntime cannot run the graph the {exporter} exporter wrote ({_first_line(exc)})"
+        ) from exc
     got = [(name, torch.from_numpy(value)) for name, value in zip(names, outputs, strict=False)]
     return _output_error(expected, got, "the ONNX graph")
 
@@ -501,7 +594,9 @@ def load_export(
     if dense is None:
         program = _load_program(root, spec)
         return LoadedModel(program, spec.model, spec.input_shape, spec, metrics, preprocessing)
-    graph = ChannelGraph.trace(dense, torch.zeros(spec.input_shape))
+    example = tuple(torch.zeros(s) for s in spec.input_shapes)
+    leaves = match_leaf_modules(dense, spec.leaf_modules)
+    graph = ChannelGraph.trace(dense, example, leaf_modules=leaves)
     spec.validate(graph)
     pruned = prune_model(dense, graph, spec)
     weights = root / "weights.pt"

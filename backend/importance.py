@@ -8,6 +8,8 @@ linear (weight rows) and every norm layer over those channels. Criteria:
 - ``taylor``: first-order Taylor estimate of the loss change when the channel is removed,
   ``(gamma * dL/dgamma + beta * dL/dbeta)^2`` on norm layers, or ``(sum w * dL/dw)^2`` over a
   producing weight row where there is no norm (Molchanov et al., 2019), summed over batches.
+  The loss is the training toolkit's (:class:`~prunetune.backend.training.Task`): of the output
+  the task names, for a model returning a tuple or a dict (a segmentation model's ``"out"``).
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from collections.abc import Iterable
 from typing import Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunetune.backend.graph import ChannelGraph, ChannelMember
 from prunetune.backend.surgery import output_major
+from prunetune.backend.training import Task
 
 __all__ = ["IMPORTANCE_CRITERIA", "Criterion", "channel_importance"]
 
@@ -33,6 +35,7 @@ def channel_importance(
     graph: ChannelGraph,
     criterion: str = "l1",
     batches: Iterable[tuple[Tensor, Tensor]] | None = None,
+    task: Task | None = None,
 ) -> dict[str, Tensor]:
     """Score every channel of every prunable group; higher means more important.
 
@@ -41,12 +44,17 @@ def channel_importance(
         graph: the model's channel graph.
         criterion: one of ``l1``, ``l2``, ``bn``, ``taylor``.
         batches: (inputs, labels) batches, needed by ``taylor`` only.
+        task: the loss ``taylor`` differentiates and the output it is taken on, for a model
+            that returns a tuple or a dict (default: cross-entropy on the tensor, the first
+            item of a tuple or the ``"out"`` entry of a dict).
 
     Returns:
         ``{group name: float tensor of shape [group size]}`` for every prunable group.
 
     Raises:
         ValueError: unknown criterion, or ``taylor`` without batches.
+        TrainingError: ``taylor`` on a model whose output the task does not find (a dict
+            without ``"out"``, say): the message says how to name it.
     """
     if criterion not in IMPORTANCE_CRITERIA:
         raise ValueError(
@@ -56,7 +64,7 @@ def channel_importance(
     if criterion == "taylor":
         if batches is None:
             raise ValueError("the taylor criterion needs data batches to take gradients on")
-        grads = _accumulate_taylor(model, batches)
+        grads = _accumulate_taylor(model, batches, task or Task())
     scores: dict[str, Tensor] = {}
     for group in graph.prunable_groups:
         total = torch.zeros(group.size)
@@ -68,14 +76,20 @@ def channel_importance(
                 if criterion == "bn":
                     total += _per_channel(module.weight.detach().abs(), member, group.size)
                 elif criterion == "taylor":
-                    total += _per_channel(grads[member.module + ".norm"], member, group.size)
+                    total += _per_channel(
+                        _taylor(grads, member, module, ".norm"), member, group.size
+                    )
             elif member.role == "out" and criterion in ("l1", "l2"):
                 rows = _per_channel(output_major(module).detach(), member, group.size)
                 total += rows.abs().sum(1) if criterion == "l1" else rows.pow(2).sum(1)
         if criterion == "taylor" and not norm_seen:
             for member in group.members:
                 if member.role == "out":
-                    total += _per_channel(grads[member.module + ".weight"], member, group.size)
+                    total += _per_channel(
+                        _taylor(grads, member, modules[member.module], ".weight"),
+                        member,
+                        group.size,
+                    )
         if criterion == "l2":
             total = total.sqrt()
         if criterion == "bn" and not norm_seen:  # no norm layer: fall back on weight magnitude
@@ -85,6 +99,18 @@ def channel_importance(
                     total += _per_channel(weight, member, group.size).abs().mean(1)
         scores[group.name] = total
     return scores
+
+
+def _taylor(
+    grads: dict[str, Tensor], member: ChannelMember, module: nn.Module, kind: str
+) -> Tensor:
+    """A member's accumulated Taylor terms (one per output feature); zero for a layer that no
+    gradient reached (an output the loss does not use: its channels do not change the loss)."""
+    found = grads.get(member.module + kind)
+    if found is not None:
+        return found
+    weight = getattr(module, "weight") if kind == ".norm" else output_major(module)  # noqa: B009
+    return torch.zeros(int(weight.shape[0]))
 
 
 def _per_channel(values: Tensor, member: ChannelMember, size: int) -> Tensor:
@@ -100,7 +126,7 @@ def _per_channel(values: Tensor, member: ChannelMember, size: int) -> Tensor:
 
 
 def _accumulate_taylor(
-    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]]
+    model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], task: Task
 ) -> dict[str, Tensor]:
     """Per-channel squared first-order Taylor terms for norm layers and weight rows."""
     was_training = model.training
@@ -108,7 +134,7 @@ def _accumulate_taylor(
     sums: dict[str, Tensor] = {}
     for x, y in batches:
         model.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
+        task.loss_of(model(x), y).backward()
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
             if not isinstance(weight, Tensor) or weight.grad is None:

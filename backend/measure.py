@@ -11,7 +11,7 @@ from prunetune.backend.graph import eval_mode
 __all__ = ["count_flops", "count_params"]
 
 
-def count_flops(model: nn.Module, example_input: Tensor) -> int:
+def count_flops(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) -> int:
     """Multiply-accumulates of one forward pass, as ``FlopCounterMode`` total / 2.
 
     This is the project's reference for "FLOPs" (multiply-accumulates of every op the counter
@@ -21,14 +21,15 @@ def count_flops(model: nn.Module, example_input: Tensor) -> int:
 
     Args:
         model: the model.
-        example_input: its input, ``[N, ...]``; the count is for all ``N`` examples.
+        example_input: its input, ``[N, ...]`` (a tuple of them for a model of several
+            inputs); the count is for all ``N`` examples.
 
     Returns:
         ``FlopCounterMode`` total / 2.
     """
     counter = FlopCounterMode(display=False)
     with eval_mode(model), torch.no_grad(), counter:
-        model(example_input)
+        model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     return int(counter.get_total_flops()) // 2
 
 

@@ -23,6 +23,7 @@ __all__ = [
     "Allocation",
     "alignment",
     "check_round_to",
+    "check_round_to_fits",
     "cost_widths",
     "global_widths",
     "normalised_importance",
@@ -53,6 +54,28 @@ def check_round_to(round_to: object) -> int:
     """
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise ValueError(f"round_to must be a positive integer, got {round_to!r}")
+    return round_to
+
+
+def check_round_to_fits(graph: ChannelGraph, round_to: int) -> int:
+    """``round_to`` checked against the model: it must not exceed every prunable group.
+
+    A group narrower than ``round_to`` keeps its own step (see :func:`alignment`): that is the
+    documented clamp. But when ``round_to`` exceeds every group, no width anywhere could be
+    rounded to it, and the option would be silently ignored; that is refused instead.
+
+    Raises:
+        ValueError: not a positive integer, or larger than every prunable group (the message
+            gives the widest group and the largest value that takes effect).
+    """
+    check_round_to(round_to)
+    widest = max((g.size for g in graph.prunable_groups), default=0)
+    if widest and round_to > widest:
+        raise ValueError(
+            f"round_to={round_to} is larger than every prunable channel group (the widest has "
+            f"{widest} channels), so no pruned width could be a multiple of it; use a value of "
+            f"at most {widest} (or 1 for no rounding)"
+        )
     return round_to
 
 
@@ -241,12 +264,13 @@ def one_shot_widths(
 
     Raises:
         ValueError: unknown allocation, ``global`` or ``cost`` without scores, ``cost``
-            without a cost, or a bad ``round_to``.
+            without a cost, or a bad ``round_to`` (not positive, or larger than every group:
+            see :func:`check_round_to_fits`).
         InfeasibleTargetError: no subnet fits.
     """
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
-    check_round_to(round_to)
+    check_round_to_fits(graph, round_to)
     if allocation == "uniform":
         return uniform_widths(graph, fits, round_to=round_to)
     if scores is None:

@@ -8,6 +8,7 @@ passes from a search space to the backend and from a trial to the export, as JSO
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor
 
 from prunetune.backend.errors import SpecError
-from prunetune.backend.graph import ChannelGraph, ChannelGroup
+from prunetune.backend.graph import ChannelGraph, ChannelGroup, leaf_module_key
 from prunetune.backend.models import ModelRef
 
 __all__ = ["SubnetSpec", "select_channels"]
@@ -91,16 +92,26 @@ def select_channels(
     return tuple(sorted(kept))
 
 
+def _is_shape(shape: tuple[Any, ...]) -> bool:
+    return bool(shape) and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+
+
 @dataclass(frozen=True)
 class SubnetSpec:
     """Which subnet of a model to build: kept widths, and kept channels once chosen.
 
     Attributes:
         model: the model's identity.
-        input_shape: shape of the example input the channel graph was traced with.
+        input_shape: shape of the example input the channel graph was traced with (the first
+            input, for a model whose ``forward`` takes several tensors).
         widths: kept width of every prunable group, by group name.
         kept: kept channel indices of every group in ``widths`` (ascending), or ``None`` to keep
             the first channels of each group (see :func:`select_channels`).
+        extra_input_shapes: shapes of the second and later example inputs, for a model whose
+            ``forward`` takes several tensors (empty for one input).
+        leaf_modules: the modules the graph was traced without entering, as
+            ``package.module:Class`` or a submodule's name; tracing the dense model again
+            with them rebuilds the same groups.
 
     Example:
         >>> import torch
@@ -118,12 +129,14 @@ class SubnetSpec:
     input_shape: tuple[int, ...]
     widths: dict[str, int]
     kept: dict[str, tuple[int, ...]] | None = None
+    extra_input_shapes: tuple[tuple[int, ...], ...] = ()
+    leaf_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, ModelRef):
             raise SpecError(f"model must be a ModelRef, got {type(self.model).__name__}")
         shape = tuple(self.input_shape)
-        if not shape or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        if not _is_shape(shape):
             raise SpecError(f"input_shape must be a tuple of ints, got {self.input_shape!r}")
         if not isinstance(self.widths, Mapping):
             raise SpecError(f"widths must map group names to ints, got {self.widths!r}")
@@ -146,7 +159,19 @@ class SubnetSpec:
                 if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
                     raise SpecError(f"kept indices of group {name!r} must be ints, got {items!r}")
                 kept[str(name)] = items
+        extra = tuple(tuple(s) for s in self.extra_input_shapes)
+        if not all(
+            s and all(isinstance(d, int) and not isinstance(d, bool) for d in s) for s in extra
+        ):
+            raise SpecError(
+                f"extra_input_shapes must be tuples of ints, got {self.extra_input_shapes!r}"
+            )
         object.__setattr__(self, "input_shape", shape)
+        object.__setattr__(self, "extra_input_shapes", extra)
+        leaves = tuple(self.leaf_modules)
+        if not all(isinstance(leaf, str) for leaf in leaves):
+            raise SpecError(f"leaf_modules must be strings, got {self.leaf_modules!r}")
+        object.__setattr__(self, "leaf_modules", leaves)
         object.__setattr__(self, "widths", widths)
         object.__setattr__(self, "kept", kept)
 
@@ -183,14 +208,20 @@ class SubnetSpec:
                 except KeyError:
                     raise SpecError(_unknown_group(graph, name)) from None
                 _check_width(group, width)
-        draft = cls(model=model_ref, input_shape=graph.input_shape, widths=own)
+        draft = cls(
+            model_ref,
+            graph.input_shape,
+            own,
+            extra_input_shapes=graph.input_shapes[1:],
+            leaf_modules=tuple(leaf_module_key(leaf) for leaf in graph.leaf_modules),
+        )
         draft.validate(graph)
         scores = importance or {}
         kept = {
             name: select_channels(graph.group(name), width, scores.get(name))
             for name, width in draft.widths.items()
         }
-        return cls(model=model_ref, input_shape=graph.input_shape, widths=draft.widths, kept=kept)
+        return dataclasses.replace(draft, kept=kept)
 
     def validate(self, graph: ChannelGraph) -> None:
         """Check that this spec fits ``graph``.
@@ -200,10 +231,12 @@ class SubnetSpec:
                 range or not a multiple of the group's step, or kept indices are not unique, out
                 of range, of the wrong count or unbalanced across conv-group slices.
         """
-        if tuple(self.input_shape[1:]) != tuple(graph.input_shape[1:]):
+        theirs = graph.input_shapes
+        if [s[1:] for s in self.input_shapes] != [tuple(s[1:]) for s in theirs]:
+            shown = " and ".join(map(str, self.input_shapes))
             raise SpecError(
-                f"spec is for input shape {self.input_shape} but the graph was traced with "
-                f"{graph.input_shape}; trace the model with the spec's input shape"
+                f"spec is for input shape {shown} but the graph was traced with "
+                f"{' and '.join(map(str, theirs))}; trace the model with the spec's input shape"
             )
         names = {group.name for group in graph.groups}
         for name in self.widths:
@@ -263,17 +296,28 @@ class SubnetSpec:
             base = self.kept.get(name)
             kept[name] = tuple(base[i] for i in indices) if base is not None else indices
             widths[name] = len(indices)
-        return SubnetSpec(model=self.model, input_shape=self.input_shape, widths=widths, kept=kept)
+        return dataclasses.replace(self, widths=widths, kept=kept)
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Every example input's shape: :attr:`input_shape`, then :attr:`extra_input_shapes`."""
+        return (self.input_shape, *self.extra_input_shapes)
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: ``{"version", "model", "input_shape", "widths", "kept"}``."""
-        return {
+        """The JSON form: ``{"version", "model", "input_shape", "widths", "kept"}``, plus
+        ``extra_input_shapes`` for a model of several inputs."""
+        data = {
             "version": _FORMAT_VERSION,
             "model": self.model.to_dict(),
             "input_shape": list(self.input_shape),
             "widths": dict(self.widths),
             "kept": None if self.kept is None else {k: list(v) for k, v in self.kept.items()},
         }
+        if self.extra_input_shapes:
+            data["extra_input_shapes"] = [list(s) for s in self.extra_input_shapes]
+        if self.leaf_modules:
+            data["leaf_modules"] = list(self.leaf_modules)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any) -> SubnetSpec:
@@ -289,7 +333,9 @@ class SubnetSpec:
             raise SpecError(
                 f"subnet spec version {version!r} is not supported (expected {_FORMAT_VERSION})"
             )
-        unknown = set(data) - {"version", "model", "input_shape", "widths", "kept"}
+        known = {"version", "model", "input_shape", "widths", "kept"}
+        known |= {"extra_input_shapes", "leaf_modules"}
+        unknown = set(data) - known
         if unknown:
             raise SpecError(f"subnet spec has unknown keys: {', '.join(sorted(unknown))}")
         for key in ("model", "input_shape", "widths"):
@@ -301,11 +347,16 @@ class SubnetSpec:
             raise SpecError(f"subnet spec has a bad model: {exc}") from exc
         if not isinstance(data["input_shape"], list):
             raise SpecError(f"input_shape must be a list of ints, got {data['input_shape']!r}")
+        extra = data.get("extra_input_shapes", [])
+        if not isinstance(extra, list) or not all(isinstance(s, list) for s in extra):
+            raise SpecError(f"extra_input_shapes must be a list of shapes, got {extra!r}")
         return cls(
             model=model,
             input_shape=tuple(data["input_shape"]),
             widths=data["widths"],
             kept=data.get("kept"),
+            extra_input_shapes=tuple(tuple(s) for s in extra),
+            leaf_modules=tuple(data.get("leaf_modules", ())),
         )
 
     def to_json(self, indent: int | None = 2) -> str:

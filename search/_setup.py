@@ -23,6 +23,7 @@ from prunetune.backend.errors import CheckpointError, DataError, PrunetuneError
 from prunetune.backend.export import load_model
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.models import ModelRef, create_model, dataset_kwargs
+from prunetune.backend.pruning import check_round_to_fits
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.train import TrainConfig, train
 from prunetune.backend.training import evaluate
@@ -122,6 +123,7 @@ def prepare(config: SearchConfig, module: nn.Module | None = None, data: object 
             torch.manual_seed(config.seed)
             model, trained, source = ref.build(), False, "trained by this search"
     graph = ChannelGraph.trace(model, torch.zeros(shape))
+    check_round_to_fits(graph, config.round_to)
     profile = LatencyProfile.load(config.profile) if config.profile else None
     budget = config.target.resolve(cost_models(graph, profile))
     return Prepared(

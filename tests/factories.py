@@ -93,3 +93,81 @@ class TinySegNet(nn.Module):
         """Per-pixel class scores, and auxiliary ones from the stem."""
         stem = self.stem(x)
         return {"out": self.head(self.body(stem)), "aux": self.aux(stem)}
+
+
+class OddPoolNet(nn.Module):
+    """Adaptive pooling to 3 x 3 of a 10 x 10 map (for a 1 x 3 x 12 x 12 input): 3 does not
+    divide 10, which torch's TorchScript ONNX exporter refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 1))
+        self.pool = nn.AdaptiveAvgPool2d(3)
+        self.head = nn.Linear(8 * 9, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.pool(self.features(x)).flatten(1))
+
+
+class TwoInputNet(nn.Module):
+    """An image and a vector of 10 side features (``forward(image, features)``), fused before
+    the head: a model that needs two example inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 24, 3, padding=1)
+        self.side = nn.Linear(10, 24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, image: Tensor, features: Tensor) -> Tensor:
+        x = F.relu(self.bn1(self.conv1(image)))
+        x = F.relu(self.conv2(x)).mean((2, 3))
+        return self.head(x + self.side(features))
+
+
+class PadToEven(nn.Module):
+    """Pads a map of odd size to even: Python control flow on the input's size, which plain
+    torch.fx cannot trace (prunetune's concrete tracing and torch.export can)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return x
+
+
+class PaddedNet(nn.Module):
+    """A CNN with a :class:`PadToEven` between its convs (input 1 x 3 x 17 x 17)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3)
+        self.pad = PadToEven()
+        self.conv2 = nn.Conv2d(16, 24, 3, stride=2)
+        self.bn2 = nn.BatchNorm2d(24)
+        self.conv3 = nn.Conv2d(24, 24, 3, padding=1)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.pad(F.relu(self.conv1(x)))
+        x = F.relu(self.conv3(F.relu(self.bn2(self.conv2(x)))))
+        return self.head(x.mean((2, 3)))
+
+
+class SignGate(nn.Module):
+    """Flips the sign of a map by its mean's sign: data-dependent control flow, which neither
+    torch.fx nor torch.export can capture."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.mean() > 0:
+            return x
+        return -x
+
+
+class GatedNet(PaddedNet):
+    """:class:`PaddedNet` with a :class:`SignGate` where the padding was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pad = SignGate()

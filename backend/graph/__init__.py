@@ -10,7 +10,12 @@ from prunetune.backend.graph._records import (
     ScaleInfo,
 )
 from prunetune.backend.graph._rules import is_per_output, per_output_channels
-from prunetune.backend.graph._trace import eval_mode
+from prunetune.backend.graph._trace import (
+    LeafModule,
+    eval_mode,
+    leaf_module_key,
+    match_leaf_modules,
+)
 
 __all__ = [
     "ChannelGraph",
@@ -18,10 +23,13 @@ __all__ = [
     "ChannelMember",
     "ChannelSegment",
     "LayerInfo",
+    "LeafModule",
     "MaskPoint",
     "NormInfo",
     "ScaleInfo",
     "eval_mode",
     "is_per_output",
+    "leaf_module_key",
+    "match_leaf_modules",
     "per_output_channels",
 ]

@@ -20,7 +20,14 @@ from prunetune.backend.graph._records import (
 )
 from prunetune.backend.graph._rules import is_per_output, per_output_channels
 from prunetune.backend.graph._state import Last, LayerRecord
-from prunetune.backend.graph._trace import build_dag, propagate_shapes, trace_module
+from prunetune.backend.graph._trace import (
+    LeafModule,
+    build_dag,
+    check_leaf_modules,
+    example_inputs,
+    propagate_shapes,
+    trace_module,
+)
 
 __all__ = ["ChannelGraph", "MaskPoint"]
 
@@ -65,10 +72,11 @@ class ChannelGraph:
         unprunable: dict[str, str],
         input_shape: tuple[int, ...],
         other_params: int,
-        leaf_modules: tuple[type[nn.Module], ...],
+        leaf_modules: tuple[LeafModule, ...],
         mask_points: tuple[MaskPoint, ...],
         constant_flops: dict[str, int] | None = None,
         scales: tuple[ScaleInfo, ...] = (),
+        extra_input_shapes: tuple[tuple[int, ...], ...] = (),
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -83,14 +91,15 @@ class ChannelGraph:
         self._mask_points = mask_points
         self._constant_flops = dict(constant_flops or {})
         self._scales = scales
+        self._extra_input_shapes = tuple(extra_input_shapes)
 
     @classmethod
     def trace(
         cls,
         model: nn.Module,
-        example_input: Tensor,
+        example_input: Tensor | tuple[Tensor, ...],
         *,
-        leaf_modules: Sequence[type[nn.Module]] = (),
+        leaf_modules: Sequence[LeafModule] = (),
     ) -> ChannelGraph:
         """Trace ``model`` on ``example_input`` and derive its channel groups.
 
@@ -102,9 +111,13 @@ class ChannelGraph:
 
         Args:
             model: the dense model.
-            example_input: one input batch, e.g. ``torch.randn(1, 3, 32, 32)``.
-            leaf_modules: extra module types to keep as single calls instead of tracing through
-                them (their channels are kept whole).
+            example_input: one input batch, e.g. ``torch.randn(1, 3, 32, 32)``; for a model
+                whose ``forward`` takes several tensors, a tuple of them (one per positional
+                argument, each ``[N, ...]`` with the same ``N``). Channels of the second and
+                later inputs are kept whole.
+            leaf_modules: extra module types, or qualified names of submodules (``"blocks.3"``),
+                to keep as single calls instead of tracing through them (their channels are
+                kept whole).
 
         Returns:
             The channel graph.
@@ -117,17 +130,10 @@ class ChannelGraph:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(example_input, Tensor):
-            raise TypeError(
-                f"example_input must be a torch.Tensor, got {type(example_input).__name__}"
-            )
-        if example_input.ndim < 2:
-            raise ValueError(
-                "example_input must have a batch and a channel dim, e.g. shape (1, 3, 32, 32); "
-                f"got shape {tuple(example_input.shape)}"
-            )
-        module = trace_module(model, leaf_modules, (example_input,))
-        propagate_shapes(module, model, example_input)
+        inputs = example_inputs(example_input)
+        leaf_modules = check_leaf_modules(model, leaf_modules)
+        module = trace_module(model, leaf_modules, inputs)
+        propagate_shapes(module, model, inputs)
         analysis = _analyse(module)
         groups, slot_names = analysis.slots.build()
 
@@ -193,13 +199,14 @@ class ChannelGraph:
         return cls(
             dag=build_dag(module, channel_names),
             constant_flops=_constant_flops(
-                module, analysis.layers, example_input.shape[0], set(analysis.functional)
+                module, analysis.layers, inputs[0].shape[0], set(analysis.functional)
             ),
             groups=groups,
             layers=layers,
             norms=norms,
             unprunable=unprunable,
-            input_shape=tuple(int(d) for d in example_input.shape),
+            input_shape=tuple(int(d) for d in inputs[0].shape),
+            extra_input_shapes=tuple(tuple(int(d) for d in x.shape) for x in inputs[1:]),
             other_params=other_params,
             leaf_modules=tuple(leaf_modules),
             mask_points=tuple(mask_points),
@@ -244,8 +251,13 @@ class ChannelGraph:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        """Shape of the example input the graph was traced with."""
+        """Shape of the example input the graph was traced with (the first, for several)."""
         return self._input_shape
+
+    @property
+    def input_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of every example input, one per positional argument of ``forward``."""
+        return (self._input_shape, *self._extra_input_shapes)
 
     @property
     def other_params(self) -> int:
@@ -269,8 +281,8 @@ class ChannelGraph:
         return sum(self._constant_flops.values())
 
     @property
-    def leaf_modules(self) -> tuple[type[nn.Module], ...]:
-        """The extra leaf module types the graph was traced with."""
+    def leaf_modules(self) -> tuple[LeafModule, ...]:
+        """The extra leaf module types and submodule names the graph was traced with."""
         return self._leaf_modules
 
     def trace_module(self, model: nn.Module) -> fx.GraphModule:
@@ -281,8 +293,8 @@ class ChannelGraph:
         Raises:
             UnsupportedModelError: the model cannot be traced.
         """
-        example = torch.zeros(self.input_shape)
-        return trace_module(model, self._leaf_modules, (example,))
+        examples = tuple(torch.zeros(shape) for shape in self.input_shapes)
+        return trace_module(model, self._leaf_modules, examples)
 
     @property
     def mask_points(self) -> tuple[MaskPoint, ...]:

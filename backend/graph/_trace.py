@@ -19,22 +19,122 @@ from prunetune.backend.errors import UnsupportedModelError
 from prunetune.backend.graph._concrete import ConcreteTracer
 from prunetune.backend.graph._rules import is_layer_subclass
 
-__all__ = ["build_dag", "eval_mode", "node_shape", "propagate_shapes", "trace_module"]
+__all__ = [
+    "LeafModule",
+    "build_dag",
+    "check_leaf_modules",
+    "eval_mode",
+    "example_inputs",
+    "leaf_module_key",
+    "match_leaf_modules",
+    "node_shape",
+    "propagate_shapes",
+    "trace_module",
+]
+
+SEVERAL_INPUTS_HINT = (
+    "pass one example tensor per input: prunetune.prune(model, (x1, x2), ...) in Python, "
+    "--input-shape once per input on the command line (--input-shape 1,3,32,32 "
+    "--input-shape 1,10)"
+)
+
+
+def example_inputs(example_input: Tensor | tuple[Tensor, ...] | list[Tensor]) -> tuple[Tensor, ...]:
+    """``example_input`` as a tuple of tensors: one per positional argument of ``forward``.
+
+    Raises:
+        TypeError: not a tensor, or a tuple/list holding something else than tensors.
+        ValueError: an empty tuple, a tensor without a batch dim (fewer than 2 dims), or
+            inputs of different batch sizes.
+    """
+    if isinstance(example_input, Tensor):
+        inputs: tuple[Tensor, ...] = (example_input,)
+    elif isinstance(example_input, tuple | list):
+        inputs = tuple(example_input)
+        if not inputs:
+            raise ValueError("example_input is an empty tuple; give at least one input tensor")
+    else:
+        raise TypeError(
+            "example_input must be a torch.Tensor, or a tuple of tensors for a model with "
+            f"several inputs, got {type(example_input).__name__}"
+        )
+    for index, tensor in enumerate(inputs):
+        which = "example_input" if len(inputs) == 1 else f"example input {index}"
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{which} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.ndim < 2:
+            raise ValueError(
+                f"{which} must have a batch and a channel dim, e.g. shape (1, 3, 32, 32); "
+                f"got shape {tuple(tensor.shape)}"
+            )
+    if len({int(t.shape[0]) for t in inputs}) > 1:
+        shapes = ", ".join(str(tuple(t.shape)) for t in inputs)
+        raise ValueError(f"example inputs must share their batch size (dim 0); got {shapes}")
+    return inputs
+
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _THIS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
+LeafModule = type[nn.Module] | str
+"""A module class not to trace into, or the qualified name of one submodule (``blocks.3``)."""
+
+
+def leaf_module_key(leaf: LeafModule) -> str:
+    """How a leaf module is written down: ``package.module:Class`` for a class, the submodule's
+    qualified name (no colon) for one submodule."""
+    return leaf if isinstance(leaf, str) else f"{leaf.__module__}:{leaf.__qualname__}"
+
+
+def check_leaf_modules(model: nn.Module, leaf_modules: Sequence[LeafModule]) -> tuple[Any, ...]:
+    """``leaf_modules`` checked against ``model``: classes of ``nn.Module``, or names of its
+    submodules.
+
+    Raises:
+        TypeError: an entry is neither a module class nor a string.
+        ValueError: a name is not a submodule of ``model`` (the message lists some that are).
+    """
+    names = {name for name, _ in model.named_modules() if name}
+    for leaf in leaf_modules:
+        if isinstance(leaf, str):
+            if leaf not in names:
+                shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+                raise ValueError(
+                    f"leaf module {leaf!r} is not a submodule of {type(model).__name__}; name a "
+                    f"submodule ({shown or 'it has none'}) or give a module class"
+                )
+        elif not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+            raise TypeError(
+                "leaf_modules takes nn.Module classes or submodule names (str), got "
+                f"{type(leaf).__name__} {leaf!r}"
+            )
+    return tuple(leaf_modules)
+
+
+def match_leaf_modules(model: nn.Module, keys: Sequence[str]) -> tuple[LeafModule, ...]:
+    """The leaf modules that :func:`leaf_module_key` wrote as ``keys``, found in ``model``
+    itself (no import: a class is matched among the model's own submodule classes)."""
+    classes = {leaf_module_key(type(m)): type(m) for m in model.modules()}
+    return tuple(
+        classes[key] if ":" in key else key for key in keys if ":" not in key or key in classes
+    )
+
+
 class _Tracer(fx.Tracer):
     """fx's default tracer (torch.nn modules are leaves) plus user-named leaf module types and
-    user subclasses of conv, linear and BatchNorm layers (see ``is_layer_subclass``)."""
+    submodules, and user subclasses of conv, linear and BatchNorm layers (see
+    ``is_layer_subclass``)."""
 
-    def __init__(self, leaf_types: tuple[type[nn.Module], ...]) -> None:
+    def __init__(self, leaf_modules: tuple[LeafModule, ...]) -> None:
         super().__init__()
-        self._leaf_types = leaf_types
+        self._leaf_types = tuple(leaf for leaf in leaf_modules if not isinstance(leaf, str))
+        self._leaf_names = {leaf for leaf in leaf_modules if isinstance(leaf, str)}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
             return True
         if is_layer_subclass(m):
             return True
@@ -68,7 +168,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
 
 def trace_module(
     model: nn.Module,
-    leaf_modules: Sequence[type[nn.Module]] = (),
+    leaf_modules: Sequence[LeafModule] = (),
     example_inputs: Sequence[Tensor] = (),
 ) -> fx.GraphModule:
     """Symbolically trace ``model`` in eval mode; torch.nn modules (and ``leaf_modules``) stay
@@ -85,7 +185,8 @@ def trace_module(
 
     Raises:
         UnsupportedModelError: the model cannot be traced (data-dependent control flow and
-            the like); the message quotes fx's error and the offending source line.
+            the like); the message is one line quoting the first line of fx's error and the
+            offending source line; fx's own exception is chained (``__cause__``).
     """
     tracer: fx.Tracer = _Tracer(tuple(leaf_modules))
     try:
@@ -101,13 +202,17 @@ def trace_module(
     except Exception as exc:
         where = _user_frame(exc)
         at = f" at {where}" if where else ""
+        # one line, as on the command line; fx's full text stays in the chained exception
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise UnsupportedModelError(
-            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: {exc}{at}. "
+            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+            f"{first}{at}. "
             "Make its forward traceable: no Python control flow (if/for/while) on tensor values "
             "(use torch.where or masks instead), no tensor values converted to Python numbers; or "
-            "move that code into a module and pass its class to the Python API, "
-            "prunetune.inspect/prune(model, x, ..., leaf_modules=[ThatModule]) (its channels "
-            "are then kept whole; the command line cannot name leaf modules yet)"
+            "keep the module that holds that code as one call: leaf_modules=[ThatModule] (or its "
+            "name, 'blocks.3') in prunetune.inspect/prune, --leaf-module package.module:"
+            "ThatModule (or --leaf-module blocks.3) on the command line; its channels are then "
+            "kept whole"
         ) from exc
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -140,8 +245,11 @@ class _ShapeRecorder(ShapeProp):
         return result
 
 
-def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Tensor) -> None:
-    """Run ``module`` once on ``example_input`` in eval mode, without gradients, recording shapes.
+def propagate_shapes(
+    module: fx.GraphModule, model: nn.Module, example_input: Tensor | tuple[Tensor, ...]
+) -> None:
+    """Run ``module`` once on ``example_input`` (one tensor per positional input) in eval
+    mode, without gradients, recording shapes.
 
     Every node also gets ``meta["flops"]``: what ``FlopCounterMode`` counts for it on
     ``example_input`` (2 per multiply-accumulate, every example of the batch). Every module's
@@ -151,25 +259,28 @@ def propagate_shapes(module: fx.GraphModule, model: nn.Module, example_input: Te
     Raises:
         ValueError: the model fails on the example input.
     """
+    inputs = example_inputs(example_input)
     counter = FlopCounterMode(display=False)
     try:
         with eval_mode(model), eval_mode(module), torch.no_grad(), counter:
-            _ShapeRecorder(module, counter).propagate(example_input.detach().clone())
+            _ShapeRecorder(module, counter).propagate(*(x.detach().clone() for x in inputs))
     except Exception as exc:
         where = _user_frame(exc)
         at = f" (at {where})" if where else ""
-        inputs = [n for n in module.graph.nodes if n.op == "placeholder" and not n.args]
-        if len(inputs) > 1 and isinstance(exc, TypeError | RuntimeError):  # no defaults
-            names = ", ".join(str(n.target) for n in inputs)
+        placeholders = [n for n in module.graph.nodes if n.op == "placeholder" and not n.args]
+        if len(placeholders) > len(inputs) and isinstance(exc, TypeError | RuntimeError):
+            names = ", ".join(str(n.target) for n in placeholders)
             raise ValueError(
-                f"{type(model).__name__}.forward takes {len(inputs)} inputs ({names}); prunetune "
-                "traces models of one input tensor: wrap it in a module whose forward takes one "
-                "tensor and builds the others (or fixes them as buffers)"
+                f"{type(model).__name__}.forward takes {len(placeholders)} inputs ({names}) and "
+                f"{len(inputs)} example input(s) were given: {SEVERAL_INPUTS_HINT}"
             ) from exc
+        shapes = " and ".join(str(tuple(x.shape)) for x in inputs)
+        given = "example_input of shape" if len(inputs) == 1 else "example inputs of shapes"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ValueError(
-            f"running {type(model).__name__} on example_input of shape "
-            f"{tuple(example_input.shape)} failed: {type(exc).__name__}: {exc}{at}; pass an "
-            "input the model accepts, e.g. torch.randn(1, 3, 32, 32) for a CIFAR model"
+            f"running {type(model).__name__} on {given} {shapes} failed: "
+            f"{type(exc).__name__}: {first}{at}; pass an input the model accepts, e.g. "
+            "torch.randn(1, 3, 32, 32) for a CIFAR model"
         ) from exc
 
 

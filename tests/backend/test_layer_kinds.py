@@ -139,7 +139,9 @@ class _TwoInputs(nn.Module):
 
 
 def test_refusals_point_to_what_the_api_offers() -> None:
-    with pytest.raises(ValueError, match=r"takes 2 inputs \(x, y\).*wrap it in a module"):
+    with pytest.raises(ValueError, match=r"takes 2 inputs \(x, y\).*prune\(model, \(x1, x2\)"):
         prunetune.inspect(_TwoInputs(), X)
+    found = prunetune.inspect(_TwoInputs(), (X, X))  # what the refusal says to do
+    assert found.costs["flops"] == count_flops(_TwoInputs(), (X, X))
     with pytest.raises(UnsupportedModelError, match=r"leaf_modules=\[ThatModule\]"):
         prunetune.inspect(UntraceableNet(), X)

@@ -144,6 +144,9 @@ def test_prune_says_when_nothing_can_be_pruned(
 def test_prune_of_a_model_without_flops_prints_no_share(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["prune", "--model", "torch.nn:Identity", "--flops", "50%"]
-    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    argv = ["prune", "--model", "torch.nn:Identity"]
+    assert main([*argv, "--flops", "100%", "--out", str(tmp_path / "out")]) == 0
     assert "flops: 0 -> 0\n" in capsys.readouterr().out
+    # like a lone Linear, a model with nothing to prune is refused below 100%
+    assert main([*argv, "--flops", "50%", "--out", str(tmp_path / "half")]) == 2
+    assert "nothing in torch.nn:Identity can be pruned" in capsys.readouterr().err

@@ -135,7 +135,8 @@ class Inspection:
         }
 
     def __str__(self) -> str:
-        lines = [f"input {'x'.join(map(str, self.input_shape))}"]
+        shapes = [self.input_shape, *((1, *s[1:]) for s in self.graph.input_shapes[1:])]
+        lines = [f"input {', '.join('x'.join(map(str, s)) for s in shapes)}"]
         lines += [f"  {metric}: {format_metric(metric, v)}" for metric, v in self.costs.items()]
         prunable = self.prunable_groups
         if prunable:

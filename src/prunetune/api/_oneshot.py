@@ -21,13 +21,14 @@ from torch import Tensor, nn
 from prunetune.api._inspection import Inspection
 from prunetune.backend.errors import CheckpointError, InfeasibleTargetError, PrunetuneError
 from prunetune.backend.export import LoadedModel, check_export_dir, export_subnet, load_export
-from prunetune.backend.graph import ChannelGraph, eval_mode
+from prunetune.backend.graph import ChannelGraph, LeafModule, eval_mode
 from prunetune.backend.importance import IMPORTANCE_CRITERIA, channel_importance
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
 from prunetune.backend.pruning import ALLOCATIONS, one_shot_widths
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
+from prunetune.backend.training import Task
 from prunetune.estimators import (
     Budget,
     CostModel,
@@ -88,22 +89,36 @@ def _check_model(model: Any) -> nn.Module:
     return model
 
 
-def _check_input(example_input: Any) -> Tensor:
-    if not isinstance(example_input, Tensor):
-        raise TypeError(
-            f"example_input must be a torch.Tensor of shape [N, ...] (e.g. "
-            f"torch.randn(1, 3, 224, 224)), got {type(example_input).__name__}"
-        )
-    if example_input.dim() < 2 or example_input.shape[0] < 1:
+ExampleInput = Tensor | tuple[Tensor, ...]
+
+
+def _check_input(example_input: Any) -> tuple[Tensor, ...]:
+    """The example inputs as a tuple of float tensors of batch 1 (one per ``forward`` input)."""
+    several = isinstance(example_input, tuple)
+    inputs = tuple(example_input) if several else (example_input,)
+    if not inputs:
         raise ValueError(
-            f"example_input must have a batch dimension first, shape [N, ...]; got "
-            f"{tuple(example_input.shape)}"
+            "example_input is an empty tuple: give one tensor per input of forward, e.g. "
+            "(torch.randn(1, 3, 32, 32), torch.randn(1, 10))"
         )
-    return example_input[:1].detach().float()
+    for index, tensor in enumerate(inputs):
+        which = f"example_input[{index}]" if several else "example_input"
+        if not isinstance(tensor, Tensor):
+            raise TypeError(
+                f"{which} must be a torch.Tensor of shape [N, ...] (e.g. torch.randn(1, 3, 224, "
+                f"224)), or a tuple of them for a model of several inputs; got "
+                f"{type(tensor).__name__}"
+            )
+        if tensor.dim() < 2 or tensor.shape[0] < 1:
+            raise ValueError(
+                f"{which} must have a batch dimension first, shape [N, ...]; got "
+                f"{tuple(tensor.shape)}"
+            )
+    return tuple(tensor[:1].detach().float() for tensor in inputs)
 
 
 def _trace(
-    model: nn.Module, example: Tensor, leaf_modules: Sequence[type[nn.Module]]
+    model: nn.Module, example: tuple[Tensor, ...], leaf_modules: Sequence[LeafModule]
 ) -> ChannelGraph:
     with eval_mode(model):
         return ChannelGraph.trace(model, example, leaf_modules=tuple(leaf_modules))
@@ -111,10 +126,10 @@ def _trace(
 
 def inspect(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: ExampleInput,
     *,
     profile: LatencyProfile | str | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
+    leaf_modules: Sequence[LeafModule] = (),
 ) -> Inspection:
     """Trace ``model`` and report its coupled channel groups, dense costs and kept-whole layers.
 
@@ -123,12 +138,13 @@ def inspect(
 
     Args:
         model: any ``nn.Module``.
-        example_input: a float tensor of shape ``[N, ...]`` (e.g. ``[1, 3, 224, 224]``); only
-            its first example is used, so costs are per example.
+        example_input: a float tensor of shape ``[N, ...]`` (e.g. ``[1, 3, 224, 224]``), or a
+            tuple of them, one per positional input, for a model whose ``forward`` takes
+            several tensors; only the first example is used, so costs are per example.
         profile: a latency profile (object or path to ``prunetune profile``'s JSON) of this
             model: adds the predicted ``latency_ms``.
-        leaf_modules: module classes not to trace into (untraceable custom blocks); they are
-            kept whole.
+        leaf_modules: module classes, or names of submodules (``"blocks.3"``), not to trace
+            into (blocks torch.fx cannot trace); they are kept whole.
 
     Returns:
         An :class:`Inspection`; ``print()`` it for a table.
@@ -257,7 +273,7 @@ class PruneResult:
 
 def prune(
     model: nn.Module,
-    example_input: Tensor,
+    example_input: ExampleInput,
     target: TargetLike,
     *,
     importance: str = "l1",
@@ -265,7 +281,8 @@ def prune(
     round_to: int = 1,
     profile: LatencyProfile | str | None = None,
     batches: Iterable[tuple[Tensor, Tensor]] | None = None,
-    leaf_modules: Sequence[type[nn.Module]] = (),
+    leaf_modules: Sequence[LeafModule] = (),
+    output: str | int | None = None,
     model_ref: ModelRef | None = None,
     base_spec: SubnetSpec | None = None,
 ) -> PruneResult:
@@ -277,7 +294,9 @@ def prune(
 
     Args:
         model: any traceable ``nn.Module``; it is not modified.
-        example_input: a float tensor of shape ``[N, ...]``; costs are per example.
+        example_input: a float tensor of shape ``[N, ...]``, or a tuple of them, one per
+            positional input, for a model whose ``forward`` takes several tensors (channels
+            of the second and later inputs are kept whole); costs are per example.
         target: ``"flops<=50%"``, ``{"flops": "50%", "params": "1M"}`` or a ``Target``.
             FLOPs are multiply-accumulates; latency needs ``profile``.
         importance: channel score: ``l1`` or ``l2`` (weight norms, Li et al. 2017), ``bn`` (BN
@@ -286,10 +305,17 @@ def prune(
         allocation: ``uniform`` (one keep ratio everywhere), ``global`` (least important
             channels of the whole model first) or ``cost`` (channels first where they save the
             most predicted latency per unit of importance; needs ``profile``).
-        round_to: keep pruned widths at multiples of this (8 or 16 suit CPU/GPU kernels).
+        round_to: keep pruned widths at multiples of this (8 or 16 suit CPU/GPU kernels);
+            a group narrower than it keeps its own step, and a value larger than every
+            prunable group is refused (it could round nothing).
         profile: a latency profile of this model (object or JSON path).
         batches: ``(inputs, labels)`` batches for ``taylor``.
-        leaf_modules: module classes not to trace into; they are kept whole.
+        output: for ``taylor`` on a model that returns a tuple or a dict: the index or key of
+            the output the cross-entropy is taken on (default: the first item of a tuple,
+            the ``"out"`` entry of a dict, as in training).
+        leaf_modules: module classes, or names of submodules (``"blocks.3"``), not to trace
+            into (blocks torch.fx cannot trace); they are kept whole and recorded in the spec,
+            so the export reloads with them.
         model_ref: the model's identity recorded in the export (defaults to the module's class).
         base_spec: when ``model`` is itself a pruned export, the spec it was pruned with; the
             result's spec composes both (so it stays relative to the original dense model).
@@ -300,7 +326,7 @@ def prune(
     Raises:
         TypeError: ``model`` is not a module or ``example_input`` not a tensor.
         ValueError: an unknown importance or allocation, a bad target, ``taylor`` without
-            batches, ``cost`` without a profile.
+            batches, ``cost`` without a profile, ``round_to`` larger than every group.
         InfeasibleTargetError: no subnet of this model meets the target.
         UnsupportedModelError: the model cannot be traced.
 
@@ -324,6 +350,11 @@ def prune(
         )
     if allocation not in ALLOCATIONS:
         raise ValueError(f"unknown allocation {allocation!r}; valid: {', '.join(ALLOCATIONS)}")
+    if output is not None and importance != "taylor":
+        raise ValueError(
+            f"output={output!r} names the output taylor's loss is taken on; it needs "
+            "importance='taylor'"
+        )
     if importance == "taylor" and batches is None:
         raise ValueError(
             "importance='taylor' takes gradients: pass batches=[(inputs, labels), ...]"
@@ -339,7 +370,8 @@ def prune(
     name = model_ref.name if model_ref is not None else type(model).__name__
     budget = resolve_target(goal, costs, graph, name)
     with eval_mode(model):
-        scores = channel_importance(model, graph, importance, batches)
+        task = Task(output=output)
+        scores = channel_importance(model, graph, importance, batches, task)
         dense_flops = count_flops(model, example)
     latency = costs["latency_ms"].evaluate if allocation == "cost" else None
     widths = one_shot_widths(graph, budget.fits, allocation, scores, round_to, latency)
@@ -376,15 +408,24 @@ def resolve_target(
 
     Raises:
         InfeasibleTargetError: no subnet meets the target; when the model has no prunable
-            group, the message says so and names the first places kept whole.
+            group, the message says so and names the first places kept whole (also for a
+            model of no FLOPs, which meets any share of them: nothing can be pruned).
     """
     try:
-        return goal.resolve(costs)
+        budget = goal.resolve(costs)
     except InfeasibleTargetError as exc:
         if graph.prunable_groups:
             raise
         refusal = Inspection.of(graph, costs).nothing_prunable(model_name)
         raise InfeasibleTargetError(f"{refusal}: {exc}") from exc
+    below = [c for c in goal.constraints if c.relative and c.limit < 1]
+    if below and not graph.prunable_groups:
+        # a model of no FLOPs (an activation alone) meets any share of them; it is refused like
+        # any other model with nothing to prune, which cannot meet a share below 100%
+        refusal = Inspection.of(graph, costs).nothing_prunable(model_name)
+        asked = f"{below[0].metric}<={100 * below[0].limit:g}%"
+        raise InfeasibleTargetError(f"{refusal}: {asked} asks to prune it")
+    return budget
 
 
 def load(

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunetune.backend.datasources import import_callable
 from prunetune.backend.export import load_model
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, LeafModule, match_leaf_modules
 from prunetune.backend.models import ModelRef, dataset_kwargs
 from prunetune.backend.spec import SubnetSpec
 
@@ -67,10 +68,23 @@ def add_model_options(parser: argparse.ArgumentParser, model_required: bool = Fa
     parser.add_argument(
         "--input-shape",
         type=parse_shape,
-        help="example input N,C,H,W (default: the checkpoint's, else 1,3,32,32)",
+        action="append",
+        help="example input N,C,H,W (default: the checkpoint's, else 1,3,32,32); repeat it once "
+        "per input, in order, for a model whose forward takes several tensors: "
+        "--input-shape 1,3,32,32 --input-shape 1,10",
     )
     parser.add_argument(
         "--num-classes", type=positive_int, default=10, help="classes of a freshly built model"
+    )
+    parser.add_argument(
+        "--leaf-module",
+        action="append",
+        default=[],
+        metavar="CLASS_OR_NAME",
+        help="do not trace into this module (code torch.fx cannot trace, e.g. Python control "
+        "flow on tensors): a class as package.module:Class (every instance), or one "
+        "submodule's name such as blocks.3; repeatable; its channels are kept whole (the "
+        "Python API's leaf_modules=)",
     )
     add_trust_option(parser)
 
@@ -87,19 +101,29 @@ def add_trust_option(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class ResolvedModel:
-    """A model ready to trace, with its identity, example input shape and (if pruned) spec."""
+    """A model ready to trace, with its identity, example input shapes and (if pruned) spec."""
 
     model: nn.Module
     ref: ModelRef
-    input_shape: tuple[int, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
     spec: SubnetSpec | None = None
     preprocessing: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     """What the checkpoint or export records (an export's ``dense_*`` figures among them)."""
+    leaf_modules: tuple[LeafModule, ...] = ()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The first (for most models the only) example input's shape."""
+        return self.input_shapes[0]
+
+    def example(self) -> tuple[torch.Tensor, ...]:
+        """Zero example inputs, one per shape of :attr:`input_shapes`."""
+        return tuple(torch.zeros(shape) for shape in self.input_shapes)
 
     def trace(self) -> ChannelGraph:
-        """The model's channel graph on a zero input of :attr:`input_shape`."""
-        return ChannelGraph.trace(self.model, torch.zeros(self.input_shape))
+        """The model's channel graph on zero inputs of :attr:`input_shapes`."""
+        return ChannelGraph.trace(self.model, self.example(), leaf_modules=self.leaf_modules)
 
 
 def resolve_model(args: argparse.Namespace) -> ResolvedModel:
@@ -109,22 +133,51 @@ def resolve_model(args: argparse.Namespace) -> ResolvedModel:
         ValueError: neither a model nor a checkpoint is named.
         PrunetuneError: see :func:`prunetune.backend.export.load_model` and the zoo.
     """
+    given = tuple(tuple(shape) for shape in args.input_shape or ())
     if args.checkpoint:
         expect = ModelRef(args.model) if args.model else None
         loaded = load_model(args.checkpoint, expect, args.trust_model_code)
-        shape = args.input_shape or loaded.input_shape
-        if args.input_shape and tuple(args.input_shape[1:]) != tuple(loaded.input_shape[1:]):
+        recorded = loaded.spec.input_shapes if loaded.spec else (tuple(loaded.input_shape),)
+        if given and [s[1:] for s in given] != [s[1:] for s in recorded]:
             raise ValueError(
-                f"--input-shape {','.join(map(str, args.input_shape))} does not match the "
-                f"checkpoint's {','.join(map(str, loaded.input_shape))}"
+                f"--input-shape {_shapes(given)} does not match the checkpoint's "
+                f"{_shapes(recorded)}"
             )
+        # an export is the pruned model: trace it with the leaves of its own spec too
+        leaves = _leaf_modules(args.leaf_module)
+        if loaded.spec is not None:
+            leaves += match_leaf_modules(loaded.model, loaded.spec.leaf_modules)
         return ResolvedModel(
-            loaded.model, loaded.ref, tuple(shape), loaded.spec, loaded.preprocessing,
-            dict(loaded.metrics),
+            loaded.model, loaded.ref, given or recorded, loaded.spec, loaded.preprocessing,
+            dict(loaded.metrics), leaves,
         )  # fmt: skip
     if not args.model:
         raise ValueError("name a model with --model (or a checkpoint with --checkpoint)")
-    shape = tuple(args.input_shape or (1, 3, 32, 32))
-    ref = ModelRef(args.model, dataset_kwargs(args.model, args.num_classes, shape[1]))
+    shapes = given or ((1, 3, 32, 32),)
+    ref = ModelRef(args.model, dataset_kwargs(args.model, args.num_classes, shapes[0][1]))
     torch.manual_seed(0)
-    return ResolvedModel(ref.build(), ref, shape)
+    model = ref.build()
+    return ResolvedModel(model, ref, shapes, leaf_modules=_leaf_modules(args.leaf_module))
+
+
+def _leaf_modules(given: list[str]) -> tuple[LeafModule, ...]:
+    """``--leaf-module`` values: ``package.module:Class`` imported; a submodule name is kept as
+    is (tracing checks that the model has it).
+
+    Raises:
+        ValueError: a class that cannot be imported or is not a module class.
+    """
+    leaves: list[LeafModule] = []
+    for value in given:
+        if ":" not in value:
+            leaves.append(value)
+            continue
+        found = import_callable(value, "--leaf-module")
+        if not (isinstance(found, type) and issubclass(found, nn.Module)):
+            raise ValueError(f"--leaf-module {value} is not an nn.Module class")
+        leaves.append(found)
+    return tuple(leaves)
+
+
+def _shapes(shapes: tuple[tuple[int, ...], ...]) -> str:
+    return " --input-shape ".join(",".join(map(str, shape)) for shape in shapes)

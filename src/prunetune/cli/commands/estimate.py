@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from prunetune.backend.export import load_subnet
-from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.graph import ChannelGraph, match_leaf_modules
 from prunetune.cli.commands._common import say
 from prunetune.cli.commands._models import add_trust_option
 from prunetune.estimators import cost_models, format_metric, format_share
@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_subnet(args.subnet, args.model, args.trust_model_code)
     assert loaded.spec is not None  # load_subnet always sets it
     dense = loaded.ref.build()
-    graph = ChannelGraph.trace(dense, torch.zeros(loaded.input_shape))
+    example = tuple(torch.zeros(s) for s in loaded.spec.input_shapes)
+    leaves = match_leaf_modules(dense, loaded.spec.leaf_modules)
+    graph = ChannelGraph.trace(dense, example, leaf_modules=leaves)
     costs = cost_models(graph, args.profile)
     figures = {metric: float(cost.evaluate(loaded.spec.widths)) for metric, cost in costs.items()}
     dense_figures = {

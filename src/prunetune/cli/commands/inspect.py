@@ -6,8 +6,6 @@ import argparse
 import json
 from typing import Any
 
-import torch
-
 from prunetune import api
 from prunetune.cli.commands._models import add_model_options, resolve_model
 
@@ -29,7 +27,12 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Trace through :func:`prunetune.inspect` and print."""
     resolved = resolve_model(args)
-    found = api.inspect(resolved.model, torch.zeros(resolved.input_shape), profile=args.profile)
+    found = api.inspect(
+        resolved.model,
+        resolved.example(),
+        profile=args.profile,
+        leaf_modules=resolved.leaf_modules,
+    )
     if args.json:
         print(json.dumps({"model": resolved.ref.to_dict(), **found.to_dict()}, indent=2))
         return 0

@@ -12,7 +12,7 @@ from typing import Any
 from prunetune.backend.io import check_new_file, check_writable
 from prunetune.backend.training import Runtime
 from prunetune.cli.commands._common import say
-from prunetune.cli.commands._models import add_model_options, resolve_model
+from prunetune.cli.commands._models import ResolvedModel, add_model_options, resolve_model
 from prunetune.estimators import (
     LatencyProfile,
     ProfileMismatchWarning,
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     batch_size = 1 if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    resolved = resolve_model(args)
+    resolved = _one_input(resolve_model(args))
     graph = resolved.trace()
     profile = profile_model(
         resolved.model,
@@ -147,7 +147,7 @@ def _recalibrate(args: argparse.Namespace) -> int:
                 f"{option} {asked} differs from the profile's {own}; --recalibrate measures "
                 f"with the profile's own (leave {option} out)"
             )
-    resolved = resolve_model(args)
+    resolved = _one_input(resolve_model(args))
     profile = recalibrate_profile(old, resolved.model, resolved.trace(), progress=_show)
     profile.save(out)
     pairs = [(new, was) for (_, new), (_, was) in zip(profile.calibration, old.calibration)]
@@ -159,3 +159,14 @@ def _recalibrate(args: argparse.Namespace) -> int:
         f"took when profiled (median); dense model {profile.model_ms:.3f} ms"
     )
     return 0
+
+
+def _one_input(resolved: ResolvedModel) -> ResolvedModel:
+    """Latency profiles time models of one input tensor; refuse several in one line."""
+    if len(resolved.input_shapes) > 1:
+        raise ValueError(
+            f"prunetune profile times models of one input, and {len(resolved.input_shapes)} "
+            "--input-shape were given; profile a model of one input (inspect and prune take "
+            "several)"
+        )
+    return resolved

@@ -7,8 +7,6 @@ import dataclasses
 import json
 from typing import Any
 
-import torch
-
 from prunetune.api import prune
 from prunetune.backend.export import check_export_dir
 from prunetune.backend.importance import IMPORTANCE_CRITERIA
@@ -47,7 +45,8 @@ def register(subparsers: Any) -> None:
         "--round-to",
         type=int,
         default=1,
-        help="keep pruned widths at multiples of this, e.g. 8: faster kernels (default 1)",
+        help="keep pruned widths at multiples of this, e.g. 8: faster kernels (default 1); "
+        "groups narrower than it keep their own step, a value above every group is refused",
     )
     parser.add_argument(
         "--dataset",
@@ -56,6 +55,11 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--data-dir", help="directory of the mnist/cifar10 files or image folder (taylor only)"
+    )
+    parser.add_argument(
+        "--output",
+        help="taylor on a model returning a tuple or dict: the output the loss is taken on, a "
+        "dict key or tuple index (default: the first item, or the dict's 'out')",
     )
     parser.add_argument(
         "--out",
@@ -81,6 +85,10 @@ def run(args: argparse.Namespace) -> int:
     """Prune through :func:`prunetune.prune` (the API's path), export, print what was kept."""
     out = check_export_dir(args.out, args.overwrite)
     target = target_from_args(args)
+    if args.output is not None and args.importance != "taylor":
+        raise ValueError(
+            "--output names the output taylor's loss is taken on: add --importance taylor"
+        )
     if args.importance == "taylor" and not args.dataset:
         raise ValueError("--importance taylor needs --dataset to take gradients on")
     if args.allocation == "cost" and not args.profile:
@@ -102,13 +110,14 @@ def run(args: argparse.Namespace) -> int:
             batches = [batch for _, batch in zip(range(8), loader)]
     result = prune(
         resolved.model,
-        torch.zeros(resolved.input_shape),
+        resolved.example(),
         target,
         importance=args.importance,
         allocation=args.allocation,
         round_to=args.round_to,
         profile=args.profile,
         batches=batches,
+        leaf_modules=resolved.leaf_modules,
         model_ref=resolved.ref,
         base_spec=resolved.spec,
     )
@@ -142,3 +151,10 @@ def run(args: argparse.Namespace) -> int:
         print(result.summary())
         print(f"exported to {out}")
     return 0
+
+
+def _output(text: str | None) -> str | int | None:
+    """``--output``: a tuple index when it is an integer, else a dict key."""
+    if text is not None and text.lstrip("-").isdigit():
+        return int(text)
+    return text

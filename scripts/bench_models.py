@@ -1,0 +1,529 @@
+"""Coverage of torchvision's classification and segmentation models: prunetune against
+Torch-Pruning, each model one-shot pruned to 50% of its FLOPs at a small input, no weights.
+
+For every model of ``torchvision.models.list_models`` (classification and segmentation;
+those over 150M parameters are listed and skipped), at the smallest input side it accepts
+from a short ascending list:
+
+- prunetune: ``inspect`` (prunable share of FLOPs, layers kept whole), ``prune`` to
+  ``flops<=50%``, export (``model.pt2``, ONNX, parity checked by the export), reload from the
+  export directory, outputs of the reloaded model against the pruned one, output shapes against
+  the dense model, and the claimed FLOPs (dense and pruned) against ``FlopCounterMode`` / 2.
+- Torch-Pruning (when installed): its documented global-magnitude recipe (``MetaPruner`` with
+  ``GroupMagnitudeImportance(p=2)``, ``global_pruning=True``, the classifier ignored), stepped
+  with ``iterative_steps`` until ``FlopCounterMode`` measures at most 50% of the dense FLOPs;
+  then the output shapes. It is not a dependency of prunetune; install it into the venv for the
+  benchmark only, without letting pip replace torch:
+
+      .venv/bin/pip install torch-pruning --no-deps
+
+  Without it, the Torch-Pruning column says "not installed" and prunetune's column still runs.
+
+Every model runs in a forked child process with a time limit, so one model's crash or hang is
+one row with its error. Results go to a JSON-lines file as each model finishes; a rerun with
+``--resume`` skips the models already there. The page (``docs/models.md``) is written from that
+file at the end (or alone with ``--page-only``).
+
+Usage:
+    PYTHONPATH=src .venv/bin/python scripts/bench_models.py              # everything
+    PYTHONPATH=src .venv/bin/python scripts/bench_models.py --resume     # continue a run
+    PYTHONPATH=src .venv/bin/python scripts/bench_models.py --jobs 8     # 8 models at once
+    PYTHONPATH=src .venv/bin/python scripts/bench_models.py --models resnet18,vit_b_32 \
+        --results /tmp/r.jsonl --page /tmp/models.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import copy
+import json
+import multiprocessing
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import prunetune
+from prunetune.backend.errors import PrunetuneError
+from prunetune.estimators import FlopsModel
+
+ROOT = Path(__file__).resolve().parent.parent
+MAX_PARAMS = 150_000_000
+SIDES = (32, 64, 96, 128, 160, 224, 256, 299)
+TARGET = 0.5
+TOOLS = ("prunetune", "torch_pruning")
+
+
+def list_models() -> list[str]:
+    """Every classification and segmentation model of torchvision, sorted."""
+    classification = torchvision.models.list_models(module=torchvision.models)
+    segmentation = torchvision.models.list_models(module=torchvision.models.segmentation)
+    return sorted(set(classification) | set(segmentation))
+
+
+def build(name: str) -> nn.Module:
+    """``name`` with random weights (no download), in eval mode."""
+    extra: dict[str, Any] = {}
+    if name in ("googlenet", "inception_v3"):
+        extra["init_weights"] = False  # scipy's truncated normal is slow and not needed
+    if name in torchvision.models.list_models(module=torchvision.models.segmentation):
+        extra["weights_backbone"] = None
+    torch.manual_seed(0)
+    return torchvision.models.get_model(name, weights=None, **extra).eval()
+
+
+def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
+    """``FlopCounterMode`` total / 2 of one forward pass in eval mode: the reference."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.eval()(x)
+    return int(counter.get_total_flops()) // 2
+
+
+def output_shapes(output: Any) -> list[list[int]]:
+    """The shapes of every tensor in an output (a tensor, a tuple or a dict of them)."""
+    leaves, _ = torch.utils._pytree.tree_flatten(output)
+    return [list(t.shape) for t in leaves if isinstance(t, torch.Tensor)]
+
+
+def smallest_side(model: nn.Module) -> int:
+    """The smallest side of :data:`SIDES` the model runs on (batch 1, eval mode).
+
+    Raises:
+        ValueError: it runs on none of them.
+    """
+    errors = []
+    for side in SIDES:
+        try:
+            with torch.no_grad():
+                model(torch.randn(1, 3, side, side))
+            return side
+        except Exception as exc:  # any failure means "not this size"
+            errors.append(f"{side}: {str(exc).splitlines()[0][:80] if str(exc) else exc!r}")
+    raise ValueError("runs on no input side of " + ", ".join(map(str, SIDES)) + f" ({errors[-1]})")
+
+
+def run_prunetune(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Inspect, prune to 50% FLOPs, export, reload and check one model."""
+    row: dict[str, Any] = {}
+    found = prunetune.inspect(model, x)
+    dense_ref = flop_counter_macs(model, x)
+    flops = FlopsModel.from_graph(found.graph)
+    row["dense_flops"] = dense_ref
+    row["dense_flops_claimed"] = int(found.costs["flops"])
+    row["prunable_share"] = 1 - flops.quadratic_form.F0 / flops.dense if flops.dense else 0
+    row["min_share"] = flops.minimum / flops.dense if flops.dense else 1
+    row["kept_whole"] = len(found.kept_whole)
+    row["kept_whole_reasons"] = sorted({_reason_kind(r) for r in found.kept_whole.values()})
+    result = prunetune.prune(model, x, {"flops": f"{100 * TARGET:g}%"})
+    pruned_ref = flop_counter_macs(result.model, x)
+    row["flops_after"] = pruned_ref / dense_ref if dense_ref else 1.0
+    row["flops_after_claimed"] = int(result.costs["flops"])
+    row["flops_exact"] = (
+        row["dense_flops_claimed"] == dense_ref and row["flops_after_claimed"] == pruned_ref
+    )
+    with torch.no_grad():
+        dense_shapes = output_shapes(model(x))
+        pruned_out = result.model(x)
+    row["shapes_match"] = output_shapes(pruned_out) == dense_shapes
+    with tempfile.TemporaryDirectory() as tmp:
+        out = result.export(Path(tmp) / "subnet")
+        record = json.loads((out / "subnet.json").read_text())
+        row["formats"] = sorted(record["files"])
+        row["missing_formats"] = record.get("missing_formats", {})
+        back = prunetune.load(out, model=model)
+        with torch.no_grad():
+            reloaded = back.model(x)
+    got = torch.utils._pytree.tree_flatten(reloaded)[0]
+    want = torch.utils._pytree.tree_flatten(pruned_out)[0]
+    row["reload_parity"] = max(
+        (float((a - b).abs().max()) for a, b in zip(want, got, strict=True) if a.numel()),
+        default=0.0,
+    )
+    return row
+
+
+def _reason_kind(reason: str) -> str:
+    """A kept-whole reason without the layer-specific figures, for the page's summary."""
+    head = reason.split(" (")[0].split(";")[0]
+    head = re.sub(r"'[^']*'", "'...'", head)
+    return re.sub(r"\b(Linear|Conv\dd|BatchNorm\dd) '\.\.\.'", r"\1", head)[:90]
+
+
+def classifier_layers(model: nn.Module, dense_shapes: list[list[int]]) -> list[nn.Module]:
+    """The layers that produce the classes: Torch-Pruning's recipe leaves them out."""
+    classes = {shape[1] for shape in dense_shapes if len(shape) >= 2}
+    return [
+        m
+        for m in model.modules()
+        if (isinstance(m, nn.Linear) and m.out_features in classes)
+        or (isinstance(m, nn.Conv2d) and m.out_channels in classes and m.kernel_size == (1, 1))
+    ]
+
+
+def run_torch_pruning(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Torch-Pruning's global-magnitude recipe, stepped until FLOPs <= 50% of dense."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model)
+    dense = flop_counter_macs(model, x)
+    with torch.no_grad():
+        dense_shapes = output_shapes(model(x))
+    steps = 20
+    pruner = tp.pruner.MetaPruner(
+        model,
+        x,
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        global_pruning=True,
+        pruning_ratio=0.95,
+        iterative_steps=steps,
+        ignored_layers=classifier_layers(model, dense_shapes),
+    )
+    flops = dense
+    taken = 0
+    while taken < steps and flops > TARGET * dense:
+        pruner.step()
+        taken += 1
+        flops = flop_counter_macs(model, x)
+    with torch.no_grad():
+        shapes = output_shapes(model(x))
+    return {
+        "dense_flops": dense,
+        "flops_after": flops / dense if dense else 1.0,
+        "steps": taken,
+        "shapes_match": shapes == dense_shapes,
+    }
+
+
+def _status(exc: BaseException) -> str:
+    return "refused" if isinstance(exc, PrunetuneError) else "crashed"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def bench_one(name: str, tools: tuple[str, ...]) -> dict[str, Any]:
+    """One row: the model's size and input, then each tool's outcome (never raises)."""
+    torch.set_num_threads(1)
+    row: dict[str, Any] = {"model": name}
+    try:
+        model = build(name)
+        row["params"] = sum(p.numel() for p in model.parameters())
+        if row["params"] > MAX_PARAMS:
+            row["skipped"] = f"{row['params'] / 1e6:.0f}M parameters (> 150M)"
+            return row
+        row["side"] = smallest_side(model)
+    except Exception as exc:
+        row["skipped"] = f"cannot build or run: {_first_line(exc)}"
+        return row
+    x = torch.randn(1, 3, row["side"], row["side"])
+    runners = {"prunetune": run_prunetune, "torch_pruning": run_torch_pruning}
+    for tool in tools:
+        start = time.perf_counter()
+        try:
+            outcome = {"status": "ok", **runners[tool](model, x)}
+        except ImportError as exc:
+            outcome = {"status": "not installed", "error": _first_line(exc)}
+        except Exception as exc:
+            outcome = {"status": _status(exc), "error": _first_line(exc)}
+            outcome["trace"] = traceback.format_exc(limit=-3)[-1500:]
+        outcome["seconds"] = round(time.perf_counter() - start, 2)
+        row[tool] = outcome
+    return row
+
+
+def _child(name: str, tools: tuple[str, ...], conn: Any) -> None:
+    with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        conn.send(bench_one(name, tools))
+    conn.close()
+
+
+def bench_isolated(name: str, tools: tuple[str, ...], limit_s: float) -> dict[str, Any]:
+    """:func:`bench_one` in a forked process: a hang or a hard crash is one row."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(name, tools, send))
+    start = time.perf_counter()
+    process.start()
+    send.close()
+    row = None
+    if receive.poll(limit_s):
+        with contextlib.suppress(EOFError):
+            row = receive.recv()
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    if row is None:
+        why = (
+            f"timed out after {limit_s:.0f} s"
+            if process.exitcode in (None, -9)
+            else (f"the process died (exit code {process.exitcode})")
+        )
+        row = {"model": name, "error": why}
+    row["wall_s"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    rows: dict[str, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["model"]] = row
+    return rows
+
+
+def _millions(count: int | None) -> str:
+    return "" if count is None else f"{count / 1e6:.1f}M"
+
+
+def _pct(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.0f}%"
+
+
+def _cell(outcome: dict[str, Any] | None) -> tuple[str, str, str]:
+    """status, seconds, FLOPs after, for one tool's outcome."""
+    if outcome is None:
+        return "not run", "", ""
+    status = outcome["status"]
+    if status == "ok":
+        checks = []
+        if not outcome.get("shapes_match", True):
+            checks.append("output shapes differ")
+        if outcome.get("flops_exact") is False:
+            checks.append("FLOPs claim off")
+        if outcome.get("missing_formats"):
+            checks.append("no " + ", ".join(outcome["missing_formats"]))
+        if outcome["flops_after"] > TARGET + 1e-9:
+            checks.append("above 50%")
+        status = "ok" + (f" ({'; '.join(checks)})" if checks else "")
+    else:
+        status = f"{status}: {outcome.get('error', '')[:120]}"
+    after = _pct(outcome.get("flops_after"))
+    return status.replace("|", "\\|"), f"{outcome.get('seconds', '')}", after
+
+
+def _totals(rows: list[dict[str, Any]], tool: str) -> str:
+    counted = [r for r in rows if "skipped" not in r]
+    outcomes = [r.get(tool) for r in counted]
+    ok = sum(1 for o in outcomes if o and o["status"] == "ok")
+    refused = sum(1 for o in outcomes if o and o["status"] == "refused")
+    crashed = sum(1 for o in outcomes if o is None or o["status"] in ("crashed",))
+    other = len(outcomes) - ok - refused - crashed
+    met = sum(1 for o in outcomes if o and o["status"] == "ok" and o["flops_after"] <= TARGET)
+    line = f"{ok} OK, {refused} refused, {crashed} crashed or timed out"
+    if other:
+        line += f", {other} not run"
+    return f"{line}; {met} of {len(outcomes)} met 50% FLOPs"
+
+
+def _other_commits(rows: list[dict[str, Any]], commit: str) -> str:
+    """Where a resumed run holds rows of earlier commits, which and how many."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("commit", commit) != commit:
+            counts[row.get("commit", "?")] = counts.get(row.get("commit", "?"), 0) + 1
+    if not counts:
+        return ""
+    return " (rows of earlier commits: " + ", ".join(f"`{c}` {n}" for c, n in counts.items()) + ")"
+
+
+def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]) -> None:
+    """``docs/models.md`` from the result rows."""
+    ordered = [rows[name] for name in sorted(rows)]
+    benched = [r for r in ordered if "skipped" not in r]
+    skipped = [r for r in ordered if "skipped" in r]
+    exact = sum(1 for r in benched if (r.get("prunetune") or {}).get("flops_exact"))
+    lines = [
+        "# torchvision models: prunetune and Torch-Pruning at 50% FLOPs",
+        "",
+        "Every classification and segmentation model of torchvision "
+        f"{meta['torchvision']} with random weights (no download), batch 1, at the smallest "
+        f"input side it runs on from {', '.join(map(str, SIDES))}; one-shot pruned to 50% of "
+        "its FLOPs (multiply-accumulates, `FlopCounterMode` total / 2), no training. Written "
+        "by `scripts/bench_models.py`; accuracy is not measured here (random weights).",
+        "",
+        '- **prunetune**: `inspect`, `prune(model, x, {"flops": "50%"})` (importance l1, '
+        "global allocation), export (`model.pt2` and ONNX with their parity checks), reload "
+        "from the export with `prunetune.load(dir, model=dense)`, outputs against the pruned "
+        "model, output shapes against the dense model, and the FLOPs prunetune claims (dense "
+        "and pruned) against `FlopCounterMode`.",
+        "- **Torch-Pruning** "
+        f"{meta.get('torch_pruning') or '(not installed)'}: its documented global-magnitude "
+        "recipe, `MetaPruner(model, x, importance=GroupMagnitudeImportance(p=2), "
+        "global_pruning=True, pruning_ratio=0.95, iterative_steps=20, ignored_layers=[the "
+        "classifier])`, stepped until `FlopCounterMode` measures at most 50% of the dense "
+        "FLOPs; then the output shapes. No export.",
+        "",
+        "## Totals",
+        "",
+        f"- Models benchmarked: {len(benched)} (skipped: {len(skipped)}, listed below).",
+        f"- prunetune: {_totals(benched, 'prunetune')}; FLOPs claims equal to "
+        f"`FlopCounterMode` (dense and pruned) on {exact} of {len(benched)}.",
+        f"- Torch-Pruning: {_totals(benched, 'torch_pruning')}.",
+        f"- Full run: {meta.get('elapsed', '?')} on {meta['machine']} "
+        f"(1 torch thread per model, {meta.get('jobs', 1)} model(s) at once).",
+        f"- Command: `{meta['command']}` at commit `{meta['commit']}`"
+        + _other_commits(ordered, meta["commit"])
+        + ".",
+        "",
+        "Columns: *side* is the input side; *prunable* the share of the dense FLOPs that "
+        "depends on a prunable channel group; *min* the FLOPs left with every prunable group "
+        "at its narrowest; *kept whole* how many groups or layers are kept whole (the model's "
+        "input and output included); *after* the pruned model's FLOPs as a share of the dense "
+        "model's, by `FlopCounterMode`.",
+        "",
+        "| model | side | params | prunetune | s | prunable | min | kept whole | after "
+        "| Torch-Pruning | s | after |",
+        "| --- | --: | --: | --- | --: | --: | --: | --: | --: | --- | --: | --: |",
+    ]
+    for row in benched:
+        ours = row.get("prunetune")
+        theirs = row.get("torch_pruning")
+        if "error" in row and ours is None:
+            ours = {"status": "crashed", "error": row["error"], "seconds": row.get("wall_s")}
+        status, seconds, after = _cell(ours)
+        tp_status, tp_seconds, tp_after = _cell(theirs)
+        ours = ours or {}
+        lines.append(
+            f"| {row['model']} | {row.get('side', '')} | {_millions(row.get('params'))} "
+            f"| {status} | {seconds} | {_pct(ours.get('prunable_share'))} "
+            f"| {_pct(ours.get('min_share'))} | {ours.get('kept_whole', '')} | {after} "
+            f"| {tp_status} | {tp_seconds} | {tp_after} |"
+        )
+    reasons: dict[str, list[str]] = {}
+    for row in benched:
+        for reason in (row.get("prunetune") or {}).get("kept_whole_reasons", []):
+            if not reason.startswith(("model input", "model output")):  # every model has them
+                reasons.setdefault(reason, []).append(row["model"])
+    lines += ["", "## Why layers are kept whole", ""]
+    lines += ["| reason | models |", "| --- | --- |"]
+    for reason, models in sorted(reasons.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(models[:8]) + (f", ... ({len(models)})" if len(models) > 8 else "")
+        lines.append(f"| {reason.replace('|', '/')} | {shown} |")
+    lines += ["", "## Skipped", ""]
+    lines += [f"- {row['model']}: {row['skipped']}" for row in skipped] or ["- none"]
+    missing = sorted(set(list_models()) - set(rows))
+    if missing:
+        lines += ["", "## Not run yet", "", f"{len(missing)} models: {', '.join(missing)}."]
+    page.write_text("\n".join(lines) + "\n")
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        )
+        return out.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+    except OSError:
+        return "unknown"
+
+
+def _meta(
+    argv: list[str] | None, commit: str, elapsed_s: float, jobs: int, done: int, total: int
+) -> dict[str, Any]:
+    """What the page says about the run: versions, machine, command, commit, time taken."""
+    try:
+        import torch_pruning
+
+        tp_version = torch_pruning.__version__
+    except ImportError:
+        tp_version = None
+    return {
+        "torchvision": torchvision.__version__,
+        "torch": torch.__version__,
+        "torch_pruning": tp_version,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
+        "command": "PYTHONPATH=src python scripts/bench_models.py "
+        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "commit": commit,
+        "elapsed_s": elapsed_s,
+        "jobs": jobs,
+        "elapsed": f"{elapsed_s / 60:.0f} min for {done} of {total} models",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", help="comma-separated names (default: all of them)")
+    parser.add_argument("--results", default=str(ROOT / "docs" / "models.jsonl"))
+    parser.add_argument("--page", default=str(ROOT / "docs" / "models.md"))
+    parser.add_argument("--resume", action="store_true", help="skip models already in --results")
+    parser.add_argument("--limit-s", type=float, default=900, help="per model and both tools")
+    parser.add_argument("--page-only", action="store_true", help="rewrite the page from results")
+    parser.add_argument("--no-torch-pruning", action="store_true", help="prunetune's column only")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="models at once, one process each (1 thread each)"
+    )
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    names = args.models.split(",") if args.models else list_models()
+    unknown = sorted(set(names) - set(list_models()))
+    if unknown:
+        parser.error(f"not torchvision models: {', '.join(unknown)}")
+    tools = ("prunetune",) if args.no_torch_pruning else TOOLS
+    meta_path = results.with_suffix(".meta.json")
+    rows = _read_rows(results) if (args.resume or args.page_only) else {}
+    commit = _commit()
+    if not args.page_only:
+        if not args.resume:
+            results.write_text("")
+        # --resume skips the models already done; models named with --models are run again
+        todo = names if args.models else [n for n in names if n not in rows]
+        start = time.perf_counter()
+        previous = json.loads(meta_path.read_text()) if args.resume and meta_path.is_file() else {}
+        # each model runs in its own forked process; --jobs of them at once (threads only wait)
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            running = {pool.submit(bench_isolated, name, tools, args.limit_s) for name in todo}
+            for index, future in enumerate(concurrent.futures.as_completed(running), 1):
+                row = future.result()
+                row["commit"] = commit
+                rows[row["model"]] = row
+                with results.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                ours = (row.get("prunetune") or {}).get(
+                    "status", row.get("skipped", row.get("error"))
+                )
+                theirs = (row.get("torch_pruning") or {}).get("status", "")
+                print(
+                    f"[{index}/{len(todo)}] {row['model']}: {row['wall_s']} s: prunetune {ours}; "
+                    f"torch-pruning {theirs}",
+                    flush=True,
+                )
+                # after every model, so an interrupted run still has its figures and a page
+                elapsed_s = time.perf_counter() - start + float(previous.get("elapsed_s", 0))
+                total = len(set(rows) | set(names))
+                meta = _meta(argv, commit, elapsed_s, args.jobs, len(rows), total)
+                meta_path.write_text(json.dumps(meta, indent=2) + "\n")
+
+    meta = json.loads(meta_path.read_text())
+    write_page(rows, Path(args.page), meta)
+    print(f"wrote {args.page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
