@@ -90,6 +90,7 @@ def survey_one(name: str) -> dict[str, Any]:
 
     import prunetune
     from prunetune.backend.measure import count_flops
+    from prunetune.estimators import InfeasibleTargetError
 
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -116,6 +117,8 @@ def survey_one(name: str) -> dict[str, Any]:
             pruned = count_flops(result.model, x)
             row["flops_after"] = pruned / dense
             row["exact"] = result.flops == pruned == result.costs["flops"]
+    except InfeasibleTargetError as exc:  # a clear refusal: the smallest subnet is above 50%
+        row["refused"] = str(exc).split("; ")[0][:160]
     except Exception as exc:
         first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         row["error"] = f"{type(exc).__name__}: {first}"
@@ -146,6 +149,8 @@ def survey_isolated(name: str) -> dict[str, Any]:
 def _outcome(row: dict[str, Any]) -> str:
     if "error" in row:
         return f"error: {row['error']}"
+    if "refused" in row:
+        return f"refused: {row['refused']}"
     if not row["groups"]:
         return "nothing prunable"
     if "flops_after" not in row:
@@ -159,6 +164,7 @@ def write_page(rows: list[dict[str, Any]], out: Path, commit: str, seconds: floa
     exact = sum(1 for r in rows if r.get("dense_exact") and r.get("exact", True))
     nothing = [r["model"] for r in rows if r.get("groups") == 0]
     errors = [r["model"] for r in rows if "error" in r]
+    refused = [r["model"] for r in rows if "refused" in r]
     lines = [
         "# timm architectures: coverage survey",
         "",
@@ -171,6 +177,7 @@ def write_page(rows: list[dict[str, Any]], out: Path, commit: str, seconds: floa
         f"- FLOPs claims equal to `FlopCounterMode` (dense, and pruned where pruned): "
         f"**{exact} of {len(rows)}**",
         f"- nothing prunable: {', '.join(nothing) or 'none'}",
+        f"- refused at 50% (their smallest subnet is larger): {', '.join(refused) or 'none'}",
         f"- errors: {', '.join(errors) or 'none'}",
         "",
         "| model | input | prunable groups | kept whole | FLOPs after a 50% prune | seconds |",
