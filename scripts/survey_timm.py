@@ -89,8 +89,8 @@ def survey_one(name: str) -> dict[str, Any]:
     import timm
 
     import prunetune
+    from prunetune.backend.errors import InfeasibleTargetError
     from prunetune.backend.measure import count_flops
-    from prunetune.estimators import InfeasibleTargetError
 
     torch.set_num_threads(1)
     start = time.perf_counter()
