@@ -213,6 +213,9 @@ def plot(stats: list[dict[str, Any]], path: Path) -> None:
             offset = [v * (1 + 0.02 * (index - 2)) for v in x]  # keep the bars apart
             axes.errorbar(offset, y, yerr=err, marker=markers[index], capsize=3, label=method)
         axes.set_xscale("log")
+        ticks = sorted({s["target"] for s in stats})
+        axes.set_xticks(ticks, [f"{t:g}%" for t in ticks])
+        axes.minorticks_off()
         axes.set_xlabel("FLOPs target (% of the dense model, log scale)")
         axes.set_title(title.split(":")[0], fontsize=10)
         axes.grid(alpha=0.3)

@@ -48,7 +48,8 @@ Output: ``bench_search.md`` (both tables as mean ± standard deviation over the 
 compute, every run's figures, the reading) and ``bench_search.png`` (both comparisons with error
 bars) in ``--out-dir`` (default ``docs/``; the work directory with ``--quick``), and
 ``results.json`` in the work directory, rewritten after every seed so a cut-short run keeps what
-it finished. The last line printed is one JSON object with every figure.
+it finished (``python scripts/bench_search.py --render RESULTS.json OUT_DIR`` writes the page and
+plot again from it). The last line printed is one JSON object with every figure.
 
 Torch-Pruning is not a dependency of prunetune; install it for the benchmark only:
 ``.venv/bin/pip install -c constraints.txt torch-pruning``.
@@ -451,25 +452,38 @@ def write(
     wall_s: float,
     finished: bool,
 ) -> dict[str, Any]:
-    """Write results.json, the page and the plot from the rows so far; return the figures."""
+    """Write results.json, then the page and the plot, from the rows so far; return the figures.
+
+    The figures are saved first: if the page cannot be written, ``--render`` writes it later
+    from them.
+    """
     stats = summary(rows)
-    lines = reading(stats, settings)
-    text = page(provenance(wall_s, finished), facts(settings, dense), stats, rows, lines)
     figures = {
         "benchmark": "search",
         "finished": finished,
+        "provenance": provenance(wall_s, finished),
+        "facts": facts(settings, dense),
         "settings": {k: v for k, v in vars(settings).items() if not isinstance(v, Path)},
         "dense": {str(k): v for k, v in dense.items()},
         "summary": stats,
         "rows": rows,
-        "reading": lines,
+        "reading": reading(stats, settings),
         "wall_s": round(wall_s, 1),
     }
     blob = json.dumps(figures, default=str)
     atomic_write(settings.work_dir / "results.json", lambda p: p.write_text(blob, encoding="utf-8"))
-    atomic_write(settings.out_dir / "bench_search.md", lambda p: p.write_text(text, "utf-8"))
-    plot(stats, settings.out_dir / "bench_search.png")
+    render(figures, settings.out_dir)
     return figures
+
+
+def render(figures: dict[str, Any], out_dir: Path) -> None:
+    """``bench_search.md`` and ``bench_search.png`` in ``out_dir`` from saved figures."""
+    text = page(
+        figures["provenance"], figures["facts"], figures["summary"], figures["rows"],
+        figures["reading"],
+    )  # fmt: skip
+    atomic_write(out_dir / "bench_search.md", lambda p: p.write_text(text, "utf-8"))
+    plot(figures["summary"], out_dir / "bench_search.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -479,6 +493,12 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
+    if argv is None and sys.argv[1:2] == ["--render"]:  # page and plot again from results.json
+        if len(sys.argv) != 4:
+            print("usage: bench_search.py --render RESULTS.json OUT_DIR", file=sys.stderr)
+            return 2
+        render(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8")), Path(sys.argv[3]))
+        return 0
     try:
         settings = parse_settings(argv)
         check(settings)
