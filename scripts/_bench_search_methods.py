@@ -69,6 +69,7 @@ class Settings:
     work_dir: Path
     out_dir: Path
     skipped: dict[str, str] = field(default_factory=dict)
+    first_seed: int = 0  # seeds run: first_seed .. first_seed + seeds - 1
 
     def targets_of(self, seed: int) -> tuple[float, ...]:
         """The targets run with ``seed``: every target, and the ``once`` ones with seed 0."""

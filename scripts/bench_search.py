@@ -49,8 +49,9 @@ Output: ``bench_search.md`` (both tables as mean ± standard deviation over the 
 compute, every run's figures, the reading) and ``bench_search.png`` (both comparisons with error
 bars) in ``--out-dir`` (default ``docs/``; the work directory with ``--quick``), and
 ``results.json`` in the work directory, rewritten after every seed so a cut-short run keeps what
-it finished (``python scripts/bench_search.py --render RESULTS.json OUT_DIR`` writes the page and
-plot again from it). The last line printed is one JSON object with every figure.
+it finished (``python scripts/bench_search.py --render OUT_DIR RESULTS.json...`` writes the page
+and plot again from one or more runs' results: ``--first-seed`` splits one grid over processes).
+The last line printed is one JSON object with every figure.
 
 Torch-Pruning is not a dependency of prunetune; install it for the benchmark only:
 ``.venv/bin/pip install -c constraints.txt torch-pruning``.
@@ -150,6 +151,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument("--targets", help=f"FLOPs targets in %% (default {FULL['targets']})")
     parser.add_argument("--once", help=f"targets run with seed 0 only (default {FULL['once']})")
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
+    parser.add_argument(
+        "--first-seed", type=int, default=0,
+        help="first seed (default 0): split one grid over processes, then --render their results",
+    )  # fmt: skip
     for flag, kind, what in _NUMBERS:
         default = FULL[flag.replace("-", "_")]
         parser.add_argument(f"--{flag}", type=kind, help=f"{what} (default {default:g})")
@@ -163,6 +168,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         if not pick[key] >= least:
             raise BenchError(f"--{flag} must be {'>= 0' if least == 0 else 'positive'}, got "
                              f"{pick[key]}")  # fmt: skip
+    if args.first_seed < 0:
+        raise BenchError(f"--first-seed must be >= 0, got {args.first_seed}")
     work_dir = args.work_dir or REPO / "runs" / f"bench_search{'_quick' if args.quick else ''}"
     methods, skipped = _methods(args.methods)
     return Settings(
@@ -184,6 +191,7 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         work_dir=work_dir.resolve(),
         out_dir=(args.out_dir or (work_dir if args.quick else REPO / "docs")).resolve(),
         skipped=skipped,
+        first_seed=args.first_seed,
     )
 
 
@@ -489,6 +497,44 @@ def render(figures: dict[str, Any], out_dir: Path) -> None:
     plot(figures["summary"], out_dir / "bench_search.png")
 
 
+def merged(paths: list[Path]) -> dict[str, Any]:
+    """The figures of several runs of one grid (``--first-seed``), as one: their rows and dense
+    models together, the summary and reading recomputed, every run's provenance kept.
+
+    Raises:
+        BenchError: a file cannot be read, or two runs hold the same seed.
+    """
+    try:
+        runs = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read results: {exc}") from None
+    dense: dict[str, Any] = {}
+    for run in runs:
+        twice = set(dense) & set(run["dense"])
+        if twice:
+            raise BenchError(f"seed {min(twice)} is in more than one results file")
+        dense.update(run["dense"])
+    rows = [row for run in runs for row in run["rows"]]
+    stats = summary(rows)
+    accs = ", ".join(f"seed {k}: {100 * v['test_acc']:.2f}%" for k, v in sorted(dense.items()))
+    facts = [
+        (line.split("; dense test accuracy")[0] + f"; dense test accuracy {accs}")
+        if line.startswith("model:") else line
+        for line in runs[0]["facts"]
+    ]  # fmt: skip
+    return {
+        **runs[0],
+        "finished": all(run["finished"] for run in runs),
+        "provenance": " ".join(run["provenance"] for run in runs),
+        "facts": facts,
+        "dense": dense,
+        "summary": stats,
+        "rows": rows,
+        "reading": reading(stats, None),
+        "wall_s": max(run["wall_s"] for run in runs),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (2 for input the user must fix)."""
     started = time.perf_counter()
@@ -496,11 +542,15 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
-    if argv is None and sys.argv[1:2] == ["--render"]:  # page and plot again from results.json
-        if len(sys.argv) != 4:
-            print("usage: bench_search.py --render RESULTS.json OUT_DIR", file=sys.stderr)
+    if argv is None and sys.argv[1:2] == ["--render"]:  # page and plot again from results
+        if len(sys.argv) < 4:
+            print("usage: bench_search.py --render OUT_DIR RESULTS.json...", file=sys.stderr)
             return 2
-        render(json.loads(Path(sys.argv[2]).read_text(encoding="utf-8")), Path(sys.argv[3]))
+        try:
+            render(merged([Path(p) for p in sys.argv[3:]]), Path(sys.argv[2]))
+        except BenchError as exc:
+            print(f"bench_search.py: error: {exc}", file=sys.stderr)
+            return 2
         return 0
     try:
         settings = parse_settings(argv)
@@ -515,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     dense: dict[int, dict[str, float]] = {}
     context = multiprocessing.get_context("spawn")  # no fork of a process running Ray or torch
     with ProcessPoolExecutor(2, mp_context=context, initializer=init_worker) as pool:
-        for seed in range(settings.seeds):
+        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
             seed_rows, dense[seed] = run_seed(settings, seed, pool, say)
             rows += seed_rows
             write(settings, rows, dense, time.perf_counter() - started, finished=False)
