@@ -3,9 +3,11 @@ finetune and at equal total compute, over several seeds (a hard MNIST task).
 
     python scripts/bench_search.py [--quick] [--data-dir ../shared/data/mnist-t10k]
 
-The defaults take about 75 minutes on 2 CPU cores shared with other work; ``--quick`` checks the
-whole pipeline in a few minutes on tiny settings and writes its page, plot and figures to the
-work directory, never to ``docs/``.
+On 2 CPU cores shared with other work, one seed of the defaults took 56 minutes (2 targets) to 75
+(3 targets), so the default grid run one seed after another takes well over 90 minutes there
+(seeds can run in parallel processes with ``--first-seed``); ``--quick`` checks the whole
+pipeline in a few minutes on tiny settings and writes its page, plot and figures to the work
+directory, never to ``docs/``.
 
 Task. Plain MNIST saturates (uniform pruning to 10% of the FLOPs plus a long finetune loses 0.2
 points), so every seed draws a harder one from the MNIST test set at ``--data-dir`` (the only
@@ -15,9 +17,9 @@ other images (8,000) to score the final models. Model: the zoo's ResNet-20 (1 in
 trained dense for ``--dense-epochs`` per seed (cached in ``--work-dir``).
 
 Grid. ``--seeds`` seeds (default 3) at each of ``--targets`` (default 10 and 5% of the dense
-FLOPs) and seed 0 alone at ``--once`` (default 25%; for example ``--targets 25,10,5 --once 50``
-for the wider grid, about three times the compute). A seed redraws the split, the dense
-training, every search and every finetune's order.
+FLOPs) and seed 0 alone at ``--once`` (default 25%; ``--targets 25,10,5 --once 50`` is the wider
+grid the issue asked for). A seed redraws the split, the dense training, every search and every
+finetune's order.
 
 Methods, at each seed and target: ``uniform`` (one keep ratio for every channel group),
 ``global-l1`` (channels ranked by L1 norm across groups), ``torch-pruning`` (Torch-Pruning's
@@ -104,8 +106,8 @@ from prunetune.estimators import DeviceInfo, FlopsModel, ParamsModel, Target
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"
 DENSE_THREADS = 1  # two threads on a busy 2-core machine spin more than they compute
-# sized for a 2-core machine shared with other work (about 75 min there): every seed at the
-# targets below 25% that the comparison is about, 25% with seed 0 only
+# every seed at the targets below 25% that the comparison is about, 25% with seed 0 only;
+# 4 trials per search: 6 took about 17 min per seed and target on the shared 2-core machine
 FULL: dict[str, Any] = dict(
     targets="10,5", once="25", seeds=3, trials=4, train_images=1000, val_images=1000,
     dense_epochs=20.0, finetune_epochs=3.0, inner_epochs=1.0, score_steps=20, rescore_top=3,
