@@ -1,35 +1,50 @@
-"""The methods ``bench_search.py`` compares: what each one prunes a dense model to, at a FLOPs
-target (one-shot uniform and global L1, Torch-Pruning, each space alone, random search and the
-full search), and the state they share."""
+"""The methods ``bench_search.py`` compares and how it costs them: what each one prunes a dense
+model to at a FLOPs target (one-shot uniform and global L1, Torch-Pruning, random search and the
+full search), the CPU seconds that took, and the finetune jobs that run in a pool of processes.
+
+Compute is counted in CPU seconds (``time.process_time``) of one-thread processes: the benchmark's
+own process while it prunes or drives a search, each search trial's process (reported by the
+trial itself), each finetune job's process. Wall time is measured too, but on a shared machine it
+counts other people's work; CPU time counts (almost) only ours.
+"""
 
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from prunetune.backend.data import DatasetSplits
+from prunetune.backend.data import DatasetSplits, load_dataset
 from prunetune.backend.errors import PrunetuneError
 from prunetune.backend.graph import ChannelGraph
-from prunetune.backend.measure import count_flops
+from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
 from prunetune.backend.pruning import one_shot_widths
 from prunetune.backend.spec import SubnetSpec
 from prunetune.backend.surgery import prune_model
+from prunetune.backend.train import TrainConfig, evaluate, train
+from prunetune.backend.training import steps_per_pass
 from prunetune.estimators import Budget, FlopsModel, ParamsModel, Target
 from prunetune.search import SearchConfig
-from prunetune.spaces import SpaceContext, create_space, list_spaces
 
 SEARCHES = ("random-search", "search")
-METHODS = ("uniform", "global-l1", "torch-pruning", *list_spaces(), *SEARCHES)
+ONE_SHOT = ("uniform", "global-l1", "torch-pruning")
+METHODS = (*ONE_SHOT, *SEARCHES)
 BATCH_SIZE = 64  # every finetune and search step, as the search's default
-SEED = 0
+FINETUNE_LR = 0.01
+DISTILL_WEIGHT = 0.7
+CALIBRATION_STEPS = 12
+SEARCH_ATTEMPTS = 3
+TRAIN_VAL_IMAGES = 64  # validation images a finetune job reports on each epoch (not scored)
 
 
 @dataclass(frozen=True)
@@ -37,25 +52,57 @@ class Settings:
     """The benchmark's knobs, resolved from the flags (``--quick`` changes the defaults)."""
 
     targets: tuple[float, ...]
+    once: tuple[float, ...]
+    seeds: int
     methods: tuple[str, ...]
     trials: int
+    train_images: int
+    val_images: int
     dense_epochs: float
     finetune_epochs: float
     inner_epochs: float
     score_steps: int
-    threads: int
+    rescore_top: int
+    rescore_steps: int
     quick: bool
     data_dir: Path
     work_dir: Path
     out_dir: Path
     skipped: dict[str, str] = field(default_factory=dict)
+    first_seed: int = 0  # seeds run: first_seed .. first_seed + seeds - 1
+
+    def targets_of(self, seed: int) -> tuple[float, ...]:
+        """The targets run with ``seed``: every target, and the ``once`` ones with seed 0."""
+        return self.targets + (self.once if seed == 0 else ())
+
+
+def split(settings: Settings, seed: int) -> DatasetSplits:
+    """The harder MNIST task of one seed: ``train_images`` to learn from, ``val_images`` to
+    choose on, every other image of the MNIST test set to score the final models.
+
+    Raises:
+        PrunetuneError: the data directory is missing or unreadable; ValueError: the sizes leave
+            no test images.
+    """
+    total = 10_000  # the MNIST test set (t10k), the only MNIST files at hand
+    learn = settings.train_images + settings.val_images
+    if not 0 < learn < total:
+        raise ValueError(f"train + val images must be between 1 and {total - 1}, got {learn}")
+    return load_dataset(
+        "mnist",
+        root=settings.data_dir,
+        seed=seed,
+        val_fraction=settings.val_images / learn,
+        test_fraction=1 - learn / total,
+    )
 
 
 @dataclass
 class Bench:
-    """What every method shares: the data, the trained dense model and its graph and costs."""
+    """What every method of one seed shares: the data, the trained dense model and its costs."""
 
     settings: Settings
+    seed: int
     data: DatasetSplits
     ref: ModelRef
     dense: nn.Module
@@ -74,38 +121,52 @@ class Bench:
 
 @dataclass
 class Pruned:
-    """One method's pruned model at one target, before the common finetune."""
+    """One method's pruned model at one target, before any finetune, and what it cost."""
 
     target: float
     method: str
     model: nn.Module | None
     prune_s: float
+    cpu_s: float
     note: str = ""
+    trials_cpu_s: float = 0.0  # a search's: the part of cpu_s its trials' processes spent
 
 
-def search_config(bench: Bench, target: float, method: str) -> SearchConfig:
-    """The search ``method`` runs at ``target`` (also fixes each space's inner run length)."""
-    settings = bench.settings
+def search_config(job: SearchJob) -> SearchConfig:
+    """The search a job runs (the benchmark finetunes the chosen subnet itself)."""
+    settings, target, method = job.settings, job.target, job.method
     random = method == "random-search"
     return SearchConfig(
         target=Target.parse(f"flops<={target:g}%"),
-        checkpoint=str(bench.dense_path),
-        dataset="mnist",
-        data_dir=str(settings.data_dir),  # trials run in their own folders: absolute paths
+        checkpoint=str(job.dense_path),
+        dataset="python",  # the benchmark's split, shipped to the trials through Ray
         spaces=("ratios",) if random else (),
         trials=settings.trials,
         sampler="random" if random else "tpe",
         cpus_per_trial=1.0,
-        name=f"{method}-{target:g}",
+        name=f"{method}-{target:g}-s{job.seed}",
         runs_dir=str(settings.work_dir / "searches"),
         overwrite=True,
-        seed=SEED,
+        seed=job.seed,
         finetune_epochs=0.01,  # the benchmark finetunes the chosen subnet itself
         score_steps=settings.score_steps,
+        rescore_top=settings.rescore_top,
+        rescore_steps=settings.rescore_steps,
         inner_epochs=settings.inner_epochs,
         batch_size=BATCH_SIZE,
         distill=True,
     )
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """One search, run in a process of its own (see :func:`searched`)."""
+
+    settings: Settings
+    seed: int
+    target: float
+    method: str
+    dense_path: Path
 
 
 def one_shot(bench: Bench, target: float, allocation: str) -> tuple[nn.Module, str]:
@@ -130,7 +191,7 @@ def torch_pruning(bench: Bench, target: float, steps: int = 400) -> tuple[nn.Mod
         bench.example,
         importance=tp.importance.GroupMagnitudeImportance(p=1),
         global_pruning=True,
-        pruning_ratio=0.95,
+        pruning_ratio=0.98,
         iterative_steps=steps,
         ignored_layers=[classifier],
     )
@@ -141,85 +202,196 @@ def torch_pruning(bench: Bench, target: float, steps: int = 400) -> tuple[nn.Mod
             raise PrunetuneError(f"Torch-Pruning did not reach {target:g}% FLOPs in {steps} steps")
         pruner.step()
         done += 1
-    macs, _ = tp.utils.count_ops_and_params(model, bench.example)
-    return model, f"{done} steps; its own op counter: {macs / 1e6:.2f}M"
+    return model, f"{done} Torch-Pruning steps"
 
 
-def space_alone(bench: Bench, target: float, space: str) -> tuple[nn.Module, str]:
-    """One run of ``space`` with its defaults and a search trial's inner length."""
-    options = search_config(bench, target, "search").fixed_options(space)
-    context = SpaceContext(
-        model=bench.dense,
-        graph=bench.graph,
-        model_ref=bench.ref,
-        data=bench.data,
-        budget=bench.budget(target),
-        seed=SEED,
-        batch_size=BATCH_SIZE,
-        importance=bench.scores,
+def run_search_job(job: SearchJob) -> dict[str, Any]:
+    """Run one search in this (child) process, with its own Ray session.
+
+    The search gets the benchmark's train and val splits, its test split cut to a few images
+    (its own final test score is not used, and would cost it CPU time). Returns its chosen
+    subnet (spec and the weights its final finetune would start from), a note, the CPU seconds
+    of this process during ``run_search`` (Ray's start and stop are not counted) and of its
+    trials, and the wall seconds of ``run_search``.
+    """
+    from prunetune.search import run_search
+    from prunetune.search._cluster import ray_session
+
+    torch.set_num_threads(1)
+    data = split(job.settings, job.seed)
+    data = replace(data, test=data.val.subset(TRAIN_VAL_IMAGES))
+    with ray_session(None):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        result = run_search(
+            search_config(job), say=lambda m: print("  " + m, flush=True), data=data
+        )
+        cpu, wall = time.process_time() - cpu_started, time.perf_counter() - started
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
+    rescored = [c for c in result.candidates if c.rescore is not None]
+    pairs = [f"{c.space} {100 * c.score:.1f}->{100 * (c.rescore or 0):.1f}" for c in rescored]
+    second = f"; scored again: {', '.join(pairs)}" if pairs else ""
+    note = (
+        f"chose {result.best.space} (val {100 * (result.best.score or 0):.1f}% on "
+        f"{result.val_size}){second}; {counts}"
     )
-    result = create_space(space, **options).run(context)
-    start = copy.deepcopy(bench.dense)
-    if result.state_dict is not None:
-        start.load_state_dict(result.state_dict)
-    note = ", ".join(f"{k}={v}" for k, v in options.items())
-    return prune_model(start, bench.graph, result.spec), note
+    if result.start_state is None:
+        note += "; from the dense weights (the trial kept none)"
+    return {
+        "spec": result.spec.to_dict(),
+        "state": result.start_state,
+        "note": note,
+        "driver_cpu_s": cpu,
+        "trials_cpu_s": result.trials_cpu_s,
+        "wall_s": wall,
+    }
 
 
 def searched(
     bench: Bench, target: float, method: str, say: Callable[[str], None]
-) -> tuple[nn.Module, str]:
-    """``run_search`` (full or random); its chosen subnet, with the weights its trial scored (as
-    the search's own final step starts from them)."""
-    from prunetune.search import run_search
+) -> tuple[nn.Module, str, float, float, float]:
+    """``run_search`` (full or random) in a child process, retried when that process or its
+    Ray dies (on a shared machine someone may stop every Ray session, which ends its driver).
 
-    result = run_search(search_config(bench, target, method), say=lambda m: say("  " + m))
-    counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
-    note = f"best trial {result.best.space} (val {100 * (result.best.score or 0):.1f}%); {counts}"
-    model = prune_model(bench.dense, bench.graph, result.spec)
-    if result.best.weights is None:
-        return model, note + "; from the dense weights (the trial kept none)"
-    model.load_state_dict(torch.load(result.best.weights, map_location="cpu", weights_only=True))
-    return model, note
+    Returns the chosen subnet with the weights its final finetune would start from, a note, the
+    search's CPU seconds (its driver's and its trials'), the trials' share of them, and its wall
+    seconds.
+
+    Raises:
+        RuntimeError: every attempt failed (the last error).
+    """
+    job = SearchJob(bench.settings, bench.seed, target, method, bench.dense_path)
+    context = multiprocessing.get_context("spawn")
+    last: BaseException | None = None
+    for attempt in range(1, SEARCH_ATTEMPTS + 1):
+        with ProcessPoolExecutor(1, mp_context=context) as one:
+            try:
+                out = one.submit(run_search_job, job).result()
+            except Exception as exc:  # the child died, or its search raised: try again
+                last = exc
+                say(f"seed {bench.seed} {target:g}% {method}: attempt {attempt} failed: {exc}")
+                continue
+        model = prune_model(bench.dense, bench.graph, SubnetSpec.from_dict(out["spec"]))
+        if out["state"] is not None:
+            model.load_state_dict(out["state"])
+        note = out["note"] + (f"; attempt {attempt}" if attempt > 1 else "")
+        cpu = out["driver_cpu_s"] + out["trials_cpu_s"]
+        return model, note, cpu, out["trials_cpu_s"], out["wall_s"]
+    raise RuntimeError(f"{SEARCH_ATTEMPTS} attempts failed; last: {last}")
 
 
 def prune(bench: Bench, target: float, method: str, say: Callable[[str], None]) -> Pruned:
-    """One method's pruned model at ``target``, timed; a failure is recorded, not raised."""
+    """One method's pruned model at ``target``, timed (wall and CPU); a failure is recorded,
+    not raised."""
     runners: dict[str, Callable[[], tuple[nn.Module, str]]] = {
         "uniform": partial(one_shot, bench, target, "uniform"),
         "global-l1": partial(one_shot, bench, target, "global"),
         "torch-pruning": partial(torch_pruning, bench, target),
-        **{space: partial(space_alone, bench, target, space) for space in list_spaces()},
-        **{name: partial(searched, bench, target, name, say) for name in SEARCHES},
     }
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
+    trials_cpu = 0.0
     try:
-        model, note = runners[method]()
+        if method in SEARCHES:
+            model, note, cpu, trials_cpu, seconds = searched(bench, target, method, say)
+        else:
+            model, note = runners[method]()
+            cpu, seconds = time.process_time() - cpu_started, time.perf_counter() - started
     except Exception as exc:  # one broken method must not lose the others' figures
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        say(f"{target:g}% {method}: FAILED: {type(exc).__name__}: {first}")
-        return Pruned(target, method, None, time.perf_counter() - started, f"failed: {first}")
-    seconds = time.perf_counter() - started
-    say(f"{target:g}% {method}: pruned in {seconds:.1f}s {note}".rstrip())
-    return Pruned(target, method, model, seconds, note)
+        say(f"seed {bench.seed} {target:g}% {method}: FAILED: {type(exc).__name__}: {first}")
+        return Pruned(target, method, None, time.perf_counter() - started, 0.0, f"failed: {first}")
+    say(
+        f"seed {bench.seed} {target:g}% {method}: pruned in {seconds:.1f}s wall, {cpu:.1f} CPU-s "
+        f"{note}".rstrip()
+    )
+    return Pruned(target, method, model, seconds, cpu, note, trials_cpu)
 
 
-def prune_locally(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
-    """Every method but the searches, at every target."""
-    methods = [m for m in bench.settings.methods if m not in SEARCHES]
-    return [prune(bench, t, m, say) for t in bench.settings.targets for m in methods]
+def prune_all(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
+    """Every method at every target of this seed (each search in a process of its own)."""
+    settings = bench.settings
+    return [
+        prune(bench, t, m, say) for t in settings.targets_of(bench.seed) for m in settings.methods
+    ]
 
 
-def prune_by_search(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
-    """Both searches at every target, in one Ray session (started once, shut down after)."""
-    from prunetune.search._cluster import ray_session
+@dataclass(frozen=True)
+class Job:
+    """One finetune to run in a worker process: a pruned model, its teacher and its length."""
 
-    runs = [(t, m) for t in bench.settings.targets for m in bench.settings.methods if m in SEARCHES]
-    if not runs:
-        return []
-    try:
-        with ray_session(None):
-            return [prune(bench, t, m, say) for t, m in runs]
-    except Exception as exc:  # Ray would not start: the other methods' figures still count
-        say(f"searches FAILED: {type(exc).__name__}: {exc}")
-        return [Pruned(t, m, None, 0.0, f"failed: Ray: {exc}") for t, m in runs]
+    key: tuple[Any, ...]
+    model: nn.Module
+    teacher: nn.Module
+    settings: Settings
+    seed: int
+    epochs: float
+    budget_cpu_s: float | None = None  # when set, the epochs that spend it (at least one)
+
+
+_SPLITS: dict[tuple[Any, ...], DatasetSplits] = {}
+
+
+def init_worker() -> None:
+    """Every finetune process computes on one thread (so CPU seconds compare across them)."""
+    torch.set_num_threads(1)
+
+
+def run_job(job: Job) -> dict[str, Any]:
+    """Finetune ``job.model`` (distilled from the dense model) and measure it on the test split.
+
+    With ``job.budget_cpu_s`` the length is the number of steps that spends that many CPU
+    seconds (at least one epoch): the CPU cost of a step of this model is measured first on a
+    copy (:func:`cpu_per_step`, not counted). Its validation report each epoch uses only
+    ``TRAIN_VAL_IMAGES`` images, so nearly all of the job's CPU time is training. Returns the
+    key, test accuracy, FLOPs, parameters, the finetune's epochs and its CPU and wall seconds
+    (the test evaluation is not counted).
+    """
+    s = job.settings
+    cache_key = (s.data_dir, s.train_images, s.val_images, job.seed)
+    if cache_key not in _SPLITS:
+        _SPLITS.clear()
+        _SPLITS[cache_key] = split(job.settings, job.seed)
+    data = _SPLITS[cache_key]
+    small = replace(data, val=data.val.subset(TRAIN_VAL_IMAGES))
+    model, epochs = job.model, job.epochs
+    per_step = None
+    if job.budget_cpu_s is not None:
+        per_step = cpu_per_step(copy.deepcopy(model), job.teacher, small, job.seed)
+        per_pass = steps_per_pass(small.train, BATCH_SIZE)
+        epochs = round(max(1.0, job.budget_cpu_s / per_step / per_pass), 2)
+    config = TrainConfig(
+        epochs=epochs,
+        lr=FINETUNE_LR,
+        batch_size=BATCH_SIZE,
+        distill_weight=DISTILL_WEIGHT,
+        seed=job.seed,
+    )
+    torch.manual_seed(job.seed)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    train(model, small, config, teacher=job.teacher)
+    cpu_s, wall_s = time.process_time() - cpu_started, time.perf_counter() - started
+    example = torch.zeros(data.input_shape(1))
+    return {
+        "key": job.key,
+        "test_acc": round(evaluate(model, data.test)[1], 5),
+        "flops": count_flops(model, example),
+        "params": count_params(model),
+        "finetune_epochs": epochs,
+        "finetune_cpu_s": round(cpu_s, 2),
+        "finetune_s": round(wall_s, 2),
+        **({"cpu_per_step": round(per_step, 4)} if per_step is not None else {}),
+    }
+
+
+def cpu_per_step(model: nn.Module, teacher: nn.Module, data: DatasetSplits, seed: int) -> float:
+    """CPU seconds one distilled finetune step of ``model`` costs here: the mean of steps 3 to
+    12 of a throw-away finetune (the first steps pay one-off costs)."""
+    marks: list[float] = []
+    per_pass = steps_per_pass(data.train, BATCH_SIZE)
+    config = TrainConfig(
+        epochs=CALIBRATION_STEPS / per_pass, lr=FINETUNE_LR, batch_size=BATCH_SIZE,
+        distill_weight=DISTILL_WEIGHT, seed=seed,
+    )  # fmt: skip
+    train(
+        model, data, config, teacher=teacher, on_step=lambda *_: marks.append(time.process_time())
+    )
+    return (marks[-1] - marks[1]) / (len(marks) - 2)

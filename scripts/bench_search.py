@@ -1,64 +1,76 @@
-"""Benchmark the full search against one-shot pruning, Torch-Pruning and random search (MNIST).
+"""Benchmark the full search against one-shot pruning, Torch-Pruning and random search, at equal
+finetune and at equal total compute, over several seeds (a hard MNIST task).
 
     python scripts/bench_search.py [--quick] [--data-dir ../shared/data/mnist-t10k]
 
-The defaults take about 35 minutes on 2 CPU cores (dense training is cached for reruns);
-``--quick`` checks the whole pipeline in about 3 minutes on tiny settings and writes its table
-and plot to the work directory, never to ``docs/``.
+On 2 CPU cores shared with other work, one seed of the defaults took 56 minutes (2 targets) to 75
+(3 targets), so the default grid run one seed after another takes well over 90 minutes there
+(seeds can run in parallel processes with ``--first-seed``); ``--quick`` checks the whole
+pipeline in a few minutes on tiny settings and writes its page, plot and figures to the work
+directory, never to ``docs/``.
 
-Data: the MNIST test set in ``--data-dir``, split once (seed 0) into 8,000 images to learn from
-(7,200 train, 800 validation: every search chooses on validation) and 2,000 held-out test images
-that only score the final models. Model: the zoo's ResNet-20 (1 input channel, 10 classes),
-trained dense once and cached in ``--work-dir`` (``dense.pt``, reused when trained with the same
-epochs and seed).
+Task. Plain MNIST saturates (uniform pruning to 10% of the FLOPs plus a long finetune loses 0.2
+points), so every seed draws a harder one from the MNIST test set at ``--data-dir`` (the only
+MNIST files here): ``--train-images`` images to learn from (default 1,000, about 100 per class),
+``--val-images`` to choose on (default 1,000: every search chooses on validation only) and the
+other images (8,000) to score the final models. Model: the zoo's ResNet-20 (1 input channel),
+trained dense for ``--dense-epochs`` per seed (cached in ``--work-dir``).
 
-At every FLOPs target (default 50%, 25%, 10% of the dense model) each method yields one pruned
-model:
+Grid. ``--seeds`` seeds (default 3) at each of ``--targets`` (default 10 and 5% of the dense
+FLOPs) and seed 0 alone at ``--once`` (default 25%; ``--targets 25,10,5 --once 50`` is the wider
+grid the issue asked for). A seed redraws the split, the dense training, every search and every
+finetune's order.
 
-- ``uniform``: every channel group scaled by one common keep ratio (one shot);
-- ``global-l1``: channels ranked by L1 norm across all groups (one shot, ours);
-- ``torch-pruning``: Torch-Pruning's global magnitude pruner (``GroupMagnitudeImportance(p=1)``,
-  final classifier kept), iterative steps until our FLOPs count reaches the target; its FLOPs
-  are also counted by our estimator on a trace of its model and checked against FlopCounterMode;
-- ``dsa``, ``dais``, ``ddpnas``, ``ratios``: each space alone, run once with its default
-  hyper-parameters and the same inner length as one search trial (``--inner-epochs``; DSA and
-  DDPNAS count whole epochs, at least one); the subnet starts its finetune from the weights the
-  space learned (its ``state_dict``), as in ``bench_spaces.py``;
-- ``random-search``: ``run_search`` over the ``ratios`` space with the random sampler;
-- ``search``: the full ``run_search`` over every space (TPE), the same trials and settings.
+Methods, at each seed and target: ``uniform`` (one keep ratio for every channel group),
+``global-l1`` (channels ranked by L1 norm across groups), ``torch-pruning`` (Torch-Pruning's
+global magnitude pruner, ``GroupMagnitudeImportance(p=1)``, stepped until our FLOPs count fits;
+skipped with a note when Torch-Pruning is not installed), ``random-search`` (``run_search`` over
+the ``ratios`` space with the random sampler) and ``search`` (the full ``run_search``: every
+space, TPE). Both searches run ``--trials`` trials, two at a time (one CPU and one thread each),
+score every trial after ``--score-steps`` steps of distilled finetune, score the best
+``--rescore-top`` again after ``--rescore-steps`` more, and hand back their chosen subnet with the
+weights their final finetune would start from; the benchmark finetunes it itself.
 
-Both searches start from the cached dense checkpoint, run two trials at a time (one CPU and one
-torch thread each) and choose their best subnet by their own validation score (``--score-steps``
-of distilled finetune per trial). Their wall time is ``run_search``'s whole run. The finetune
-budget is the same for every method: the benchmark finetunes every pruned model itself, with one
-``TrainConfig`` (``--finetune-epochs`` epochs, lr 0.01, batch 64, seed 0, distilled from the
-dense model at weight 0.7, as the search's own final step does). The searches' own final
-finetune is cut to 0.01 epochs and ignored; their chosen subnet starts, as the search's own final
-step does, from the weights its trial scored (so it carries the trial's ``--score-steps`` of
-finetune, part of the search's cost and wall time) and gets the common finetune.
+Two comparisons:
 
-Reported per target and method: test accuracy, FLOPs (FlopCounterMode / 2 on the final model,
-and our estimator on its trace), parameters, latency at batch 1 and 32 (median, this machine,
-``--threads`` threads) and wall time of pruning (or searching) and finetuning. The table goes to
-``docs/bench_search.md``, the plot (test accuracy vs FLOPs kept, one line per method) to
-``docs/bench_search.png`` (with ``--quick``: to the work directory); the reading names every
-target where the full search does not beat both one-shot baselines and random search. The last
-line printed is one JSON object with every figure.
+- **equal finetune**: every method's pruned model gets the same ``--finetune-epochs`` of
+  finetune (lr 0.01, batch 64, distilled from the dense model at 0.7, seeded by the seed);
+- **equal compute**: the full search's cost C is its search plus that finetune of its subnet;
+  every other method gets a finetune lengthened (in epochs, computed from the CPU seconds per
+  epoch its equal-finetune run measured) until its pruning (or random search) plus finetune also
+  costs C. The full search's row is the same in both tables.
+
+Compute is CPU seconds (``time.process_time``) of one-thread processes: this process while it
+prunes or drives a search (Tune's driver loop, the re-scoring, the search's export), each
+trial's own process (reported by the trial), and each finetune's process (finetunes run in a
+pool of two processes). On a machine shared with other work, wall time counts their work too;
+CPU seconds count ours. Not counted: Ray's daemons, process start-up, and test evaluation. Wall
+times are reported beside.
+
+Output: ``bench_search.md`` (both tables as mean ± standard deviation over the seeds, the
+compute, every run's figures, the reading) and ``bench_search.png`` (both comparisons with error
+bars) in ``--out-dir`` (default ``docs/``; the work directory with ``--quick``), and
+``results.json`` in the work directory, rewritten after every seed so a cut-short run keeps what
+it finished (``python scripts/bench_search.py --render OUT_DIR RESULTS.json...`` writes the page
+and plot again from one or more runs' results: ``--first-seed`` splits one grid over processes).
+The last line printed is one JSON object with every figure.
 
 Torch-Pruning is not a dependency of prunetune; install it for the benchmark only:
-``.venv/bin/pip install -c constraints.txt torch-pruning``. Without it, ``torch-pruning`` is
-skipped (with a note) unless named in ``--methods``, which is then an error (exit 2).
+``.venv/bin/pip install -c constraints.txt torch-pruning``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -66,44 +78,58 @@ from typing import Any
 import torch
 from _bench_search_methods import (
     BATCH_SIZE,
+    DISTILL_WEIGHT,
+    FINETUNE_LR,
     METHODS,
-    SEED,
     Bench,
+    Job,
     Pruned,
     Settings,
-    prune_by_search,
-    prune_locally,
-    search_config,
+    init_worker,
+    prune_all,
+    run_job,
+    split,
 )
-from _bench_search_page import page, plot, reading, table
-from torch import Tensor, nn
+from _bench_search_page import page, plot, reading, summary
+from torch import nn
 
 from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from prunetune.backend.data import DatasetSplits, load_dataset
+from prunetune.backend.data import DatasetSplits
 from prunetune.backend.errors import PrunetuneError
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.importance import channel_importance
 from prunetune.backend.io import atomic_write, check_writable
-from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
 from prunetune.backend.train import TrainConfig, evaluate, train
-from prunetune.estimators import DeviceInfo, FlopsModel, ParamsModel, Target, measure_latencies
-from prunetune.search._tuner import startup_trials
+from prunetune.estimators import DeviceInfo, FlopsModel, ParamsModel, Target
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"
-FINETUNE_LR = 0.01
-DISTILL_WEIGHT = 0.7
-LATENCY_ROUNDS, LATENCY_REPEATS = 3, 5
-# defaults of the full run (about 35 min on 2 cores) and of --quick (a few minutes)
+DENSE_THREADS = 1  # two threads on a busy 2-core machine spin more than they compute
+# every seed at the targets below 25% that the comparison is about, 25% with seed 0 only;
+# 4 trials per search: 6 took about 17 min per seed and target on the shared 2-core machine
 FULL: dict[str, Any] = dict(
-    targets="50,25,10", trials=8, dense_epochs=4.0, finetune_epochs=1.0, inner_epochs=0.5,
-    score_steps=100,
+    targets="10,5", once="25", seeds=3, trials=4, train_images=1000, val_images=1000,
+    dense_epochs=20.0, finetune_epochs=3.0, inner_epochs=1.0, score_steps=20, rescore_top=3,
+    rescore_steps=20,
 )  # fmt: skip
 QUICK: dict[str, Any] = dict(
-    targets="25", trials=2, dense_epochs=0.3, finetune_epochs=0.05, inner_epochs=0.1,
-    score_steps=10,
+    targets="10", once="", seeds=1, trials=2, train_images=300, val_images=200,
+    dense_epochs=1.0, finetune_epochs=0.5, inner_epochs=1.0, score_steps=3, rescore_top=2,
+    rescore_steps=2,
 )  # fmt: skip
+_NUMBERS = (
+    ("seeds", int, "seeds at every --targets target"),
+    ("trials", int, "trials of each search"),
+    ("train-images", int, "images to learn from"),
+    ("val-images", int, "images to choose on"),
+    ("dense-epochs", float, "epochs of dense training"),
+    ("finetune-epochs", float, "epochs of the equal finetune (and of the search's subnet)"),
+    ("inner-epochs", float, "length of one space run in a trial"),
+    ("score-steps", int, "steps of a trial's score finetune"),
+    ("rescore-top", int, "trials scored again before choosing (0: none)"),
+    ("rescore-steps", int, "steps of that second score finetune"),
+)
 
 
 class BenchError(Exception):
@@ -122,55 +148,62 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
     parser.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA, help="the MNIST t10k IDX files"
     )
-    parser.add_argument("--work-dir", type=Path, help="dense cache and search runs")
-    parser.add_argument("--out-dir", type=Path, help="table and plot (default docs/)")
+    parser.add_argument("--work-dir", type=Path, help="dense caches, searches, results.json")
+    parser.add_argument("--out-dir", type=Path, help="page and plot (default docs/)")
     parser.add_argument("--targets", help=f"FLOPs targets in %% (default {FULL['targets']})")
+    parser.add_argument("--once", help=f"targets run with seed 0 only (default {FULL['once']})")
     parser.add_argument("--methods", help=f"comma-separated subset of {', '.join(METHODS)}")
-    for flag, kind, what in (
-        ("--trials", int, "trials of each search"),
-        ("--dense-epochs", float, "epochs of dense training"),
-        ("--finetune-epochs", float, "epochs of the common finetune"),
-        ("--inner-epochs", float, "length of one space run (alone or in a trial)"),
-        ("--score-steps", int, "steps of a trial's score finetune"),
-    ):
-        default = FULL[flag[2:].replace("-", "_")]
-        parser.add_argument(flag, type=kind, help=f"{what} (default {default:g})")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument(
+        "--first-seed", type=int, default=0,
+        help="first seed (default 0): split one grid over processes, then --render their results",
+    )  # fmt: skip
+    for flag, kind, what in _NUMBERS:
+        default = FULL[flag.replace("-", "_")]
+        parser.add_argument(f"--{flag}", type=kind, help=f"{what} (default {default:g})")
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     pick = {key: value if (value := getattr(args, key)) is not None else defaults[key]
             for key in FULL}  # fmt: skip
-    for key in ("trials", "dense_epochs", "finetune_epochs", "inner_epochs", "score_steps"):
-        if not pick[key] > 0:
-            raise BenchError(f"--{key.replace('_', '-')} must be positive, got {pick[key]}")
-    if args.threads < 1:
-        raise BenchError(f"--threads must be at least 1, got {args.threads}")
+    for flag, _, _ in _NUMBERS:
+        key = flag.replace("-", "_")
+        least = 0 if key == "rescore_top" else 1e-9
+        if not pick[key] >= least:
+            raise BenchError(f"--{flag} must be {'>= 0' if least == 0 else 'positive'}, got "
+                             f"{pick[key]}")  # fmt: skip
+    if args.first_seed < 0:
+        raise BenchError(f"--first-seed must be >= 0, got {args.first_seed}")
     work_dir = args.work_dir or REPO / "runs" / f"bench_search{'_quick' if args.quick else ''}"
     methods, skipped = _methods(args.methods)
     return Settings(
-        targets=_targets(str(pick["targets"])),
+        targets=_targets(str(pick["targets"]), "--targets"),
+        once=_targets(str(pick["once"]), "--once", empty=True),
+        seeds=int(pick["seeds"]),
         methods=methods,
         trials=int(pick["trials"]),
+        train_images=int(pick["train_images"]),
+        val_images=int(pick["val_images"]),
         dense_epochs=float(pick["dense_epochs"]),
         finetune_epochs=float(pick["finetune_epochs"]),
         inner_epochs=float(pick["inner_epochs"]),
         score_steps=int(pick["score_steps"]),
-        threads=args.threads,
+        rescore_top=int(pick["rescore_top"]),
+        rescore_steps=int(pick["rescore_steps"]),
         quick=args.quick,
         data_dir=args.data_dir.resolve(),
         work_dir=work_dir.resolve(),
         out_dir=(args.out_dir or (work_dir if args.quick else REPO / "docs")).resolve(),
         skipped=skipped,
+        first_seed=args.first_seed,
     )
 
 
-def _targets(text: str) -> tuple[float, ...]:
+def _targets(text: str, flag: str, empty: bool = False) -> tuple[float, ...]:
     try:
         targets = tuple(float(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise BenchError(f"--targets {text!r} must be percentages like 50,25,10") from None
-    if not targets or not all(0 < t < 100 for t in targets):
-        raise BenchError(f"--targets {text!r} must be percentages between 0 and 100")
+        raise BenchError(f"{flag} {text!r} must be percentages like 25,10,5") from None
+    if (not targets and not empty) or not all(0 < t < 100 for t in targets):
+        raise BenchError(f"{flag} {text!r} must be percentages between 0 and 100")
     return targets
 
 
@@ -180,6 +213,8 @@ def _methods(text: str | None) -> tuple[tuple[str, ...], dict[str, str]]:
     unknown = [m for m in named if m not in METHODS]
     if unknown:
         raise BenchError(f"unknown method {unknown[0]!r}; valid: {', '.join(METHODS)}")
+    if "search" not in named:
+        raise BenchError("--methods must include search: every other method is costed against it")
     skipped = {}
     if "torch-pruning" in named and not _has_torch_pruning():
         hint = "not installed: .venv/bin/pip install -c constraints.txt torch-pruning"
@@ -197,200 +232,309 @@ def _has_torch_pruning() -> bool:
     return True
 
 
-def prepare(settings: Settings, say: Callable[[str], None]) -> Bench:
-    """Load the data, train (or reload) the dense model, trace it and score its channels.
+def check(settings: Settings) -> None:
+    """Fail before any training: unreadable data, unwritable outputs, infeasible targets.
 
     Raises:
-        BenchError: the data directory is missing or unreadable, an output directory cannot be
-            written, or a target is infeasible.
+        BenchError: what is wrong and how to fix it.
     """
     try:
-        data = load_dataset("mnist", root=settings.data_dir, seed=SEED)
-    except PrunetuneError as exc:
-        raise BenchError(f"{exc} (pass --data-dir: the MNIST t10k IDX files)") from None
-    ref = ModelRef("resnet20", {"num_classes": data.num_classes, "in_channels": data.in_channels})
-    example = torch.zeros(data.input_shape(1))
-    dense_path = settings.work_dir / "dense.pt"
-    try:  # an unwritable output must fail now, not after the run
         check_writable(settings.work_dir, directory=True)
         check_writable(settings.out_dir, directory=True)
-    except PrunetuneError as exc:
-        raise BenchError(str(exc)) from None
-    graph = ChannelGraph.trace(ref.build(), example)
-    flops, params = FlopsModel.from_graph(graph), ParamsModel.from_graph(graph)
-    for target in settings.targets:  # an infeasible target fails before any training
+        data = split(settings, 0)
+    except (PrunetuneError, ValueError) as exc:
+        raise BenchError(f"{exc} (--data-dir: the MNIST t10k IDX files)") from None
+    ref = _ref(data)
+    flops = FlopsModel.from_graph(ChannelGraph.trace(ref.build(), torch.zeros(data.input_shape(1))))
+    for target in settings.targets + settings.once:
         try:
             Target.parse(f"flops<={target:g}%").resolve({"flops": flops})
         except (PrunetuneError, ValueError) as exc:
             raise BenchError(str(exc)) from None
-    dense, info = dense_model(settings, data, ref, dense_path, say)
+
+
+def _ref(data: DatasetSplits) -> ModelRef:
+    return ModelRef("resnet20", {"num_classes": data.num_classes, "in_channels": data.in_channels})
+
+
+def prepare(settings: Settings, seed: int, say: Callable[[str], None]) -> Bench:
+    """One seed's split, dense model (trained or from the cache), graph and channel scores."""
+    data = split(settings, seed)
+    ref = _ref(data)
+    example = torch.zeros(data.input_shape(1))
+    path = settings.work_dir / f"dense-s{seed}.pt"
+    dense, info = dense_model(settings, seed, data, ref, path, say)
     graph = ChannelGraph.trace(dense, example)
     return Bench(
         settings=settings,
+        seed=seed,
         data=data,
         ref=ref,
         dense=dense,
-        dense_path=dense_path,
+        dense_path=path,
         dense_info=info,
         graph=graph,
-        flops=flops,
-        params=params,
+        flops=FlopsModel.from_graph(graph),
+        params=ParamsModel.from_graph(graph),
         scores=channel_importance(dense, graph, "l1"),
         example=example,
     )
 
 
 def dense_model(
-    settings: Settings, data: DatasetSplits, ref: ModelRef, path: Path, say: Callable[[str], None]
+    settings: Settings,
+    seed: int,
+    data: DatasetSplits,
+    ref: ModelRef,
+    path: Path,
+    say: Callable[[str], None],
 ) -> tuple[nn.Module, dict[str, float]]:
-    """The dense ResNet-20, from the cache when trained with the same epochs and seed."""
+    """The dense ResNet-20 of one seed, from the cache when trained the same way."""
+    wanted = {
+        "epochs": settings.dense_epochs,
+        "seed": float(seed),
+        "train_images": float(settings.train_images),
+        "val_images": float(settings.val_images),
+    }
     if path.is_file():
         try:
             model, info = load_checkpoint(path, expect=ref)
         except PrunetuneError as exc:
             say(f"dense cache {path} unusable ({exc}); training again")
         else:
-            same = (
-                info.model == ref
-                and info.dataset == data.name
-                and info.metrics.get("epochs") == settings.dense_epochs
-                and info.metrics.get("seed") == float(SEED)
-            )
-            if same:
-                say(f"dense model from {path}")
+            if all(info.metrics.get(k) == v for k, v in wanted.items()):
+                say(f"seed {seed}: dense model from {path}")
                 return model, dict(info.metrics)
-    say(f"training the dense resnet20 for {settings.dense_epochs:g} epochs")
-    torch.manual_seed(SEED)
+    say(f"seed {seed}: training the dense resnet20 for {settings.dense_epochs:g} epochs")
+    torch.manual_seed(seed)
     model = ref.build()
     started = time.perf_counter()
-    config = TrainConfig(epochs=settings.dense_epochs, seed=SEED, distill_weight=0.0)
-    train(model, data, config, on_epoch=lambda report: say("  " + report.line()))
+    torch.set_num_threads(DENSE_THREADS)
+    try:
+        config = TrainConfig(epochs=settings.dense_epochs, seed=seed, distill_weight=0.0)
+        train(model, data, config, on_epoch=lambda r: None if r.epoch % 5 else say(f"  {r.line()}"))
+    finally:
+        torch.set_num_threads(1)
     metrics = {
-        "epochs": settings.dense_epochs,
-        "seed": float(SEED),
+        **wanted,
         "train_s": time.perf_counter() - started,
         "test_acc": evaluate(model, data.test)[1],
     }
-    info = Checkpoint(ref, data.input_shape(1), dataset=data.name, metrics=metrics)
-    save_checkpoint(path, model, info)
+    save_checkpoint(path, model, Checkpoint(ref, data.input_shape(1), data.name, metrics))
+    say(f"seed {seed}: dense test accuracy {100 * metrics['test_acc']:.2f}%")
     return model, metrics
 
 
-def finetune_config(settings: Settings) -> TrainConfig:
-    """The finetune every method gets: the same epochs, schedule, seed and distillation."""
-    return TrainConfig(
-        epochs=settings.finetune_epochs,
-        lr=FINETUNE_LR,
-        batch_size=BATCH_SIZE,
-        distill_weight=DISTILL_WEIGHT,
-        seed=SEED,
-    )
+def run_seed(
+    settings: Settings, seed: int, pool: ProcessPoolExecutor, say: Callable[[str], None]
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Every method at every target of one seed; returns its rows and its dense model's facts.
 
-
-def estimated_flops(model: nn.Module, example: Tensor) -> float | None:
-    """Our estimator's FLOPs for any model, by tracing it (``None`` if it cannot be traced)."""
-    try:
-        graph = ChannelGraph.trace(model, example)
-    except PrunetuneError:
-        return None
-    return float(FlopsModel.from_graph(graph).evaluate(graph.dense_widths()))
-
-
-def measure(bench: Bench, model: nn.Module) -> dict[str, Any]:
-    """Test accuracy, FLOPs (counter and estimator) and parameters of a final model."""
-    flops = count_flops(model, bench.example)
-    estimate = estimated_flops(model, bench.example)
-    return {
-        "test_acc": round(evaluate(model, bench.data.test)[1], 4),
-        "flops": flops,
-        "flops_pct": round(100 * flops / bench.flops.dense, 2),
-        "flops_estimator": estimate,
-        "flops_agree": estimate is not None and round(estimate) == flops,
-        "params": count_params(model),
-    }
-
-
-def add_latencies(bench: Bench, rows: list[dict[str, Any]], models: list[nn.Module | None]) -> None:
-    """Latency at batch 1 and 32 of every final model (and the dense one, in ``dense_info``).
-
-    All models are measured in turn, ``LATENCY_ROUNDS`` rounds over (``measure_latencies``), so
-    a slow spell of the machine hits every method alike; each keeps its fastest run.
+    Order: every prune and search (one at a time, each search in a child process with its own
+    Ray), then every equal-finetune job (the pool), then every equal-compute job, whose lengths
+    need the search's cost.
     """
-    measured = [(row, model) for row, model in zip(rows, models, strict=True) if model]
-    for batch in (1, 32):
-        example = torch.zeros(batch, *bench.data.image_shape)
-        all_models = [bench.dense, *(model for _, model in measured)]
-        ms = measure_latencies(
-            all_models,
-            example,
-            rounds=LATENCY_ROUNDS,
-            repeats=LATENCY_REPEATS,
-            statistic="min",
-            threads=bench.settings.threads,
-        )
-        bench.dense_info[f"latency_bs{batch}_ms"] = round(float(ms[0]), 3)
-        for (row, _), value in zip(measured, ms[1:], strict=True):
-            row[f"latency_bs{batch}_ms"] = round(float(value), 3)
+    bench = prepare(settings, seed, say)
+    pruned = prune_all(bench, say)
+    by_key = {(p.target, p.method): p for p in pruned}
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for p in pruned:
+        rows[(p.target, p.method, "finetune")] = _row(bench, p, "finetune")
+    jobs = [
+        Job((p.target, p.method, "finetune"), p.model, bench.dense, settings, seed,
+            settings.finetune_epochs)
+        for p in pruned if p.model is not None
+    ]  # fmt: skip
+    _collect(pool, jobs, rows, say)
+    second = []
+    for target in settings.targets_of(seed):
+        search = rows.get((target, "search", "finetune"), {})
+        if "test_acc" not in search:
+            continue
+        budget = by_key[(target, "search")].cpu_s + search["finetune_cpu_s"]
+        search["total_cpu_s"] = round(budget, 1)
+        for method in settings.methods:
+            p = by_key.get((target, method))
+            if method == "search" or p is None or p.model is None:
+                continue
+            key = (target, method, "compute")
+            rows[key] = {**_row(bench, p, "compute"), "budget_cpu_s": round(budget, 1)}
+            # the pool pickled p.model for its first finetune: p.model itself is still untrained
+            left = budget - p.cpu_s
+            second.append(Job(key, p.model, bench.dense, settings, seed, 1.0, budget_cpu_s=left))
+    _collect(pool, second, rows, say)
+    for row in rows.values():
+        if "finetune_cpu_s" in row:
+            row["total_cpu_s"] = round(row["prune_cpu_s"] + row["finetune_cpu_s"], 1)
+            row["total_s"] = round(row["prune_s"] + row["finetune_s"], 1)
+    return list(rows.values()), {k: float(v) for k, v in bench.dense_info.items()}
 
 
-def finish_row(bench: Bench, pruned: Pruned, say: Callable[[str], None]) -> dict[str, Any]:
-    """The common finetune, then the figures, of one pruned model."""
-    row: dict[str, Any] = {
-        "target": pruned.target,
-        "method": pruned.method,
-        "prune_s": round(pruned.prune_s, 1),
-        "note": pruned.note,
+def _row(bench: Bench, p: Pruned, table: str) -> dict[str, Any]:
+    return {
+        "seed": bench.seed,
+        "target": p.target,
+        "method": p.method,
+        "table": table,
+        "prune_s": round(p.prune_s, 1),
+        "prune_cpu_s": round(p.cpu_s, 1),
+        "trials_cpu_s": round(p.trials_cpu_s, 1),
+        "note": p.note,
+        "dense_flops": bench.flops.dense,
     }
-    if pruned.model is None:
-        return row
-    torch.manual_seed(SEED)
-    started = time.perf_counter()
-    train(pruned.model, bench.data, finetune_config(bench.settings), teacher=bench.dense)
-    row["finetune_s"] = round(time.perf_counter() - started, 1)
-    row.update(measure(bench, pruned.model))
-    say(
-        f"{pruned.target:g}% {pruned.method}: test {100 * row['test_acc']:.2f}% at "
-        f"{row['flops_pct']:.1f}% FLOPs, finetuned in {row['finetune_s']:.0f}s"
-    )
-    return row
 
 
-def facts(bench: Bench) -> list[str]:
-    """The settings and the dense model, one line each, for the page."""
-    s, info = bench.settings, bench.dense_info
-    latency = (
-        f"{info['latency_bs1_ms']:.2f} ms at batch 1, {info['latency_bs32_ms']:.1f} ms at 32"
-        if "latency_bs1_ms" in info
-        else "latency not measured"
-    )
+def _collect(
+    pool: ProcessPoolExecutor,
+    jobs: list[Job],
+    rows: dict[tuple[Any, ...], dict[str, Any]],
+    say: Callable[[str], None],
+) -> None:
+    """Run ``jobs`` in the pool; each result fills its row (a failure is noted in the row)."""
+    futures = [(job, pool.submit(run_job, job)) for job in jobs]
+    for job, future in futures:
+        row = rows[job.key]
+        try:
+            result = future.result()
+        except Exception as exc:  # one failed finetune must not lose the others
+            row["note"] = f"{row['note']}; finetune failed: {type(exc).__name__}: {exc}".strip("; ")
+            say(f"{job.key}: finetune FAILED: {exc}")
+            continue
+        result.pop("key")
+        row.update(result)
+        row["flops_pct"] = round(100 * row["flops"] / row["dense_flops"], 2)
+        target, method, table = job.key
+        say(
+            f"seed {job.seed} {target:g}% {method} ({table}): test {100 * row['test_acc']:.2f}% "
+            f"at {row['flops_pct']:.1f}% FLOPs after {row['finetune_epochs']:g} epochs "
+            f"({row['finetune_cpu_s']:.0f} CPU-s, {row['finetune_s']:.0f}s wall)"
+        )
+
+
+def provenance(wall_s: float, finished: bool) -> str:
+    """Which command and commit wrote the page, when, on what machine, how long it took."""
+    command = "python scripts/bench_search.py " + shlex.join(sys.argv[1:])
+    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    device = DeviceInfo.current(1)
+    machine = f"{device.cpu_model}, {os.cpu_count()} CPUs, torch {device.torch_version}"
+    return (
+        f"Written by `{command.strip()}` at commit `{_commit()}` on {date}, on {machine}; "
+        + (f"the run took {wall_s / 60:.1f} min." if finished else
+           f"**partial: written after {wall_s / 60:.1f} min, before the run finished.**")
+    )  # fmt: skip
+
+
+def _commit() -> str:
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+            check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+uncommitted changes" if dirty else "")
+
+
+def facts(settings: Settings, dense: dict[int, dict[str, float]]) -> list[str]:
+    """The settings and the dense models, one line each, for the page."""
+    s = settings
+    accs = ", ".join(f"seed {k}: {100 * v['test_acc']:.2f}%" for k, v in sorted(dense.items()))
     return [
-        f"data: MNIST test set, {len(bench.data.train)} train / {len(bench.data.val)} val / "
-        f"{len(bench.data.test)} test (seed {SEED})",
-        f"model: resnet20, dense {bench.flops.dense / 1e6:.2f}M FLOPs, "
-        f"{bench.params.dense / 1e6:.3f}M params, {s.dense_epochs:g} epochs, test accuracy "
-        f"{100 * info['test_acc']:.2f}%, {latency}",
-        f"latency: {s.threads} torch thread(s), the fastest of {LATENCY_ROUNDS} interleaved "
-        f"rounds of {LATENCY_REPEATS} runs per model",
-        f"every method: {s.finetune_epochs:g} epochs of finetune (lr {FINETUNE_LR}, batch "
-        f"{BATCH_SIZE}, distilled at {DISTILL_WEIGHT}); searches: {s.trials} trials, inner "
-        f"length {s.inner_epochs:g} epochs, {s.score_steps} score steps",
+        f"task: MNIST test set per seed split into {s.train_images} train / {s.val_images} val / "
+        f"{10_000 - s.train_images - s.val_images} test images",
+        f"model: resnet20 trained dense for {s.dense_epochs:g} epochs per seed; dense test "
+        f"accuracy {accs}",
+        f"equal finetune: {s.finetune_epochs:g} epochs (lr {FINETUNE_LR}, batch {BATCH_SIZE}, "
+        f"distilled at {DISTILL_WEIGHT}); searches: {s.trials} trials, inner length "
+        f"{s.inner_epochs:g} epochs, {s.score_steps} score steps, the best {s.rescore_top} scored "
+        f"again after {s.rescore_steps} more steps",
+        "compute: CPU seconds of one-thread processes (search driver + trials + finetune); equal "
+        "compute gives every other method the full search's total",
         *(f"{m} skipped: {why}" for m, why in s.skipped.items()),
     ]
 
 
-def provenance(threads: int, wall_s: float) -> str:
-    """Which command wrote the page, when, on what machine, and how long it took."""
-    command = "python scripts/bench_search.py " + shlex.join(sys.argv[1:])
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    device = DeviceInfo.current(threads)
-    machine = (
-        f"{device.cpu_model}, {os.cpu_count()} CPUs, torch {device.torch_version}, {device.system}"
-    )
-    return (
-        f"Written by `{command.strip()}` on {date}, on {machine}; the run took "
-        f"{wall_s / 60:.1f} min. Method and fairness rules: the docstring of "
-        "`scripts/bench_search.py`."
-    )
+def write(
+    settings: Settings,
+    rows: list[dict[str, Any]],
+    dense: dict[int, dict[str, float]],
+    wall_s: float,
+    finished: bool,
+) -> dict[str, Any]:
+    """Write results.json, then the page and the plot, from the rows so far; return the figures.
+
+    The figures are saved first: if the page cannot be written, ``--render`` writes it later
+    from them.
+    """
+    stats = summary(rows)
+    figures = {
+        "benchmark": "search",
+        "finished": finished,
+        "provenance": provenance(wall_s, finished),
+        "facts": facts(settings, dense),
+        "settings": {k: v for k, v in vars(settings).items() if not isinstance(v, Path)},
+        "dense": {str(k): v for k, v in dense.items()},
+        "summary": stats,
+        "rows": rows,
+        "reading": reading(stats, settings),
+        "wall_s": round(wall_s, 1),
+    }
+    blob = json.dumps(figures, default=str)
+    atomic_write(settings.work_dir / "results.json", lambda p: p.write_text(blob, encoding="utf-8"))
+    render(figures, settings.out_dir)
+    return figures
+
+
+def render(figures: dict[str, Any], out_dir: Path) -> None:
+    """``bench_search.md`` and ``bench_search.png`` in ``out_dir`` from saved figures."""
+    text = page(
+        figures["provenance"], figures["facts"], figures["summary"], figures["rows"],
+        figures["reading"],
+    )  # fmt: skip
+    atomic_write(out_dir / "bench_search.md", lambda p: p.write_text(text, "utf-8"))
+    plot(figures["summary"], out_dir / "bench_search.png")
+
+
+def merged(paths: list[Path]) -> dict[str, Any]:
+    """The figures of several runs of one grid (``--first-seed``), as one: their rows and dense
+    models together, the summary and reading recomputed, every run's provenance kept.
+
+    Raises:
+        BenchError: a file cannot be read, or two runs hold the same seed.
+    """
+    try:
+        runs = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
+    except (OSError, ValueError) as exc:
+        raise BenchError(f"cannot read results: {exc}") from None
+    dense: dict[str, Any] = {}
+    for run in runs:
+        twice = set(dense) & set(run["dense"])
+        if twice:
+            raise BenchError(f"seed {min(twice)} is in more than one results file")
+        dense.update(run["dense"])
+    rows = [row for run in runs for row in run["rows"]]
+    stats = summary(rows)
+    accs = ", ".join(f"seed {k}: {100 * v['test_acc']:.2f}%" for k, v in sorted(dense.items()))
+    facts = [
+        (line.split("; dense test accuracy")[0] + f"; dense test accuracy {accs}")
+        if line.startswith("model:") else line
+        for line in runs[0]["facts"]
+    ]  # fmt: skip
+    return {
+        **runs[0],
+        "finished": all(run["finished"] for run in runs),
+        "provenance": " ".join(run["provenance"] for run in runs),
+        "facts": facts,
+        "dense": dense,
+        "summary": stats,
+        "rows": rows,
+        "reading": reading(stats, None),
+        "wall_s": max(run["wall_s"] for run in runs),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,47 +544,38 @@ def main(argv: list[str] | None = None) -> int:
     def say(message: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f}s] {message}", flush=True)
 
+    if argv is None and sys.argv[1:2] == ["--render"]:  # page and plot again from results
+        if len(sys.argv) < 4:
+            print("usage: bench_search.py --render OUT_DIR RESULTS.json...", file=sys.stderr)
+            return 2
+        try:
+            render(merged([Path(p) for p in sys.argv[3:]]), Path(sys.argv[2]))
+        except BenchError as exc:
+            print(f"bench_search.py: error: {exc}", file=sys.stderr)
+            return 2
+        return 0
     try:
         settings = parse_settings(argv)
-        torch.set_num_threads(settings.threads)
-        for method, why in settings.skipped.items():
-            say(f"skipping {method}: {why}")
-        bench = prepare(settings, say)
+        check(settings)
     except BenchError as exc:
         print(f"bench_search.py: error: {exc}", file=sys.stderr)
         return 2
-    say(f"dense test accuracy {100 * bench.dense_info['test_acc']:.2f}%")
-    pruned = prune_locally(bench, say)
-    rows = [finish_row(bench, one, say) for one in pruned]
-    by_search = prune_by_search(bench, say)  # Ray is down again before any latency is measured
-    rows += [finish_row(bench, one, say) for one in by_search]
-    say("measuring latencies")
-    add_latencies(bench, rows, [one.model for one in pruned + by_search])
-    rows.sort(key=lambda r: (-r["target"], METHODS.index(r["method"])))
-    startup = startup_trials(search_config(bench, settings.targets[0], "search"))
-    lines = reading(rows, settings.trials, startup)
+    torch.set_num_threads(1)
+    for method, why in settings.skipped.items():
+        say(f"skipping {method}: {why}")
+    rows: list[dict[str, Any]] = []
+    dense: dict[int, dict[str, float]] = {}
+    context = multiprocessing.get_context("spawn")  # no fork of a process running Ray or torch
+    with ProcessPoolExecutor(2, mp_context=context, initializer=init_worker) as pool:
+        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
+            seed_rows, dense[seed] = run_seed(settings, seed, pool, say)
+            rows += seed_rows
+            write(settings, rows, dense, time.perf_counter() - started, finished=False)
+            say(f"seed {seed} done; figures so far in {settings.work_dir / 'results.json'}")
     wall_s = time.perf_counter() - started
-    text = page(
-        "Search benchmark: the full search vs one-shot, Torch-Pruning and random search",
-        provenance(settings.threads, wall_s),
-        facts(bench),
-        rows,
-        lines,
-    )
-    md_path = settings.out_dir / "bench_search.md"
-    atomic_write(md_path, lambda path: path.write_text(text, encoding="utf-8"))
-    png_path = settings.out_dir / "bench_search.png"
-    plot(rows, METHODS, bench.dense_info["test_acc"], png_path)
-    print("\n" + table(rows) + "\n\n" + "\n".join(f"- {line}" for line in lines))
-    print(f"\nwrote {md_path} and bench_search.png ({wall_s / 60:.1f} min)\n")
-    figures = {
-        "benchmark": "search",
-        "settings": {k: v for k, v in vars(settings).items() if not isinstance(v, Path)},
-        "dense": {**bench.dense_info, "flops": bench.flops.dense, "params": bench.params.dense},
-        "rows": rows,
-        "reading": lines,
-        "wall_s": round(wall_s, 1),
-    }
+    figures = write(settings, rows, dense, wall_s, finished=True)
+    print("\n" + "\n".join(f"- {line}" for line in figures["reading"]))
+    print(f"\nwrote {settings.out_dir / 'bench_search.md'} and .png ({wall_s / 60:.1f} min)\n")
     print(json.dumps(figures, default=str))
     return 0
 

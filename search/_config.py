@@ -74,6 +74,13 @@ class SearchConfig:
         distill_weight: share of the finetunes' loss from distillation (with ``distill``).
         score_steps: SGD steps of the short finetune that scores every trial's subnet (the same
             for all spaces, so their accuracies compare).
+        rescore_top: after the trials, the best this many feasible trials are scored again: each
+            gets ``rescore_steps`` more steps of the same finetune from the weights its trial
+            scored, and the best of them after that is chosen (its weights start the final
+            finetune). 0 or 1 chooses on the trials' own scores. Short score finetunes on a small
+            validation split tie often; a second, longer look at a few candidates makes the
+            choice less a matter of chance (successive halving's last rung).
+        rescore_steps: steps of that second finetune; ``None``: ``score_steps``.
         inner_epochs: when set, the length of every space's inner run (its ``epochs``,
             ``finetune_epochs`` or ``max_epochs`` option); ``None`` keeps each space's default.
         space_options: fixed options by space name, e.g. ``{"dsa": {"epochs": 2}}``; they win
@@ -125,6 +132,8 @@ class SearchConfig:
     finetune_lr: float = 0.01
     distill_weight: float = 0.7
     score_steps: int = 150
+    rescore_top: int = 3
+    rescore_steps: int | None = None
     inner_epochs: float | None = None
     space_options: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     distill: bool = True
@@ -192,6 +201,9 @@ class SearchConfig:
         _check_number("dense_epochs", self.dense_epochs, minimum=0.01)
         _check_number("finetune_epochs", self.finetune_epochs, minimum=0.01)
         _check_number("score_steps", self.score_steps, minimum=1, integer=True)
+        _check_number("rescore_top", self.rescore_top, minimum=0, integer=True)
+        if self.rescore_steps is not None:
+            _check_number("rescore_steps", self.rescore_steps, minimum=1, integer=True)
         _check_number("finetune_lr", self.finetune_lr, minimum=1e-12)
         _check_number("distill_weight", self.distill_weight, minimum=0.0)
         if self.distill_weight > 1:

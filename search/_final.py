@@ -2,22 +2,28 @@
 
 The best subnet is the one with the highest metric (after the common score finetune; ``acc`` by
 default, or the task's own) of the trials whose subnet meets every target; ties go to fewer FLOPs.
-It continues from the weights its trial scored (kept in the trial's folder; the dense model's,
-pruned, when they cannot be read), is finetuned for ``finetune_epochs`` (distilled from the dense
-model by default), evaluated on the test split and exported to ``runs/<name>/best``. The export is
-then reloaded and its FLOPs and parameters measured again: a subnet that misses a target is an
-error, never a result.
+With ``rescore_top`` of 2 or more, the best that many are first scored again: each continues from
+the weights its trial scored for ``rescore_steps`` more steps of the same finetune and is measured
+on the validation split again, and the best after that is chosen (a short score finetune on a few
+hundred validation images ties often: this second, longer look is successive halving's last rung).
+The chosen subnet continues from the weights its trial scored (after its second finetune, if
+any; the dense model's, pruned, when they cannot be read), is finetuned for ``finetune_epochs``
+(distilled from the dense model by default), evaluated on the test split and exported to
+``runs/<name>/best``. The export is then reloaded and its FLOPs and parameters measured again: a
+subnet that misses a target is an error, never a result.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from prunetune.backend.data import split_length
 from prunetune.backend.errors import InfeasibleTargetError, PrunetuneError
 from prunetune.backend.export import export_subnet, load_export
 from prunetune.backend.measure import count_flops, count_params
@@ -26,20 +32,23 @@ from prunetune.backend.train import TrainConfig, train
 from prunetune.backend.training import evaluate
 from prunetune.estimators import cost_models, format_metric, measure_latency
 from prunetune.search._report import write_report
-from prunetune.search._result import SearchResult, TrialRecord, format_score
+from prunetune.search._result import Candidate, SearchResult, TrialRecord, format_score
 from prunetune.search._setup import Prepared
+from prunetune.search._trial import finetune_and_score
 
-__all__ = ["NoFeasibleTrialError", "choose_best", "finish"]
+__all__ = ["NoFeasibleTrialError", "choose_best", "finish", "ranked", "rescore"]
 
 BEST_DIR = "best"
+RUNNERS_UP = 4
+"""Runners-up the result and the report list beside the chosen trial."""
 
 
 class NoFeasibleTrialError(PrunetuneError):
     """No trial ended with a subnet that meets every target."""
 
 
-def choose_best(records: list[TrialRecord]) -> TrialRecord:
-    """The finished trial with the best metric whose subnet meets every target (fewer FLOPs on
+def ranked(records: list[TrialRecord]) -> list[TrialRecord]:
+    """The finished trials whose subnet meets every target, best metric first (fewer FLOPs on
     ties).
 
     Raises:
@@ -56,7 +65,105 @@ def choose_best(records: list[TrialRecord]) -> TrialRecord:
         raise NoFeasibleTrialError(
             f"no trial produced a subnet that meets every target ({summary}){hint}"
         )
-    return max(candidates, key=lambda r: (r.score or 0.0, -(r.flops or 0.0)))
+    return sorted(candidates, key=lambda r: (-(r.score or 0.0), r.flops or 0.0))
+
+
+def choose_best(records: list[TrialRecord]) -> TrialRecord:
+    """The finished trial with the best metric whose subnet meets every target (fewer FLOPs on
+    ties).
+
+    Raises:
+        NoFeasibleTrialError: none qualifies; the message counts trials by status.
+    """
+    return ranked(records)[0]
+
+
+@dataclass
+class _Start:
+    """A candidate's subnet, loaded with its trial's weights (and its second score, if any)."""
+
+    record: TrialRecord
+    subnet: torch.nn.Module
+    start: str
+    problem: str
+    rescore: float | None = None
+
+
+def rescore(prepared: Prepared, top: list[TrialRecord], say: Callable[[str], None]) -> list[_Start]:
+    """Score ``top`` again: ``rescore_steps`` more steps of the score finetune from each trial's
+    weights, then the validation metric; returns them in the order given, with that score.
+
+    A trial whose weights cannot be read restarts from the dense weights, pruned (and says so).
+    """
+    config = prepared.config
+    steps = config.rescore_steps or config.score_steps
+    say(
+        f"scoring the best {len(top)} trials again: {steps} more finetune steps each, then "
+        f"{split_length(prepared.data.val)} validation examples"
+    )
+    started = []
+    for record in top:
+        one = _start(prepared, record)
+        one.rescore = finetune_and_score(
+            one.subnet,
+            prepared.model,
+            prepared.data,
+            steps=steps,
+            batch_size=config.batch_size,
+            lr=config.finetune_lr,
+            distill_weight=config.distill_weight if config.distill else 0.0,
+            seed=config.seed,
+            task=config.task,
+            runtime=config.runtime,
+        )
+        one.subnet.cpu()
+        say(
+            f"  trial {record.trial_id} ({record.space}): "
+            f"{format_score(record.metric, record.score or 0.0)} -> "
+            f"{format_score(record.metric, one.rescore)}"
+            + (f" (from the dense weights: {one.problem})" if one.problem else "")
+        )
+        started.append(one)
+    prepared.model.cpu()
+    return started
+
+
+def _start(prepared: Prepared, record: TrialRecord) -> _Start:
+    """``record``'s subnet with the weights its trial scored (the dense ones if unreadable)."""
+    spec = record.spec
+    if spec is None:  # a finished record always has its spec
+        raise NoFeasibleTrialError(f"trial {record.trial_id} reported no subnet")
+    spec.validate(prepared.graph)
+    subnet = prune_model(prepared.model, prepared.graph, spec)
+    start, why = _load_trial_weights(subnet, record)
+    return _Start(record, subnet, start, why)
+
+
+def _choose(
+    prepared: Prepared, records: list[TrialRecord], say: Callable[[str], None]
+) -> tuple[_Start, tuple[Candidate, ...]]:
+    """The chosen trial, loaded, and the candidates list (the chosen one and its runners-up)."""
+    ranking = ranked(records)
+    top = ranking[: prepared.config.rescore_top] if prepared.config.rescore_top > 1 else []
+    if len(top) > 1:
+        again = rescore(prepared, top, say)
+        chosen = max(again, key=lambda one: (one.rescore or 0.0, -(one.record.flops or 0.0)))
+        second = {one.record.trial_id: one.rescore for one in again}
+    else:
+        chosen, second = _start(prepared, ranking[0]), {}
+    listed = [chosen.record, *[r for r in ranking if r is not chosen.record][:RUNNERS_UP]]
+    candidates = tuple(
+        Candidate(
+            trial_id=r.trial_id,
+            space=r.space,
+            score=r.score or 0.0,
+            rescore=second.get(r.trial_id),
+            flops=r.flops,
+            chosen=r is chosen.record,
+        )
+        for r in listed
+    )
+    return chosen, candidates
 
 
 def finish(
@@ -64,17 +171,19 @@ def finish(
     records: list[TrialRecord],
     say: Callable[[str], None],
     elapsed: Callable[[], float],
+    cpu: Callable[[], float] = lambda: 0.0,
 ) -> SearchResult:
-    """Finetune, export, verify and report the best trial's subnet."""
+    """Choose (re-scoring the best trials), finetune, export, verify and report a subnet.
+
+    ``elapsed`` and ``cpu`` give the run's wall-clock and driver CPU seconds so far.
+    """
     config = prepared.config
-    best = choose_best(records)
+    chosen, candidates = _choose(prepared, records, say)
+    best, subnet, start, why = chosen.record, chosen.subnet, chosen.start, chosen.problem
     spec = best.spec
-    if spec is None:  # a finished record always has its spec
-        raise NoFeasibleTrialError(f"trial {best.trial_id} reported no subnet")
-    spec.validate(prepared.graph)
+    assert spec is not None  # checked by _start
     dense = prepared.model
-    subnet = prune_model(dense, prepared.graph, spec)
-    start, why = _load_trial_weights(subnet, best)
+    start_state = None if why else {k: v.detach().clone() for k, v in subnet.state_dict().items()}
     if why:
         say(f"  cannot start from the trial's weights ({why}); using the dense ones")
     say(
@@ -120,7 +229,7 @@ def finish(
         "trial_id": best.trial_id,
         "space": best.space,
         "target": str(config.target),
-        "start": start,
+        "start": start + (" after its second score finetune" if chosen.rescore else ""),
         "start_problem": why,
     }
     if prepared.profile is not None:
@@ -140,7 +249,7 @@ def finish(
     measured = _verify(prepared, export_dir, metrics["latency_ms"])
     metrics.update(measured)
     say(f"exported to {export_dir}: " + prepared.budget.describe(spec.widths))
-    report = write_report(prepared, records, best, metrics, spec)
+    report = write_report(prepared, records, best, metrics, spec, candidates)
     return SearchResult(
         name=config.name,
         run_dir=config.run_dir,
@@ -153,6 +262,10 @@ def finish(
         elapsed_s=elapsed(),
         model=subnet.eval(),
         metric=name,
+        candidates=candidates,
+        val_size=split_length(data.val),
+        start_state=start_state,
+        driver_cpu_s=cpu(),
     )
 
 

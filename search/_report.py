@@ -9,10 +9,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunetune.backend.data import split_length
 from prunetune.backend.io import atomic_write
 from prunetune.backend.spec import SubnetSpec
 from prunetune.estimators import format_metric
-from prunetune.search._result import PERCENT_METRICS, TrialRecord, format_score
+from prunetune.search._result import PERCENT_METRICS, Candidate, TrialRecord, format_score
 
 if TYPE_CHECKING:
     from prunetune.search._setup import Prepared
@@ -28,13 +29,14 @@ def write_report(
     best: TrialRecord,
     metrics: dict[str, Any],
     spec: SubnetSpec,
+    candidates: tuple[Candidate, ...] = (),
 ) -> Path:
     """Write the report and its figures into the run directory; returns the report's path."""
     run_dir = prepared.config.run_dir
     _plot_pareto(run_dir / "pareto.png", records, best, prepared.budget.limits.get("flops"))
     dense = {g.name: g.size for g in prepared.graph.prunable_groups}
     _plot_widths(run_dir / "widths.png", dense, spec.widths)
-    text = render(prepared, records, best, metrics)
+    text = render(prepared, records, best, metrics, candidates)
     return atomic_write(run_dir / REPORT_FILE, lambda path: _write_text(path, text))
 
 
@@ -43,7 +45,11 @@ def _write_text(path: Path, text: str) -> None:
 
 
 def render(
-    prepared: Prepared, records: list[TrialRecord], best: TrialRecord, metrics: dict[str, Any]
+    prepared: Prepared,
+    records: list[TrialRecord],
+    best: TrialRecord,
+    metrics: dict[str, Any],
+    candidates: tuple[Candidate, ...] = (),
 ) -> str:
     """The report's Markdown."""
     config = prepared.config
@@ -110,6 +116,7 @@ def render(
         "",
         "![per-group widths, dense vs chosen](widths.png)",
         "",
+        *_runners_up(prepared, candidates, label),
         "## Trials",
         "",
         f"Validation {label} after the common score finetune "
@@ -122,6 +129,65 @@ def render(
         "",
     ]
     return "\n".join(lines)
+
+
+def _runners_up(prepared: Prepared, candidates: tuple[Candidate, ...], label: str) -> list[str]:
+    """How sure the choice is: the chosen trial and its runners-up, their scores, and how many
+    validation examples measured them (one example is ``1 / n`` of an accuracy)."""
+    if not candidates:
+        return []
+    config = prepared.config
+    chosen = next(c for c in candidates if c.chosen)
+    name = best_metric = _metric_of(label)
+    rescored = any(c.rescore is not None for c in candidates)
+    n = split_length(prepared.data.val)
+    lines = [
+        "## How sure the choice is",
+        "",
+        f"Every score below is the validation {label} on the same **{n} validation examples** "
+        + (f"(one example is {100 / n:.2f} points of accuracy)" if name == "acc" and n else "")
+        + f", after the common score finetune ({config.score_steps} steps)"
+        + (
+            f"; the best {sum(c.rescore is not None for c in candidates)} were then scored again "
+            f"after {config.rescore_steps or config.score_steps} more steps, and the choice "
+            "follows that second score"
+            if rescored
+            else ""
+        )
+        + ".",
+        "",
+    ]
+    rows = []
+    for c in candidates:
+        cells = [
+            ("*" if c.chosen else "") + c.trial_id,
+            c.space,
+            format_score(best_metric, c.score),
+        ]
+        if rescored:
+            cells.append(format_score(best_metric, c.rescore) if c.rescore is not None else "-")
+        cells.append(format_metric("flops", c.flops) if c.flops is not None else "-")
+        rows.append(cells)
+    headers = ["trial", "space", f"val {name}"]
+    if rescored:
+        headers.append(f"val {name}, scored again")
+    lines += [_markdown_table([*headers, "flops"], rows), ""]
+    runners = [c for c in candidates if not c.chosen]
+    if runners:
+        key = (lambda c: c.rescore or 0.0) if rescored else (lambda c: c.score)
+        margin = key(chosen) - max(key(c) for c in runners)
+        lines += [
+            f"The chosen trial leads its best runner-up by "
+            f"{format_score(best_metric, margin)}"
+            + (f" ({round(margin * n)} validation examples)" if name == "acc" and n else "")
+            + ": a lead of a few examples is within the noise of one validation split.",
+            "",
+        ]
+    return lines
+
+
+def _metric_of(label: str) -> str:
+    return "acc" if label == "accuracy" else label
 
 
 def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:

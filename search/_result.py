@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from torch import nn
+from torch import Tensor, nn
 
 from prunetune.backend.spec import SubnetSpec
 from prunetune.estimators import format_metric
 
-__all__ = ["SearchResult", "TrialRecord", "TrialStatus", "format_score"]
+__all__ = ["Candidate", "SearchResult", "TrialRecord", "TrialStatus", "format_score"]
 
 TrialStatus = Literal["finished", "stopped", "failed", "unfinished"]
 
@@ -39,6 +39,8 @@ class TrialRecord:
         spec_json: the subnet of a finished trial, as JSON.
         weights: the file holding a finished trial's scored subnet weights, if it was kept.
         metric: the search metric's name (``acc`` for top-1 accuracy).
+        cpu_s: CPU seconds the trial's process spent on it, up to its last report (``None``
+            when it reported nothing).
     """
 
     trial_id: str
@@ -55,6 +57,7 @@ class TrialRecord:
     spec_json: str | None = None
     weights: str | None = None
     metric: str = "acc"
+    cpu_s: float | None = None
 
     @property
     def spec(self) -> SubnetSpec | None:
@@ -68,6 +71,28 @@ class TrialRecord:
         params = format_metric("params", self.params) if self.params is not None else "-"
         fits = "yes" if self.feasible else "no" if self.status == "finished" else "-"
         return [self.trial_id, self.space, self.status, acc, flops, params, fits, self.error or ""]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A trial in the running for the best subnet, as the final choice saw it.
+
+    Attributes:
+        trial_id: the trial.
+        space: the space it searched.
+        score: its validation metric after the common score finetune.
+        rescore: its validation metric after the second, longer finetune (``rescore_top``);
+            ``None`` when it was not scored again.
+        flops: FLOPs of its subnet.
+        chosen: whether it was chosen.
+    """
+
+    trial_id: str
+    space: str
+    score: float
+    rescore: float | None
+    flops: float | None
+    chosen: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,6 +113,14 @@ class SearchResult:
         elapsed_s: seconds the whole run took.
         model: the finetuned pruned module (eval mode), as exported; ``None`` only for results
             rebuilt from disk.
+        candidates: the best feasible trials by score (the chosen one and its runners-up),
+            best first, with their second scores when they were scored again.
+        val_size: examples in the validation split every score was measured on.
+        start_state: the weights the final finetune started from (the chosen trial's scored
+            weights, after its second finetune when it had one); ``None`` when it started from
+            the dense weights or for results rebuilt from disk.
+        driver_cpu_s: CPU seconds this process spent on the search (``time.process_time``:
+            Tune's driver loop, re-scoring, the final finetune, export and report).
     """
 
     name: str
@@ -101,6 +134,15 @@ class SearchResult:
     elapsed_s: float
     model: nn.Module | None = field(default=None, repr=False, compare=False)
     metric: str = "acc"
+    candidates: tuple[Candidate, ...] = ()
+    val_size: int = 0
+    start_state: dict[str, Tensor] | None = field(default=None, repr=False, compare=False)
+    driver_cpu_s: float = 0.0
+
+    @property
+    def trials_cpu_s(self) -> float:
+        """CPU seconds all trials' processes spent (each up to its last report)."""
+        return sum(t.cpu_s or 0.0 for t in self.trials)
 
     @property
     def counts(self) -> dict[str, int]:

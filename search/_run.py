@@ -94,7 +94,7 @@ def run_search(
         >>> result.metrics["test_acc"], result.export_dir  # doctest: +SKIP
     """
     say = say or _stderr
-    started = time.monotonic()
+    started, cpu_started = time.monotonic(), time.process_time()
     check_writable(config.run_dir, directory=True)
     _check_run_state(config)
     prepared = prepare(config, module, data)
@@ -104,7 +104,13 @@ def run_search(
             records = _trials(config, prepared, interrupts, say)
         finally:
             (config.run_dir / SESSION_FILE).unlink(missing_ok=True)  # Ray is shut down
-        return finish(prepared, records, say, lambda: time.monotonic() - started)
+        return finish(
+            prepared,
+            records,
+            say,
+            lambda: time.monotonic() - started,
+            lambda: time.process_time() - cpu_started,
+        )
 
 
 def _trials(

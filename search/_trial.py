@@ -7,9 +7,11 @@ each trial builds its own splits and loaders from the source (``digits`` is embe
 ``data_dir`` at the same path on every node; split objects from Python travel in the payload).
 
 Every report carries the standard metrics (the task's metric under its own name, ``acc`` by
-default; ``flops``, ``params``, ``latency_ms``, ``feasible``); the last one also carries
-``spec_json`` (the subnet) and ``search_<metric>`` (the space's own final value); every report
-says where it ran (``node_id``, ``node_ip``, ``hostname``).
+default; ``flops``, ``params``, ``latency_ms``, ``feasible``) and ``cpu_s``, the CPU seconds
+the trial's process has spent on it so far (``time.process_time``: every thread of the process,
+from the trial's start; the worker's start-up and Ray's own daemons are not in it); the last
+one also carries ``spec_json`` (the subnet) and ``search_<metric>`` (the space's own final
+value); every report says where it ran (``node_id``, ``node_ip``, ``hostname``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 import os
 import socket
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +43,14 @@ from prunetune.backend.training import Runtime, Task, evaluate, steps_per_pass
 from prunetune.estimators import LatencyProfile, Target, cost_models
 from prunetune.spaces import SpaceContext, create_space
 
-__all__ = ["WEIGHTS_FILE", "TrialFailedError", "TrialPayload", "run_trial", "score_subnet"]
+__all__ = [
+    "WEIGHTS_FILE",
+    "TrialFailedError",
+    "TrialPayload",
+    "finetune_and_score",
+    "run_trial",
+    "score_subnet",
+]
 
 _RAISED_FILE = "prunetune-raised.txt"
 WEIGHTS_FILE = "subnet.pt"
@@ -129,6 +139,7 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
 def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
     from ray import tune
 
+    cpu_started = time.process_time()
     torch.set_num_threads(max(1, payload.threads))
     name = str(config["space"])
     options = {**payload.fixed_options.get(name, {}), **dict(config.get(name) or {})}
@@ -157,7 +168,8 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
 
     def forward(metrics: dict[str, Any]) -> None:
         if metric in metrics and "flops" in metrics:
-            report({**_plain(metrics), "space": name, "phase": "search", **where})
+            cpu_s = time.process_time() - cpu_started
+            report({**_plain(metrics), "space": name, "phase": "search", "cpu_s": cpu_s, **where})
 
     result = space.run(context, report=forward)
     start = copy.deepcopy(dense)
@@ -184,6 +196,7 @@ def _run(config: dict[str, Any], payload: TrialPayload, report: Any) -> None:
         "spec_json": result.spec.to_json(indent=None),
         **where,
     }
+    final["cpu_s"] = time.process_time() - cpu_started  # before the checkpoint is written
     # the scored weights go into a Tune checkpoint: Tune persists it to the run's storage from
     # whichever node ran the trial, and the final finetune continues from it if this trial wins
     with tempfile.TemporaryDirectory(prefix="prunetune-subnet-") as folder:
@@ -200,16 +213,47 @@ def score_subnet(
 
     Every space's subnet gets the same steps, so the values compare across spaces.
     """
-    steps_per_epoch = steps_per_pass(data.train, payload.batch_size)
-    config = TrainConfig(
-        epochs=payload.score_steps / steps_per_epoch,
-        lr=payload.finetune_lr,
+    return finetune_and_score(
+        subnet,
+        teacher,
+        data,
+        steps=payload.score_steps,
         batch_size=payload.batch_size,
+        lr=payload.finetune_lr,
         distill_weight=payload.distill_weight,
         seed=payload.seed,
+        task=payload.task,
+        runtime=payload.runtime,
     )
-    train(subnet, data, config, teacher=teacher, task=payload.task, runtime=payload.runtime)
-    return float(evaluate(subnet, data.val, payload.task, payload.runtime, workers=data.workers)[1])
+
+
+def finetune_and_score(
+    subnet: nn.Module,
+    teacher: nn.Module,
+    data: DatasetSplits,
+    *,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    distill_weight: float,
+    seed: int,
+    task: Task,
+    runtime: Runtime,
+) -> float:
+    """``steps`` SGD steps of finetuning ``subnet`` in place (distilled from ``teacher`` at
+    ``distill_weight``, cosine schedule from ``lr``), then the task's metric on ``data.val``.
+
+    Used by every trial's score and by the driver's second look at the best trials.
+    """
+    config = TrainConfig(
+        epochs=steps / steps_per_pass(data.train, batch_size),
+        lr=lr,
+        batch_size=batch_size,
+        distill_weight=distill_weight,
+        seed=seed,
+    )
+    train(subnet, data, config, teacher=teacher, task=task, runtime=runtime)
+    return float(evaluate(subnet, data.val, task, runtime, workers=data.workers)[1])
 
 
 def _plain(metrics: dict[str, Any]) -> dict[str, Any]:

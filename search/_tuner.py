@@ -213,6 +213,7 @@ def trial_records(results: tune.ResultGrid, metric: str = "acc") -> list[TrialRe
                 config=config,
                 spec_json=metrics.get("spec_json") if status == "finished" else None,
                 weights=_weights_file(result) if status == "finished" else None,
+                cpu_s=_number(metrics.get("cpu_s")),
             )
         )
     return records

@@ -90,6 +90,15 @@ def register(subparsers: Any) -> None:
     )
     trials.add_argument("--score-steps", type=int, help="steps of every trial's score finetune")
     trials.add_argument(
+        "--rescore-top",
+        type=int,
+        help="score the best N trials again with a longer finetune before choosing (default 3; "
+        "0: choose on the trials' scores)",
+    )
+    trials.add_argument(
+        "--rescore-steps", type=int, help="steps of that second finetune (default: --score-steps)"
+    )
+    trials.add_argument(
         "--round-to",
         type=int,
         help="keep widths at multiples of this, e.g. 8: faster kernels (default 1: any width)",
