@@ -21,8 +21,7 @@ from prunetune.backend.graph import (
     LayerInfo,
     NormInfo,
     ScaleInfo,
-    is_per_output,
-    per_output_channels,
+    per_output_parameters,
 )
 from prunetune.backend.spec import SubnetSpec
 
@@ -102,10 +101,9 @@ def _prune_conv(conv: nn.Module, layer: LayerInfo, kept_out: Tensor, kept_in: Te
 def _prune_per_output(layer: nn.Module, kept_out: Tensor) -> None:
     """Keep the kept outputs' entries of a subclass's own per-output-channel parameters (the
     gain of a scaled weight-standardised conv); called before the layer's sizes change."""
-    outputs = per_output_channels(layer)
-    for name, parameter in list(layer.named_parameters(recurse=False)):
-        if name not in ("weight", "bias") and is_per_output(parameter, outputs):
-            setattr(layer, name, _parameter(parameter.detach()[kept_out], parameter))
+    for name in per_output_parameters(layer):
+        parameter = getattr(layer, name)
+        setattr(layer, name, _parameter(parameter.detach()[kept_out], parameter))
 
 
 def _prune_linear(linear: nn.Module, kept_out: Tensor, kept_in: Tensor) -> None:

@@ -9,7 +9,7 @@ from prunetune.backend.graph._records import (
     NormInfo,
     ScaleInfo,
 )
-from prunetune.backend.graph._rules import is_per_output, per_output_channels
+from prunetune.backend.graph._rules import per_output_parameters
 from prunetune.backend.graph._trace import (
     LeafModule,
     eval_mode,
@@ -28,8 +28,7 @@ __all__ = [
     "NormInfo",
     "ScaleInfo",
     "eval_mode",
-    "is_per_output",
     "leaf_module_key",
     "match_leaf_modules",
-    "per_output_channels",
+    "per_output_parameters",
 ]

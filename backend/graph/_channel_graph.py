@@ -18,7 +18,7 @@ from prunetune.backend.graph._records import (
     NormInfo,
     ScaleInfo,
 )
-from prunetune.backend.graph._rules import is_per_output, per_output_channels
+from prunetune.backend.graph._rules import per_output_parameters
 from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import (
     LeafModule,
@@ -461,11 +461,5 @@ def _layer_info(
 
 
 def _per_output_params(module: nn.Module) -> int:
-    """Parameters per output channel besides the bias: a subclass's gain (see
-    :func:`~prunetune.backend.graph._rules.is_per_output`)."""
-    outputs = per_output_channels(module)
-    return sum(
-        1
-        for name, parameter in module.named_parameters(recurse=False)
-        if name not in ("weight", "bias") and is_per_output(parameter, outputs)
-    )
+    """Parameters per output channel besides the bias: a subclass's gain."""
+    return len(per_output_parameters(module))

@@ -36,6 +36,7 @@ __all__ = [
     "normalise_dims",
     "op_name",
     "per_output_channels",
+    "per_output_parameters",
     "reshape_channels",
     "unlike_its_layer",
 ]
@@ -75,11 +76,8 @@ def is_layer_subclass(module: nn.Module) -> bool:
     kinds = (*LAYER_TYPES, nn.GroupNorm)
     if type(module) in kinds or not isinstance(module, kinds):
         return False
-    outputs = per_output_channels(module)
-    return all(
-        name in ("weight", "bias") or (outputs and is_per_output(parameter, outputs))
-        for name, parameter in module.named_parameters()
-    )
+    allowed = {"weight", "bias", *per_output_parameters(module)}
+    return {name for name, _ in module.named_parameters()} <= allowed
 
 
 def per_output_channels(module: nn.Module) -> int:
@@ -89,6 +87,17 @@ def per_output_channels(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return int(module.out_features)
     return 0
+
+
+def per_output_parameters(module: nn.Module) -> list[str]:
+    """Names of ``module``'s own parameters besides weight and bias that hold one value per
+    output channel (see :func:`is_per_output`)."""
+    outputs = per_output_channels(module)
+    return [
+        name
+        for name, parameter in module.named_parameters(recurse=False)
+        if name not in ("weight", "bias") and outputs and is_per_output(parameter, outputs)
+    ]
 
 
 def is_per_output(parameter: Any, outputs: int) -> bool:

@@ -693,29 +693,14 @@ class UntraceableNet(nn.Module):
         return self.conv(-x)
 
 
-class SamePadConv(nn.Conv2d):
-    """TensorFlow-style "same" padding computed from the input size, as timm's ``Conv2dSame``:
-    Python arithmetic and an ``if`` on the input's height and width, which torch.fx alone
-    cannot trace."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        ih, iw = x.size()[-2:]
-        kh, kw = self.weight.size()[-2:]
-        pad_h = max((math.ceil(ih / self.stride[0]) - 1) * self.stride[0] + kh - ih, 0)
-        pad_w = max((math.ceil(iw / self.stride[1]) - 1) * self.stride[1] + kw - iw, 0)
-        if pad_h > 0 or pad_w > 0:
-            x = F.pad(x, [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2])
-        return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
-
-
 class ShapeLogicNet(nn.Module):
     """Shape checks and shape-dependent branches in ``forward``, and "same" padding convs."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = SamePadConv(3, 16, 3, stride=2)
+        self.stem = SamePadConv2d(3, 16, 3, stride=2)
         self.bn = nn.BatchNorm2d(16)
-        self.conv = SamePadConv(16, 24, 3, stride=2)
+        self.conv = SamePadConv2d(16, 24, 3, stride=2)
         self.head = nn.Linear(24, 10)
 
     def forward(self, x: Tensor) -> Tensor:
