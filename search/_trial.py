@@ -128,7 +128,8 @@ def run_trial(config: dict[str, Any], payload: TrialPayload) -> None:
     if raised is not None and raised.is_file():
         raise TrialFailedError(raised.read_text(encoding="utf-8").strip())
     try:
-        _run(config, payload, tune.report)
+        with payload.runtime.fits(f"the {config['space']} trial at batch {payload.batch_size}"):
+            _run(config, payload, tune.report)
     except Exception as exc:
         if raised is not None:  # a worker that dies leaves no marker, and is retried in full
             raised.parent.mkdir(parents=True, exist_ok=True)

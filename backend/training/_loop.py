@@ -219,6 +219,9 @@ def evaluate(
 
     Returns:
         (mean loss per batch example, metric value).
+
+    Raises:
+        DeviceError: a batch does not fit in the device's memory.
     """
     task = task or Task()
     runtime = runtime or Runtime()
@@ -229,7 +232,7 @@ def evaluate(
     loss_sum, seen = 0.0, 0
     for x, y in batches(split, batch_size, workers=workers, runtime=runtime):
         x, y = runtime.batch(x, y)
-        with runtime.autocast():
+        with runtime.fits(f"evaluation at batch size {batch_size}"), runtime.autocast():
             outputs = model(x)
         loss_sum += float(task.loss_of(outputs, y)) * len(y)
         seen += len(y)
@@ -237,6 +240,16 @@ def evaluate(
     if not keep_mode:
         model.train(was_training)
     return loss_sum / max(1, seen), metric.compute()
+
+
+def _count(x: Any) -> int | str:
+    """Examples in a batch of inputs (a tensor, or a tuple/list/dict of them), for messages."""
+    if isinstance(x, Tensor):
+        return int(x.shape[0]) if x.ndim else 1
+    items = list(x.values()) if isinstance(x, dict) else x
+    if isinstance(items, (list, tuple)) and items:
+        return _count(items[0])
+    return "unknown size"
 
 
 def first_examples(split: Any, count: int) -> Any:
@@ -297,10 +310,12 @@ class Stepper:
 
         Raises:
             DivergedError: the loss is not finite (the run diverged).
+            DeviceError: the batch does not fit in the device's memory.
         """
-        x, y = self.runtime.batch(x, y)
-        loss, outputs = self.loss(x, y)
-        self.backward(loss)
+        with self.runtime.fits(f"a training step on a batch of {_count(x)}"):
+            x, y = self.runtime.batch(x, y)
+            loss, outputs = self.loss(x, y)
+            self.backward(loss)
         return float(loss.detach()), outputs
 
     def backward(self, loss: Tensor) -> None:
@@ -317,7 +332,8 @@ class Stepper:
                 "data and the checkpoint for NaN"
             )
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        with self.runtime.fits("a backward pass"):
+            self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.scheduler is not None:

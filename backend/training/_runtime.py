@@ -113,6 +113,29 @@ class Runtime:
         return x, _move(y, device)
 
     @contextlib.contextmanager
+    def fits(self, what: str) -> Iterator[None]:
+        """Turn the device running out of memory inside the block into a clear error.
+
+        Args:
+            what: the work the block does, for the message ("a training step at batch 64").
+
+        Raises:
+            DeviceError: ``torch.OutOfMemoryError`` was raised inside the block; the message
+                names the work, the device and the ways out (a smaller batch, half precision,
+                a GPU of its own per trial, the CPU). The cached GPU memory is released first.
+        """
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            if self.on_cuda:
+                torch.cuda.empty_cache()
+            raise DeviceError(
+                f"{what} does not fit in the memory of {self.torch_device} ({_first_line(exc)}); "
+                "lower --batch-size, use --precision bf16 (or fp16), give each trial a GPU of its "
+                "own (--gpus-per-trial 1) or use --device cpu"
+            ) from exc
+
+    @contextlib.contextmanager
     def autocast(self) -> Iterator[None]:
         """The forward pass's precision: autocast to bf16/fp16, nothing for fp32."""
         if self.precision == "fp32":

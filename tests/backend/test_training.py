@@ -89,6 +89,36 @@ def test_device_names_are_checked() -> None:
     assert Runtime(device="auto").torch_device.type == expected
 
 
+class _WiderThanMemory(nn.Module):
+    """Runs out of device memory on batches above ``fits`` examples, like a wide net on a GPU."""
+
+    def __init__(self, fits: int) -> None:
+        super().__init__()
+        self.body, self.fits = _net(), fits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.fits:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.body(x)
+
+
+def test_running_out_of_device_memory_is_a_clear_error_naming_the_fix(
+    digits: DatasetSplits,
+) -> None:
+    model = _WiderThanMemory(fits=16)
+    with pytest.raises(
+        DeviceError,
+        match=r"a training step on a batch of 64 does not fit in the "
+        r"memory of cpu \(CUDA out of memory.*lower --batch-size.*--device cpu",
+    ):
+        train(model, digits, TrainConfig(epochs=1, batch_size=64))
+    with pytest.raises(DeviceError, match=r"evaluation at batch size 512 does not fit"):
+        evaluate(model, digits.val)
+    stepper = Stepper(model, sgd(model, Optimization(lr=0.1)))  # a batch that fits trains
+    assert math.isfinite(stepper.step(digits.train.x[:16], digits.train.y[:16])[0])
+    assert 0.0 <= evaluate(model, digits.val, batch_size=16)[1] <= 1.0
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(DeviceError, match="torch sees no CUDA GPU here; use --device cpu or auto"):
