@@ -23,6 +23,7 @@ from prunetune.backend.errors import DataError
 __all__ = [
     "DATASETS",
     "DatasetSplits",
+    "Split",
     "TensorLoader",
     "list_datasets",
     "load_dataset",

@@ -20,24 +20,22 @@ ORDER = ("uniform", "global-l1", "torch-pruning", "random-search", "search")
 TABLES = {
     "finetune": "Equal finetune: every method's subnet gets the same finetune",
     "compute": "Equal compute: every method's pruning (or search) plus finetune costs what the "
-    "full search plus its finetune cost",
+    "full search plus its long finetune cost",
 }
 
 
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample standard deviation over seeds, per comparison, target and method.
 
-    The full search's row counts in both comparisons (its cost is the budget). ``std`` is 0.0
-    for a single seed.
+    ``std`` is 0.0 for a single seed.
     """
     out = []
     for table in TABLES:
         for target in sorted({r["target"] for r in rows}, reverse=True):
             for method in ORDER:
-                source = "finetune" if method == "search" else table
                 runs = [
                     r for r in rows
-                    if r["target"] == target and r["method"] == method and r["table"] == source
+                    if r["target"] == target and r["method"] == method and r["table"] == table
                     and "test_acc" in r
                 ]  # fmt: skip
                 if not runs:

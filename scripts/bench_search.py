@@ -3,23 +3,22 @@ finetune and at equal total compute, over several seeds (a hard MNIST task).
 
     python scripts/bench_search.py [--quick] [--data-dir ../shared/data/mnist-t10k]
 
-On 2 CPU cores shared with other work, one seed of the defaults took 56 minutes (2 targets) to 75
-(3 targets), so the default grid run one seed after another takes well over 90 minutes there
-(seeds can run in parallel processes with ``--first-seed``); ``--quick`` checks the whole
-pipeline in a few minutes on tiny settings and writes its page, plot and figures to the work
-directory, never to ``docs/``.
+``--quick`` checks the whole pipeline in a few minutes on tiny settings and writes its page, plot
+and figures to the work directory, never to ``docs/``. How long the defaults take, and on what
+machine, is on the page they write (``docs/bench_search.md``).
 
 Task. Plain MNIST saturates (uniform pruning to 10% of the FLOPs plus a long finetune loses 0.2
 points), so every seed draws a harder one from the MNIST test set at ``--data-dir`` (the only
 MNIST files here): ``--train-images`` images to learn from (default 1,000, about 100 per class),
 ``--val-images`` to choose on (default 1,000: every search chooses on validation only) and the
-other images (8,000) to score the final models. Model: the zoo's ResNet-20 (1 input channel),
-trained dense for ``--dense-epochs`` per seed (cached in ``--work-dir``).
+other images (8,000) to score the final models, every image shrunk to ``--image-size`` pixels
+square (default 14, by area averaging: harder, and each training step about 3x cheaper than at
+28). Model: the zoo's ResNet-20 (1 input channel), trained dense for ``--dense-epochs`` per seed
+(cached in ``--work-dir``).
 
-Grid. ``--seeds`` seeds (default 3) at each of ``--targets`` (default 10 and 5% of the dense
-FLOPs) and seed 0 alone at ``--once`` (default 25%; ``--targets 25,10,5 --once 50`` is the wider
-grid the issue asked for). A seed redraws the split, the dense training, every search and every
-finetune's order.
+Grid. ``--seeds`` seeds (default 3) at each of ``--targets`` (default 25, 10 and 5% of the dense
+FLOPs) and seed 0 alone at each of ``--once`` (default 50 and 2%). A seed redraws the split, the
+dense training, every search and every finetune's order.
 
 Methods, at each seed and target: ``uniform`` (one keep ratio for every channel group),
 ``global-l1`` (channels ranked by L1 norm across groups), ``torch-pruning`` (Torch-Pruning's
@@ -35,10 +34,10 @@ Two comparisons:
 
 - **equal finetune**: every method's pruned model gets the same ``--finetune-epochs`` of
   finetune (lr 0.01, batch 64, distilled from the dense model at 0.7, seeded by the seed);
-- **equal compute**: the full search's cost C is its search plus that finetune of its subnet;
-  every other method gets a finetune lengthened (in epochs, computed from the CPU seconds per
-  epoch its equal-finetune run measured) until its pruning (or random search) plus finetune also
-  costs C. The full search's row is the same in both tables.
+- **equal compute**: the budget is the full search's cost plus ``--compute-epochs`` (default
+  20) of finetune of its subnet; the search's subnet gets that long finetune, and every other
+  method a finetune lengthened (in epochs, from the CPU seconds a step of its own model costs)
+  until its pruning (or random search) plus finetune spends the same budget.
 
 Compute is CPU seconds (``time.process_time``) of one-thread processes: this process while it
 prunes or drives a search (Tune's driver loop, the re-scoring, the search's export), each
@@ -62,6 +61,7 @@ Torch-Pruning is not a dependency of prunetune; install it for the benchmark onl
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -106,25 +106,27 @@ from prunetune.estimators import DeviceInfo, FlopsModel, ParamsModel, Target
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"
 DENSE_THREADS = 1  # two threads on a busy 2-core machine spin more than they compute
-# every seed at the targets below 25% that the comparison is about, 25% with seed 0 only;
-# 4 trials per search: 6 took about 17 min per seed and target on the shared 2-core machine
+# 3 seeds at 25, 10 and 5%, seed 0 alone at 50 and 2%; 6 trials per search (the search's own
+# default is 8): one per space, then 2 that TPE proposes from the first results
 FULL: dict[str, Any] = dict(
-    targets="10,5", once="25", seeds=3, trials=4, train_images=1000, val_images=1000,
-    dense_epochs=20.0, finetune_epochs=3.0, inner_epochs=1.0, score_steps=20, rescore_top=3,
-    rescore_steps=20,
+    targets="25,10,5", once="50,2", seeds=3, trials=6, train_images=1000, val_images=1000,
+    image_size=14, dense_epochs=20.0, finetune_epochs=3.0, compute_epochs=20.0, inner_epochs=1.0,
+    score_steps=20, rescore_top=3, rescore_steps=20,
 )  # fmt: skip
 QUICK: dict[str, Any] = dict(
-    targets="10", once="", seeds=1, trials=2, train_images=300, val_images=200,
-    dense_epochs=1.0, finetune_epochs=0.5, inner_epochs=1.0, score_steps=3, rescore_top=2,
-    rescore_steps=2,
+    targets="10", once="", seeds=1, trials=2, train_images=300, val_images=200, image_size=14,
+    dense_epochs=1.0, finetune_epochs=0.5, compute_epochs=1.0, inner_epochs=1.0, score_steps=3,
+    rescore_top=2, rescore_steps=2,
 )  # fmt: skip
 _NUMBERS = (
     ("seeds", int, "seeds at every --targets target"),
     ("trials", int, "trials of each search"),
     ("train-images", int, "images to learn from"),
     ("val-images", int, "images to choose on"),
+    ("image-size", int, "side of the images in pixels (MNIST's 28 shrunk by area averaging)"),
     ("dense-epochs", float, "epochs of dense training"),
-    ("finetune-epochs", float, "epochs of the equal finetune (and of the search's subnet)"),
+    ("finetune-epochs", float, "epochs of the equal finetune"),
+    ("compute-epochs", float, "epochs of the full search's finetune in the equal-compute table"),
     ("inner-epochs", float, "length of one space run in a trial"),
     ("score-steps", int, "steps of a trial's score finetune"),
     ("rescore-top", int, "trials scored again before choosing (0: none)"),
@@ -170,6 +172,8 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         if not pick[key] >= least:
             raise BenchError(f"--{flag} must be {'>= 0' if least == 0 else 'positive'}, got "
                              f"{pick[key]}")  # fmt: skip
+    if not 8 <= pick["image_size"] <= 28:
+        raise BenchError(f"--image-size must be between 8 and 28 pixels, got {pick['image_size']}")
     if args.first_seed < 0:
         raise BenchError(f"--first-seed must be >= 0, got {args.first_seed}")
     work_dir = args.work_dir or REPO / "runs" / f"bench_search{'_quick' if args.quick else ''}"
@@ -182,8 +186,10 @@ def parse_settings(argv: list[str] | None = None) -> Settings:
         trials=int(pick["trials"]),
         train_images=int(pick["train_images"]),
         val_images=int(pick["val_images"]),
+        image_size=int(pick["image_size"]),
         dense_epochs=float(pick["dense_epochs"]),
         finetune_epochs=float(pick["finetune_epochs"]),
+        compute_epochs=float(pick["compute_epochs"]),
         inner_epochs=float(pick["inner_epochs"]),
         score_steps=int(pick["score_steps"]),
         rescore_top=int(pick["rescore_top"]),
@@ -295,6 +301,7 @@ def dense_model(
         "seed": float(seed),
         "train_images": float(settings.train_images),
         "val_images": float(settings.val_images),
+        "image_size": float(settings.image_size),
     }
     if path.is_file():
         try:
@@ -351,17 +358,24 @@ def run_seed(
         search = rows.get((target, "search", "finetune"), {})
         if "test_acc" not in search:
             continue
-        budget = by_key[(target, "search")].cpu_s + search["finetune_cpu_s"]
-        search["total_cpu_s"] = round(budget, 1)
+        # the budget: the full search plus ``compute_epochs`` of finetune of its subnet (CPU
+        # cost per epoch from its equal-finetune run); every method spends it all
+        found = by_key[(target, "search")]
+        per_epoch = search["finetune_cpu_s"] / search["finetune_epochs"]
+        budget = found.cpu_s + settings.compute_epochs * per_epoch
         for method in settings.methods:
             p = by_key.get((target, method))
-            if method == "search" or p is None or p.model is None:
+            if p is None or p.model is None:
                 continue
             key = (target, method, "compute")
             rows[key] = {**_row(bench, p, "compute"), "budget_cpu_s": round(budget, 1)}
             # the pool pickled p.model for its first finetune: p.model itself is still untrained
-            left = budget - p.cpu_s
-            second.append(Job(key, p.model, bench.dense, settings, seed, 1.0, budget_cpu_s=left))
+            if method == "search":
+                job = Job(key, p.model, bench.dense, settings, seed, settings.compute_epochs)
+            else:
+                left = budget - p.cpu_s
+                job = Job(key, p.model, bench.dense, settings, seed, 1.0, budget_cpu_s=left)
+            second.append(job)
     _collect(pool, second, rows, say)
     for row in rows.values():
         if "finetune_cpu_s" in row:
@@ -424,7 +438,9 @@ def provenance(wall_s: float, finished: bool) -> str:
     )  # fmt: skip
 
 
+@functools.cache
 def _commit() -> str:
+    """The checkout's commit when first asked (at the start of the run: the code that ran)."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
@@ -444,7 +460,8 @@ def facts(settings: Settings, dense: dict[int, dict[str, float]]) -> list[str]:
     s = settings
     accs = ", ".join(f"seed {k}: {100 * v['test_acc']:.2f}%" for k, v in sorted(dense.items()))
     return [
-        f"task: MNIST test set per seed split into {s.train_images} train / {s.val_images} val / "
+        f"task: MNIST test set, shrunk to {s.image_size}x{s.image_size} pixels, per seed split "
+        f"into {s.train_images} train / {s.val_images} val / "
         f"{10_000 - s.train_images - s.val_images} test images",
         f"model: resnet20 trained dense for {s.dense_epochs:g} epochs per seed; dense test "
         f"accuracy {accs}",
@@ -453,7 +470,8 @@ def facts(settings: Settings, dense: dict[int, dict[str, float]]) -> list[str]:
         f"{s.inner_epochs:g} epochs, {s.score_steps} score steps, the best {s.rescore_top} scored "
         f"again after {s.rescore_steps} more steps",
         "compute: CPU seconds of one-thread processes (search driver + trials + finetune); equal "
-        "compute gives every other method the full search's total",
+        f"compute gives the full search's subnet {s.compute_epochs:g} epochs of finetune and "
+        "every other method the full search's total (search + that finetune)",
         *(f"{m} skipped: {why}" for m, why in s.skipped.items()),
     ]
 
@@ -560,6 +578,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_search.py: error: {exc}", file=sys.stderr)
         return 2
+    _commit()  # the code that runs, even if the checkout changes while it runs
     torch.set_num_threads(1)
     for method, why in settings.skipped.items():
         say(f"skipping {method}: {why}")
