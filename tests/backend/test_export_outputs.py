@@ -10,7 +10,8 @@ import torch
 from torch import Tensor, nn
 
 import prunetune
-from prunetune.backend.export import ExportParityError, _output_error, output_tensors
+from prunetune.backend.export import ExportParityError, output_tensors
+from prunetune.backend.export._record import _output_error
 
 
 class _TwoHeads(nn.Module):
