@@ -222,8 +222,22 @@ def torch_pruning(bench: Bench, target: float, steps: int = 400) -> tuple[nn.Mod
     return model, f"{done} Torch-Pruning steps"
 
 
+def start_search_process() -> None:
+    """Start Ray once in the process that runs every search (:func:`searched`): one Ray start
+    per benchmark instead of one per search, and trial workers that stay warm between searches.
+
+    Ray starts its workers at nice 15; here the trials compete with the finetune pool, whose
+    processes run at the benchmark's own priority, so they get the same.
+    """
+    from prunetune.search._cluster import ray_session
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray_session(None).__enter__()  # shut down by Ray's own exit hook when the process ends
+
+
 def run_search_job(job: SearchJob) -> dict[str, Any]:
-    """Run one search in this (child) process, with its own Ray session.
+    """Run one search in this (child) process, on the Ray session it started.
 
     The search gets the benchmark's train and val splits, its test split cut to a few images
     (its own final test score is not used, and would cost it CPU time). Returns its chosen
@@ -232,20 +246,12 @@ def run_search_job(job: SearchJob) -> dict[str, Any]:
     trials, and the wall seconds of ``run_search``.
     """
     from prunetune.search import run_search
-    from prunetune.search._cluster import ray_session
 
-    torch.set_num_threads(1)
     data = split(job.settings, job.seed)
     data = replace(data, test=data.val.subset(TRAIN_VAL_IMAGES))
-    # Ray starts its workers at nice 15; here the trials compete with the finetune pool, whose
-    # processes run at the benchmark's own priority, so they get the same
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    with ray_session(None):
-        started, cpu_started = time.perf_counter(), time.process_time()
-        result = run_search(
-            search_config(job), say=lambda m: print("  " + m, flush=True), data=data
-        )
-        cpu, wall = time.process_time() - cpu_started, time.perf_counter() - started
+    started, cpu_started = time.perf_counter(), time.process_time()
+    result = run_search(search_config(job), say=lambda m: print("  " + m, flush=True), data=data)
+    cpu, wall = time.process_time() - cpu_started, time.perf_counter() - started
     counts = ", ".join(f"{n} {status}" for status, n in result.counts.items() if n)
     rescored = [c for c in result.candidates if c.rescore is not None]
     pairs = [f"{c.space} {100 * c.score:.1f}->{100 * (c.rescore or 0):.1f}" for c in rescored]
@@ -266,11 +272,23 @@ def run_search_job(job: SearchJob) -> dict[str, Any]:
     }
 
 
+_SEARCHER: ProcessPoolExecutor | None = None  # the process every search runs in
+
+
+def close_search_process() -> None:
+    """End the search process (and its Ray), if one runs."""
+    global _SEARCHER
+    if _SEARCHER is not None:
+        _SEARCHER.shutdown(cancel_futures=True)
+        _SEARCHER = None
+
+
 def searched(
     bench: Bench, target: float, method: str, say: Callable[[str], None]
 ) -> tuple[nn.Module, str, float, float, float]:
-    """``run_search`` (full or random) in a child process, retried when that process or its
-    Ray dies (on a shared machine someone may stop every Ray session, which ends its driver).
+    """``run_search`` (full or random) in the search process (one for the whole benchmark,
+    started again, with its Ray, when it dies: on a shared machine someone may stop every Ray
+    session, which ends its driver), retried then.
 
     Returns the chosen subnet with the weights its final finetune would start from, a note, the
     search's CPU seconds (its driver's and its trials'), the trials' share of them, and its wall
@@ -279,17 +297,20 @@ def searched(
     Raises:
         RuntimeError: every attempt failed (the last error).
     """
+    global _SEARCHER
     job = SearchJob(bench.settings, bench.seed, target, method, bench.dense_path)
-    context = multiprocessing.get_context("spawn")
     last: BaseException | None = None
     for attempt in range(1, SEARCH_ATTEMPTS + 1):
-        with ProcessPoolExecutor(1, mp_context=context) as one:
-            try:
-                out = one.submit(run_search_job, job).result()
-            except Exception as exc:  # the child died, or its search raised: try again
-                last = exc
-                say(f"seed {bench.seed} {target:g}% {method}: attempt {attempt} failed: {exc}")
-                continue
+        if _SEARCHER is None:
+            context = multiprocessing.get_context("spawn")
+            _SEARCHER = ProcessPoolExecutor(1, context, initializer=start_search_process)
+        try:
+            out = _SEARCHER.submit(run_search_job, job).result()
+        except Exception as exc:  # the process died, or its search raised: a fresh one
+            last = exc
+            say(f"seed {bench.seed} {target:g}% {method}: attempt {attempt} failed: {exc}")
+            close_search_process()
+            continue
         model = prune_model(bench.dense, bench.graph, SubnetSpec.from_dict(out["spec"]))
         if out["state"] is not None:
             model.load_state_dict(out["state"])
@@ -324,14 +345,6 @@ def prune(bench: Bench, target: float, method: str, say: Callable[[str], None]) 
         f"{note}".rstrip()
     )
     return Pruned(target, method, model, seconds, cpu, note, trials_cpu)
-
-
-def prune_all(bench: Bench, say: Callable[[str], None]) -> list[Pruned]:
-    """Every method at every target of this seed (each search in a process of its own)."""
-    settings = bench.settings
-    return [
-        prune(bench, t, m, say) for t in settings.targets_of(bench.seed) for m in settings.methods
-    ]
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -85,8 +85,9 @@ from _bench_search_methods import (
     Job,
     Pruned,
     Settings,
+    close_search_process,
     init_worker,
-    prune_all,
+    prune,
     run_job,
     split,
 )
@@ -337,51 +338,74 @@ def run_seed(
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Every method at every target of one seed; returns its rows and its dense model's facts.
 
-    Order: every prune and search (one at a time, each search in a child process with its own
-    Ray), then every equal-finetune job (the pool), then every equal-compute job, whose lengths
-    need the search's cost.
+    Order: target by target, every prune and search (one at a time, each search in a child
+    process with its own Ray). A target's equal-finetune jobs go to the pool as soon as its
+    methods are pruned, and its equal-compute jobs as soon as the full search's finetune has
+    measured what an epoch of its subnet costs; both run while the next targets' searches do,
+    which keeps the cores busy while Ray starts and the searches wait between trials.
     """
     bench = prepare(settings, seed, say)
-    pruned = prune_all(bench, say)
-    by_key = {(p.target, p.method): p for p in pruned}
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for p in pruned:
-        rows[(p.target, p.method, "finetune")] = _row(bench, p, "finetune")
-    jobs = [
-        Job((p.target, p.method, "finetune"), p.model, bench.dense, settings, seed,
-            settings.finetune_epochs)
-        for p in pruned if p.model is not None
-    ]  # fmt: skip
-    _collect(pool, jobs, rows, say)
-    second = []
+    futures: list[tuple[Job, Future[dict[str, Any]]]] = []
+    waiting: dict[float, list[Pruned]] = {}  # targets whose equal-compute jobs wait for a cost
     for target in settings.targets_of(seed):
-        search = rows.get((target, "search", "finetune"), {})
-        if "test_acc" not in search:
-            continue
-        # the budget: the full search plus ``compute_epochs`` of finetune of its subnet (CPU
-        # cost per epoch from its equal-finetune run); every method spends it all
-        found = by_key[(target, "search")]
-        per_epoch = search["finetune_cpu_s"] / search["finetune_epochs"]
-        budget = found.cpu_s + settings.compute_epochs * per_epoch
-        for method in settings.methods:
-            p = by_key.get((target, method))
-            if p is None or p.model is None:
-                continue
-            key = (target, method, "compute")
-            rows[key] = {**_row(bench, p, "compute"), "budget_cpu_s": round(budget, 1)}
-            # the pool pickled p.model for its first finetune: p.model itself is still untrained
-            if method == "search":
-                job = Job(key, p.model, bench.dense, settings, seed, settings.compute_epochs)
-            else:
-                left = budget - p.cpu_s
-                job = Job(key, p.model, bench.dense, settings, seed, 1.0, budget_cpu_s=left)
-            second.append(job)
-    _collect(pool, second, rows, say)
+        pruned = [prune(bench, target, method, say) for method in settings.methods]
+        for p in pruned:
+            key = (target, p.method, "finetune")
+            rows[key] = _row(bench, p, "finetune")
+            if p.model is not None:
+                job = Job(key, p.model, bench.dense, settings, seed, settings.finetune_epochs)
+                futures.append((job, pool.submit(run_job, job)))
+        waiting[target] = pruned
+        _harvest(futures, rows, say)
+        futures += _compute_jobs(bench, waiting, rows, pool, futures)
+    while futures or waiting:
+        _harvest(futures, rows, say, block=True)
+        futures += _compute_jobs(bench, waiting, rows, pool, futures)
     for row in rows.values():
         if "finetune_cpu_s" in row:
             row["total_cpu_s"] = round(row["prune_cpu_s"] + row["finetune_cpu_s"], 1)
             row["total_s"] = round(row["prune_s"] + row["finetune_s"], 1)
     return list(rows.values()), {k: float(v) for k, v in bench.dense_info.items()}
+
+
+def _compute_jobs(
+    bench: Bench,
+    waiting: dict[float, list[Pruned]],
+    rows: dict[tuple[Any, ...], dict[str, Any]],
+    pool: ProcessPoolExecutor,
+    pending: list[tuple[Job, Future[dict[str, Any]]]],
+) -> list[tuple[Job, Future[dict[str, Any]]]]:
+    """Submit the equal-compute jobs of every waiting target whose full search's finetune has
+    finished (a target whose search or its finetune failed gets none, and waits no more).
+
+    The budget: the full search plus ``compute_epochs`` of finetune of its subnet (CPU cost per
+    epoch from its equal-finetune run); every method spends it all.
+    """
+    settings, submitted = bench.settings, []
+    for target in list(waiting):
+        search = rows.get((target, "search", "finetune"), {})
+        if any(job.key == (target, "search", "finetune") for job, _ in pending):
+            continue
+        pruned = waiting.pop(target)
+        if "test_acc" not in search:
+            continue
+        found = next(p for p in pruned if p.method == "search")
+        per_epoch = search["finetune_cpu_s"] / search["finetune_epochs"]
+        budget = found.cpu_s + settings.compute_epochs * per_epoch
+        for p in pruned:
+            if p.model is None:
+                continue
+            key = (target, p.method, "compute")
+            rows[key] = {**_row(bench, p, "compute"), "budget_cpu_s": round(budget, 1)}
+            # the pool pickled p.model for its first finetune: p.model itself is still untrained
+            if p.method == "search":
+                job = Job(key, p.model, bench.dense, settings, bench.seed, settings.compute_epochs)
+            else:
+                left = budget - p.cpu_s
+                job = Job(key, p.model, bench.dense, settings, bench.seed, 1.0, budget_cpu_s=left)
+            submitted.append((job, pool.submit(run_job, job)))
+    return submitted
 
 
 def _row(bench: Bench, p: Pruned, table: str) -> dict[str, Any]:
@@ -398,15 +422,18 @@ def _row(bench: Bench, p: Pruned, table: str) -> dict[str, Any]:
     }
 
 
-def _collect(
-    pool: ProcessPoolExecutor,
-    jobs: list[Job],
+def _harvest(
+    futures: list[tuple[Job, Future[dict[str, Any]]]],
     rows: dict[tuple[Any, ...], dict[str, Any]],
     say: Callable[[str], None],
+    block: bool = False,
 ) -> None:
-    """Run ``jobs`` in the pool; each result fills its row (a failure is noted in the row)."""
-    futures = [(job, pool.submit(run_job, job)) for job in jobs]
-    for job, future in futures:
+    """Fill the rows of the finished jobs (with ``block``: wait for the first one to finish)
+    and drop them from ``futures``; a failure is noted in its row."""
+    if block and futures:
+        wait([future for _, future in futures], return_when=FIRST_COMPLETED)
+    for job, future in [(j, f) for j, f in futures if f.done()]:
+        futures.remove((job, future))
         row = rows[job.key]
         try:
             result = future.result()
@@ -586,11 +613,14 @@ def main(argv: list[str] | None = None) -> int:
     dense: dict[int, dict[str, float]] = {}
     context = multiprocessing.get_context("spawn")  # no fork of a process running Ray or torch
     with ProcessPoolExecutor(2, mp_context=context, initializer=init_worker) as pool:
-        for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
-            seed_rows, dense[seed] = run_seed(settings, seed, pool, say)
-            rows += seed_rows
-            write(settings, rows, dense, time.perf_counter() - started, finished=False)
-            say(f"seed {seed} done; figures so far in {settings.work_dir / 'results.json'}")
+        try:
+            for seed in range(settings.first_seed, settings.first_seed + settings.seeds):
+                seed_rows, dense[seed] = run_seed(settings, seed, pool, say)
+                rows += seed_rows
+                write(settings, rows, dense, time.perf_counter() - started, finished=False)
+                say(f"seed {seed} done; figures so far in {settings.work_dir / 'results.json'}")
+        finally:
+            close_search_process()
     wall_s = time.perf_counter() - started
     figures = write(settings, rows, dense, wall_s, finished=True)
     print("\n" + "\n".join(f"- {line}" for line in figures["reading"]))
