@@ -12,7 +12,7 @@ from torch import Tensor, fx, nn
 
 from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
-from prunetune.backend.graph._heads import probe_head_sites
+from prunetune.backend.graph._head_probe import check_head_sites
 from prunetune.backend.graph._records import (
     ChannelGroup,
     ChannelSegment,
@@ -143,7 +143,7 @@ class ChannelGraph:
         module = trace_module(model, leaf_modules, inputs)
         propagate_shapes(module, model, inputs)
         analysis = _analyse(module)
-        attributes = _check_head_sites(model, analysis, leaf_modules)
+        attributes = check_head_sites(model, analysis, leaf_modules)
         groups, slot_names = analysis.slots.build()
         head_groups = {slot_names[slot] for slot in analysis.head_slots if slot in slot_names}
         groups = tuple(
@@ -389,35 +389,6 @@ def _constant_flops(
             place = next(reversed(stack.values()))[0] if stack else node.name
         totals[place] = totals.get(place, 0) + flops
     return {place: flops // (2 * batch) for place, flops in totals.items()}
-
-
-def _check_head_sites(
-    model: nn.Module, analysis: ChannelAnalysis, leaf_modules: tuple[LeafModule, ...]
-) -> list[tuple[str, str, Channels, int]]:
-    """The attributes that the sizes of the attention heads' reshapes are read from, as
-    ``(module, attribute, channels, per_head)``; heads whose sizes are not read from one
-    attribute (a literal in the forward, a size two head groups share) are kept whole."""
-    sites = analysis.head_sites
-    if not sites:
-        return []
-    found, refused = probe_head_sites(model, sites, lambda: trace_module(model, leaf_modules).graph)
-    for site, reason in refused:
-        analysis._fix(site.channels, reason)
-    chosen: dict[tuple[str, str], tuple[Channels, int]] = {}
-    for site, attribute, per_head in found:
-        key = (site.module, attribute)
-        roots = [analysis.slots.find(s.slot) for s in site.channels]
-        known = chosen.setdefault(key, (site.channels, per_head))
-        if [analysis.slots.find(s.slot) for s in known[0]] != roots or known[1] != per_head:
-            reason = (
-                f"attribute '{attribute}' of '{site.module}' sizes heads of channel groups that "
-                "are pruned apart, so no one value of it would fit them all"
-            )
-            analysis._fix(site.channels, reason)
-            analysis._fix(known[0], reason)
-    return [
-        (owner, attribute, channels, per) for (owner, attribute), (channels, per) in chosen.items()
-    ]
 
 
 def _group_size(module: nn.Module) -> int:

@@ -23,10 +23,10 @@ attention weights are, so the pruned, zeroed and masked models agree. Ops that w
 zeros into non-zeros (adding a constant, a softmax over head features) keep the heads whole.
 
 The head count written in the reshapes must follow the pruned model: each literal size there that
-counts heads (or the width, heads * head_dim) is recorded as a :class:`HeadSite`, and the channel
-graph checks by tracing again that the forward reads it from an attribute of its module (which
-surgery then updates); ``-1`` needs nothing; a size read from a tensor's shape (``C`` of
-``B, N, C = x.shape``) keeps the heads whole.
+counts heads (or the width, heads * head_dim) is recorded as a :class:`HeadSite`, and
+``_head_probe.py`` checks, by tracing that module again on its own, that the forward reads it from
+an attribute of the module (which surgery then updates); ``-1`` needs nothing; a size read from a
+tensor's shape (``C`` of ``B, N, C = x.shape``) keeps the heads whole.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from prunetune.backend.graph._last import ChannelsLastRules, as_value
 from prunetune.backend.graph._state import Heads, HeadSite, Many
 from prunetune.backend.graph._trace import node_shape
 
-__all__ = ["HeadRules", "reshape_sizes"]
+__all__ = ["HeadRules", "owner_of", "reshape_sizes"]
 
 # Ops that keep zeros zero, on a value whose head dim is still there.
 _ZERO_KEEPING = frozenset(
@@ -66,7 +66,7 @@ def reshape_sizes(node: fx.Node) -> list[Any]:
     return sizes
 
 
-def _owner(node: fx.Node) -> str:
+def owner_of(node: fx.Node) -> str:
     """The innermost module whose forward holds ``node`` (``""``: the model itself)."""
     stack = node.meta.get("nn_module_stack") or {}
     return str(next(reversed(stack.values()))[0]) if stack else ""
@@ -114,7 +114,7 @@ class HeadRules(ChannelsLastRules):
         position = len(sizes) - 2
         if sizes[position] != -1:
             for piece in pieces:
-                self.head_sites.append(HeadSite(node.name, position, piece, 1, _owner(node)))
+                self.head_sites.append(HeadSite(node.name, position, piece, 1, owner_of(node)))
         self.head_slots.update(s.slot for piece in pieces for s in piece)
         if len(out_shape) == rank + 2:
             return Heads(tuple(pieces), rank, rank + 1, rank - 1)
@@ -218,7 +218,7 @@ class HeadRules(ChannelsLastRules):
             if not isinstance(width, int):
                 return None
             self.head_sites.append(
-                HeadSite(node.name, len(sizes) - 1, channels, in_shape[-1], _owner(node))
+                HeadSite(node.name, len(sizes) - 1, channels, in_shape[-1], owner_of(node))
             )
         return as_value(channels, len(out_shape))
 
@@ -261,7 +261,7 @@ class HeadRules(ChannelsLastRules):
         if head >= rank - 2 or rules.argument(node, 7, "enable_gqa", False) is not False:
             return None
         mask = rules.argument(node, 3, "attn_mask")
-        if isinstance(mask, fx.Node):
+        if isinstance(mask, fx.Node) and "tensor_meta" in mask.meta:  # else None when run
             mask_shape = node_shape(mask)
             if mask_shape is None or self.values.get(mask) is not None:
                 return None  # a mask made from a layer's channels
@@ -339,79 +339,3 @@ def _without_part(value: Heads, index: int) -> Heads:
 
     head = value.head - (value.head > part)
     return Heads((value.parts[index],), head, shifted(value.inner))
-
-
-def probe_head_sites(
-    model: nn.Module, sites: list[HeadSite], retrace: Any
-) -> tuple[list[tuple[HeadSite, str, int]], list[tuple[HeadSite, str]]]:
-    """Which attribute of its module each head site's literal size comes from.
-
-    Every int attribute of a site's module that equals the site's size (the head count or the
-    width) is set to a distinct sentinel while the model is traced again symbolically
-    (``retrace()``, which must not run the model); a site whose literal became a sentinel reads
-    that attribute, one that became a sentinel times the head dim reads a head count
-    (``self.num_heads * self.head_dim``). The attributes are restored afterwards.
-
-    Returns:
-        ``(site, attribute, per_head)`` for every site found, and ``(site, reason)`` for the
-        others (their heads are then kept whole).
-    """
-    wanted: dict[str, set[int]] = {}
-    for site in sites:
-        wanted.setdefault(site.module, set()).add(_site_value(site))
-    sentinels: dict[int, tuple[str, str, int]] = {}
-    changed: list[tuple[nn.Module, str, int]] = []
-    sentinel = 1_000_003  # a prime far above any real size: products with it stay apart
-    try:
-        for owner, values in wanted.items():
-            module = model.get_submodule(owner)
-            for attribute, value in list(vars(module).items()):
-                if type(value) is int and value in values:
-                    changed.append((module, attribute, value))
-                    sentinels[sentinel] = (owner, attribute, value)
-                    setattr(module, attribute, sentinel)
-                    sentinel += 2
-        graph: fx.Graph = retrace()
-    except Exception as exc:  # any failure of the second trace: nothing can be checked
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = (
-            "its head count could not be checked: the model does not trace symbolically with "
-            f"another head count ({first})"
-        )
-        return [], [(site, reason) for site in sites]
-    finally:
-        for module, attribute, value in changed:
-            setattr(module, attribute, value)
-    nodes = {node.name: node for node in graph.nodes}
-    found: list[tuple[HeadSite, str, int]] = []
-    refused: list[tuple[HeadSite, str]] = []
-    for site in sites:
-        node = nodes.get(site.node)
-        sizes = reshape_sizes(node) if node is not None else []
-        literal = sizes[site.position] if site.position < len(sizes) else None
-        heads = _site_value(site) // site.per_head
-        read = sentinels.get(literal) if isinstance(literal, int) else None
-        if read is not None and read[0] == site.module and read[2] == _site_value(site):
-            found.append((site, read[1], site.per_head))
-            continue
-        if isinstance(literal, int) and literal % site.per_head == 0 and site.per_head > 1:
-            read = sentinels.get(literal // site.per_head)
-            if read is not None and read[0] == site.module and read[2] == heads:
-                found.append((site, read[1], 1))
-                continue
-        where = f"'{site.module}'" if site.module else "the model"
-        refused.append(
-            (
-                site,
-                f"the forward of {where} reshapes its attention heads with the literal size "
-                f"{_site_value(site)} at node '{site.node}', which is not read from an "
-                "attribute of that module, so it would not follow pruned heads (keep the head "
-                "count in an attribute such as self.num_heads, or reshape to -1)",
-            )
-        )
-    return found, refused
-
-
-def _site_value(site: HeadSite) -> int:
-    """The literal size a head site holds in the dense model."""
-    return sum(segment.size for segment in site.channels) * site.per_head

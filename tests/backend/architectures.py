@@ -17,6 +17,7 @@ from tests.backend.attention_architectures import (
     LiteralHeadsViT,
     SdpaViT,
     SeparateQkvViT,
+    ShapeLogicViT,
 )
 
 
@@ -822,6 +823,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "vit_fused_qkv": FusedQkvViT,
     "vit_separate_qkv": SeparateQkvViT,
     "vit_sdpa": SdpaViT,
+    "vit_shape_logic": ShapeLogicViT,
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
 }

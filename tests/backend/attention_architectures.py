@@ -140,6 +140,19 @@ class SdpaViT(TinyViT):
         super().__init__(SdpaAttention, num_classes)
 
 
+class ShapeLogicViT(TinyViT):
+    """:class:`TinyViT` that pads odd image sizes in Python (traced on the example input only,
+    as MobileViT is): its attention module alone traces symbolically, so its heads still prune."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(FusedQkvAttention, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] % 4:
+            x = F.pad(x, (0, 4 - x.shape[-1] % 4, 0, 4 - x.shape[-2] % 4))
+        return super().forward(x)
+
+
 class InputWidthViT(TinyViT):
     """:class:`TinyViT` whose attention merges heads back to the input's width (kept whole)."""
 
@@ -158,7 +171,8 @@ ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_fused_qkv": FusedQkvViT,
     "vit_separate_qkv": SeparateQkvViT,
     "vit_sdpa": SdpaViT,
+    "vit_shape_logic": ShapeLogicViT,
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
 }
-"""ViT-style architectures: heads pruned (the first three) or kept whole with a reason."""
+"""ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""

@@ -22,7 +22,9 @@ def _head_group(graph: ChannelGraph) -> str:
     return group.name
 
 
-@pytest.mark.parametrize("name", ["vit_fused_qkv", "vit_separate_qkv", "vit_sdpa"])
+@pytest.mark.parametrize(
+    "name", ["vit_fused_qkv", "vit_separate_qkv", "vit_sdpa", "vit_shape_logic"]
+)
 def test_heads_are_pruned_whole_at_half_the_flops(name: str) -> None:
     model = build(name)
     found = prunetune.inspect(model, X[:1])
