@@ -50,6 +50,9 @@ def check_head_sites(
         key = (site.module, attribute)
         roots = [analysis.slots.find(s.slot) for s in site.channels]
         known = chosen.setdefault(key, (site.channels, per_head))
+        fixed = all(analysis.slots.is_fixed(s.slot) for s in (*site.channels, *known[0]))
+        if fixed:
+            continue  # kept whole already, for its own reasons
         if [analysis.slots.find(s.slot) for s in known[0]] != roots or known[1] != per_head:
             reason = (
                 f"attribute '{attribute}' of '{site.module}' sizes heads of channel groups that "

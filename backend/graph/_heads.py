@@ -301,11 +301,18 @@ class HeadRules(ChannelsLastRules):
                 continue
             if first.inner is not None and name not in ("mul", "mul_", "imul", *_DIVISIONS):
                 return None  # adding a tensor to a head's features
-            if shape is None or self.values.get(source) is not None:
-                return None  # channels of some layer: they would need coupling
+            if shape is None:
+                return None
             position = first.head - (len(out_shape) - len(shape))
             if position >= 0 and shape[position] != 1:
-                return None  # a tensor per head (a relative position bias): kept whole
+                return self._unknown(
+                    node,
+                    f"{what} (combines the attention heads with a tensor of one entry per "
+                    "head, such as a relative position bias, which would have to be pruned with "
+                    "them)",
+                )
+            if self.values.get(source) is not None:
+                return None  # channels of some layer: they would need coupling
         return Heads((joined,), first.head, first.inner)
 
     def _head_cost(self, node: fx.Node, channels: Channels) -> bool:

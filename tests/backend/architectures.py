@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from prunetune.backend.models import create_model, list_models
 from tests.backend.attention_architectures import (
     FusedQkvViT,
+    HeadBiasViT,
     InputWidthViT,
     LiteralHeadsViT,
     SdpaViT,
@@ -826,6 +827,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "vit_shape_logic": ShapeLogicViT,
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
+    "vit_head_bias": HeadBiasViT,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

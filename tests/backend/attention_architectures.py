@@ -3,6 +3,7 @@ heads cannot), written in the style of timm's ``Attention`` without depending on
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -88,6 +89,22 @@ class InputWidthAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
+class HeadBiasAttention(FusedQkvAttention):
+    """Adds a learned bias per head to the attention scores (Swin's relative position bias, on
+    8 x 8 tokens): the bias would have to lose the removed heads too, so they are kept whole."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__(dim, num_heads)
+        self.bias = nn.Parameter(torch.randn(num_heads, 64, 64) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.scale + self.bias).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
 class LiteralHeadsAttention(SeparateQkvAttention):
     """Writes its head count as a literal in the forward: kept whole."""
 
@@ -160,6 +177,13 @@ class InputWidthViT(TinyViT):
         super().__init__(InputWidthAttention, num_classes)
 
 
+class HeadBiasViT(TinyViT):
+    """:class:`TinyViT` whose attention adds a bias per head to its scores (kept whole)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(HeadBiasAttention, num_classes)
+
+
 class LiteralHeadsViT(TinyViT):
     """:class:`TinyViT` whose attention hard-codes its head count (kept whole)."""
 
@@ -174,5 +198,6 @@ ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_shape_logic": ShapeLogicViT,
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
+    "vit_head_bias": HeadBiasViT,
 }
 """ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""
