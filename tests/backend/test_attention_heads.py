@@ -8,6 +8,7 @@ import torch
 
 import prunetune
 from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import channel_importance
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.surgery import prune_model, zero_pruned_channels
 from prunetune.estimators import FlopsModel
@@ -82,3 +83,12 @@ def test_heads_that_cannot_follow_are_kept_whole_with_the_reason(name: str, reas
     named = [g.name for g in groups if reason in (g.reason or "")]
     assert named and reason in found.kept_whole[named[0]]
     assert "fc1" in {g.name for g in found.prunable_groups}  # the MLP still prunes
+
+
+def test_head_importance_adds_up_the_heads_q_k_v_rows_and_tracing_restores_attributes() -> None:
+    model = build("vit_fused_qkv")
+    graph = ChannelGraph.trace(model, X[:1])
+    assert (model.attn.num_heads, model.attn.attn_dim) == (4, 4 * HEAD_DIM)
+    scores = channel_importance(model, graph, "l1")[_head_group(graph)]
+    rows = model.attn.qkv.weight.detach().abs().reshape(3, 4, HEAD_DIM, -1)  # q/k/v, head, row
+    torch.testing.assert_close(scores, rows.sum((0, 2, 3)))
