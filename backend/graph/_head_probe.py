@@ -29,7 +29,11 @@ def check_head_sites(
     """The attributes that the sizes of the attention heads' reshapes are read from, as
     ``(module, attribute, channels, per_head)``; heads whose sizes are not read from one
     attribute (a literal in the forward, a size two head groups share) are kept whole."""
-    sites = analysis.head_sites
+    sites = [  # heads kept whole already need no check (nor a second trace)
+        site
+        for site in analysis.head_sites
+        if not all(analysis.slots.is_fixed(s.slot) for s in site.channels)
+    ]
     if not sites:
         return []
 
