@@ -10,6 +10,13 @@ linear (weight rows) and every norm layer over those channels. Criteria:
   producing weight row where there is no norm (Molchanov et al., 2019), summed over batches.
   The loss is the training toolkit's (:class:`~prunetune.backend.training.Task`): of the output
   the task names, for a model returning a tuple or a dict (a segmentation model's ``"out"``).
+
+A channel that spans several features of a member (``multiplier`` > 1) is scored over all of
+them. An attention head (a group with ``unit="heads"``) is such a channel: its score adds up the
+evidence of all ``head_dim`` rows of the head in the q, k and v projections (``l1``: the sum of
+their absolute weights; ``l2``: the root of the sum of their squares; ``taylor``: the sum of
+the rows' terms; ``bn`` without a norm: the mean absolute weight), the output projection's
+columns being inputs, which no criterion reads.
 """
 
 from __future__ import annotations

@@ -163,8 +163,10 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     convs get ``groups`` = their new width; grouped convs keep ``groups`` and take the kept
     channels of each conv group). Shrinking in place keeps each module's class, so subclasses
     (a conv that pads itself, a BatchNorm that applies its activation) keep their behaviour, and
-    a module shared under several names stays one. ``model`` itself is left untouched; the copy
-    has no masks or hooks added.
+    a module shared under several names stays one. Attention heads are pruned as whole heads (the
+    q, k and v rows of a head and the output projection's columns), and the attributes the
+    forward reshapes them with (``num_heads``) are set to the heads kept. ``model`` itself is
+    left untouched; the copy has no masks or hooks added.
 
     Args:
         model: the dense model ``graph`` was traced from (or one with the same structure).
@@ -200,6 +202,9 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
         _prune_norm(pruned.get_submodule(norm.name), indices)
     for scale in graph.scales:
         _prune_scale(pruned, scale, feature_indices(scale.segments, kept_tuples, sizes))
+    for head in graph.head_attributes:  # the forward reshapes to the kept heads
+        heads = sum(len(kept_tuples[segment.group]) for segment in head.segments)
+        setattr(pruned.get_submodule(head.module), head.attribute, heads * head.per_head)
     return pruned
 
 

@@ -330,8 +330,10 @@ class FlopsModel(_QuadraticCost):
     (for an input of batch size 1). Per layer: ``out_w * positions * prod(kernel) *
     in_features / groups``, ``positions`` the output positions of all its calls,
     ``in_features = sum(width(seg.group) * seg.multiplier)``; a depthwise conv scales with its
-    one group. Every other op ``FlopCounterMode`` counts (matmuls on activations, layers kept
-    whole) reads only fixed channels and adds ``graph.other_flops``, a constant.
+    one group. The ops between attention heads (``q @ k^T``, ``attention @ v``) cost
+    ``graph.head_costs`` MACs per kept head. Every other op ``FlopCounterMode`` counts (matmuls
+    on activations, layers kept whole) reads only fixed channels and adds ``graph.other_flops``,
+    a constant.
 
     Example:
         >>> import numpy as np, torch
@@ -361,6 +363,9 @@ class FlopsModel(_QuadraticCost):
             graph,
             lambda layer: (layer.total_positions * math.prod(layer.kernel_size), 0),
         )
+        for cost in getattr(graph, "head_costs", ()):  # q @ k^T, attention @ v: per head
+            for segment in cost.segments:
+                terms.add_linear(view.index[segment.group], cost.macs)
         terms.constant += int(graph.other_flops)
         return cls(view, terms)
 

@@ -106,9 +106,11 @@ def survey_one(name: str) -> dict[str, Any]:
         x = torch.randn(1, 3, side, side)
         found = prunetune.inspect(model, x)
         dense = count_flops(model, x)
+        heads = [g for g in found.graph.prunable_groups if g.unit == "heads"]
         row.update(
             side=side,
             groups=len(found.prunable_groups),
+            head_groups=len(heads),
             dense_exact=found.costs["flops"] == dense,
             kept_whole=len(found.kept_whole),
         )
@@ -117,6 +119,9 @@ def survey_one(name: str) -> dict[str, Any]:
             pruned = count_flops(result.model, x)
             row["flops_after"] = pruned / dense
             row["exact"] = result.flops == pruned == result.costs["flops"]
+            if heads:  # attention heads kept of all, over every head group
+                kept = sum(result.spec.widths[g.name] for g in heads)
+                row["heads_kept"] = f"{kept}/{sum(g.size for g in heads)}"
     except InfeasibleTargetError as exc:  # a clear refusal: the smallest subnet is above 50%
         row["refused"] = str(exc).split("; ")[0][:160]
     except Exception as exc:
@@ -180,13 +185,15 @@ def write_page(rows: list[dict[str, Any]], out: Path, commit: str, seconds: floa
         f"- refused at 50% (their smallest subnet is larger): {', '.join(refused) or 'none'}",
         f"- errors: {', '.join(errors) or 'none'}",
         "",
-        "| model | input | prunable groups | kept whole | FLOPs after a 50% prune | seconds |",
-        "|---|--:|--:|--:|---|--:|",
+        "| model | input | prunable groups | of them attention heads | kept whole | "
+        "FLOPs after a 50% prune | heads kept | seconds |",
+        "|---|--:|--:|--:|--:|---|--:|--:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r.get('side', '-')} | {r.get('groups', '-')} | "
-            f"{r.get('kept_whole', '-')} | {_outcome(r)} | {r.get('seconds', '-')} |"
+            f"{r.get('head_groups', '-')} | {r.get('kept_whole', '-')} | {_outcome(r)} | "
+            f"{r.get('heads_kept', '-')} | {r.get('seconds', '-')} |"
         )
     out.write_text("\n".join(lines) + "\n")
 

@@ -16,7 +16,7 @@ from torch import fx, nn
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
-from prunetune.backend.graph._last import ChannelsLastRules
+from prunetune.backend.graph._heads import HeadRules, reshape_sizes
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._shuffle import ShuffleRules
 from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
@@ -29,14 +29,15 @@ __all__ = ["ChannelAnalysis"]
 _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
     nn.LayerNorm: "LayerNorm normalises across channels",
     nn.MultiheadAttention: (
-        "attention projections are kept whole: MultiheadAttention's query, key, value and "
-        "output projections share its embedding width, split into heads inside one fused op "
-        "(pruning whole heads is not supported yet)"
+        "MultiheadAttention keeps its heads: its query, key and value projections (one "
+        "in_proj_weight) and its output projection are sized by embed_dim, which it also takes "
+        "as its input and output width, so heads cannot be removed without replacing the "
+        "module (an attention written with Linear layers, as timm's Attention, prunes heads)"
     ),
 }
 
 
-class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, FunctionalRules):
+class ChannelAnalysis(HeadRules, TransposedConvRules, ShuffleRules, FunctionalRules):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
@@ -80,6 +81,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, Func
         name = str(node.target)
         module = self.submodules[name]
         kind = type(module)
+        heads = self._heads_module(node, module)
+        if heads is not None:
+            return heads
         if isinstance(module, rules.LAYER_TYPES) and (
             kind in rules.LAYER_TYPES or rules.is_layer_subclass(module)
         ):
@@ -153,6 +157,9 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, Func
                 f"{what} (a functional layer that is not ungrouped on a submodule's own "
                 "`weight` and `bias` parameters)"
             )
+        heads = self._heads_call(node, name, what)
+        if heads is not None:
+            return heads
         if name == "getitem":
             return self._getitem(node, what)
         shuffled = [s for s in node.all_input_nodes if isinstance(self.values.get(s), Shuffled)]
@@ -185,12 +192,10 @@ class ChannelAnalysis(ChannelsLastRules, TransposedConvRules, ShuffleRules, Func
                     return self._unknown(node, what)
             return self._same(node, what)
         if name in rules.RESHAPE_OPS:
-            literal = None
-            if name in ("view", "reshape"):
-                sizes = list(node.args[1:])
-                if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                    sizes = list(sizes[0])
-                literal = sizes
+            split = self._split_heads(node, name, what)
+            if split is not None:
+                return split
+            literal = reshape_sizes(node) if name in ("view", "reshape") else None
             if name == "unflatten" and rules.normalise_dims(
                 rules.argument(node, 1, "dim"),
                 len(node_shape(node.args[0]) or ()),  # type: ignore[arg-type]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
 
@@ -11,9 +12,12 @@ from torch import Tensor, fx, nn
 
 from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
+from prunetune.backend.graph._head_probe import check_head_sites
 from prunetune.backend.graph._records import (
     ChannelGroup,
     ChannelSegment,
+    HeadAttribute,
+    HeadCost,
     LayerInfo,
     NormInfo,
     ScaleInfo,
@@ -77,6 +81,8 @@ class ChannelGraph:
         constant_flops: dict[str, int] | None = None,
         scales: tuple[ScaleInfo, ...] = (),
         extra_input_shapes: tuple[tuple[int, ...], ...] = (),
+        head_attributes: tuple[HeadAttribute, ...] = (),
+        head_costs: tuple[HeadCost, ...] = (),
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -92,6 +98,8 @@ class ChannelGraph:
         self._constant_flops = dict(constant_flops or {})
         self._scales = scales
         self._extra_input_shapes = tuple(extra_input_shapes)
+        self._head_attributes = tuple(head_attributes)
+        self._head_costs = tuple(head_costs)
 
     @classmethod
     def trace(
@@ -135,7 +143,13 @@ class ChannelGraph:
         module = trace_module(model, leaf_modules, inputs)
         propagate_shapes(module, model, inputs)
         analysis = _analyse(module)
+        attributes = check_head_sites(model, analysis, leaf_modules)
         groups, slot_names = analysis.slots.build()
+        head_groups = {slot_names[slot] for slot in analysis.head_slots if slot in slot_names}
+        groups = tuple(
+            dataclasses.replace(group, unit="heads") if group.name in head_groups else group
+            for group in groups
+        )
 
         def segments(channels: Channels) -> tuple[ChannelSegment, ...]:
             return tuple(ChannelSegment(slot_names[s.slot], s.mult) for s in channels)
@@ -196,10 +210,19 @@ class ChannelGraph:
             for node, value in analysis.values.items()
             if isinstance(value, tuple)
         }
+        head_nodes = {node for node, _, _ in analysis.head_costs}
         return cls(
             dag=build_dag(module, channel_names),
             constant_flops=_constant_flops(
-                module, analysis.layers, inputs[0].shape[0], set(analysis.functional)
+                module, analysis.layers, inputs[0].shape[0], set(analysis.functional) | head_nodes
+            ),
+            head_attributes=tuple(
+                HeadAttribute(owner, attribute, segments(channels), per_head)
+                for owner, attribute, channels, per_head in attributes
+            ),
+            head_costs=tuple(
+                HeadCost(node.name, segments(channels), macs)
+                for node, channels, macs in analysis.head_costs
             ),
             groups=groups,
             layers=layers,
@@ -243,6 +266,17 @@ class ChannelGraph:
         """Per-channel parameters and buffers applied to activations (layer scale, PReLU
         slopes): pruned with the channels they meet."""
         return self._scales
+
+    @property
+    def head_attributes(self) -> tuple[HeadAttribute, ...]:
+        """Attributes of attention modules that count their heads (``num_heads``): a pruned
+        model sets them to the heads it keeps."""
+        return self._head_attributes
+
+    @property
+    def head_costs(self) -> tuple[HeadCost, ...]:
+        """MACs of the ops between attention heads (``q @ k^T``, ``attention @ v``), per head."""
+        return self._head_costs
 
     @property
     def unprunable(self) -> dict[str, str]:

@@ -15,6 +15,8 @@ __all__ = [
     "ChannelGroup",
     "ChannelMember",
     "ChannelSegment",
+    "HeadAttribute",
+    "HeadCost",
     "LayerInfo",
     "NormInfo",
     "ScaleInfo",
@@ -54,6 +56,8 @@ class ChannelGroup:
         step: kept widths must be multiples of this (a grouped conv keeps the same count in each of
             its conv groups); 1 for ordinary groups.
         min_width: the smallest allowed width (``step`` for prunable groups, ``size`` otherwise).
+        unit: what one channel of the group is: ``"channels"``, or ``"heads"`` for attention
+            heads (each one spans ``head_dim`` features of its members: their multiplier).
     """
 
     name: str
@@ -62,6 +66,7 @@ class ChannelGroup:
     prunable: bool = True
     reason: str | None = None
     step: int = 1
+    unit: Literal["channels", "heads"] = "channels"
 
     @property
     def min_width(self) -> int:
@@ -178,3 +183,39 @@ class ScaleInfo:
     segments: tuple[ChannelSegment, ...]
     dim: int
     parameter: bool = True
+
+
+@dataclass(frozen=True)
+class HeadAttribute:
+    """An attribute of an attention module that the forward reads to reshape its heads (timm's
+    ``num_heads``, or ``attn_dim`` = heads * head dim): a pruned model sets it to ``per_head``
+    times the heads kept in ``segments`` (one head per channel).
+
+    Attributes:
+        module: the module's qualified name (``blocks.0.attn``).
+        attribute: the attribute's name (``num_heads``).
+        segments: the head groups that it counts, in order.
+        per_head: what one head adds to it: 1 for a head count, the head dim for a width.
+    """
+
+    module: str
+    attribute: str
+    segments: tuple[ChannelSegment, ...]
+    per_head: int
+
+
+@dataclass(frozen=True)
+class HeadCost:
+    """An op between attention heads (``q @ k^T``, ``attention @ v``, a fused scaled dot-product
+    attention): ``macs`` multiply-accumulates per head kept in ``segments`` and per example, as
+    ``FlopCounterMode`` counts them on the example input (its total / 2).
+
+    Attributes:
+        name: the fx node of the op.
+        segments: its head groups (one head per channel).
+        macs: MACs per head and example.
+    """
+
+    name: str
+    segments: tuple[ChannelSegment, ...]
+    macs: int

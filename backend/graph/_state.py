@@ -15,7 +15,17 @@ from prunetune.backend.graph._groups import Channels, Segment, SlotSet
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._trace import node_shape
 
-__all__ = ["AnalysisState", "Last", "LayerRecord", "Many", "NormRecord", "Shuffled", "is_multi"]
+__all__ = [
+    "AnalysisState",
+    "HeadSite",
+    "Heads",
+    "Last",
+    "LayerRecord",
+    "Many",
+    "NormRecord",
+    "Shuffled",
+    "is_multi",
+]
 
 
 @dataclass
@@ -75,6 +85,35 @@ class Shuffled:
     swapped: bool = False
 
 
+@dataclass(frozen=True)
+class Heads:
+    """Attention heads split out of a token projection's output: dim ``head`` of the tensor
+    indexes heads, each head one channel of ``parts`` (its ``head_dim`` features a segment's
+    multiplier), dim ``inner`` (``None`` once contracted, as in attention scores) the features
+    within a head. A fused projection's output viewed as ``[..., 3, heads, head_dim]`` has
+    ``parts`` q, k and v along dim ``part``; otherwise ``parts`` holds one entry and ``part`` is
+    ``None``."""
+
+    parts: tuple[Channels, ...]
+    head: int
+    inner: int | None
+    part: int | None = None
+
+
+@dataclass(frozen=True)
+class HeadSite:
+    """A size in a reshape of attention heads that must follow the kept heads: argument
+    ``position`` of fx node ``node`` (its sizes counted from 0, the tensor excluded) is
+    ``heads * per_head`` for the heads of ``channels`` (``per_head`` 1: the head count; the
+    head dim: the width). ``module`` is the innermost module whose forward holds the reshape."""
+
+    node: str
+    position: int
+    channels: Channels
+    per_head: int
+    module: str
+
+
 def is_multi(meta: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
     """Whether recorded tensor metadata is for several outputs (not one tensor's NamedTuple)."""
     return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)
@@ -116,6 +155,10 @@ class AnalysisState:
         # calls of F.conv2d / F.linear on parameters: node -> the module holding the weight
         self.functional: dict[fx.Node, str] = {}
         self._functional_bias: dict[str, str] = {}
+        # attention heads: sizes that must follow them, their slots, per-head matmul MACs
+        self.head_sites: list[HeadSite] = []
+        self.head_slots: set[int] = set()
+        self.head_costs: list[tuple[fx.Node, Channels, int]] = []
         self._input_seen = False
         self.batch = 1
         """Dim 0 of the example input: the examples that every cost is divided by."""
@@ -162,6 +205,9 @@ class AnalysisState:
         elif isinstance(value, Shuffled):
             for piece in value.pieces:
                 self._fix(piece, reason)
+        elif isinstance(value, Heads):
+            for part in value.parts:
+                self._fix(part, reason)
 
     def _fresh(self, node: fx.Node, reason: str) -> Any:
         """New fixed slots for whatever tensors ``node`` returns."""

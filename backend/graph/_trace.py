@@ -25,6 +25,7 @@ __all__ = [
     "check_leaf_modules",
     "eval_mode",
     "example_inputs",
+    "graph_tracer",
     "leaf_module_key",
     "match_leaf_modules",
     "node_shape",
@@ -139,6 +140,12 @@ class _Tracer(fx.Tracer):
         if is_layer_subclass(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+
+def graph_tracer(leaf_modules: tuple[LeafModule, ...]) -> fx.Tracer:
+    """The symbolic tracer :func:`trace_module` starts with: torch.nn modules, ``leaf_modules``
+    and subclasses of conv, linear and norm layers stay single calls."""
+    return _Tracer(leaf_modules)
 
 
 def _user_frame(exc: BaseException) -> str | None:

@@ -11,6 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunetune.backend.models import create_model, list_models
+from tests.backend.attention_architectures import (
+    FusedQkvViT,
+    HeadBiasViT,
+    InputWidthViT,
+    LiteralHeadsViT,
+    SdpaViT,
+    SeparateQkvViT,
+    ShapeLogicViT,
+)
 
 
 def _conv_bn(
@@ -812,6 +821,13 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "pixel_shuffle_group_norm": PixelShuffleGroupNormNet,
     "ghost_grn": GhostGRNNet,
     "conv1d": Conv1dNet,
+    "vit_fused_qkv": FusedQkvViT,
+    "vit_separate_qkv": SeparateQkvViT,
+    "vit_sdpa": SdpaViT,
+    "vit_shape_logic": ShapeLogicViT,
+    "vit_input_width": InputWidthViT,
+    "vit_literal_heads": LiteralHeadsViT,
+    "vit_head_bias": HeadBiasViT,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -3,6 +3,8 @@ halves, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles an
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 import prunetune
@@ -204,5 +206,7 @@ def test_attention_projections_are_kept_whole_with_the_reason() -> None:
             return self.fc(out.mean(1))
 
     found = prunetune.inspect(_Attention().eval(), X)
-    assert "attention projections are kept whole" in found.kept_whole["attention"]
-    assert "pruning whole heads is not supported" in found.kept_whole["attention"]
+    reason = found.kept_whole["attention"]
+    assert "in_proj_weight" in reason and "sized by embed_dim" in reason
+    assert "cannot be removed without replacing the module" in reason
+    assert re.search(r"\(\d+\.\d% of FLOPs", reason)

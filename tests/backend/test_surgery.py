@@ -36,9 +36,12 @@ def _one_thread() -> Iterator[None]:
 
 
 def reference_macs(graph: ChannelGraph, widths: dict[str, int]) -> int:
-    """MACs computed from the LayerInfo records, plus the graph's constant (unmodelled) MACs."""
+    """MACs computed from the LayerInfo and HeadCost records, plus the graph's constant
+    (unmodelled) MACs."""
     width = {group.name: widths.get(group.name, group.size) for group in graph.groups}
     total = graph.other_flops
+    for cost in graph.head_costs:  # q @ k^T and attention @ v, per kept head
+        total += cost.macs * sum(width[s.group] for s in cost.segments)
     for layer in graph.layers:
         if layer.depthwise:  # each kept input channel makes out_channels / groups outputs
             per_channel = math.prod(layer.kernel_size) * layer.out_channels // layer.groups

@@ -28,7 +28,9 @@ class GroupSummary:
         reason: why the group is kept whole, when it is.
         spans: the most consecutive channels of one layer that a channel of the group stands
             for (a shuffle, pixel shuffle or GroupNorm prunes them in such blocks; a depthwise
-            conv's channel multiplier); 1 for plain channels.
+            conv's channel multiplier; an attention head's head dim); 1 for plain channels.
+        unit: what one channel of the group is: ``"channels"``, or ``"heads"`` (attention
+            heads, ``size`` of them, each ``spans`` channels of the q, k, v projections).
     """
 
     name: str
@@ -38,6 +40,7 @@ class GroupSummary:
     members: tuple[str, ...]
     reason: str | None = None
     spans: int = 1
+    unit: str = "channels"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,7 @@ class Inspection:
                     members=tuple(sorted({m.module for m in g.members})),
                     reason=g.reason or None,
                     spans=max((m.multiplier for m in g.members if m.role != "in"), default=1),
+                    unit=g.unit,
                 )
                 for g in graph.groups
             ),
@@ -127,6 +131,7 @@ class Inspection:
                     "members": list(g.members),
                     **({"reason": g.reason} if g.reason else {}),
                     **({"spans": g.spans} if g.spans > 1 else {}),
+                    **({"unit": g.unit} if g.unit != "channels" else {}),
                 }
                 for g in self.groups
             ],
@@ -146,7 +151,9 @@ class Inspection:
         width = max((len(g.name) for g in prunable), default=0)
         for group in prunable:
             step = f" (step {group.step})" if group.step > 1 else ""
-            if group.spans > 1:
+            if group.unit == "heads":
+                step += f" heads (each {group.spans} channels of q, k and v)"
+            elif group.spans > 1:
                 step += f" (each up to {group.spans} of a layer's channels)"
             lines.append(
                 f"  {group.name:<{width}}  {group.size:>5}{step}  {', '.join(group.members)}"
@@ -179,6 +186,10 @@ def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
         share = f"{100 * macs / dense_flops:.1f}% of FLOPs" if dense_flops else "no FLOPs"
         reason = kept.get(place, "reads channels kept whole; counted, not pruned")
         kept[place] = f"{reason} ({share})"
+    for name, reason in kept.items():  # a module FlopCounterMode counts nothing in (a fused
+        # MultiheadAttention kernel in eval mode) fixes no counted FLOPs of its own
+        if reason.startswith("module kept whole") and name not in graph.constant_flops:
+            kept[name] = f"{reason} (0.0% of FLOPs: FlopCounterMode counts none in it)"
     return kept
 
 

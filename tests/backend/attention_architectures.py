@@ -1,0 +1,203 @@
+"""Small ViT-style test architectures whose self-attention heads can be pruned (and a few whose
+heads cannot), written in the style of timm's ``Attention`` without depending on timm."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class FusedQkvAttention(nn.Module):
+    """timm's ``Attention``: one fused qkv Linear, ``num_heads``/``head_dim``/``attn_dim``
+    attributes read in the reshapes, explicit ``softmax(q * scale @ k^T) @ v``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_dim = num_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv = nn.Linear(dim, self.attn_dim * 3, bias=True)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q = q * self.scale
+        attn = q @ k.transpose(-2, -1)
+        attn = self.attn_drop(attn.softmax(dim=-1))
+        x = (attn @ v).transpose(1, 2).reshape(B, N, self.attn_dim)
+        return self.proj(x)
+
+
+class SeparateQkvAttention(nn.Module):
+    """Separate q, k and v Linears, heads viewed with ``-1`` and merged back with ``-1``."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q = self.q(x).view(B, N, self.num_heads, -1).transpose(1, 2)
+        k = self.k(x).view(B, N, self.num_heads, -1).transpose(1, 2)
+        v = self.v(x).view(B, N, -1, self.head_dim).transpose(1, 2)
+        attn = (q @ k.transpose(-2, -1) / self.head_dim**0.5).softmax(-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class SdpaAttention(nn.Module):
+    """Fused qkv through ``F.scaled_dot_product_attention``, ``qkv[0]`` indexing, flatten back."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        x = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
+        return self.proj(x.transpose(1, 2).flatten(2))
+
+
+class InputWidthAttention(nn.Module):
+    """Merges the heads back with ``reshape(B, N, C)``, ``C`` read from the input's shape: the
+    width would not follow pruned heads, so they are kept whole."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class HeadBiasAttention(FusedQkvAttention):
+    """Adds a learned bias per head to the attention scores (Swin's relative position bias, on
+    8 x 8 tokens): the bias would have to lose the removed heads too, so they are kept whole."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__(dim, num_heads)
+        self.bias = nn.Parameter(torch.randn(num_heads, 64, 64) * 0.1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q @ k.transpose(-2, -1) * self.scale + self.bias).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class LiteralHeadsAttention(SeparateQkvAttention):
+    """Writes its head count as a literal in the forward: kept whole."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = (f(x).view(B, N, 4, -1).transpose(1, 2) for f in (self.q, self.k, self.v))
+        attn = (q @ k.transpose(-2, -1)).softmax(-1)
+        return self.out((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class TinyViT(nn.Module):
+    """Patch conv to 48 channels (8 x 8 tokens of 4 x 4 pixels), one pre-norm transformer block
+    (attention with 4 heads of 12, MLP to 96) with residuals, mean pooling and a classifier."""
+
+    def __init__(self, attention: type[nn.Module], num_classes: int = 10, dim: int = 48) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attention(dim, 4)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, 2 * dim)
+        self.fc2 = nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = x + self.attn(self.norm1(x))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        return self.head(x.mean(1))
+
+
+class FusedQkvViT(TinyViT):
+    """:class:`TinyViT` with timm-style fused-qkv attention."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(FusedQkvAttention, num_classes)
+
+
+class SeparateQkvViT(TinyViT):
+    """:class:`TinyViT` with separate q, k and v Linears."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(SeparateQkvAttention, num_classes)
+
+
+class SdpaViT(TinyViT):
+    """:class:`TinyViT` with ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(SdpaAttention, num_classes)
+
+
+class ShapeLogicViT(TinyViT):
+    """:class:`TinyViT` that pads odd image sizes in Python (traced on the example input only,
+    as MobileViT is): its attention module alone traces symbolically, so its heads still prune."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(FusedQkvAttention, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] % 4:
+            x = F.pad(x, (0, 4 - x.shape[-1] % 4, 0, 4 - x.shape[-2] % 4))
+        return super().forward(x)
+
+
+class InputWidthViT(TinyViT):
+    """:class:`TinyViT` whose attention merges heads back to the input's width (kept whole)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(InputWidthAttention, num_classes)
+
+
+class HeadBiasViT(TinyViT):
+    """:class:`TinyViT` whose attention adds a bias per head to its scores (kept whole)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(HeadBiasAttention, num_classes)
+
+
+class LiteralHeadsViT(TinyViT):
+    """:class:`TinyViT` whose attention hard-codes its head count (kept whole)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(LiteralHeadsAttention, num_classes)
+
+
+ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "vit_fused_qkv": FusedQkvViT,
+    "vit_separate_qkv": SeparateQkvViT,
+    "vit_sdpa": SdpaViT,
+    "vit_shape_logic": ShapeLogicViT,
+    "vit_input_width": InputWidthViT,
+    "vit_literal_heads": LiteralHeadsViT,
+    "vit_head_bias": HeadBiasViT,
+}
+"""ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""

@@ -1,0 +1,94 @@
+"""Attention heads pruned whole: ViT-style blocks with fused or separate q/k/v Linears, explicit
+softmax attention or ``F.scaled_dot_product_attention``; heads that cannot follow stay whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import prunetune
+from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import channel_importance
+from prunetune.backend.measure import count_flops, count_params
+from prunetune.backend.surgery import prune_model, zero_pruned_channels
+from prunetune.estimators import FlopsModel
+from tests.backend.architectures import build
+
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+HEAD_DIM = 12
+
+
+def _head_group(graph: ChannelGraph) -> str:
+    (group,) = [g for g in graph.groups if g.unit == "heads"]
+    return group.name
+
+
+@pytest.mark.parametrize(
+    "name", ["vit_fused_qkv", "vit_separate_qkv", "vit_sdpa", "vit_shape_logic"]
+)
+def test_heads_are_pruned_whole_at_half_the_flops(name: str) -> None:
+    model = build(name)
+    found = prunetune.inspect(model, X[:1])
+    group = found.graph.group(_head_group(found.graph))
+    assert (group.size, group.prunable, group.unit) == (4, True, "heads")
+    assert {m.multiplier for m in group.members} == {HEAD_DIM}
+    summary = next(g for g in found.groups if g.name == group.name)
+    assert (summary.unit, summary.spans) == ("heads", HEAD_DIM)
+    assert f"4 heads (each {HEAD_DIM} channels of q, k and v)" in str(found)
+
+    result = prunetune.prune(model, X[:1], "flops<=50%")
+    heads = result.spec.widths[group.name]
+    assert 1 <= heads < 4
+    pruned = result.model
+    attention = pruned.attn
+    assert attention.num_heads == heads
+    projection = attention.out if hasattr(attention, "out") else attention.proj
+    assert projection.in_features == heads * HEAD_DIM
+    assert result.flops == count_flops(pruned, X[:1]) == result.costs["flops"]
+    assert result.flops <= 0.5 * result.dense_flops
+    assert result.params == count_params(pruned)
+    graph = found.graph
+    zeroed = zero_pruned_channels(model, graph, result.spec)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            prune_model(model, graph, result.spec)(X), zeroed(X), atol=1e-5, rtol=1e-5
+        )
+    assert FlopsModel.from_graph(graph).evaluate(result.spec) == result.flops
+
+
+def test_matmul_costs_follow_the_heads_kept() -> None:
+    graph = ChannelGraph.trace(build("vit_fused_qkv"), X[:1])
+    costs = {cost.name: cost.macs for cost in graph.head_costs}
+    tokens = 8 * 8
+    assert costs == {"matmul": tokens * tokens * HEAD_DIM, "matmul_1": tokens * tokens * HEAD_DIM}
+    assert not [place for place in graph.constant_flops if place.startswith("attn")]
+    assert {(a.attribute, a.per_head) for a in graph.head_attributes} == {
+        ("num_heads", 1),
+        ("attn_dim", HEAD_DIM),
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "reason"),
+    [
+        ("vit_input_width", "merges the attention heads back to a width read from a tensor's"),
+        ("vit_literal_heads", "reshapes its attention heads with the literal size 4"),
+        ("vit_head_bias", "a tensor of one entry per head, such as a relative position bias"),
+    ],
+)
+def test_heads_that_cannot_follow_are_kept_whole_with_the_reason(name: str, reason: str) -> None:
+    found = prunetune.inspect(build(name), X[:1])
+    groups = [g for g in found.graph.groups if g.unit == "heads"]
+    assert groups and not any(g.prunable for g in groups)
+    named = [g.name for g in groups if reason in (g.reason or "")]
+    assert named and reason in found.kept_whole[named[0]]
+    assert "fc1" in {g.name for g in found.prunable_groups}  # the MLP still prunes
+
+
+def test_head_importance_adds_up_the_heads_q_k_v_rows_and_tracing_restores_attributes() -> None:
+    model = build("vit_fused_qkv")
+    graph = ChannelGraph.trace(model, X[:1])
+    assert (model.attn.num_heads, model.attn.attn_dim) == (4, 4 * HEAD_DIM)
+    scores = channel_importance(model, graph, "l1")[_head_group(graph)]
+    rows = model.attn.qkv.weight.detach().abs().reshape(3, 4, HEAD_DIM, -1)  # q/k/v, head, row
+    torch.testing.assert_close(scores, rows.sum((0, 2, 3)))
