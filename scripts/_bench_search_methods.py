@@ -10,6 +10,7 @@ counts other people's work; CPU time counts (almost) only ours.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import multiprocessing
 import os
@@ -222,6 +223,9 @@ def torch_pruning(bench: Bench, target: float, steps: int = 400) -> tuple[nn.Mod
     return model, f"{done} Torch-Pruning steps"
 
 
+_RAY: contextlib.ExitStack | None = None  # the search process's Ray session
+
+
 def start_search_process() -> None:
     """Start Ray once in the process that runs every search (:func:`searched`): one Ray start
     per benchmark instead of one per search, and trial workers that stay warm between searches.
@@ -231,9 +235,13 @@ def start_search_process() -> None:
     """
     from prunetune.search._cluster import ray_session
 
+    global _RAY
     torch.set_num_threads(1)
     os.environ.setdefault("RAY_worker_niceness", "0")
-    ray_session(None).__enter__()  # shut down by Ray's own exit hook when the process ends
+    # held open for the process's life (a dropped generator-based context manager would be
+    # closed by the garbage collector, which shuts Ray down); Ray's exit hook ends it
+    _RAY = contextlib.ExitStack()
+    _RAY.enter_context(ray_session(None))
 
 
 def run_search_job(job: SearchJob) -> dict[str, Any]:
