@@ -163,12 +163,43 @@ def test_ghost_modules_prune_their_primary_and_cheap_halves_together() -> None:
     assert model.ghost1.cheap_operation[0].in_channels == model.ghost1.primary_conv[0].out_channels
 
 
-def test_a_global_response_norm_is_kept_whole_with_the_reason_and_its_share() -> None:
-    found = prunetune.inspect(build("ghost_grn"), X)
-    reason = found.kept_whole["pwconv1"]
-    assert "a statistic across the channels" in reason and "global response norm" in reason
-    assert "% of FLOPs" in reason
-    assert {s.name for s in found.graph.scales} >= {"grn_gamma", "grn_beta"}
+def test_global_response_norms_prune_with_their_gamma_rescaled() -> None:
+    graph = ChannelGraph.trace(build("convnextv2_style"), X)
+    assert {g.name for g in graph.prunable_groups} == {"fc1", "conv1", "head"}
+    scales = {s.name: s for s in graph.scales}
+    for name, group, power in (("grn", "fc1", 1.0), ("grn2", "conv1", 1.0)):
+        gamma = scales[f"{name}.weight"]  # channels-last, then channels-first
+        assert ([s.group for s in gamma.rescale_segments], gamma.rescale_power) == ([group], power)
+        assert not scales[f"{name}.bias"].rescale_segments  # added, not multiplied
+    rms = scales["rms_weight"]  # x * rsqrt(mean_c x^2 + eps) * weight: a square root of C/C'
+    assert ([s.group for s in rms.rescale_segments], rms.rescale_power) == (["head"], 0.5)
+    model = build("convnextv2_style")
+    result = _prunes_exactly("convnextv2_style")
+    kept = result.spec.kept_channels(graph)
+    width = len(kept["fc1"])
+    assert result.model.fc1.out_features == width < 64
+    dense_gamma = model.grn.weight.detach()[list(kept["fc1"])]
+    torch.testing.assert_close(result.model.grn.weight.detach(), dense_gamma * 64 / width)
+    torch.testing.assert_close(
+        result.model.grn.bias.detach(), model.grn.bias.detach()[list(kept["fc1"])]
+    )
+    assert not prunetune.inspect(build("ghost_grn"), X).kept_whole.keys() - {"input", "fc"}
+
+
+def test_a_mean_across_channels_subtracted_keeps_them_whole_with_the_reason() -> None:
+    class _Centred(torch.nn.Module):  # a LayerNorm written out: the mean shifts, not scales
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 8, 3)
+            self.head = torch.nn.Conv2d(8, 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.head(y - y.mean(1, keepdim=True))
+
+    graph = ChannelGraph.trace(_Centred().eval(), X)
+    assert not graph.group("conv").prunable
+    assert "a statistic across the channels" in graph.unprunable["conv"]
 
 
 def test_functional_layers_on_a_modules_own_weight_prune_like_the_builtins() -> None:
