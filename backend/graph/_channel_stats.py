@@ -135,7 +135,12 @@ class ChannelStatisticRules(ScaleRules):
         axis = len(shape) - 1 if last is not None else 1
         if rules.normalise_dims(dims, len(shape)) != (axis,) or len(out_shape) != len(shape):
             return None
-        return Statistic(counted, 1.0 if name == "mean" else 0.0, self._fresh(node, "statistic"))
+        return Statistic(counted, 1.0 if name == "mean" else 0.0, self._plain(node))
+
+    def _plain(self, node: fx.Node) -> Any:
+        """A statistic's value for the ordinary rules: one new fixed channel."""
+        what = f"{rules.describe(node)} at node '{node.name}'"
+        return self._fresh(node, f"produced by {what} (a statistic across the channels)")
 
     def _statistic_op(self, node: fx.Node) -> Any | None:
         """The value of an op on a statistic or a rescaled value, ``None`` when no rule fits."""
@@ -175,7 +180,7 @@ class ChannelStatisticRules(ScaleRules):
             power = stat.power * others[0]
         if power is None:
             return None
-        return Statistic(stat.counted, power, self._fresh(node, "statistic"))
+        return Statistic(stat.counted, power, self._plain(node))
 
     def _rescale(self, node: fx.Node, name: str, stat: Statistic) -> Any | None:
         """``x * stat`` or ``x / stat`` with ``x`` a channel value: rescaled channels."""
