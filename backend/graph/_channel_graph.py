@@ -156,6 +156,7 @@ class ChannelGraph:
             )
             for record in analysis.norms.values()
         )
+
         def rescaled(name: str) -> tuple[tuple[ChannelSegment, ...], float]:
             """What a scale absorbs of a statistic across channels (none: factor 1)."""
             counted, power = analysis.rescales.get(name, ((), 0.0))

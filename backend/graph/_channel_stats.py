@@ -23,7 +23,8 @@ Recognised by what is computed, not by a class name:
   a statistic, with the power they give it (``rsqrt`` halves and negates it: an RMS norm
   across the channels, ``x * rsqrt(mean_c x^2 + eps) * weight``, fits too);
 - a channel value multiplied or divided by it is :class:`Rescaled`: every channel changes by
-  the same factor; products and sums of rescaled values of one factor stay rescaled;
+  the same factor; products and sums of rescaled values of one factor stay rescaled (with
+  power 0, as ``x / sum_c x``, they are plain channels: pruning does not change them);
 - a per-channel parameter multiplied into a rescaled value (``gamma * (x * Nx)``, or
   ``addcmul(beta, gamma, x * Nx)``) absorbs the factor: surgery multiplies its kept entries by
   the inverse, ``(C / C') ** -power`` (``ScaleInfo.rescale_power``), and the value is plain
@@ -196,10 +197,10 @@ class ChannelStatisticRules(ScaleRules):
         value = self.values.get(other)
         power = -stat.power if name in _OVER else stat.power
         if isinstance(value, Rescaled):
-            return Rescaled(value.value, stat.counted, value.power + power)
+            value, power = value.value, value.power + power
         if not isinstance(value, (tuple, Last)):
             return None
-        return Rescaled(value, stat.counted, power)
+        return Rescaled(value, stat.counted, power) if power else value
 
     def _rescaled_op(self, node: fx.Node, name: str, rescaled: list[Rescaled]) -> Any | None:
         """Products and sums with rescaled values: a per-channel parameter multiplied in
@@ -240,6 +241,8 @@ class ChannelStatisticRules(ScaleRules):
     def _wrapped(self, node: fx.Node, counted: Channels, power: float) -> Any:
         """``node``'s value by the ordinary rules, rescaled by ``(C / C') ** power``."""
         value = self._visit_unwrapped(node)
+        if not power:  # a sum across the channels: the zeroed ones add nothing
+            return value
         if not isinstance(value, (tuple, Last)):  # no channels left to carry the factor
             self._fix(
                 counted, f"{rules.describe(node)} at node '{node.name}' uses {STATISTIC_REASON}"

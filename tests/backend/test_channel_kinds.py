@@ -1,13 +1,17 @@
 """Channel kinds pruned through with the coupling each needs: splits of the channels (gated
-halves, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles and group norms."""
+halves, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles, group norms, and
+statistics across the channels that only rescale them (global response norms)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 import prunetune
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.measure import count_flops
+from prunetune.backend.surgery import zero_pruned_channels
 from tests.backend.architectures import build
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -186,20 +190,36 @@ def test_global_response_norms_prune_with_their_gamma_rescaled() -> None:
     assert not prunetune.inspect(build("ghost_grn"), X).kept_whole.keys() - {"input", "fc"}
 
 
+class _ConvStatisticConv(torch.nn.Module):
+    """A conv, then ``mix(y)`` of its output, then a conv."""
+
+    def __init__(self, mix: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.mix = mix
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.head = torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.conv(x)))
+
+
 def test_a_mean_across_channels_subtracted_keeps_them_whole_with_the_reason() -> None:
-    class _Centred(torch.nn.Module):  # a LayerNorm written out: the mean shifts, not scales
-        def __init__(self) -> None:
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 3)
-            self.head = torch.nn.Conv2d(8, 4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            y = self.conv(x)
-            return self.head(y - y.mean(1, keepdim=True))
-
-    graph = ChannelGraph.trace(_Centred().eval(), X)
+    # a LayerNorm written out: the mean shifts the channels, it does not scale them
+    model = _ConvStatisticConv(lambda y: y - y.mean(1, keepdim=True)).eval()
+    graph = ChannelGraph.trace(model, X)
     assert not graph.group("conv").prunable
     assert "a statistic across the channels" in graph.unprunable["conv"]
+
+
+def test_a_sum_across_channels_that_divides_them_needs_no_rescale() -> None:
+    # zeroed channels add nothing to the sum: the pruned model divides by the same
+    model = _ConvStatisticConv(lambda y: y / (y.abs().sum(1, keepdim=True) + 1e-6)).eval()
+    graph = ChannelGraph.trace(model, X)
+    assert graph.group("conv").prunable and not graph.scales
+    result = prunetune.prune(model, X, "flops<=60%")
+    zeroed = zero_pruned_channels(model, graph, result.spec)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(X), zeroed(X), atol=1e-5, rtol=1e-5)
 
 
 def test_functional_layers_on_a_modules_own_weight_prune_like_the_builtins() -> None:
