@@ -201,20 +201,28 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
         indices = feature_indices(_norm_segments(norm), kept_tuples, sizes)
         _prune_norm(pruned.get_submodule(norm.name), indices)
     for scale in graph.scales:
-        _prune_scale(pruned, scale, feature_indices(scale.segments, kept_tuples, sizes))
+        factor = 1.0
+        if scale.rescale_power:  # it multiplies channels a statistic across channels rescaled
+            dense = sum(sizes[s.group] * s.multiplier for s in scale.rescale_segments)
+            left = sum(len(kept_tuples[s.group]) * s.multiplier for s in scale.rescale_segments)
+            factor = (dense / left) ** scale.rescale_power
+        _prune_scale(pruned, scale, feature_indices(scale.segments, kept_tuples, sizes), factor)
     for head in graph.head_attributes:  # the forward reshapes to the kept heads
         heads = sum(len(kept_tuples[segment.group]) for segment in head.segments)
         setattr(pruned.get_submodule(head.module), head.attribute, heads * head.per_head)
     return pruned
 
 
-def _prune_scale(model: nn.Module, scale: ScaleInfo, kept: Tensor) -> None:
+def _prune_scale(model: nn.Module, scale: ScaleInfo, kept: Tensor, factor: float = 1.0) -> None:
     """Keep the entries of a per-channel parameter or buffer (layer scale, PReLU slopes) of the
-    kept channels, along its channel dim."""
+    kept channels, along its channel dim, multiplied by ``factor`` (the ``C / C'`` a global
+    response norm's ``gamma`` takes, see ``ScaleInfo.rescale_power``)."""
     owner_name, _, attribute = scale.name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
     tensor = getattr(owner, attribute)
     smaller = tensor.detach().index_select(scale.dim, kept).clone()
+    if factor != 1.0:
+        smaller *= factor
     if isinstance(tensor, nn.Parameter):
         setattr(owner, attribute, _parameter(smaller, tensor))
     else:

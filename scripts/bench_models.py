@@ -217,10 +217,15 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def bench_one(name: str, tools: tuple[str, ...]) -> dict[str, Any]:
-    """One row: the model's size and input, then each tool's outcome (never raises)."""
+def bench_one(name: str, tools: tuple[str, ...], report: Any = None) -> dict[str, Any]:
+    """One row: the model's size and input, then each tool's outcome (never raises).
+
+    ``report``, when given, is called with ``("start", tool, row)`` before each tool runs and
+    ``("row", None, row)`` after, so a parent that kills a hung child still has the finished
+    tools' outcomes and knows which tool hung."""
     torch.set_num_threads(1)
     row: dict[str, Any] = {"model": name}
+    tell = report or (lambda kind, tool, row: None)
     try:
         model = build(name)
         row["params"] = sum(p.numel() for p in model.parameters())
@@ -234,6 +239,7 @@ def bench_one(name: str, tools: tuple[str, ...]) -> dict[str, Any]:
     x = torch.randn(1, 3, row["side"], row["side"])
     runners = {"prunetune": run_prunetune, "torch_pruning": run_torch_pruning}
     for tool in tools:
+        tell("start", tool, row)
         start = time.perf_counter()
         try:
             outcome = {"status": "ok", **runners[tool](model, x)}
@@ -244,38 +250,65 @@ def bench_one(name: str, tools: tuple[str, ...]) -> dict[str, Any]:
             outcome["trace"] = traceback.format_exc(limit=-3)[-1500:]
         outcome["seconds"] = round(time.perf_counter() - start, 2)
         row[tool] = outcome
+        tell("row", None, row)
     return row
 
 
 def _child(name: str, tools: tuple[str, ...], conn: Any) -> None:
+    def report(kind: str, tool: str | None, row: dict[str, Any]) -> None:
+        conn.send((kind, tool, row))
+
     with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
-        conn.send(bench_one(name, tools))
+        conn.send(("done", None, bench_one(name, tools, report)))
     conn.close()
 
 
 def bench_isolated(name: str, tools: tuple[str, ...], limit_s: float) -> dict[str, Any]:
-    """:func:`bench_one` in a forked process: a hang or a hard crash is one row."""
+    """:func:`bench_one` in a forked process: a hang or a hard crash is one row.
+
+    The child reports each tool as it starts and ends: when the time limit (for the whole
+    model) runs out, the tool that was running is the one marked as timed out, and the tools
+    that finished keep their outcomes."""
     context = multiprocessing.get_context("fork")
     receive, send = context.Pipe(duplex=False)
     process = context.Process(target=_child, args=(name, tools, send))
     start = time.perf_counter()
     process.start()
     send.close()
-    row = None
-    if receive.poll(limit_s):
-        with contextlib.suppress(EOFError):
-            row = receive.recv()
+    row: dict[str, Any] | None = None
+    done = False
+    running: tuple[str, float] | None = None
+    while not done:
+        left = limit_s - (time.perf_counter() - start)
+        if left <= 0 or not receive.poll(left):
+            break
+        try:
+            kind, tool, row = receive.recv()
+        except EOFError:
+            break
+        done = kind == "done"
+        running = (tool, time.perf_counter()) if kind == "start" else None
     process.join(5)
     if process.is_alive():
         process.kill()
         process.join()
-    if row is None:
+    if not done:
+        timed_out = process.exitcode in (None, -9)
         why = (
             f"timed out after {limit_s:.0f} s"
-            if process.exitcode in (None, -9)
-            else (f"the process died (exit code {process.exitcode})")
+            if timed_out
+            else f"the process died (exit code {process.exitcode})"
         )
-        row = {"model": name, "error": why}
+        if running is not None and row is not None:  # charge it to the tool that was running
+            tool, since = running
+            row[tool] = {
+                "status": "crashed",
+                "error": why,
+                "seconds": round(time.perf_counter() - since, 1),
+            }
+        else:
+            row = {"model": name, "error": why}
+    assert row is not None
     row["wall_s"] = round(time.perf_counter() - start, 1)
     return row
 

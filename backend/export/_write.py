@@ -158,6 +158,9 @@ def export_subnet(
         torch.save(weights, staging / "weights.pt")
         say("wrote weights.pt")
         if "pt2" in formats:
+            # torch.export, and reloading the file for the parity check, take minutes on large
+            # models (MaxViT: over a minute on a slow core): say what is going on first
+            say("exporting model.pt2 (torch.export, then reloaded to check it)")
             try:
                 program = _export_program(model, example)
             except Exception as exc:  # torch.export raises many types
@@ -184,6 +187,7 @@ def export_subnet(
                 )
             say(f"wrote model.pt2 (parity {error:.1e})")
         if "onnx" in formats:
+            say("exporting model.onnx (then run in onnxruntime to check it)")
             _check_onnx_exportable(model)
             try:
                 exporter = _write_onnx(model, example, staging / "model.onnx")

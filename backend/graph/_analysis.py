@@ -14,6 +14,7 @@ from typing import Any, cast
 from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
+from prunetune.backend.graph._channel_stats import ChannelStatisticRules
 from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
 from prunetune.backend.graph._heads import HeadRules, reshape_sizes
@@ -37,7 +38,9 @@ _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
 }
 
 
-class ChannelAnalysis(HeadRules, TransposedConvRules, ShuffleRules, FunctionalRules):
+class ChannelAnalysis(
+    HeadRules, ChannelStatisticRules, TransposedConvRules, ShuffleRules, FunctionalRules
+):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
     def run(self) -> None:
@@ -50,7 +53,7 @@ class ChannelAnalysis(HeadRules, TransposedConvRules, ShuffleRules, FunctionalRu
 
     # --- dispatch --------------------------------------------------------------------------
 
-    def _visit(self, node: fx.Node) -> Any:
+    def _visit_ordinary(self, node: fx.Node) -> Any:
         if node.op == "placeholder":
             return self._placeholder(node)
         if node.op == "get_attr":
@@ -345,15 +348,15 @@ class ChannelAnalysis(HeadRules, TransposedConvRules, ShuffleRules, FunctionalRu
             value = self._last_reduce(node, reduced)
             if value is None and reduced is not None and len(shape or ()) - 1 in reduced:
                 what = (
-                    f"{what} (a statistic across the channels, as a LayerNorm or a global "
-                    "response norm takes: pruning would change it, so they are kept whole)"
+                    f"{what} (a statistic across the channels, as a LayerNorm takes: pruning "
+                    "would change it, so they are kept whole)"
                 )
             return value if value is not None else self._unknown(node, what)
         if channels is not None and reduced is not None and 1 in reduced and 0 not in reduced:
             return self._unknown(
                 node,
-                f"{what} (a statistic across the channels, as a LayerNorm or a global response "
-                "norm takes: pruning would change it, so they are kept whole)",
+                f"{what} (a statistic across the channels, as a LayerNorm takes: pruning would "
+                "change it, so they are kept whole)",
             )
         if channels is None or reduced is None or 0 in reduced or 1 in reduced:
             return self._unknown(node, f"{what} (reduces over the batch or channel dim)")

@@ -170,8 +170,16 @@ class ChannelGraph:
             )
             for record in analysis.norms.values()
         )
+
+        def rescaled(name: str) -> tuple[tuple[ChannelSegment, ...], float]:
+            """What a scale absorbs of a statistic across channels (none: factor 1)."""
+            counted, power = analysis.rescales.get(name, ((), 0.0))
+            if not power or not all(s.slot in slot_names for s in counted):
+                return (), 0.0  # channels no layer makes are never pruned
+            return segments(counted), power
+
         scales = tuple(
-            ScaleInfo(name, segments(channels), dim, _is_param(model, name))
+            ScaleInfo(name, segments(channels), dim, _is_param(model, name), *rescaled(name))
             for name, (channels, dim) in analysis.scales.items()
             # channels no layer or norm makes (attention outputs, say) form no group: such a
             # scale is never pruned, and its parameters count as the model's other parameters

@@ -177,12 +177,20 @@ class ScaleInfo:
         segments: the groups along its channel dim, in order (several after a concat).
         dim: the tensor's dim with one entry per channel; every other dim has size 1.
         parameter: a parameter (counted in the model's parameters), not a buffer.
+        rescale_segments: the channels a statistic across channels counts, when this tensor
+            multiplies channels rescaled by it (the ``gamma`` of a global response norm); empty
+            otherwise.
+        rescale_power: with ``C`` channels of ``rescale_segments`` in the dense model and
+            ``C'`` kept, surgery multiplies the kept entries by ``(C / C') ** rescale_power``
+            so the pruned model computes what the zeroed one does.
     """
 
     name: str
     segments: tuple[ChannelSegment, ...]
     dim: int
     parameter: bool = True
+    rescale_segments: tuple[ChannelSegment, ...] = ()
+    rescale_power: float = 0.0
 
 
 @dataclass(frozen=True)

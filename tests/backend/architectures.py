@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunetune.backend.models import create_model, list_models
+from tests.backend.architectures_stats import ConvNeXtV2StyleNet
 from tests.backend.attention_architectures import (
     FusedQkvViT,
     HeadBiasViT,
@@ -820,6 +821,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "layer_scale": LayerScaleNet,
     "pixel_shuffle_group_norm": PixelShuffleGroupNormNet,
     "ghost_grn": GhostGRNNet,
+    "convnextv2_style": ConvNeXtV2StyleNet,
     "conv1d": Conv1dNet,
     "vit_fused_qkv": FusedQkvViT,
     "vit_separate_qkv": SeparateQkvViT,

@@ -1,15 +1,18 @@
 """Channel kinds pruned through with the coupling each needs: splits of the channels (gated
-halves, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles and group norms."""
+halves, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles, group norms, and
+statistics across the channels that only rescale them (global response norms)."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
 import prunetune
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.measure import count_flops
+from prunetune.backend.surgery import zero_pruned_channels
 from tests.backend.architectures import build
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -165,12 +168,59 @@ def test_ghost_modules_prune_their_primary_and_cheap_halves_together() -> None:
     assert model.ghost1.cheap_operation[0].in_channels == model.ghost1.primary_conv[0].out_channels
 
 
-def test_a_global_response_norm_is_kept_whole_with_the_reason_and_its_share() -> None:
-    found = prunetune.inspect(build("ghost_grn"), X)
-    reason = found.kept_whole["pwconv1"]
-    assert "a statistic across the channels" in reason and "global response norm" in reason
-    assert "% of FLOPs" in reason
-    assert {s.name for s in found.graph.scales} >= {"grn_gamma", "grn_beta"}
+def test_global_response_norms_prune_with_their_gamma_rescaled() -> None:
+    graph = ChannelGraph.trace(build("convnextv2_style"), X)
+    assert {g.name for g in graph.prunable_groups} == {"fc1", "conv1", "head"}
+    scales = {s.name: s for s in graph.scales}
+    for name, group, power in (("grn", "fc1", 1.0), ("grn2", "conv1", 1.0)):
+        gamma = scales[f"{name}.weight"]  # channels-last, then channels-first
+        assert ([s.group for s in gamma.rescale_segments], gamma.rescale_power) == ([group], power)
+        assert not scales[f"{name}.bias"].rescale_segments  # added, not multiplied
+    rms = scales["rms_weight"]  # x * rsqrt(mean_c x^2 + eps) * weight: a square root of C/C'
+    assert ([s.group for s in rms.rescale_segments], rms.rescale_power) == (["head"], 0.5)
+    model = build("convnextv2_style")
+    result = _prunes_exactly("convnextv2_style")
+    kept = result.spec.kept_channels(graph)
+    width = len(kept["fc1"])
+    assert result.model.fc1.out_features == width < 64
+    dense_gamma = model.grn.weight.detach()[list(kept["fc1"])]
+    torch.testing.assert_close(result.model.grn.weight.detach(), dense_gamma * 64 / width)
+    torch.testing.assert_close(
+        result.model.grn.bias.detach(), model.grn.bias.detach()[list(kept["fc1"])]
+    )
+    assert not prunetune.inspect(build("ghost_grn"), X).kept_whole.keys() - {"input", "fc"}
+
+
+class _ConvStatisticConv(torch.nn.Module):
+    """A conv, then ``mix(y)`` of its output, then a conv."""
+
+    def __init__(self, mix: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.mix = mix
+        self.conv = torch.nn.Conv2d(3, 8, 3)
+        self.head = torch.nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.mix(self.conv(x)))
+
+
+def test_a_mean_across_channels_subtracted_keeps_them_whole_with_the_reason() -> None:
+    # a LayerNorm written out: the mean shifts the channels, it does not scale them
+    model = _ConvStatisticConv(lambda y: y - y.mean(1, keepdim=True)).eval()
+    graph = ChannelGraph.trace(model, X)
+    assert not graph.group("conv").prunable
+    assert "a statistic across the channels" in graph.unprunable["conv"]
+
+
+def test_a_sum_across_channels_that_divides_them_needs_no_rescale() -> None:
+    # zeroed channels add nothing to the sum: the pruned model divides by the same
+    model = _ConvStatisticConv(lambda y: y / (y.abs().sum(1, keepdim=True) + 1e-6)).eval()
+    graph = ChannelGraph.trace(model, X)
+    assert graph.group("conv").prunable and not graph.scales
+    result = prunetune.prune(model, X, "flops<=60%")
+    zeroed = zero_pruned_channels(model, graph, result.spec)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(X), zeroed(X), atol=1e-5, rtol=1e-5)
 
 
 def test_functional_layers_on_a_modules_own_weight_prune_like_the_builtins() -> None:
