@@ -173,6 +173,27 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextlib.contextmanager
+def counting_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, no gradients, and every parameter's ``requires_grad`` off, then restored.
+
+    A view of a parameter taken under ``torch.no_grad`` (a class token expanded to the batch,
+    ``self.cls_token.expand(B, -1, -1)``) still reports ``requires_grad`` but has no
+    ``grad_fn``; passed as a submodule's input, it makes ``FlopCounterMode``'s module tracker
+    fail with "Expected gradient function to be set" (PiT, CaiT). With the parameters frozen for
+    the run such views need no gradient and the tracker leaves them alone.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for parameter, _ in flags:
+                parameter.requires_grad_(False)
+            yield model
+    finally:
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
+
+
 def trace_module(
     model: nn.Module,
     leaf_modules: Sequence[LeafModule] = (),
@@ -269,7 +290,7 @@ def propagate_shapes(
     inputs = example_inputs(example_input)
     counter = FlopCounterMode(display=False)
     try:
-        with eval_mode(model), eval_mode(module), torch.no_grad(), counter:
+        with counting_mode(model), counting_mode(module), counter:
             _ShapeRecorder(module, counter).propagate(*(x.detach().clone() for x in inputs))
     except Exception as exc:
         where = _user_frame(exc)

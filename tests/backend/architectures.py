@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from prunetune.backend.models import create_model, list_models
 from tests.backend.attention_architectures import (
+    ClassTokenViT,
     FusedQkvViT,
     HeadBiasViT,
     InputWidthViT,
@@ -828,6 +829,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
     "vit_head_bias": HeadBiasViT,
+    "vit_class_token": ClassTokenViT,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

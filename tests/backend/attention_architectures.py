@@ -191,6 +191,71 @@ class LiteralHeadsViT(TinyViT):
         super().__init__(LiteralHeadsAttention, num_classes)
 
 
+class _TokenStage(nn.Module):
+    """PiT's transformer stage: takes and returns the tuple ``(tokens, class_tokens)``, joins
+    them for one pre-norm attention block and splits them again."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = FusedQkvAttention(dim, num_heads)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, cls_tokens = inputs
+        tokens = torch.cat((cls_tokens, x), dim=1)
+        tokens = tokens + self.attn(self.norm(tokens))
+        return tokens[:, 1:], tokens[:, :1]
+
+
+class _ClassAttention(nn.Module):
+    """CaiT's class attention: the class token (a separate input) attends to itself and every
+    patch token; only the class token is updated."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, cls_tokens: Tensor) -> Tensor:
+        u = self.norm(torch.cat((cls_tokens, x), dim=1))
+        k, v = self.kv(u).chunk(2, dim=-1)
+        attn = (self.q(u[:, :1]) @ k.transpose(-2, -1) * k.shape[-1] ** -0.5).softmax(-1)
+        return cls_tokens + self.proj(attn @ v)
+
+
+class ClassTokenViT(nn.Module):
+    """PiT and CaiT's class-token plumbing: a learnt class token expanded to the batch and a
+    position embedding, both handed to submodules as inputs (a tuple into a PiT stage, a second
+    argument to CaiT's class attention); between them PiT's pooling, a strided depthwise conv
+    on the token map with a Linear for the class token. 32 x 32 input, 8 x 8 then 4 x 4 tokens.
+    """
+
+    def __init__(self, num_classes: int = 10, dim: int = 32) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.randn(1, dim, 8, 8) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.stage1 = _TokenStage(dim, 4)
+        self.pool = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, groups=dim)
+        self.pool_cls = nn.Linear(dim, 2 * dim)
+        self.stage2 = _TokenStage(2 * dim, 4)
+        self.class_attn = _ClassAttention(2 * dim)
+        self.norm = nn.LayerNorm(2 * dim)
+        self.head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x) + self.pos_embed
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
+        x, cls_tokens = self.stage1((x.flatten(2).transpose(1, 2), cls_tokens))
+        x = x.transpose(1, 2).unflatten(2, (8, 8))
+        x, cls_tokens = self.pool(x).flatten(2).transpose(1, 2), self.pool_cls(cls_tokens)
+        x, cls_tokens = self.stage2((x, cls_tokens))
+        cls_tokens = self.class_attn(x, cls_tokens)
+        return self.head(self.norm(cls_tokens[:, 0]))
+
+
 ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_fused_qkv": FusedQkvViT,
     "vit_separate_qkv": SeparateQkvViT,
@@ -199,5 +264,6 @@ ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
     "vit_head_bias": HeadBiasViT,
+    "vit_class_token": ClassTokenViT,
 }
 """ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""
