@@ -20,7 +20,7 @@ from prunetune.backend.graph._heads import HeadRules, reshape_sizes
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._shuffle import ShuffleRules
 from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
-from prunetune.backend.graph._trace import node_shape
+from prunetune.backend.graph._trace import KEPT_CALL_REASON, node_shape
 from prunetune.backend.graph._transposed import TransposedConvRules
 
 __all__ = ["ChannelAnalysis"]
@@ -128,7 +128,7 @@ class ChannelAnalysis(HeadRules, TransposedConvRules, ShuffleRules, FunctionalRu
             dims = rules.normalise_dims(getattr(module, "dim", None), len(shape or ()))
             if dims is not None and 1 not in dims:
                 return self._same(node, f"module '{name}' ({kind.__name__})")
-        reason = _SPECIAL_MODULE_REASONS.get(
+        reason = node.meta.get(KEPT_CALL_REASON) or _SPECIAL_MODULE_REASONS.get(
             kind, f"{kind.__name__} is not a layer prunetune knows"
         )
         self.unknown_modules[name] = reason

@@ -191,6 +191,51 @@ class LiteralHeadsViT(TinyViT):
         super().__init__(LiteralHeadsAttention, num_classes)
 
 
+class CachedPositionAttention(nn.Module):
+    """ConViT's gated positional self-attention: its forward rebuilds a buffer of relative patch
+    offsets when the token count changes (``self.rel_indices = ...``), typed like the qk weight,
+    which neither the symbolic nor the concrete tracer follows, so it is kept as one call."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.v = nn.Linear(dim, dim)
+        self.pos_proj = nn.Linear(3, num_heads)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("rel_indices", torch.zeros(1, 1, 1, 3), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        if self.rel_indices.shape[1] != N:
+            self.rel_indices = self._offsets(N)
+        qk = self.qk(x).reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        scores = ((qk[0] @ qk[1].transpose(-2, -1)) * self.scale).softmax(-1)
+        positions = self.pos_proj(self.rel_indices.expand(B, -1, -1, -1)).permute(0, 3, 1, 2)
+        attn = 0.5 * (scores + positions.softmax(-1))
+        v = self.v(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+    def _offsets(self, tokens: int) -> Tensor:
+        """``[1, tokens, tokens, 3]``: x and y offset between two patches, squared distance."""
+        side = int(tokens**0.5)
+        steps = torch.arange(side, dtype=torch.float32)
+        offset = steps.view(1, -1) - steps.view(-1, 1)
+        dx = offset.repeat(side, side)
+        dy = offset.repeat_interleave(side, dim=0).repeat_interleave(side, dim=1)
+        offsets = torch.stack((dx, dy, dx**2 + dy**2), dim=-1).unsqueeze(0)
+        return offsets.to(device=self.qk.weight.device, dtype=self.qk.weight.dtype)
+
+
+class CachedPositionViT(TinyViT):
+    """:class:`TinyViT` with ConViT-style attention that cannot be traced (kept as one call; the
+    MLP still prunes)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(CachedPositionAttention, num_classes)
+
+
 class _TokenStage(nn.Module):
     """PiT's transformer stage: takes and returns the tuple ``(tokens, class_tokens)``, joins
     them for one pre-norm attention block and splits them again."""
@@ -265,5 +310,6 @@ ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_literal_heads": LiteralHeadsViT,
     "vit_head_bias": HeadBiasViT,
     "vit_class_token": ClassTokenViT,
+    "vit_cached_positions": CachedPositionViT,
 }
 """ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""

@@ -92,3 +92,23 @@ def test_head_importance_adds_up_the_heads_q_k_v_rows_and_tracing_restores_attri
     scores = channel_importance(model, graph, "l1")[_head_group(graph)]
     rows = model.attn.qkv.weight.detach().abs().reshape(3, 4, HEAD_DIM, -1)  # q/k/v, head, row
     torch.testing.assert_close(scores, rows.sum((0, 2, 3)))
+
+
+def test_class_tokens_handed_to_submodules_are_counted_and_flags_restored() -> None:
+    model = build("vit_class_token")  # PiT/CaiT: an expanded class token as a module input
+    found = prunetune.inspect(model, X[:1])
+    assert found.costs["flops"] == count_flops(model, X[:1])
+    assert all(p.requires_grad for p in model.parameters())
+    assert [g.unit for g in found.prunable_groups] == ["heads", "heads"]
+    assert "'pool_cls'" in found.kept_whole["pool_cls"]
+
+
+def test_an_attention_fx_cannot_trace_is_kept_as_one_call_with_the_reason() -> None:
+    model = build("vit_cached_positions")  # ConViT: the forward assigns a buffer
+    found = prunetune.inspect(model, X[:1])
+    reason = found.kept_whole["attn"]
+    assert reason.startswith("module kept whole: torch.fx cannot trace its forward (TypeError")
+    assert "attention_architectures.py" in reason and "\n" not in reason
+    result = prunetune.prune(model, X[:1], "flops<=75%")
+    assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
+    assert result.flops <= 0.75 * result.dense_flops
