@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from prunetune.backend.models import create_model, list_models
 from tests.backend.attention_architectures import (
+    BorrowedWidthNet,
     CachedPositionViT,
     ClassTokenViT,
     FusedQkvViT,
@@ -832,6 +833,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "vit_head_bias": HeadBiasViT,
     "vit_class_token": ClassTokenViT,
     "vit_cached_positions": CachedPositionViT,
+    "vit_borrowed_width": BorrowedWidthNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -236,6 +236,26 @@ class CachedPositionViT(TinyViT):
         super().__init__(CachedPositionAttention, num_classes)
 
 
+class BorrowedWidthNet(nn.Module):
+    """NextViT's token mixer after a conv stage: conv and BN (prunable on their own), the map
+    read as tokens, then :class:`InputWidthAttention`, whose ``reshape(B, N, C)`` takes ``C``
+    from its input, so the conv's width and the attention's are tied: both kept whole. A
+    classifier on the mean token; 32 x 32 input, 8 x 8 tokens."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, dim, 4, stride=4)
+        self.bn = nn.BatchNorm2d(dim)
+        self.attn = InputWidthAttention(dim, 4)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(self.conv(F.relu(self.stem(x))))
+        tokens = self.attn(x.flatten(2).transpose(1, 2))
+        return self.head(tokens.mean(1))
+
+
 class _TokenStage(nn.Module):
     """PiT's transformer stage: takes and returns the tuple ``(tokens, class_tokens)``, joins
     them for one pre-norm attention block and splits them again."""
@@ -311,5 +331,6 @@ ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_head_bias": HeadBiasViT,
     "vit_class_token": ClassTokenViT,
     "vit_cached_positions": CachedPositionViT,
+    "vit_borrowed_width": BorrowedWidthNet,
 }
 """ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""

@@ -112,3 +112,12 @@ def test_an_attention_fx_cannot_trace_is_kept_as_one_call_with_the_reason() -> N
     result = prunetune.prune(model, X[:1], "flops<=75%")
     assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
     assert result.flops <= 0.75 * result.dense_flops
+
+
+def test_a_width_borrowed_from_another_tensor_keeps_both_whole() -> None:
+    model = build("vit_borrowed_width")  # NextViT: reshape(B, N, C), C of the attention's input
+    found = prunetune.inspect(model, X[:1])
+    assert "is a size of Tensor.reshape of another tensor at node" in found.kept_whole["conv"]
+    assert {g.name for g in found.prunable_groups} == {"stem", "attn.proj"}
+    result = prunetune.prune(model, X[:1], "flops<=70%")
+    assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
