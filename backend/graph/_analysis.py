@@ -310,6 +310,8 @@ class ChannelAnalysis(HeadRules, TransposedConvRules, ShuffleRules, FunctionalRu
             channel_dim = rank - 1 if isinstance(value, Last) else 1
             if not rank or dim % rank != channel_dim:
                 continue
+            if _slots(value) == _slots(self.values.get(source)):  # the same channels, moved
+                continue
             reason = (
                 f"its channel count, read at node '{size.name}', is a size of {what} of another "
                 f"tensor at node '{node.name}', which would keep the dense width once pruned "
@@ -652,3 +654,11 @@ def _shape_read(size: Any) -> tuple[fx.Node, int] | None:
     ) or (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)
     tensor = shape.args[0]
     return (tensor, dim) if whole and isinstance(tensor, fx.Node) else None
+
+
+def _slots(value: Any) -> tuple[Any, ...] | None:
+    """The channel slots of a plain or channels-last value, ``None`` for anything else."""
+    channels = value.channels if isinstance(value, Last) else value
+    if not isinstance(channels, tuple) or not channels:
+        return None
+    return tuple((segment.slot, segment.size) for segment in channels)

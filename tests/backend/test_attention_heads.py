@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 import prunetune
 from prunetune.backend.graph import ChannelGraph
@@ -120,4 +121,30 @@ def test_a_width_borrowed_from_another_tensor_keeps_both_whole() -> None:
     assert "is a size of Tensor.reshape of another tensor at node" in found.kept_whole["conv"]
     assert {g.name for g in found.prunable_groups} == {"stem", "attn.proj"}
     result = prunetune.prune(model, X[:1], "flops<=70%")
+    assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
+
+
+class _DepthwiseMlp(nn.Module):
+    """PVT v2's MLP: hidden tokens viewed as a map for a depthwise conv, ``C`` read from them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.fc1 = nn.Linear(8, 16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        hidden = self.fc1(x)
+        B, _, C = hidden.shape
+        hidden = self.dw(hidden.transpose(1, 2).view(B, C, 8, 8)).flatten(2).transpose(1, 2)
+        return self.head((x + self.fc2(hidden)).mean(1))
+
+
+def test_a_width_read_from_the_same_channels_still_prunes() -> None:
+    found = prunetune.inspect(_DepthwiseMlp(), X[:1])
+    assert sorted(g.size for g in found.prunable_groups) == [8, 16]  # tokens, hidden
+    result = prunetune.prune(_DepthwiseMlp(), X[:1], "flops<=80%")
     assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
