@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from prunetune.backend.graph import eval_mode
+from prunetune.backend.graph import counting_mode
 
 __all__ = ["count_flops", "count_params"]
 
@@ -17,7 +16,8 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
     This is the project's reference for "FLOPs" (multiply-accumulates of every op the counter
     knows: convs, transposed convs, linears, matmuls and attention, as in the pruning
     literature). The model runs in eval mode, the mode that is exported (branches that run only
-    in training are not counted); its train/eval flags are put back afterwards.
+    in training are not counted), with its parameters' ``requires_grad`` off; its train/eval
+    and ``requires_grad`` flags are put back afterwards.
 
     Args:
         model: the model.
@@ -28,7 +28,7 @@ def count_flops(model: nn.Module, example_input: Tensor | tuple[Tensor, ...]) ->
         ``FlopCounterMode`` total / 2.
     """
     counter = FlopCounterMode(display=False)
-    with eval_mode(model), torch.no_grad(), counter:
+    with counting_mode(model), counter:
         model(*example_input) if isinstance(example_input, tuple) else model(example_input)
     return int(counter.get_total_flops()) // 2
 

@@ -14,6 +14,7 @@ from prunetune.backend.graph._records import (
 from prunetune.backend.graph._rules import per_output_parameters
 from prunetune.backend.graph._trace import (
     LeafModule,
+    counting_mode,
     eval_mode,
     leaf_module_key,
     match_leaf_modules,
@@ -31,6 +32,7 @@ __all__ = [
     "MaskPoint",
     "NormInfo",
     "ScaleInfo",
+    "counting_mode",
     "eval_mode",
     "leaf_module_key",
     "match_leaf_modules",

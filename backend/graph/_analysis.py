@@ -9,6 +9,7 @@ understood, in which case its inputs are fixed and its output is a new fixed slo
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any, cast
 
 from torch import fx, nn
@@ -21,7 +22,7 @@ from prunetune.backend.graph._heads import HeadRules, reshape_sizes
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._shuffle import ShuffleRules
 from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
-from prunetune.backend.graph._trace import node_shape
+from prunetune.backend.graph._trace import KEPT_CALL_REASON, node_shape
 from prunetune.backend.graph._transposed import TransposedConvRules
 
 __all__ = ["ChannelAnalysis"]
@@ -131,7 +132,7 @@ class ChannelAnalysis(
             dims = rules.normalise_dims(getattr(module, "dim", None), len(shape or ()))
             if dims is not None and 1 not in dims:
                 return self._same(node, f"module '{name}' ({kind.__name__})")
-        reason = _SPECIAL_MODULE_REASONS.get(
+        reason = node.meta.get(KEPT_CALL_REASON) or _SPECIAL_MODULE_REASONS.get(
             kind, f"{kind.__name__} is not a layer prunetune knows"
         )
         self.unknown_modules[name] = reason
@@ -160,6 +161,8 @@ class ChannelAnalysis(
                 f"{what} (a functional layer that is not ungrouped on a submodule's own "
                 "`weight` and `bias` parameters)"
             )
+        if name in ("view", "reshape"):
+            self._fix_borrowed_widths(node, what)
         heads = self._heads_call(node, name, what)
         if heads is not None:
             return heads
@@ -286,6 +289,39 @@ class ChannelAnalysis(
         for name, dim in scales:
             self._add_scale(name, result, dim, node, what)
         return result
+
+    def _fix_borrowed_widths(self, node: fx.Node, what: str) -> None:
+        """A view or reshape to another tensor's channel count (``B, N, C = x.shape`` then
+        ``y.reshape(B, N, C)``, as NextViT's attention merges its heads) ties ``y``'s width to
+        ``x``'s, which pruning would part: the channels of both are kept whole."""
+        source = node.args[0] if node.args else None
+        if not isinstance(source, fx.Node):
+            return
+        sizes = reshape_sizes(node)
+        source_is_last = not isinstance(self.values.get(source), tuple)
+        for position, size in enumerate(sizes):
+            # only a size that gives the result's channel dim: the last one for tokens
+            # (``[B, N, C]``), dim 1 for ``[N, C, H, W]`` maps
+            if position != (len(sizes) - 1 if source_is_last else 1):
+                continue
+            read = _shape_read(size)
+            if read is None or read[0] is source:
+                continue
+            tensor, dim = read
+            value = self.values.get(tensor)
+            rank = len(node_shape(tensor) or ())
+            channel_dim = rank - 1 if isinstance(value, Last) else 1
+            if not rank or dim % rank != channel_dim:
+                continue
+            if _slots(value) == _slots(self.values.get(source)):  # the same channels, moved
+                continue
+            reason = (
+                f"its channel count, read at node '{size.name}', is a size of {what} of another "
+                f"tensor at node '{node.name}', which would keep the dense width once pruned "
+                "(reshape with -1 or that tensor's own size to let it be pruned)"
+            )
+            self._fix_value(value, reason)
+            self._fix_value(self.values.get(source), reason)
 
     def _reshape(self, node: fx.Node, what: str, literal_sizes: list[Any] | None) -> Any:
         shuffle = self._shuffle_view(node, what, literal_sizes)
@@ -601,3 +637,31 @@ class ChannelAnalysis(
         self.norms[name] = NormRecord(name, module, channels, in_shape[2:])
         self.mask_points.append((node, channels))
         return channels
+
+
+def _shape_read(size: Any) -> tuple[fx.Node, int] | None:
+    """``(tensor, dim)`` when ``size`` is the node of ``tensor.shape[dim]`` or
+    ``tensor.size(dim)``, else ``None``."""
+    if not isinstance(size, fx.Node):
+        return None
+    if size.op == "call_method" and size.target == "size" and len(size.args) == 2:
+        tensor, dim = size.args
+        return (tensor, dim) if isinstance(tensor, fx.Node) and isinstance(dim, int) else None
+    if size.op != "call_function" or size.target is not operator.getitem:
+        return None
+    shape, dim = size.args[0], size.args[1]
+    if not isinstance(shape, fx.Node) or not isinstance(dim, int):
+        return None
+    whole = (
+        shape.op == "call_function" and shape.target is getattr and shape.args[1:] == ("shape",)
+    ) or (shape.op == "call_method" and shape.target == "size" and len(shape.args) == 1)
+    tensor = shape.args[0]
+    return (tensor, dim) if whole and isinstance(tensor, fx.Node) else None
+
+
+def _slots(value: Any) -> tuple[Any, ...] | None:
+    """The channel slots of a plain or channels-last value, ``None`` for anything else."""
+    channels = value.channels if isinstance(value, Last) else value
+    if not isinstance(channels, tuple) or not channels:
+        return None
+    return tuple((segment.slot, segment.size) for segment in channels)

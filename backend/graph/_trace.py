@@ -13,6 +13,7 @@ import networkx as nx
 import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata, _extract_tensor_metadata
+from torch.fx.proxy import TraceError
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunetune.backend.errors import UnsupportedModelError
@@ -173,6 +174,27 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+@contextlib.contextmanager
+def counting_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode, no gradients, and every parameter's ``requires_grad`` off, then restored.
+
+    A view of a parameter taken under ``torch.no_grad`` (a class token expanded to the batch,
+    ``self.cls_token.expand(B, -1, -1)``) still reports ``requires_grad`` but has no
+    ``grad_fn``; passed as a submodule's input, it makes ``FlopCounterMode``'s module tracker
+    fail with "Expected gradient function to be set" (PiT, CaiT). With the parameters frozen for
+    the run such views need no gradient and the tracker leaves them alone.
+    """
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        with eval_mode(model), torch.no_grad():
+            for parameter, _ in flags:
+                parameter.requires_grad_(False)
+            yield model
+    finally:
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
+
+
 def trace_module(
     model: nn.Module,
     leaf_modules: Sequence[LeafModule] = (),
@@ -195,33 +217,86 @@ def trace_module(
             the like); the message is one line quoting the first line of fx's error and the
             offending source line; fx's own exception is chained (``__cause__``).
     """
-    tracer: fx.Tracer = _Tracer(tuple(leaf_modules))
-    try:
-        with eval_mode(model):
-            try:
-                graph = tracer.trace(model)
-            except Exception:
-                if not example_inputs:
-                    raise
-                concrete = ConcreteTracer(tuple(example_inputs), tracer.is_leaf_module)
-                graph = concrete.trace(model)
-                tracer = concrete
-    except Exception as exc:
-        where = _user_frame(exc)
-        at = f" at {where}" if where else ""
-        # one line, as on the command line; fx's full text stays in the chained exception
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise UnsupportedModelError(
-            f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
-            f"{first}{at}. "
-            "Make its forward traceable: no Python control flow (if/for/while) on tensor values "
-            "(use torch.where or masks instead), no tensor values converted to Python numbers; or "
-            "keep the module that holds that code as one call: leaf_modules=[ThatModule] (or its "
-            "name, 'blocks.3') in prunetune.inspect/prune, --leaf-module package.module:"
-            "ThatModule (or --leaf-module blocks.3) on the command line; its channels are then "
-            "kept whole"
-        ) from exc
+    # submodule name -> why it is one call: a submodule whose forward neither tracer can follow
+    # (ConViT's attention assigns a buffer built from the input's size in its forward) is kept
+    # as one call, whole, and the rest of the model is still traced and pruned. Control flow on
+    # tensor values (fx's TraceError) is still refused: as one call it would branch differently
+    # once exported, so the user is asked to choose (leaf_modules) or rewrite it.
+    kept: dict[str, str] = {}
+    while True:
+        try:
+            tracer, graph = _trace_once(model, (*leaf_modules, *kept), example_inputs)
+            break
+        except Exception as exc:
+            where = _user_frame(exc)
+            at = f" at {where}" if where else ""
+            # one line, as on the command line; fx's full text stays in the chained exception
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            failing = _failing_submodule(model, exc)
+            if (
+                failing is not None
+                and failing not in kept
+                and len(kept) < _MAX_KEPT_CALLS
+                and not isinstance(exc, TraceError)
+            ):
+                kept[failing] = (
+                    f"torch.fx cannot trace its forward ({type(exc).__name__}: {first}{at})"
+                )
+                continue
+            raise UnsupportedModelError(
+                f"cannot trace {type(model).__name__} with torch.fx: {type(exc).__name__}: "
+                f"{first}{at}. "
+                "Make its forward traceable: no Python control flow (if/for/while) on tensor "
+                "values (use torch.where or masks instead), no tensor values converted to Python "
+                "numbers; or keep the module that holds that code as one call: "
+                "leaf_modules=[ThatModule] (or its name, 'blocks.3') in prunetune.inspect/prune, "
+                "--leaf-module package.module:ThatModule (or --leaf-module blocks.3) on the "
+                "command line; its channels are then kept whole"
+            ) from exc
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in kept:
+            node.meta[KEPT_CALL_REASON] = kept[str(node.target)]
     return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+KEPT_CALL_REASON = "prunetune_kept_call_reason"
+"""Key of ``fx.Node.meta`` holding why a submodule that could not be traced is one call."""
+
+_MAX_KEPT_CALLS = 64
+"""Submodules kept as one call before a model that still fails to trace is refused."""
+
+
+def _trace_once(
+    model: nn.Module, leaf_modules: tuple[LeafModule, ...], example_inputs: Sequence[Tensor]
+) -> tuple[fx.Tracer, fx.Graph]:
+    """Symbolic tracing, then concrete tracing on ``example_inputs`` where that fails."""
+    tracer: fx.Tracer = _Tracer(leaf_modules)
+    with eval_mode(model):
+        try:
+            return tracer, tracer.trace(model)
+        except Exception:
+            if not example_inputs:
+                raise
+            concrete = ConcreteTracer(tuple(example_inputs), tracer.is_leaf_module)
+            return concrete, concrete.trace(model)
+
+
+def _failing_submodule(model: nn.Module, exc: BaseException) -> str | None:
+    """Qualified name of the innermost submodule of ``model`` (not ``model`` itself, not a
+    torch.nn container) whose code was running when ``exc`` was raised, or ``None``."""
+    names = {id(module): name for name, module in model.named_modules() if name}
+    found = None
+    tb = exc.__traceback__
+    while tb is not None:
+        owner = tb.tb_frame.f_locals.get("self")
+        name = names.get(id(owner))
+        if name is not None and not isinstance(owner, _CONTAINERS):
+            found = name
+        tb = tb.tb_next
+    return found
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 
 
 class _ShapeRecorder(ShapeProp):
@@ -269,7 +344,7 @@ def propagate_shapes(
     inputs = example_inputs(example_input)
     counter = FlopCounterMode(display=False)
     try:
-        with eval_mode(model), eval_mode(module), torch.no_grad(), counter:
+        with counting_mode(model), counting_mode(module), counter:
             _ShapeRecorder(module, counter).propagate(*(x.detach().clone() for x in inputs))
     except Exception as exc:
         where = _user_frame(exc)

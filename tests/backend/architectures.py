@@ -13,6 +13,9 @@ from torch import Tensor, nn
 from prunetune.backend.models import create_model, list_models
 from tests.backend.architectures_stats import ConvNeXtV2StyleNet
 from tests.backend.attention_architectures import (
+    BorrowedWidthNet,
+    CachedPositionViT,
+    ClassTokenViT,
     FusedQkvViT,
     HeadBiasViT,
     InputWidthViT,
@@ -830,6 +833,9 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
     "vit_head_bias": HeadBiasViT,
+    "vit_class_token": ClassTokenViT,
+    "vit_cached_positions": CachedPositionViT,
+    "vit_borrowed_width": BorrowedWidthNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -191,6 +191,136 @@ class LiteralHeadsViT(TinyViT):
         super().__init__(LiteralHeadsAttention, num_classes)
 
 
+class CachedPositionAttention(nn.Module):
+    """ConViT's gated positional self-attention: its forward rebuilds a buffer of relative patch
+    offsets when the token count changes (``self.rel_indices = ...``), typed like the qk weight,
+    which neither the symbolic nor the concrete tracer follows, so it is kept as one call."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.qk = nn.Linear(dim, 2 * dim)
+        self.v = nn.Linear(dim, dim)
+        self.pos_proj = nn.Linear(3, num_heads)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("rel_indices", torch.zeros(1, 1, 1, 3), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape
+        if self.rel_indices.shape[1] != N:
+            self.rel_indices = self._offsets(N)
+        qk = self.qk(x).reshape(B, N, 2, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        scores = ((qk[0] @ qk[1].transpose(-2, -1)) * self.scale).softmax(-1)
+        positions = self.pos_proj(self.rel_indices.expand(B, -1, -1, -1)).permute(0, 3, 1, 2)
+        attn = 0.5 * (scores + positions.softmax(-1))
+        v = self.v(x).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+    def _offsets(self, tokens: int) -> Tensor:
+        """``[1, tokens, tokens, 3]``: x and y offset between two patches, squared distance."""
+        side = int(tokens**0.5)
+        steps = torch.arange(side, dtype=torch.float32)
+        offset = steps.view(1, -1) - steps.view(-1, 1)
+        dx = offset.repeat(side, side)
+        dy = offset.repeat_interleave(side, dim=0).repeat_interleave(side, dim=1)
+        offsets = torch.stack((dx, dy, dx**2 + dy**2), dim=-1).unsqueeze(0)
+        return offsets.to(device=self.qk.weight.device, dtype=self.qk.weight.dtype)
+
+
+class CachedPositionViT(TinyViT):
+    """:class:`TinyViT` with ConViT-style attention that cannot be traced (kept as one call; the
+    MLP still prunes)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(CachedPositionAttention, num_classes)
+
+
+class BorrowedWidthNet(nn.Module):
+    """NextViT's token mixer after a conv stage: conv and BN (prunable on their own), the map
+    read as tokens, then :class:`InputWidthAttention`, whose ``reshape(B, N, C)`` takes ``C``
+    from its input, so the conv's width and the attention's are tied: both kept whole. A
+    classifier on the mean token; 32 x 32 input, 8 x 8 tokens."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 32) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv = nn.Conv2d(16, dim, 4, stride=4)
+        self.bn = nn.BatchNorm2d(dim)
+        self.attn = InputWidthAttention(dim, 4)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.bn(self.conv(F.relu(self.stem(x))))
+        tokens = self.attn(x.flatten(2).transpose(1, 2))
+        return self.head(tokens.mean(1))
+
+
+class _TokenStage(nn.Module):
+    """PiT's transformer stage: takes and returns the tuple ``(tokens, class_tokens)``, joins
+    them for one pre-norm attention block and splits them again."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = FusedQkvAttention(dim, num_heads)
+
+    def forward(self, inputs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        x, cls_tokens = inputs
+        tokens = torch.cat((cls_tokens, x), dim=1)
+        tokens = tokens + self.attn(self.norm(tokens))
+        return tokens[:, 1:], tokens[:, :1]
+
+
+class _ClassAttention(nn.Module):
+    """CaiT's class attention: the class token (a separate input) attends to itself and every
+    patch token; only the class token is updated."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, cls_tokens: Tensor) -> Tensor:
+        u = self.norm(torch.cat((cls_tokens, x), dim=1))
+        k, v = self.kv(u).chunk(2, dim=-1)
+        attn = (self.q(u[:, :1]) @ k.transpose(-2, -1) * k.shape[-1] ** -0.5).softmax(-1)
+        return cls_tokens + self.proj(attn @ v)
+
+
+class ClassTokenViT(nn.Module):
+    """PiT and CaiT's class-token plumbing: a learnt class token expanded to the batch and a
+    position embedding, both handed to submodules as inputs (a tuple into a PiT stage, a second
+    argument to CaiT's class attention); between them PiT's pooling, a strided depthwise conv
+    on the token map with a Linear for the class token. 32 x 32 input, 8 x 8 then 4 x 4 tokens.
+    """
+
+    def __init__(self, num_classes: int = 10, dim: int = 32) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.pos_embed = nn.Parameter(torch.randn(1, dim, 8, 8) * 0.02)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.stage1 = _TokenStage(dim, 4)
+        self.pool = nn.Conv2d(dim, 2 * dim, 3, stride=2, padding=1, groups=dim)
+        self.pool_cls = nn.Linear(dim, 2 * dim)
+        self.stage2 = _TokenStage(2 * dim, 4)
+        self.class_attn = _ClassAttention(2 * dim)
+        self.norm = nn.LayerNorm(2 * dim)
+        self.head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x) + self.pos_embed
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
+        x, cls_tokens = self.stage1((x.flatten(2).transpose(1, 2), cls_tokens))
+        x = x.transpose(1, 2).unflatten(2, (8, 8))
+        x, cls_tokens = self.pool(x).flatten(2).transpose(1, 2), self.pool_cls(cls_tokens)
+        x, cls_tokens = self.stage2((x, cls_tokens))
+        cls_tokens = self.class_attn(x, cls_tokens)
+        return self.head(self.norm(cls_tokens[:, 0]))
+
+
 ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_fused_qkv": FusedQkvViT,
     "vit_separate_qkv": SeparateQkvViT,
@@ -199,5 +329,8 @@ ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_input_width": InputWidthViT,
     "vit_literal_heads": LiteralHeadsViT,
     "vit_head_bias": HeadBiasViT,
+    "vit_class_token": ClassTokenViT,
+    "vit_cached_positions": CachedPositionViT,
+    "vit_borrowed_width": BorrowedWidthNet,
 }
 """ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import Tensor, nn
 
 import prunetune
 from prunetune.backend.graph import ChannelGraph
@@ -92,3 +93,58 @@ def test_head_importance_adds_up_the_heads_q_k_v_rows_and_tracing_restores_attri
     scores = channel_importance(model, graph, "l1")[_head_group(graph)]
     rows = model.attn.qkv.weight.detach().abs().reshape(3, 4, HEAD_DIM, -1)  # q/k/v, head, row
     torch.testing.assert_close(scores, rows.sum((0, 2, 3)))
+
+
+def test_class_tokens_handed_to_submodules_are_counted_and_flags_restored() -> None:
+    model = build("vit_class_token")  # PiT/CaiT: an expanded class token as a module input
+    found = prunetune.inspect(model, X[:1])
+    assert found.costs["flops"] == count_flops(model, X[:1])
+    assert all(p.requires_grad for p in model.parameters())
+    assert [g.unit for g in found.prunable_groups] == ["heads", "heads"]
+    assert "'pool_cls'" in found.kept_whole["pool_cls"]
+
+
+def test_an_attention_fx_cannot_trace_is_kept_as_one_call_with_the_reason() -> None:
+    model = build("vit_cached_positions")  # ConViT: the forward assigns a buffer
+    found = prunetune.inspect(model, X[:1])
+    reason = found.kept_whole["attn"]
+    assert reason.startswith("module kept whole: torch.fx cannot trace its forward (TypeError")
+    assert "attention_architectures.py" in reason and "\n" not in reason
+    result = prunetune.prune(model, X[:1], "flops<=75%")
+    assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
+    assert result.flops <= 0.75 * result.dense_flops
+
+
+def test_a_width_borrowed_from_another_tensor_keeps_both_whole() -> None:
+    model = build("vit_borrowed_width")  # NextViT: reshape(B, N, C), C of the attention's input
+    found = prunetune.inspect(model, X[:1])
+    assert "is a size of Tensor.reshape of another tensor at node" in found.kept_whole["conv"]
+    assert {g.name for g in found.prunable_groups} == {"stem", "attn.proj"}
+    result = prunetune.prune(model, X[:1], "flops<=70%")
+    assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
+
+
+class _DepthwiseMlp(nn.Module):
+    """PVT v2's MLP: hidden tokens viewed as a map for a depthwise conv, ``C`` read from them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.fc1 = nn.Linear(8, 16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        hidden = self.fc1(x)
+        B, _, C = hidden.shape
+        hidden = self.dw(hidden.transpose(1, 2).view(B, C, 8, 8)).flatten(2).transpose(1, 2)
+        return self.head((x + self.fc2(hidden)).mean(1))
+
+
+def test_a_width_read_from_the_same_channels_still_prunes() -> None:
+    found = prunetune.inspect(_DepthwiseMlp(), X[:1])
+    assert sorted(g.size for g in found.prunable_groups) == [8, 16]  # tokens, hidden
+    result = prunetune.prune(_DepthwiseMlp(), X[:1], "flops<=80%")
+    assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]

@@ -65,8 +65,11 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
             pieces = sum(graph.group(s.group).size * s.multiplier for s in layer.outputs)
             assert pieces == layer.out_channels
             continue
-        _group_of(graph, layer.name, "out")
-        assert graph.group(layer.out_group).size == layer.out_channels
+        out_group = _group_of(graph, layer.name, "out")
+        # a depthwise conv with a channel multiplier m makes m outputs of each input channel
+        (out,) = [m for m in out_group.members if m.module == layer.name and m.role == "out"]
+        assert out_group.name == layer.out_group
+        assert out_group.size * out.multiplier == layer.out_channels
     for norm in graph.norms:
         assert isinstance(
             model.get_submodule(norm.name), (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)

@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from prunetune.backend.errors import SpecError
-from prunetune.backend.graph import ChannelGraph, ChannelSegment
+from prunetune.backend.graph import ChannelGraph, ChannelSegment, counting_mode
 from prunetune.backend.masks import ChannelMasker, masks_from_spec
 from prunetune.backend.models import ModelRef
 from prunetune.backend.spec import SubnetSpec
@@ -59,7 +59,7 @@ def reference_macs(graph: ChannelGraph, widths: dict[str, int]) -> int:
 
 def run_counting_macs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The model's output and FlopCounterMode's total over two (MACs), per example."""
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
+    with counting_mode(model), FlopCounterMode(display=False) as counter:
         output = model(x)
     return output, counter.get_total_flops() // 2 // x.shape[0]
 
@@ -122,7 +122,11 @@ def test_pruned_zeroed_and_masked_models_agree(name: str) -> None:
                 spec.widths.get(s.group, graph.group(s.group).size) * s.multiplier
                 for s in layer.outputs
             ]
-            assert out_features == (widths[0] if layer.depthwise else sum(widths))
+            if layer.depthwise:  # each kept input channel makes ``multiplier`` outputs
+                multiplier = layer.out_channels // layer.in_channels
+                assert out_features == widths[0] * multiplier
+            else:
+                assert out_features == sum(widths)
     for key, value in model.state_dict().items():
         assert torch.equal(value, state[key]), f"{key} of the dense model changed"
 
