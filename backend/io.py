@@ -149,7 +149,7 @@ def _umask() -> int:
     return current
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
     """Write a file through ``write(temporary_path)``, then rename it over ``path``.
 
     A reader never sees a half-written file, and a failure leaves the old file (or none).

@@ -50,6 +50,10 @@ SEARCH_ATTEMPTS = 3
 TRAIN_VAL_IMAGES = 64  # validation images a finetune job reports on each epoch (not scored)
 
 
+class BenchError(Exception):
+    """Bad input the user must fix: printed in one line, exit code 2."""
+
+
 @dataclass(frozen=True)
 class Settings:
     """The benchmark's knobs, resolved from the flags (``--quick`` changes the defaults)."""
@@ -109,10 +113,11 @@ def split(settings: Settings, seed: int) -> DatasetSplits:
         return data
     size = (settings.image_size, settings.image_size)
     # averaging is linear, so the normalised images keep their mean (the std shrinks a little)
-    return replace(data, **{
-        name: Split(F.interpolate(part.x, size=size, mode="area"), part.y)
-        for name, part in (("train", data.train), ("val", data.val), ("test", data.test))
-    })  # fmt: skip
+
+    def shrunk(part: Split) -> Split:
+        return Split(F.interpolate(part.x, size=size, mode="area"), part.y)
+
+    return replace(data, train=shrunk(data.train), val=shrunk(data.val), test=shrunk(data.test))
 
 
 @dataclass

@@ -61,27 +61,20 @@ Torch-Pruning is not a dependency of prunetune; install it for the benchmark onl
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import multiprocessing
-import os
-import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 from _bench_search_methods import (
-    BATCH_SIZE,
-    DISTILL_WEIGHT,
-    FINETUNE_LR,
     METHODS,
     Bench,
+    BenchError,
     Job,
     Pruned,
     Settings,
@@ -91,7 +84,7 @@ from _bench_search_methods import (
     run_job,
     split,
 )
-from _bench_search_page import page, plot, reading, summary
+from _bench_search_results import code_commit, merged, render, write
 from torch import nn
 
 from prunetune.backend.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
@@ -99,10 +92,10 @@ from prunetune.backend.data import DatasetSplits
 from prunetune.backend.errors import PrunetuneError
 from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.importance import channel_importance
-from prunetune.backend.io import atomic_write, check_writable
+from prunetune.backend.io import check_writable
 from prunetune.backend.models import ModelRef
 from prunetune.backend.train import TrainConfig, evaluate, train
-from prunetune.estimators import DeviceInfo, FlopsModel, ParamsModel, Target
+from prunetune.estimators import FlopsModel, ParamsModel, Target
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist-t10k"
@@ -133,10 +126,6 @@ _NUMBERS = (
     ("rescore-top", int, "trials scored again before choosing (0: none)"),
     ("rescore-steps", int, "steps of that second score finetune"),
 )
-
-
-class BenchError(Exception):
-    """Bad input the user must fix: printed in one line, exit code 2."""
 
 
 def parse_settings(argv: list[str] | None = None) -> Settings:
@@ -452,136 +441,6 @@ def _harvest(
         )
 
 
-def provenance(wall_s: float, finished: bool) -> str:
-    """Which command and commit wrote the page, when, on what machine, how long it took."""
-    command = "python scripts/bench_search.py " + shlex.join(sys.argv[1:])
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    device = DeviceInfo.current(1)
-    machine = f"{device.cpu_model}, {os.cpu_count()} CPUs, torch {device.torch_version}"
-    return (
-        f"Written by `{command.strip()}` at commit `{_commit()}` on {date}, on {machine}; "
-        + (f"the run took {wall_s / 60:.1f} min." if finished else
-           f"**partial: written after {wall_s / 60:.1f} min, before the run finished.**")
-    )  # fmt: skip
-
-
-@functools.cache
-def _commit() -> str:
-    """The checkout's commit when first asked (at the start of the run: the code that ran)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted changes" if dirty else "")
-
-
-def facts(settings: Settings, dense: dict[int, dict[str, float]]) -> list[str]:
-    """The settings and the dense models, one line each, for the page."""
-    s = settings
-    accs = ", ".join(f"seed {k}: {100 * v['test_acc']:.2f}%" for k, v in sorted(dense.items()))
-    return [
-        f"task: MNIST test set, shrunk to {s.image_size}x{s.image_size} pixels, per seed split "
-        f"into {s.train_images} train / {s.val_images} val / "
-        f"{10_000 - s.train_images - s.val_images} test images",
-        f"model: resnet20 trained dense for {s.dense_epochs:g} epochs per seed; dense test "
-        f"accuracy {accs}",
-        f"equal finetune: {s.finetune_epochs:g} epochs (lr {FINETUNE_LR}, batch {BATCH_SIZE}, "
-        f"distilled at {DISTILL_WEIGHT}); searches: {s.trials} trials, inner length "
-        f"{s.inner_epochs:g} epochs, {s.score_steps} score steps, the best {s.rescore_top} scored "
-        f"again after {s.rescore_steps} more steps",
-        "compute: CPU seconds of one-thread processes (search driver + trials + finetune); equal "
-        f"compute gives the full search's subnet {s.compute_epochs:g} epochs of finetune and "
-        "every other method the full search's total (search + that finetune)",
-        *(f"{m} skipped: {why}" for m, why in s.skipped.items()),
-    ]
-
-
-def write(
-    settings: Settings,
-    rows: list[dict[str, Any]],
-    dense: dict[int, dict[str, float]],
-    wall_s: float,
-    finished: bool,
-) -> dict[str, Any]:
-    """Write results.json, then the page and the plot, from the rows so far; return the figures.
-
-    The figures are saved first: if the page cannot be written, ``--render`` writes it later
-    from them.
-    """
-    stats = summary(rows)
-    figures = {
-        "benchmark": "search",
-        "finished": finished,
-        "provenance": provenance(wall_s, finished),
-        "facts": facts(settings, dense),
-        "settings": {k: v for k, v in vars(settings).items() if not isinstance(v, Path)},
-        "dense": {str(k): v for k, v in dense.items()},
-        "summary": stats,
-        "rows": rows,
-        "reading": reading(stats, settings),
-        "wall_s": round(wall_s, 1),
-    }
-    blob = json.dumps(figures, default=str)
-    atomic_write(settings.work_dir / "results.json", lambda p: p.write_text(blob, encoding="utf-8"))
-    render(figures, settings.out_dir)
-    return figures
-
-
-def render(figures: dict[str, Any], out_dir: Path) -> None:
-    """``bench_search.md`` and ``bench_search.png`` in ``out_dir`` from saved figures."""
-    text = page(
-        figures["provenance"], figures["facts"], figures["summary"], figures["rows"],
-        figures["reading"],
-    )  # fmt: skip
-    atomic_write(out_dir / "bench_search.md", lambda p: p.write_text(text, "utf-8"))
-    plot(figures["summary"], out_dir / "bench_search.png")
-
-
-def merged(paths: list[Path]) -> dict[str, Any]:
-    """The figures of several runs of one grid (``--first-seed``), as one: their rows and dense
-    models together, the summary and reading recomputed, every run's provenance kept.
-
-    Raises:
-        BenchError: a file cannot be read, or two runs hold the same seed.
-    """
-    try:
-        runs = [json.loads(path.read_text(encoding="utf-8")) for path in paths]
-    except (OSError, ValueError) as exc:
-        raise BenchError(f"cannot read results: {exc}") from None
-    dense: dict[str, Any] = {}
-    for run in runs:
-        twice = set(dense) & set(run["dense"])
-        if twice:
-            raise BenchError(f"seed {min(twice)} is in more than one results file")
-        dense.update(run["dense"])
-    rows = [row for run in runs for row in run["rows"]]
-    stats = summary(rows)
-    accs = ", ".join(f"seed {k}: {100 * v['test_acc']:.2f}%" for k, v in sorted(dense.items()))
-    facts = [
-        (line.split("; dense test accuracy")[0] + f"; dense test accuracy {accs}")
-        if line.startswith("model:") else line
-        for line in runs[0]["facts"]
-    ]  # fmt: skip
-    return {
-        **runs[0],
-        "finished": all(run["finished"] for run in runs),
-        "provenance": " ".join(run["provenance"] for run in runs),
-        "facts": facts,
-        "dense": dense,
-        "summary": stats,
-        "rows": rows,
-        "reading": reading(stats, None),
-        "wall_s": max(run["wall_s"] for run in runs),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the exit code (2 for input the user must fix)."""
     started = time.perf_counter()
@@ -605,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as exc:
         print(f"bench_search.py: error: {exc}", file=sys.stderr)
         return 2
-    _commit()  # the code that runs, even if the checkout changes while it runs
+    code_commit()  # the code that runs, even if the checkout changes while it runs
     torch.set_num_threads(1)
     for method, why in settings.skipped.items():
         say(f"skipping {method}: {why}")
