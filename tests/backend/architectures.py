@@ -12,7 +12,18 @@ from torch import Tensor, nn
 
 from prunetune.backend.models import create_model, list_models
 from tests.backend.architectures_stats import ConvNeXtV2StyleNet
-from tests.backend.attention_architectures import ATTENTION_ARCHITECTURES
+from tests.backend.attention_architectures import (
+    BorrowedWidthNet,
+    CachedPositionViT,
+    ClassTokenViT,
+    FusedQkvViT,
+    HeadBiasViT,
+    InputWidthViT,
+    LiteralHeadsViT,
+    SdpaViT,
+    SeparateQkvViT,
+    ShapeLogicViT,
+)
 
 
 def _conv_bn(
@@ -815,7 +826,16 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "ghost_grn": GhostGRNNet,
     "convnextv2_style": ConvNeXtV2StyleNet,
     "conv1d": Conv1dNet,
-    **ATTENTION_ARCHITECTURES,
+    "vit_fused_qkv": FusedQkvViT,
+    "vit_separate_qkv": SeparateQkvViT,
+    "vit_sdpa": SdpaViT,
+    "vit_shape_logic": ShapeLogicViT,
+    "vit_input_width": InputWidthViT,
+    "vit_literal_heads": LiteralHeadsViT,
+    "vit_head_bias": HeadBiasViT,
+    "vit_class_token": ClassTokenViT,
+    "vit_cached_positions": CachedPositionViT,
+    "vit_borrowed_width": BorrowedWidthNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 
