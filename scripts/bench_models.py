@@ -378,6 +378,28 @@ def _other_commits(rows: list[dict[str, Any]], commit: str) -> str:
     return " (rows of earlier commits: " + ", ".join(f"`{c}` {n}" for c, n in counts.items()) + ")"
 
 
+def _keep_peer_column(
+    row: dict[str, Any], previous: dict[str, Any] | None, tools: tuple[str, ...]
+) -> None:
+    """A rerun of prunetune's column alone (``--no-torch-pruning``) keeps the peer's earlier
+    result, which does not depend on prunetune's code, and says from which commit it came."""
+    if "torch_pruning" in tools or not previous or not previous.get("torch_pruning"):
+        return
+    row["torch_pruning"] = previous["torch_pruning"]
+    row["torch_pruning_commit"] = previous.get("torch_pruning_commit", previous.get("commit"))
+
+
+def _kept_peer_columns(rows: list[dict[str, Any]]) -> str:
+    """Which rows show a Torch-Pruning result kept from an earlier run (``_keep_peer_column``)."""
+    kept = [r["model"] for r in rows if r.get("torch_pruning_commit")]
+    if not kept:
+        return ""
+    return (
+        f" Rerun with `--no-torch-pruning` after prunetune changed, {len(kept)} rows keep "
+        f"Torch-Pruning's earlier result: {', '.join(kept)}."
+    )
+
+
 def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]) -> None:
     """``docs/models.md`` from the result rows."""
     ordered = [rows[name] for name in sorted(rows)]
@@ -415,7 +437,8 @@ def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]
         f"(1 torch thread per model, {meta.get('jobs', 1)} model(s) at once).",
         f"- Command: `{meta['command']}` at commit `{meta['commit']}`"
         + _other_commits(ordered, meta["commit"])
-        + ".",
+        + "."
+        + _kept_peer_columns(ordered),
         "",
         "Columns: *side* is the input side; *prunable* the share of the dense FLOPs that "
         "depends on a prunable channel group; *min* the FLOPs left with every prunable group "
@@ -534,6 +557,7 @@ def main(argv: list[str] | None = None) -> int:
             for index, future in enumerate(concurrent.futures.as_completed(running), 1):
                 row = future.result()
                 row["commit"] = commit
+                _keep_peer_column(row, rows.get(row["model"]), tools)
                 rows[row["model"]] = row
                 with results.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")
