@@ -173,7 +173,10 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     (a conv that pads itself, a BatchNorm that applies its activation) keep their behaviour, and
     a module shared under several names stays one. Attention heads are pruned as whole heads (the
     q, k and v rows of a head and the output projection's columns), and the attributes the
-    forward reshapes them with (``num_heads``) are set to the heads kept. ``model`` itself is
+    forward reshapes them with (``num_heads``) are set to the heads kept. An
+    ``nn.MultiheadAttention`` that loses heads is replaced by a
+    :class:`~prunetune.backend.attention.PrunedMultiheadAttention` holding the kept heads'
+    weights (its parameters keep their names); one that keeps every head stays. ``model`` itself is
     left untouched; the copy has no masks or hooks added.
 
     Args:
