@@ -21,6 +21,7 @@ from prunetune.backend.attention import (
 )
 from prunetune.backend.export import export_subnet, load_subnet
 from prunetune.backend.graph import ChannelGraph
+from prunetune.backend.importance import channel_importance
 from prunetune.backend.masks import ChannelMasker, masks_from_spec
 from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.models import ModelRef
@@ -241,3 +242,17 @@ def test_pruned_heads_export_and_reload_from_weights(tmp_path: Path, name: str) 
     assert any(isinstance(m, PrunedMultiheadAttention) for m in loaded.model.modules())
     with torch.no_grad():
         torch.testing.assert_close(loaded.model(X), pruned(X), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("criterion", ["l1", "taylor"])
+def test_heads_are_scored_by_their_projection_rows(criterion: str) -> None:
+    model = _build("mha_cross_attention")
+    graph = ChannelGraph.trace(model, X[:1])
+    labels = torch.tensor([1, 3])
+    scores = channel_importance(model, graph, criterion, [(X, labels)])["attention"]
+    assert scores.shape == (HEADS,) and len(set(scores.tolist())) == HEADS
+    if criterion == "l1":  # the q, k and v rows of each head (8 of each)
+        rows = [model.attention.q_proj_weight, model.attention.k_proj_weight]
+        rows.append(model.attention.v_proj_weight)
+        expected = sum(w.detach().abs().reshape(HEADS, -1).sum(1) for w in rows)
+        assert torch.allclose(scores, expected)
