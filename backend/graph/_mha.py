@@ -103,6 +103,11 @@ class MultiheadAttentionRules(AnalysisState):
                 f"{type(module).__name__} subclasses MultiheadAttention, whose forward may "
                 "differ from the one prunetune replaces it by"
             )
+        first = self.layers.get(f"{node.target}.out_proj")
+        if first is not None:  # a second call: both calls' heads are kept
+            reason = "it is called more than once"
+            self._fix(first.inputs, f"MultiheadAttention '{node.target}': {reason}")
+            return reason
         if module.num_heads < 2:
             return "it has one head"
         if module.bias_k is not None:

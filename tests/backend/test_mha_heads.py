@@ -208,15 +208,22 @@ def test_counting_turns_the_fused_fast_path_off() -> None:
     assert torch.backends.mha.get_fastpath_enabled()  # put back
 
 
-def test_kept_whole_variants_say_why() -> None:
-    class _Attention(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.patch = nn.Conv2d(3, 16, 8, stride=8)
-            self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+class _PatchAttention(nn.Module):
+    """Patch tokens ``[B, 16, 16]`` and a 4-head attention, called by subclasses' forward."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 16, 8, stride=8)
+        self.attention = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def tokens(self, x: Tensor) -> Tensor:
+        return self.patch(x).flatten(2).transpose(1, 2)
+
+
+def test_kept_whole_variants_say_why() -> None:
+    class _Attention(_PatchAttention):
         def forward(self, x: Tensor) -> Tensor:
-            tokens = self.patch(x).flatten(2).transpose(1, 2)
+            tokens = self.tokens(x)
             out, weights = self.attention(tokens, tokens, tokens)
             return out.mean(1) + weights.mean((1, 2))[:, None]
 
@@ -256,3 +263,17 @@ def test_heads_are_scored_by_their_projection_rows(criterion: str) -> None:
         rows.append(model.attention.v_proj_weight)
         expected = sum(w.detach().abs().reshape(HEADS, -1).sum(1) for w in rows)
         assert torch.allclose(scores, expected)
+
+
+def test_an_attention_called_twice_keeps_its_heads() -> None:
+    class _Twice(_PatchAttention):
+        def forward(self, x: Tensor) -> Tensor:
+            tokens = self.tokens(x)
+            tokens = tokens + self.attention(tokens, tokens, tokens, need_weights=False)[0]
+            return self.attention(tokens, tokens, tokens, need_weights=False)[0].mean(1)
+
+    model = _Twice().eval()
+    graph = ChannelGraph.trace(model, X[:1])
+    assert not graph.prunable_groups
+    assert "called more than once" in graph.unprunable["attention"]
+    assert FlopsModel.from_graph(graph).dense == count_flops(model, X[:1])
