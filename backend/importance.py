@@ -143,6 +143,12 @@ def _accumulate_taylor(
         model.zero_grad(set_to_none=True)
         task.loss_of(model(x), y).backward()
         for name, module in model.named_modules():
+            if isinstance(module, nn.MultiheadAttention):  # its stacked q, k and v rows
+                term = _projection_taylor(module)
+                if term is not None:
+                    key = name + ".weight"
+                    sums[key] = sums.get(key, torch.zeros_like(term)) + term.pow(2)
+                continue
             weight = getattr(module, "weight", None)
             if not isinstance(weight, Tensor) or weight.grad is None:
                 continue
@@ -152,6 +158,8 @@ def _accumulate_taylor(
                 if isinstance(bias, Tensor) and bias.grad is not None:
                     term = term + bias.detach() * bias.grad
                 key = name + ".norm"
+            elif weight.ndim < 2:  # a LayerNorm's gain: no group's rows (kept whole)
+                continue
             else:
                 term = weight.detach() * weight.grad
                 if isinstance(module, nn.modules.conv._ConvTransposeNd):
@@ -162,3 +170,19 @@ def _accumulate_taylor(
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return sums
+
+
+def _projection_taylor(attention: nn.MultiheadAttention) -> Tensor | None:
+    """First-order Taylor terms of the rows of an ``nn.MultiheadAttention``'s query, key and
+    value projections, stacked as in ``in_proj_weight``; ``None`` when no gradient reached
+    them."""
+    if attention.in_proj_weight is not None:
+        weights = [attention.in_proj_weight]
+    else:
+        weights = [attention.q_proj_weight, attention.k_proj_weight, attention.v_proj_weight]
+    terms = []
+    for weight in weights:
+        if weight.grad is None:
+            return None
+        terms.append((weight.detach() * weight.grad).sum(1))
+    return torch.cat(terms)

@@ -9,10 +9,12 @@ gradients; they flow through the multiplication.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from prunetune.backend.attention import MaskedMultiheadAttention
 from prunetune.backend.graph import ChannelGraph, ChannelSegment
 from prunetune.backend.spec import SubnetSpec
 
@@ -46,6 +48,21 @@ class _MaskPoint(nn.Module):
         if self.last:
             return x * full
         return x * full.view(1, -1, *([1] * (x.ndim - 2)))
+
+
+class _HeadMaskPoint(nn.Module):
+    """Calls an ``nn.MultiheadAttention`` with each head's output multiplied by the mask of its
+    head group (Michel et al., 2019's head mask; see ``prunetune.backend.attention``)."""
+
+    def __init__(self, attention: nn.MultiheadAttention, group: str) -> None:
+        super().__init__()
+        self.attention = MaskedMultiheadAttention(attention)
+        self.group = group
+        self.masks: dict[str, Tensor] = {}
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self.attention.gate = self.masks.get(self.group)
+        return self.attention(*args, **kwargs)
 
 
 class ChannelMasker(nn.Module):
@@ -94,11 +111,18 @@ class ChannelMasker(nn.Module):
         self._graph = graph
         self._sizes = {group.name: group.size for group in graph.groups}
         self._prunable = {group.name for group in graph.prunable_groups}
-        self._points: list[_MaskPoint] = []
+        self._points: list[_MaskPoint | _HeadMaskPoint] = []
         for index, point in enumerate(graph.mask_points):
             node = nodes[point.node]
-            mask_point = _MaskPoint(point.segments, self._sizes, point.last)
             name = f"prunetune_mask_{index}"
+            called = module.get_submodule(str(node.target)) if node.op == "call_module" else None
+            if isinstance(called, nn.MultiheadAttention):  # its heads: masked inside the call
+                gate = _HeadMaskPoint(called, point.segments[0].group)
+                module.add_submodule(name, gate)
+                node.target = name
+                self._points.append(gate)
+                continue
+            mask_point = _MaskPoint(point.segments, self._sizes, point.last)
             module.add_submodule(name, mask_point)
             with module.graph.inserting_after(node):
                 masked = module.graph.call_module(name, (node,))

@@ -15,7 +15,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from prunetune.backend.attention import (
+    projection_rows,
+    prune_attention_heads,
+    zero_attention_heads,
+)
 from prunetune.backend.graph import (
+    PROJECTIONS,
     ChannelGraph,
     ChannelSegment,
     LayerInfo,
@@ -55,6 +61,8 @@ def _parameter(value: Tensor, like: Tensor) -> nn.Parameter:
 def output_major(module: nn.Module) -> Tensor:
     """``module.weight`` with the output channels along dim 0 (a view: transposed convs keep
     theirs along dim 1)."""
+    if isinstance(module, nn.MultiheadAttention):  # its stacked q, k and v projections
+        return projection_rows(module)
     weight: Tensor = module.weight  # type: ignore[assignment]
     if isinstance(module, nn.modules.conv._ConvTransposeNd):
         return weight.transpose(0, 1)
@@ -165,7 +173,10 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     (a conv that pads itself, a BatchNorm that applies its activation) keep their behaviour, and
     a module shared under several names stays one. Attention heads are pruned as whole heads (the
     q, k and v rows of a head and the output projection's columns), and the attributes the
-    forward reshapes them with (``num_heads``) are set to the heads kept. ``model`` itself is
+    forward reshapes them with (``num_heads``) are set to the heads kept. An
+    ``nn.MultiheadAttention`` that loses heads is replaced by a
+    :class:`~prunetune.backend.attention.PrunedMultiheadAttention` holding the kept heads'
+    weights (its parameters keep their names); one that keeps every head stays. ``model`` itself is
     left untouched; the copy has no masks or hooks added.
 
     Args:
@@ -185,7 +196,11 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     kept_tuples = {name: tuple(v.tolist()) for name, v in kept.items()}
     sizes = {group.name: group.size for group in graph.groups}
     pruned = copy.deepcopy(model)
+    attention = _attention_heads(pruned, graph)
+    replaced = {f"{name}.{projection}" for name in attention for projection in PROJECTIONS}
     for layer in graph.layers:
+        if layer.name in replaced:
+            continue  # the module is replaced below
         kept_in = feature_indices(layer.in_segments, kept_tuples, sizes)
         if layer.depthwise:  # the kept input features, each with its block of outputs
             kept_out = kept_in
@@ -210,7 +225,38 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     for head in graph.head_attributes:  # the forward reshapes to the kept heads
         heads = sum(len(kept_tuples[segment.group]) for segment in head.segments)
         setattr(pruned.get_submodule(head.module), head.attribute, heads * head.per_head)
+    for name, group in attention.items():
+        if len(kept_tuples[group]) < sizes[group]:  # with every head kept, the module stays
+            _set_submodule(pruned, name, prune_attention_heads(
+                pruned.get_submodule(name), kept_tuples[group]  # type: ignore[arg-type]
+            ))  # fmt: skip
     return pruned
+
+
+def _attention_heads(model: nn.Module, graph: ChannelGraph) -> dict[str, str]:
+    """The ``nn.MultiheadAttention`` modules whose heads ``graph`` prunes, with their head
+    group (the input group of their output projection's layer record)."""
+    layers = {layer.name: layer for layer in graph.layers}
+    found = {}
+    for name, module in model.named_modules():
+        record = layers.get(f"{name}.out_proj")
+        if isinstance(module, nn.MultiheadAttention) and f"{name}.q_proj" in layers and record:
+            found[name] = record.in_segments[0].group
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    owner_name, _, attribute = name.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    setattr(owner, attribute, module)
+    if isinstance(owner, nn.TransformerEncoderLayer):
+        # nn.TransformerEncoder's fast path turns padded batches into nested tensors, which
+        # only its fused layers read
+        for parent in model.modules():
+            if isinstance(parent, nn.TransformerEncoder) and any(
+                layer is owner for layer in parent.layers
+            ):
+                parent.use_nested_tensor = False
 
 
 def _prune_scale(model: nn.Module, scale: ScaleInfo, kept: Tensor, factor: float = 1.0) -> None:
@@ -259,7 +305,9 @@ def zero_pruned_channels(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec
                 module = zeroed.get_submodule(member.module)
                 span = torch.arange(member.multiplier, dtype=torch.long)
                 rows = (member.offset + removed[:, None] * member.multiplier + span).flatten()
-                if member.role == "out":
+                if member.role == "out" and isinstance(module, nn.MultiheadAttention):
+                    zero_attention_heads(module, rows)
+                elif member.role == "out":
                     output_major(module)[rows] = 0
                     _zero(module, "bias", rows)
                 elif member.role == "norm":

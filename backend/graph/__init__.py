@@ -1,6 +1,7 @@
 """Model tracing: the channel graph of a model, its coupled channel groups and layer records."""
 
 from prunetune.backend.graph._channel_graph import ChannelGraph, MaskPoint
+from prunetune.backend.graph._mha import PROJECTIONS
 from prunetune.backend.graph._records import (
     ChannelGroup,
     ChannelMember,
@@ -21,6 +22,7 @@ from prunetune.backend.graph._trace import (
 )
 
 __all__ = [
+    "PROJECTIONS",
     "ChannelGraph",
     "ChannelGroup",
     "ChannelMember",

@@ -19,6 +19,7 @@ from prunetune.backend.graph._channel_stats import ChannelStatisticRules
 from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
 from prunetune.backend.graph._heads import HeadRules, reshape_sizes
+from prunetune.backend.graph._mha import MultiheadAttentionRules
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._shuffle import ShuffleRules
 from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
@@ -30,17 +31,16 @@ __all__ = ["ChannelAnalysis"]
 
 _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
     nn.LayerNorm: "LayerNorm normalises across channels",
-    nn.MultiheadAttention: (
-        "MultiheadAttention keeps its heads: its query, key and value projections (one "
-        "in_proj_weight) and its output projection are sized by embed_dim, which it also takes "
-        "as its input and output width, so heads cannot be removed without replacing the "
-        "module (an attention written with Linear layers, as timm's Attention, prunes heads)"
-    ),
 }
 
 
 class ChannelAnalysis(
-    HeadRules, ChannelStatisticRules, TransposedConvRules, ShuffleRules, FunctionalRules
+    HeadRules,
+    MultiheadAttentionRules,
+    ChannelStatisticRules,
+    TransposedConvRules,
+    ShuffleRules,
+    FunctionalRules,
 ):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
@@ -124,6 +124,8 @@ class ChannelAnalysis(
             return self._group_norm(node, cast(nn.GroupNorm, module))
         if kind is nn.ChannelShuffle:
             return self._channel_shuffle(node, int(module.groups), f"module '{name}'")
+        if isinstance(module, nn.MultiheadAttention) and KEPT_CALL_REASON not in node.meta:
+            return self._multihead_attention(node, module)
         if kind is nn.Flatten:
             return self._reshape(node, f"module '{name}' (Flatten)", literal_sizes=None)
         if kind in (nn.Softmax, nn.LogSoftmax, nn.Softmin):

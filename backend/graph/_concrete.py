@@ -23,7 +23,10 @@ from torch import Tensor, fx, nn
 __all__ = ["ConcreteTracer"]
 
 _VALUE = "concrete_value"
-_STATIC = frozenset({"device", "dtype", "is_cuda", "layout", "is_sparse", "is_quantized"})
+_STATIC = frozenset(
+    {"device", "dtype", "is_cuda", "layout", "is_sparse", "is_quantized", "is_nested"}
+)
+_DTYPE_PREDICATES = frozenset({torch.is_floating_point, torch.is_complex})
 
 
 class _ConcreteProxy(fx.Proxy):
@@ -107,6 +110,15 @@ class ConcreteTracer(fx.Tracer):
 
     def proxy(self, node: fx.Node) -> fx.Proxy:
         return _ConcreteProxy(node, self)
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        """A branch on a dtype predicate (``torch.is_floating_point(mask)``, as
+        ``nn.TransformerEncoderLayer`` checks its masks with) takes the example's answer, the
+        same at any batch size; any other branch on a traced value is refused as by fx."""
+        node = obj.node
+        if node.op == "call_function" and node.target in _DTYPE_PREDICATES:
+            return bool(node.meta.get(_VALUE))
+        return super().to_bool(obj)
 
     def create_proxy(
         self,

@@ -140,7 +140,21 @@ class _Tracer(fx.Tracer):
             return True
         if is_layer_subclass(m):
             return True
+        if isinstance(m, _TRACED_TORCH_MODULES):
+            return False
         return super().is_leaf_module(m, module_qualified_name)
+
+
+_TRACED_TORCH_MODULES = (
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+"""torch.nn modules traced into rather than kept as one call: their attention
+(``nn.MultiheadAttention``, a call of its own) and feed-forward layers are pruned. Traced in eval
+mode with the fused fast paths off (see :func:`eval_mode`), the slow path's code is recorded."""
 
 
 def graph_tracer(leaf_modules: tuple[LeafModule, ...]) -> fx.Tracer:
@@ -164,12 +178,22 @@ def _user_frame(exc: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode (what is exported and deployed), then restore every flag."""
+    """Put ``model`` in eval mode (what is exported and deployed), then restore every flag.
+
+    The fused fast paths of ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers
+    (``torch.backends.mha``) are off meanwhile: ``FlopCounterMode`` counts nothing in their
+    fused kernels, and their input checks cannot be traced; off, the same modules run their
+    projections and attention as separate ops, which are traced and counted, and which compute
+    the same function.
+    """
     modes = [(m, m.training) for m in model.modules()]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
+    torch.backends.mha.set_fastpath_enabled(False)
     try:
         yield model
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m, training in modes:
             m.training = training
 

@@ -24,6 +24,12 @@ from tests.backend.attention_architectures import (
     SeparateQkvViT,
     ShapeLogicViT,
 )
+from tests.backend.mha_architectures import (
+    CrossAttentionNet,
+    DecoderNet,
+    EncoderStackNet,
+    SequenceFirstEncoderNet,
+)
 
 
 def _conv_bn(
@@ -836,6 +842,10 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "vit_class_token": ClassTokenViT,
     "vit_cached_positions": CachedPositionViT,
     "vit_borrowed_width": BorrowedWidthNet,
+    "mha_encoder_stack": EncoderStackNet,
+    "mha_sequence_first": SequenceFirstEncoderNet,
+    "mha_cross_attention": CrossAttentionNet,
+    "mha_decoder": DecoderNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -247,7 +247,7 @@ def test_attention_projections_are_kept_whole_with_the_reason() -> None:
         def __init__(self) -> None:
             super().__init__()
             self.patch = torch.nn.Conv2d(3, 16, 8, stride=8)
-            self.attention = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.attention = torch.nn.MultiheadAttention(16, 4, add_bias_kv=True, batch_first=True)
             self.fc = torch.nn.Linear(16, 10)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -257,6 +257,5 @@ def test_attention_projections_are_kept_whole_with_the_reason() -> None:
 
     found = prunetune.inspect(_Attention().eval(), X)
     reason = found.kept_whole["attention"]
-    assert "in_proj_weight" in reason and "sized by embed_dim" in reason
-    assert "cannot be removed without replacing the module" in reason
+    assert "add_bias_kv=True" in reason and "not costed per head" in reason
     assert re.search(r"\(\d+\.\d% of FLOPs", reason)

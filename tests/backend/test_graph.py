@@ -10,7 +10,14 @@ import torch
 from torch import Tensor, nn
 
 from prunetune.backend.errors import UnsupportedModelError
-from prunetune.backend.graph import ChannelGraph, ChannelGroup, ChannelMember, ChannelSegment
+from prunetune.backend.graph import (
+    PROJECTIONS,
+    ChannelGraph,
+    ChannelGroup,
+    ChannelMember,
+    ChannelSegment,
+    LayerInfo,
+)
 from tests.backend.architectures import (
     ALL_MODELS,
     ChannelShuffleNet,
@@ -46,11 +53,29 @@ def _group_of(graph: ChannelGraph, module: str, role: str) -> ChannelGroup:
     return found[0]
 
 
+def _in_attention(model: nn.Module, layer: LayerInfo) -> bool:
+    """Whether ``layer`` is a projection of an ``nn.MultiheadAttention`` whose heads are a
+    group (its query, key and value projections are rows of one of its parameters)."""
+    owner = layer.name.rpartition(".")[0]
+    return isinstance(model.get_submodule(owner), nn.MultiheadAttention)
+
+
+def _layer_parameters(model: nn.Module, layer: LayerInfo) -> int:
+    if _in_attention(model, layer) and "out_proj" not in layer.name:
+        return layer.out_channels * (layer.in_channels + int(layer.bias))
+    return sum(p.numel() for p in model.get_submodule(layer.name).parameters())
+
+
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
     graph = _trace(name)
     model = build(name)
     for layer in graph.layers:
+        if _in_attention(model, layer):  # rows of in_proj_weight (or q_proj_weight, ...)
+            assert layer.name.rpartition(".")[2] in PROJECTIONS
+            heads = layer.in_segments if "out_proj" in layer.name else layer.outputs
+            assert graph.group(heads[0].group).unit == "heads"
+            continue
         module = model.get_submodule(layer.name)
         if layer.weight:  # F.conv2d(x, self.weight, self.bias) in a plain module
             assert model.get_parameter(layer.weight).shape[:2] == (
@@ -78,9 +103,7 @@ def test_every_channel_dim_is_in_exactly_one_group(name: str) -> None:
     names = [group.name for group in graph.groups]
     assert len(set(names)) == len(names)
     assert graph.prunable_groups == tuple(g for g in graph.groups if g.prunable)
-    counted = sum(
-        p.numel() for layer in graph.layers for p in model.get_submodule(layer.name).parameters()
-    )
+    counted = sum(_layer_parameters(model, layer) for layer in graph.layers)
     counted += sum(p.numel() for n in graph.norms for p in model.get_submodule(n.name).parameters())
     counted += sum(model.get_parameter(s.name).numel() for s in graph.scales if s.parameter)
     assert counted + graph.other_params == sum(p.numel() for p in model.parameters())

@@ -113,6 +113,13 @@ def test_pruned_zeroed_and_masked_models_agree(name: str) -> None:
             torch.testing.assert_close(masker(X), expected, atol=1e-5, rtol=1e-5)
         assert macs == reference_macs(graph, spec.widths)
         for layer in graph.layers:
+            owner_name = layer.name.rpartition(".")[0]
+            if isinstance(model.get_submodule(owner_name), nn.MultiheadAttention):
+                # its projections: the module keeps its heads' rows, or is replaced
+                heads = layer.in_segments[0] if "out_proj" in layer.name else layer.outputs[0]
+                kept = spec.widths.get(heads.group, graph.group(heads.group).size)
+                assert pruned.get_submodule(owner_name).num_heads == kept
+                continue
             module = pruned.get_submodule(layer.name)
             if layer.weight:  # a functional layer: its weight's rows
                 out_features = pruned.get_parameter(layer.weight).shape[0]

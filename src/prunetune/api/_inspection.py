@@ -187,7 +187,7 @@ def _kept_whole(graph: ChannelGraph, dense_flops: float) -> dict[str, str]:
         reason = kept.get(place, "reads channels kept whole; counted, not pruned")
         kept[place] = f"{reason} ({share})"
     for name, reason in kept.items():  # a module FlopCounterMode counts nothing in (a fused
-        # MultiheadAttention kernel in eval mode) fixes no counted FLOPs of its own
+        # kernel it has no formula for) fixes no counted FLOPs of its own
         if reason.startswith("module kept whole") and name not in graph.constant_flops:
             kept[name] = f"{reason} (0.0% of FLOPs: FlopCounterMode counts none in it)"
     return kept
