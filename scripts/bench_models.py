@@ -86,10 +86,20 @@ def build(name: str) -> nn.Module:
 
 
 def flop_counter_macs(model: nn.Module, x: torch.Tensor) -> int:
-    """``FlopCounterMode`` total / 2 of one forward pass in eval mode: the reference."""
+    """``FlopCounterMode`` total / 2 of one forward pass in eval mode: the reference.
+
+    ``nn.MultiheadAttention``'s fused fast path is off while counting (as in prunetune's own
+    trace): ``FlopCounterMode`` counts nothing inside that fused CPU kernel, and off, the same
+    function runs as separate ops that it counts.
+    """
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.eval()(x)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), counter:
+            model.eval()(x)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return int(counter.get_total_flops()) // 2
 
 
