@@ -18,10 +18,19 @@ from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._channel_stats import ChannelStatisticRules
 from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
-from prunetune.backend.graph._heads import HeadRules, reshape_sizes
+from prunetune.backend.graph._heads import HeadRules
 from prunetune.backend.graph._records import ChannelMember
+from prunetune.backend.graph._rules import reshape_sizes
 from prunetune.backend.graph._shuffle import ShuffleRules
-from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
+from prunetune.backend.graph._state import (
+    Heads,
+    Last,
+    LayerRecord,
+    Many,
+    NormRecord,
+    Shuffled,
+    is_multi,
+)
 from prunetune.backend.graph._trace import KEPT_CALL_REASON, node_shape
 from prunetune.backend.graph._transposed import TransposedConvRules
 
@@ -298,7 +307,10 @@ class ChannelAnalysis(
         if not isinstance(source, fx.Node):
             return
         sizes = reshape_sizes(node)
-        source_is_last = not isinstance(self.values.get(source), tuple)
+        scores = self.values.get(source)
+        if isinstance(scores, Heads) and scores.inner is None:
+            return  # attention scores: their last dim is the keys, not a width
+        source_is_last = not isinstance(scores, tuple)
         for position, size in enumerate(sizes):
             # only a size that gives the result's channel dim: the last one for tokens
             # (``[B, N, C]``), dim 1 for ``[N, C, H, W]`` maps

@@ -16,7 +16,7 @@ from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels
-from prunetune.backend.graph._heads import owner_of, reshape_sizes
+from prunetune.backend.graph._rules import owner_of, reshape_sizes
 from prunetune.backend.graph._state import AnalysisState, HeadSite
 from prunetune.backend.graph._trace import LeafModule, graph_tracer
 

@@ -23,6 +23,7 @@ from tests.backend.attention_architectures import (
     SdpaViT,
     SeparateQkvViT,
     ShapeLogicViT,
+    SwinStyleNet,
 )
 
 
@@ -836,6 +837,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "vit_class_token": ClassTokenViT,
     "vit_cached_positions": CachedPositionViT,
     "vit_borrowed_width": BorrowedWidthNet,
+    "swin_style": SwinStyleNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 
