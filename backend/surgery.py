@@ -10,6 +10,7 @@ the equivalence tests check.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -210,6 +211,11 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     for head in graph.head_attributes:  # the forward reshapes to the kept heads
         heads = sum(len(kept_tuples[segment.group]) for segment in head.segments)
         setattr(pruned.get_submodule(head.module), head.attribute, heads * head.per_head)
+    if "torchvision.models.swin_transformer" in sys.modules:  # its window attentions
+        from prunetune.backend._window_attention import follow_pruned_heads
+
+        for head in graph.head_attributes:
+            follow_pruned_heads(pruned.get_submodule(head.module))
     return pruned
 
 

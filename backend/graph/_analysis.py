@@ -18,7 +18,6 @@ from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._channel_stats import ChannelStatisticRules
 from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
-from prunetune.backend.graph._heads import HeadRules
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._rules import reshape_sizes
 from prunetune.backend.graph._shuffle import ShuffleRules
@@ -33,6 +32,7 @@ from prunetune.backend.graph._state import (
 )
 from prunetune.backend.graph._trace import KEPT_CALL_REASON, node_shape
 from prunetune.backend.graph._transposed import TransposedConvRules
+from prunetune.backend.graph._window_rules import WindowAttentionRules
 
 __all__ = ["ChannelAnalysis"]
 
@@ -49,7 +49,11 @@ _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
 
 
 class ChannelAnalysis(
-    HeadRules, ChannelStatisticRules, TransposedConvRules, ShuffleRules, FunctionalRules
+    WindowAttentionRules,
+    ChannelStatisticRules,
+    TransposedConvRules,
+    ShuffleRules,
+    FunctionalRules,
 ):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
 
@@ -158,6 +162,9 @@ class ChannelAnalysis(
     def _call_function(self, node: fx.Node) -> Any:
         name = rules.op_name(node)
         what = rules.describe(node)
+        window = self._window_call(node, name, what)  # torchvision's Swin: wrapped calls
+        if window is not None:
+            return window
         if name is None:
             return self._unknown(node, what)
         if name in FUNCTIONAL_LAYERS:

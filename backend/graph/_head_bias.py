@@ -39,19 +39,22 @@ import torch
 from torch import fx
 
 from prunetune.backend.graph import _rules as rules
-from prunetune.backend.graph._groups import Segment
+from prunetune.backend.graph._groups import Channels, Segment
 from prunetune.backend.graph._last import ChannelsLastRules
 from prunetune.backend.graph._scales import attribute
-from prunetune.backend.graph._state import Heads, HeadSite
+from prunetune.backend.graph._state import Heads, HeadSite, Last
 from prunetune.backend.graph._trace import node_shape
 
-__all__ = ["HeadBiasRules", "same_dim"]
+__all__ = ["BiasSource", "HeadBiasRules", "same_dim"]
 
 # Ops that copy a tensor or change its dtype or device, keeping its shape.
 _COPIES = frozenset(
     ("contiguous", "clone", "detach", "to", "float", "half", "double", "bfloat16", "type_as")
 )
 _INDEX_DTYPES = (torch.int64, torch.int32)
+
+BiasSource = tuple[str | Channels, int, list[tuple[fx.Node, int]]]
+"""What a bias per head is computed from (see ``HeadBiasRules._bias_source``)."""
 
 
 def same_dim(source: tuple[int, ...], target: tuple[int, ...], dim: int) -> int | None:
@@ -81,20 +84,28 @@ class HeadBiasRules(ChannelsLastRules):
         dim = scores.head - (len(out_shape) - len(shape))
         if dim < 0 or len(scores.parts) != 1:
             return False
-        found = self._bias_parameter(source, dim)
+        found = self._bias_source(source, dim)
         if found is None:
             return False
-        name, axis, sites = found
-        channels = scores.parts[0]
+        self._record_bias(node, found, scores.parts[0], what)
+        return True
+
+    def _record_bias(self, node: fx.Node, found: BiasSource, channels: Channels, what: str) -> None:
+        """Prune what :meth:`_bias_source` found with the heads of ``channels``: a tensor's
+        head dim as a per-channel tensor, or a layer's output channels coupled to the heads; and
+        the literal head counts on the way as head sites."""
+        source, axis, sites = found
         for site, position in sites:
             self.head_sites.append(HeadSite(site.name, position, channels, 1, rules.owner_of(site)))
         per_head = tuple(Segment(segment.slot, segment.size) for segment in channels)
-        known = self.scales.get(name)
+        if not isinstance(source, str):
+            self._join(per_head, source, node, what)
+            return
+        known = self.scales.get(source)
         if known is None:
-            self.scales[name] = (per_head, axis)
+            self.scales[source] = (per_head, axis)
         else:  # the same tensor biasing two attentions: their heads go together
             self._join(known[0], per_head, node, what)
-        return True
 
     def _reshape_scores(self, node: fx.Node, scores: Heads, what: str) -> Heads | None:
         """A ``view``/``reshape`` of attention scores (no head dim left) that keeps the heads a
@@ -124,10 +135,10 @@ class HeadBiasRules(ChannelsLastRules):
                 self.head_sites.append(HeadSite(node.name, head, part, 1, rules.owner_of(node)))
         return Heads(scores.parts, head, None)
 
-    def _constant(self, node: fx.Node) -> bool:
+    def _constant(self, node: fx.Node, layers: bool = False) -> bool:
         """Whether ``node`` is computed from parameters, buffers and literals only: neither
-        the model's input nor any conv or linear layer (whose channels may be pruned) is among
-        its inputs, however far back."""
+        the model's input nor (unless ``layers``) any conv or linear layer, whose channels may
+        be pruned, is among its inputs, however far back."""
         seen: set[fx.Node] = set()
         stack = [node]
         while stack:
@@ -135,22 +146,29 @@ class HeadBiasRules(ChannelsLastRules):
             if current in seen:
                 continue
             seen.add(current)
-            if current.op == "placeholder" or current in self.functional:
+            if current.op == "placeholder":
                 return False
-            if current.op == "call_module" and str(current.target) in self.layers:
+            layer = current.op == "call_module" and str(current.target) in self.layers
+            if not layers and (layer or current in self.functional):
                 return False
             stack.extend(current.all_input_nodes)
         return True
 
-    def _bias_parameter(
-        self, node: fx.Node, dim: int
-    ) -> tuple[str, int, list[tuple[fx.Node, int]]] | None:
-        """``(qualified name, dim, sites)``: the parameter or buffer whose dim gives dim
-        ``dim`` of ``node``, followed back through ops that keep it, each feeding only the
-        next, and the views on the way that write the head count (node, size position)."""
+    def _bias_source(self, node: fx.Node, dim: int) -> BiasSource | None:
+        """``(source, dim, sites)``: what dim ``dim`` of ``node`` is computed from, followed
+        back through ops that keep it, each feeding only the next: a parameter or buffer
+        (``source`` its qualified name, ``dim`` its dim), or the output channels of a Linear on
+        constants (Swin v2's ``cpb_mlp``, ``source`` those channels); ``sites`` the views on
+        the way that write the head count (node, size position)."""
         sites: list[tuple[fx.Node, int]] = []
         while node.op != "get_attr":
             if len(node.users) != 1:
+                return None
+            if node.op == "call_module" and str(node.target) in self.layers:
+                value = self.values.get(node)
+                last = dim == len(node_shape(node) or ()) - 1
+                if isinstance(value, Last) and last and self._constant(node, layers=True):
+                    return value.channels, dim, sites
                 return None
             step = self._bias_step(node, dim, sites)
             if step is None:
@@ -165,6 +183,9 @@ class HeadBiasRules(ChannelsLastRules):
         self, node: fx.Node, dim: int, sites: list[tuple[fx.Node, int]]
     ) -> tuple[fx.Node, int] | None:
         """The input of ``node`` and its dim that become dim ``dim`` of ``node``'s output."""
+        wrapped = self._wrapped_bias_step(node, dim)
+        if wrapped is not None:
+            return wrapped
         name = rules.op_name(node)
         shape = node_shape(node)
         if name in rules.ELEMENTWISE_OPS and name not in _COPIES and shape is not None:
@@ -201,6 +222,11 @@ class HeadBiasRules(ChannelsLastRules):
         if result is None or in_shape[result] != shape[dim]:
             return None
         return source, result
+
+    def _wrapped_bias_step(self, node: fx.Node, dim: int) -> tuple[fx.Node, int] | None:
+        """The step back through a call of a library's bias function that the trace does not
+        enter (torchvision's, in ``_window_rules.py``); ``None`` here."""
+        return None
 
     def _bias_operand(
         self, node: fx.Node, shape: tuple[int, ...], dim: int
