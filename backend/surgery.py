@@ -10,6 +10,7 @@ the equivalence tests check.
 from __future__ import annotations
 
 import copy
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -230,6 +231,11 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
             _set_submodule(pruned, name, prune_attention_heads(
                 pruned.get_submodule(name), kept_tuples[group]  # type: ignore[arg-type]
             ))  # fmt: skip
+    if "torchvision.models.swin_transformer" in sys.modules:  # its window attentions
+        from prunetune.backend._window_attention import follow_pruned_heads
+
+        for head in graph.head_attributes:
+            follow_pruned_heads(pruned.get_submodule(head.module))
     return pruned
 
 

@@ -402,7 +402,7 @@ class ParamsModel(_QuadraticCost):
                     terms.add_linear(index[segment.group], 2 * segment.multiplier)
         for scale in getattr(graph, "scales", ()):  # per-channel parameters (layer scale)
             for segment in scale.segments if scale.parameter else ():
-                terms.add_linear(index[segment.group], segment.multiplier)
+                terms.add_linear(index[segment.group], segment.multiplier * scale.entries)
         terms.constant += int(graph.other_params)
         return cls(view, terms)
 

@@ -18,13 +18,22 @@ from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._channel_stats import ChannelStatisticRules
 from prunetune.backend.graph._functional import FUNCTIONAL_LAYERS, FunctionalRules
 from prunetune.backend.graph._groups import Channels, Segment
-from prunetune.backend.graph._heads import HeadRules, reshape_sizes
 from prunetune.backend.graph._mha import MultiheadAttentionRules
 from prunetune.backend.graph._records import ChannelMember
+from prunetune.backend.graph._rules import reshape_sizes
 from prunetune.backend.graph._shuffle import ShuffleRules
-from prunetune.backend.graph._state import Last, LayerRecord, Many, NormRecord, Shuffled, is_multi
+from prunetune.backend.graph._state import (
+    Heads,
+    Last,
+    LayerRecord,
+    Many,
+    NormRecord,
+    Shuffled,
+    is_multi,
+)
 from prunetune.backend.graph._trace import KEPT_CALL_REASON, node_shape
 from prunetune.backend.graph._transposed import TransposedConvRules
+from prunetune.backend.graph._window_rules import WindowAttentionRules
 
 __all__ = ["ChannelAnalysis"]
 
@@ -35,7 +44,7 @@ _SPECIAL_MODULE_REASONS: dict[type[nn.Module], str] = {
 
 
 class ChannelAnalysis(
-    HeadRules,
+    WindowAttentionRules,
     MultiheadAttentionRules,
     ChannelStatisticRules,
     TransposedConvRules,
@@ -151,6 +160,9 @@ class ChannelAnalysis(
     def _call_function(self, node: fx.Node) -> Any:
         name = rules.op_name(node)
         what = rules.describe(node)
+        window = self._window_call(node, name, what)  # torchvision's Swin: wrapped calls
+        if window is not None:
+            return window
         if name is None:
             return self._unknown(node, what)
         if name in FUNCTIONAL_LAYERS:
@@ -300,7 +312,10 @@ class ChannelAnalysis(
         if not isinstance(source, fx.Node):
             return
         sizes = reshape_sizes(node)
-        source_is_last = not isinstance(self.values.get(source), tuple)
+        scores = self.values.get(source)
+        if isinstance(scores, Heads) and scores.inner is None:
+            return  # attention scores: their last dim is the keys, not a width
+        source_is_last = not isinstance(scores, tuple)
         for position, size in enumerate(sizes):
             # only a size that gives the result's channel dim: the last one for tokens
             # (``[B, N, C]``), dim 1 for ``[N, C, H, W]`` maps

@@ -179,7 +179,14 @@ class ChannelGraph:
             return segments(counted), power
 
         scales = tuple(
-            ScaleInfo(name, segments(channels), dim, _is_param(model, name), *rescaled(name))
+            ScaleInfo(
+                name,
+                segments(channels),
+                dim,
+                _is_param(model, name),
+                *rescaled(name),
+                entries=_entries(model, name, dim),
+            )
             for name, (channels, dim) in analysis.scales.items()
             # channels no layer or norm makes (attention outputs, say) form no group: such a
             # scale is never pruned, and its parameters count as the model's other parameters
@@ -403,6 +410,13 @@ def _group_size(module: nn.Module) -> int:
     if isinstance(module, nn.GroupNorm):
         return module.num_channels // module.num_groups
     return 0
+
+
+def _entries(model: nn.Module, name: str, dim: int) -> int:
+    """Elements of tensor ``name`` per index along its ``dim``."""
+    owner_name, _, attribute = name.rpartition(".")
+    tensor = getattr(model.get_submodule(owner_name) if owner_name else model, attribute)
+    return int(tensor.numel() // tensor.shape[dim])
 
 
 def _is_param(model: nn.Module, name: str) -> bool:

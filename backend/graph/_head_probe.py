@@ -16,9 +16,10 @@ from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels
-from prunetune.backend.graph._heads import owner_of, reshape_sizes
+from prunetune.backend.graph._rules import owner_of, reshape_sizes
 from prunetune.backend.graph._state import AnalysisState, HeadSite
 from prunetune.backend.graph._trace import LeafModule, graph_tracer
+from prunetune.backend.graph._window_rules import is_window_attention
 
 __all__ = ["check_head_sites", "probe_head_sites"]
 
@@ -150,6 +151,9 @@ def probe_head_sites(
 
 
 def _is_reshape(node: fx.Node) -> bool:
+    """A view or reshape, or a window attention call (its ``num_heads`` argument a size)."""
+    if is_window_attention(node):
+        return True
     return node.op in ("call_method", "call_function") and rules.op_name(node) in (
         "view",
         "reshape",

@@ -21,6 +21,8 @@ a value that still has its head dim (``inner``) is zero for a removed head (it c
 zeroed projection through ops that keep zeros and products with such a value), whatever its
 attention weights are, so the pruned, zeroed and masked models agree. Ops that would turn those
 zeros into non-zeros (adding a constant, a softmax over head features) keep the heads whole.
+A bias per head added to the scores (Swin's relative position bias) and reshapes of the scores
+that keep the heads are ``_head_bias.py``'s.
 
 The head count written in the reshapes must follow the pruned model: each literal size there that
 counts heads (or the width, heads * head_dim) is recorded as a :class:`HeadSite`, and
@@ -37,11 +39,13 @@ from torch import fx, nn
 
 from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels
-from prunetune.backend.graph._last import ChannelsLastRules, as_value
+from prunetune.backend.graph._head_bias import HeadBiasRules
+from prunetune.backend.graph._last import as_value
+from prunetune.backend.graph._rules import owner_of, reshape_sizes
 from prunetune.backend.graph._state import Heads, HeadSite, Many
 from prunetune.backend.graph._trace import node_shape
 
-__all__ = ["HeadRules", "owner_of", "reshape_sizes"]
+__all__ = ["HeadRules"]
 
 # Ops that keep zeros zero, on a value whose head dim is still there.
 _ZERO_KEEPING = frozenset(
@@ -58,21 +62,7 @@ _ZERO_KEEPING_MODULES: tuple[type[nn.Module], ...] = (
 )  # fmt: skip
 
 
-def reshape_sizes(node: fx.Node) -> list[Any]:
-    """The sizes a ``view`` or ``reshape`` call asks for, given one by one or as one tuple."""
-    sizes = list(node.args[1:])
-    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-        sizes = list(sizes[0])
-    return sizes
-
-
-def owner_of(node: fx.Node) -> str:
-    """The innermost module whose forward holds ``node`` (``""``: the model itself)."""
-    stack = node.meta.get("nn_module_stack") or {}
-    return str(next(reversed(stack.values()))[0]) if stack else ""
-
-
-class HeadRules(ChannelsLastRules):
+class HeadRules(HeadBiasRules):
     """The rules for :class:`Heads` values, used by the channel analysis."""
 
     def _heads_of(self, node: Any) -> Heads | None:
@@ -140,7 +130,9 @@ class HeadRules(ChannelsLastRules):
             return None
         value = self._heads_of(node.args[0] if node.args else None)
         result: Any = None
-        if name in ("view", "reshape", "flatten") and value is not None:
+        if name in ("view", "reshape") and value is not None and value.inner is None:
+            result = self._reshape_scores(node, value, what)
+        elif name in ("view", "reshape", "flatten") and value is not None:
             result = self._merge_heads(node, name, value, what)
         elif name in rules.PERMUTE_OPS and value is not None:
             order = self._permute_order(node, name, len(node_shape(node) or ()))
@@ -260,17 +252,21 @@ class HeadRules(ChannelsLastRules):
         head = found[0].head
         if head >= rank - 2 or rules.argument(node, 7, "enable_gqa", False) is not False:
             return None
-        mask = rules.argument(node, 3, "attn_mask")
-        if isinstance(mask, fx.Node) and "tensor_meta" in mask.meta:  # else None when run
-            mask_shape = node_shape(mask)
-            if mask_shape is None or self.values.get(mask) is not None:
-                return None  # a mask made from a layer's channels
-            position = head - (rank - len(mask_shape))
-            if position >= 0 and mask_shape[position] != 1:
-                return None  # a mask (or bias) per head: kept whole with the heads
         joined = found[0].parts[0]
         for other in found[1:]:
             joined = self._join(joined, other.parts[0], node, what)
+        mask = rules.argument(node, 3, "attn_mask")
+        if isinstance(mask, fx.Node) and "tensor_meta" in mask.meta:  # else None when run
+            mask_shape = node_shape(mask)
+            if mask_shape is None:
+                return None
+            position = head - (rank - len(mask_shape))
+            if position >= 0 and mask_shape[position] != 1:  # a bias per head (Swin's)
+                scores = Heads((joined,), head, None)
+                if not self._scores_bias(node, mask, scores, what):
+                    return None
+            elif not self._constant(mask):
+                return None  # a mask made from the input or a layer's channels
         if not self._head_cost(node, joined):
             return None
         return Heads((joined,), head, rank - 1)
@@ -305,14 +301,16 @@ class HeadRules(ChannelsLastRules):
                 return None
             position = first.head - (len(out_shape) - len(shape))
             if position >= 0 and shape[position] != 1:
+                if self._scores_bias(node, source, first, what):
+                    continue
                 return self._unknown(
                     node,
                     f"{what} (combines the attention heads with a tensor of one entry per "
-                    "head, such as a relative position bias, which would have to be pruned with "
-                    "them)",
+                    "head that is not a bias computed from one parameter or buffer alone, as "
+                    "Swin's relative position bias is, so it cannot be pruned with them)",
                 )
-            if self.values.get(source) is not None:
-                return None  # channels of some layer: they would need coupling
+            if not self._constant(source):
+                return None  # made from the input or a layer's channels: they would need coupling
         return Heads((joined,), first.head, first.inner)
 
     def _head_cost(self, node: fx.Node, channels: Channels) -> bool:

@@ -170,7 +170,8 @@ class NormInfo:
 @dataclass(frozen=True)
 class ScaleInfo:
     """A per-channel parameter (or buffer) applied elementwise to a group's activations: a
-    layer scale ``x * gamma``, the slopes of a ``PReLU(C)``, a bias added to a map.
+    layer scale ``x * gamma``, the slopes of a ``PReLU(C)``, a bias added to a map, a bias per
+    attention head added to the scores (one head per channel).
 
     Attributes:
         name: the tensor's qualified name in the model (``blocks.0.gamma``, ``act.weight``).
@@ -183,6 +184,9 @@ class ScaleInfo:
         rescale_power: with ``C`` channels of ``rescale_segments`` in the dense model and
             ``C'`` kept, surgery multiplies the kept entries by ``(C / C') ** rescale_power``
             so the pruned model computes what the zeroed one does.
+        entries: elements per channel (the product of its other dims): 1 for a layer scale,
+            ``(2 * window - 1) ** 2`` for Swin's relative position bias table ``[entries,
+            heads]``, whose heads are the channels.
     """
 
     name: str
@@ -191,6 +195,7 @@ class ScaleInfo:
     parameter: bool = True
     rescale_segments: tuple[ChannelSegment, ...] = ()
     rescale_power: float = 0.0
+    entries: int = 1
 
 
 @dataclass(frozen=True)

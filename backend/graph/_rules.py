@@ -35,9 +35,11 @@ __all__ = [
     "is_per_output",
     "normalise_dims",
     "op_name",
+    "owner_of",
     "per_output_channels",
     "per_output_parameters",
     "reshape_channels",
+    "reshape_sizes",
     "unlike_its_layer",
 ]
 
@@ -307,3 +309,17 @@ def _product(values: tuple[int, ...]) -> int:
     for value in values:
         result *= value
     return result
+
+
+def reshape_sizes(node: fx.Node) -> list[Any]:
+    """The sizes a ``view`` or ``reshape`` call asks for, given one by one or as one tuple."""
+    sizes = list(node.args[1:])
+    if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+        sizes = list(sizes[0])
+    return sizes
+
+
+def owner_of(node: fx.Node) -> str:
+    """The innermost module whose forward holds ``node`` (``""``: the model itself)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return str(next(reversed(stack.values()))[0]) if stack else ""

@@ -23,6 +23,7 @@ from tests.backend.attention_architectures import (
     SdpaViT,
     SeparateQkvViT,
     ShapeLogicViT,
+    SwinStyleNet,
 )
 from tests.backend.mha_architectures import (
     CrossAttentionNet,
@@ -846,6 +847,7 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "mha_sequence_first": SequenceFirstEncoderNet,
     "mha_cross_attention": CrossAttentionNet,
     "mha_decoder": DecoderNet,
+    "swin_style": SwinStyleNet,
 }
 """Test architectures that every graph, surgery and mask contract runs on."""
 

@@ -90,8 +90,8 @@ class InputWidthAttention(nn.Module):
 
 
 class HeadBiasAttention(FusedQkvAttention):
-    """Adds a learned bias per head to the attention scores (Swin's relative position bias, on
-    8 x 8 tokens): the bias would have to lose the removed heads too, so they are kept whole."""
+    """Adds a learned bias per head to the attention scores, ``nn.Parameter([heads, N, N])`` on
+    8 x 8 tokens: pruned with the heads."""
 
     def __init__(self, dim: int, num_heads: int) -> None:
         super().__init__(dim, num_heads)
@@ -103,6 +103,94 @@ class HeadBiasAttention(FusedQkvAttention):
         q, k, v = qkv.unbind(0)
         attn = (q @ k.transpose(-2, -1) * self.scale + self.bias).softmax(-1)
         return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+class WindowAttention(nn.Module):
+    """timm's ``WindowAttention`` (Swin): fused qkv, scores plus a relative position bias looked
+    up in a ``[(2 * window - 1) ** 2, heads]`` table by an index buffer, and, for shifted
+    windows, a mask of ``[windows, N, N]`` added with the windows split out of the batch."""
+
+    def __init__(self, dim: int, num_heads: int, window: int = 4) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_area = window * window
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(
+            torch.randn((2 * window - 1) ** 2, num_heads) * 0.5
+        )
+        steps = torch.arange(window)
+        coords = torch.stack(torch.meshgrid(steps, steps, indexing="ij"))
+        relative = (coords.flatten(1)[:, :, None] - coords.flatten(1)[:, None, :]).permute(1, 2, 0)
+        index = (relative[..., 0] + window - 1) * (2 * window - 1) + relative[..., 1] + window - 1
+        self.register_buffer("relative_position_index", index, persistent=False)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+        self.softmax = nn.Softmax(dim=-1)
+
+    def _get_rel_pos_bias(self) -> Tensor:
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(self.window_area, self.window_area, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        B_, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        attn = attn + self._get_rel_pos_bias()
+        if mask is not None:
+            num_win = mask.shape[0]
+            attn = attn.view(-1, num_win, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.view(-1, self.num_heads, N, N)
+        x = (self.softmax(attn) @ v).transpose(1, 2).reshape(B_, N, -1)
+        return self.proj(x)
+
+
+class SwinStyleNet(nn.Module):
+    """Two Swin blocks (Liu et al., ICCV 2021) on 8 x 8 tokens of 48 channels in windows of
+    4 x 4: the first in place, the second shifted by 2 with the shifted-window mask (a buffer),
+    each with 4 heads of 12 and an MLP to 96, then mean pooling and a classifier."""
+
+    def __init__(self, num_classes: int = 10, dim: int = 48, window: int = 4) -> None:
+        super().__init__()
+        self.window = window
+        self.patch = nn.Conv2d(3, dim, 4, stride=4)
+        self.norms = nn.ModuleList(nn.LayerNorm(dim) for _ in range(4))
+        self.attns = nn.ModuleList(WindowAttention(dim, 4, window) for _ in range(2))
+        self.fc1 = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(2))
+        self.fc2 = nn.ModuleList(nn.Linear(2 * dim, dim) for _ in range(2))
+        self.head = nn.Linear(dim, num_classes)
+        regions = torch.zeros(8, 8)
+        for i, rows in enumerate((slice(0, -window), slice(-window, -2), slice(-2, None))):
+            for j, cols in enumerate((slice(0, -window), slice(-window, -2), slice(-2, None))):
+                regions[rows, cols] = 3 * i + j
+        windows = self._partition(regions[None, :, :, None]).squeeze(-1)  # [windows, N]
+        mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+        self.register_buffer("attn_mask", mask.masked_fill(mask != 0, -100.0), persistent=False)
+
+    def _partition(self, x: Tensor) -> Tensor:
+        """``[B, H, W, C]`` -> ``[B * windows, window * window, C]``."""
+        B, H, W, C = x.shape
+        w = self.window
+        x = x.view(B, H // w, w, W // w, w, C).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(-1, w * w, C)
+
+    def _reverse(self, windows: Tensor, B: int) -> Tensor:
+        w = self.window
+        x = windows.view(B, 8 // w, 8 // w, w, w, -1).permute(0, 1, 3, 2, 4, 5)
+        return x.reshape(B, 8, 8, -1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch(x).permute(0, 2, 3, 1)  # [B, 8, 8, C]
+        B = x.shape[0]
+        for index, (attn, fc1, fc2) in enumerate(zip(self.attns, self.fc1, self.fc2)):
+            shift = 2 * index
+            shifted = torch.roll(self.norms[2 * index](x), (-shift, -shift), (1, 2))
+            mask = self.attn_mask if shift else None
+            out = self._reverse(attn(self._partition(shifted), mask), B)
+            x = x + torch.roll(out, (shift, shift), (1, 2))
+            x = x + fc2(F.gelu(fc1(self.norms[2 * index + 1](x))))
+        return self.head(x.mean((1, 2)))
 
 
 class LiteralHeadsAttention(SeparateQkvAttention):
@@ -178,7 +266,7 @@ class InputWidthViT(TinyViT):
 
 
 class HeadBiasViT(TinyViT):
-    """:class:`TinyViT` whose attention adds a bias per head to its scores (kept whole)."""
+    """:class:`TinyViT` whose attention adds a bias per head to its scores (pruned with them)."""
 
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__(HeadBiasAttention, num_classes)
@@ -332,5 +420,6 @@ ATTENTION_ARCHITECTURES: dict[str, type[nn.Module]] = {
     "vit_class_token": ClassTokenViT,
     "vit_cached_positions": CachedPositionViT,
     "vit_borrowed_width": BorrowedWidthNet,
+    "swin_style": SwinStyleNet,
 }
-"""ViT-style architectures: heads pruned (the first four) or kept whole with a reason."""
+"""ViT-style architectures: heads pruned or kept whole with a reason."""

@@ -14,6 +14,7 @@ from prunetune.backend.measure import count_flops, count_params
 from prunetune.backend.surgery import prune_model, zero_pruned_channels
 from prunetune.estimators import FlopsModel
 from tests.backend.architectures import build
+from tests.backend.attention_architectures import FusedQkvAttention, TinyViT
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 HEAD_DIM = 12
@@ -25,7 +26,7 @@ def _head_group(graph: ChannelGraph) -> str:
 
 
 @pytest.mark.parametrize(
-    "name", ["vit_fused_qkv", "vit_separate_qkv", "vit_sdpa", "vit_shape_logic"]
+    "name", ["vit_fused_qkv", "vit_separate_qkv", "vit_sdpa", "vit_shape_logic", "vit_head_bias"]
 )
 def test_heads_are_pruned_whole_at_half_the_flops(name: str) -> None:
     model = build(name)
@@ -43,6 +44,8 @@ def test_heads_are_pruned_whole_at_half_the_flops(name: str) -> None:
     pruned = result.model
     attention = pruned.attn
     assert attention.num_heads == heads
+    if hasattr(attention, "bias"):  # one [N, N] bias per head, kept with its head
+        assert attention.bias.shape[0] == heads
     projection = attention.out if hasattr(attention, "out") else attention.proj
     assert projection.in_features == heads * HEAD_DIM
     assert result.flops == count_flops(pruned, X[:1]) == result.costs["flops"]
@@ -74,16 +77,56 @@ def test_matmul_costs_follow_the_heads_kept() -> None:
     [
         ("vit_input_width", "merges the attention heads back to a width read from a tensor's"),
         ("vit_literal_heads", "reshapes its attention heads with the literal size 4"),
-        ("vit_head_bias", "a tensor of one entry per head, such as a relative position bias"),
+        ("vit_input_bias", "one entry per head that is not a bias computed from one parameter"),
     ],
 )
 def test_heads_that_cannot_follow_are_kept_whole_with_the_reason(name: str, reason: str) -> None:
-    found = prunetune.inspect(build(name), X[:1])
+    model = TinyViT(InputBiasAttention).eval() if name == "vit_input_bias" else build(name)
+    found = prunetune.inspect(model, X[:1])
     groups = [g for g in found.graph.groups if g.unit == "heads"]
     assert groups and not any(g.prunable for g in groups)
     named = [g.name for g in groups if reason in (g.reason or "")]
     assert named and reason in found.kept_whole[named[0]]
     assert "fc1" in {g.name for g in found.prunable_groups}  # the MLP still prunes
+
+
+class InputBiasAttention(FusedQkvAttention):
+    """Adds a bias per head made from the tokens by a Linear (a gate, as ConViT's positional
+    attention mixes one in): it is not a parameter's entries, so the heads are kept whole."""
+
+    def __init__(self, dim: int, num_heads: int) -> None:
+        super().__init__(dim, num_heads)
+        self.gate = nn.Linear(dim, num_heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.gate(x).transpose(1, 2).unsqueeze(-1)  # [B, heads, N, 1]
+        attn = (q @ k.transpose(-2, -1) * self.scale + bias).softmax(-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, -1))
+
+
+def test_swin_relative_position_bias_and_shift_mask_prune_with_the_heads() -> None:
+    model = build("swin_style")  # timm's WindowAttention: bias table [49, heads], shift mask
+    found = prunetune.inspect(model, X[:1])
+    heads = [g for g in found.graph.prunable_groups if g.unit == "heads"]
+    assert [g.size for g in heads] == [4, 4]
+    tables = {s.name: s for s in found.graph.scales}
+    assert {(s.dim, s.entries) for s in tables.values()} == {(1, 49)}
+    assert {s.segments[0].group for s in tables.values()} == {g.name for g in heads}
+    result = prunetune.prune(model, X[:1], "flops<=50%")
+    assert result.flops == count_flops(result.model, X[:1]) == result.costs["flops"]
+    assert result.params == count_params(result.model) == result.costs["params"]
+    for index, group in enumerate(heads):
+        kept = result.spec.widths[group.name]
+        attention = result.model.attns[index]
+        assert attention.num_heads == kept < 4
+        assert attention.relative_position_bias_table.shape == (49, kept)
+        assert attention.proj.in_features == kept * HEAD_DIM
+    zeroed = zero_pruned_channels(model, found.graph, result.spec)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(X), zeroed(X), atol=1e-5, rtol=1e-5)
 
 
 def test_head_importance_adds_up_the_heads_q_k_v_rows_and_tracing_restores_attributes() -> None:
