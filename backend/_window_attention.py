@@ -4,12 +4,12 @@ torchvision's ``shifted_window_attention`` (``torchvision.models.swin_transforme
 v2: Liu et al., ICCV 2021 and CVPR 2022) takes its head dim as ``C // num_heads``, ``C`` the
 width of its input, and merges the heads back to ``C`` features: it computes only attentions
 whose heads span the whole residual width. A Swin whose heads were pruned keeps its residual
-width, so its attention modules get the forward below instead: the same computation, op for op,
-with the head dim read from the qkv weight (``3 * heads * head_dim`` rows) and the heads merged
-to ``heads * head_dim`` features. On an unpruned module it computes what torchvision's does,
-bit for bit. Surgery (``prune_model``) gives the subclasses here to the attention modules whose
-heads it prunes, so the pruned model still runs and exports; the state dict is unchanged but for
-the smaller tensors.
+width, so its attention modules get the forward below instead: the same computation, written
+here after the paper, with the head dim read from the qkv weight (``3 * heads * head_dim``
+rows) and the heads merged to ``heads * head_dim`` features. On an unpruned module it computes
+what torchvision's does, to float rounding (tested). Surgery (``prune_model``) gives the
+subclasses here to the attention modules whose heads it prunes, so the pruned model still runs
+and exports; the state dict is unchanged but for the smaller tensors.
 
 This module imports torchvision: import it only where torchvision is installed.
 """
@@ -34,6 +34,42 @@ __all__ = [
 ]
 
 
+def _region_labels(size: int, window: int, shift: int, device: torch.device) -> Tensor:
+    """``[size]`` region of each row (or column) of a cyclically shifted map: after a shift,
+    the last window band holds rows from both ends of the unshifted map; rows from different
+    regions may not attend to each other. ``shift == 0``: one region but for the last band,
+    which never shares a window with the rest."""
+    index = torch.arange(size, device=device)
+    return (index >= size - window).long() + (index >= size - shift).long()
+
+
+def _to_windows(x: Tensor, window: list[int]) -> Tensor:
+    """``[B, H, W, C]`` (``H``, ``W`` multiples of the window) -> ``[B * windows, N, C]``, the
+    windows in row-major order and ``N = window[0] * window[1]`` tokens each, row-major."""
+    batch, height, width, channels = x.shape
+    x = x.view(batch, height // window[0], window[0], width // window[1], window[1], channels)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window[0] * window[1], channels)
+
+
+def _from_windows(x: Tensor, batch: int, height: int, width: int, window: list[int]) -> Tensor:
+    """The inverse of :func:`_to_windows`: ``[B * windows, N, C]`` -> ``[B, H, W, C]``."""
+    x = x.view(batch, height // window[0], width // window[1], window[0], window[1], -1)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(batch, height, width, -1)
+
+
+def _shift_mask(
+    height: int, width: int, window: list[int], shift: list[int], like: Tensor
+) -> Tensor:
+    """``[windows, N, N]``: 0 between tokens of one region, -100 across regions (Swin's mask of
+    a shifted window, added to the scores before the softmax)."""
+    rows = _region_labels(height, window[0], shift[0], like.device)
+    cols = _region_labels(width, window[1], shift[1], like.device)
+    labels = (rows[:, None] * 3 + cols[None, :]).to(like.dtype)[None, :, :, None]
+    labels = _to_windows(labels, window).squeeze(-1)  # [windows, N]
+    differ = labels[:, None, :] != labels[:, :, None]
+    return torch.zeros_like(differ, dtype=like.dtype).masked_fill(differ, -100.0)
+
+
 def shifted_window_attention(
     input: Tensor,  # torchvision's argument names, so calls read the same
     qkv_weight: Tensor,
@@ -49,9 +85,17 @@ def shifted_window_attention(
     logit_scale: Tensor | None = None,
     training: bool = True,
 ) -> Tensor:
-    """Window multi-head self-attention, torchvision's ``shifted_window_attention`` (whose
-    code this follows line by line) with the head dim ``qkv_weight.shape[0] // (3 *
-    num_heads)`` instead of ``C // num_heads``.
+    """Multi-head self-attention within (shifted) windows, Swin v1 and v2 (Liu et al., ICCV 2021,
+    sec. 3.2, and CVPR 2022, sec. 3.2), with the call and the results of torchvision's
+    ``shifted_window_attention`` but the head dim read from the weights: ``qkv_weight.shape[0]
+    // (3 * num_heads)``, not ``C // num_heads``, so the heads may span fewer than ``C`` features.
+
+    The map is padded to whole windows (right and bottom), cyclically shifted up-left by
+    ``shift_size`` (no shift along a side that fits in one window), cut into windows; each window
+    attends within itself, with ``relative_position_bias`` added to the scores and, when
+    shifted, a mask that keeps tokens from different regions of the unshifted map apart; then
+    the windows are put back, shifted back and the padding cropped. v2 (``logit_scale`` given):
+    cosine scores scaled by ``exp(min(logit_scale, log 100))``, and the key bias is zero.
 
     Args:
         input: ``[B, H, W, C]``.
@@ -71,71 +115,40 @@ def shifted_window_attention(
     Returns:
         ``[B, H, W, C]``.
     """
-    B, H, W, C = input.shape
+    batch, height, width, _ = input.shape
+    window = list(window_size)
+    padded = F.pad(input, (0, 0, 0, -width % window[1], 0, -height % window[0]))  # right and bottom
+    _, padded_h, padded_w, _ = padded.shape
+    shift = [s if w < size else 0 for s, w, size in zip(shift_size, window, (padded_h, padded_w))]
+    shifted = sum(shift) > 0
+    if shifted:
+        padded = torch.roll(padded, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    windows = _to_windows(padded, window)  # [B * nW, N, C]
+    if logit_scale is not None and qkv_bias is not None:  # v2: no key bias
+        third = qkv_bias.numel() // 3
+        qkv_bias = torch.cat((qkv_bias[:third], torch.zeros_like(qkv_bias[third:-third]),
+                              qkv_bias[-third:]))  # fmt: skip
+    tokens = windows.shape[1]
     head_dim = qkv_weight.shape[0] // (3 * num_heads)
-    pad_r = (window_size[1] - W % window_size[1]) % window_size[1]
-    pad_b = (window_size[0] - H % window_size[0]) % window_size[0]
-    x = F.pad(input, (0, 0, 0, pad_r, 0, pad_b))
-    _, pad_H, pad_W, _ = x.shape
-    shift_size = shift_size.copy()
-    if window_size[0] >= pad_H:
-        shift_size[0] = 0
-    if window_size[1] >= pad_W:
-        shift_size[1] = 0
-    if sum(shift_size) > 0:
-        x = torch.roll(x, shifts=(-shift_size[0], -shift_size[1]), dims=(1, 2))
-    num_windows = (pad_H // window_size[0]) * (pad_W // window_size[1])
-    x = x.view(
-        B, pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1], C
-    )
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B * num_windows, window_size[0] * window_size[1], C)
-    if logit_scale is not None and qkv_bias is not None:
-        qkv_bias = qkv_bias.clone()
-        length = qkv_bias.numel() // 3
-        qkv_bias[length : 2 * length].zero_()
-    qkv = F.linear(x, qkv_weight, qkv_bias)
-    qkv = qkv.reshape(x.size(0), x.size(1), 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv[0], qkv[1], qkv[2]
-    if logit_scale is not None:
-        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
-        logit_scale = torch.clamp(logit_scale, max=math.log(100.0)).exp()
-        attn = attn * logit_scale
+    qkv = F.linear(windows, qkv_weight, qkv_bias).reshape(-1, tokens, 3, num_heads, head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B * nW, heads, N, head_dim]
+    if logit_scale is None:
+        scores = (q * head_dim**-0.5) @ k.transpose(-2, -1)
     else:
-        q = q * head_dim**-0.5
-        attn = q.matmul(k.transpose(-2, -1))
-    attn = attn + relative_position_bias
-    if sum(shift_size) > 0:
-        attn_mask = x.new_zeros((pad_H, pad_W))
-        h_slices = ((0, -window_size[0]), (-window_size[0], -shift_size[0]), (-shift_size[0], None))
-        w_slices = ((0, -window_size[1]), (-window_size[1], -shift_size[1]), (-shift_size[1], None))
-        count = 0
-        for h in h_slices:
-            for w in w_slices:
-                attn_mask[h[0] : h[1], w[0] : w[1]] = count
-                count += 1
-        attn_mask = attn_mask.view(
-            pad_H // window_size[0], window_size[0], pad_W // window_size[1], window_size[1]
-        )
-        attn_mask = attn_mask.permute(0, 2, 1, 3).reshape(
-            num_windows, window_size[0] * window_size[1]
-        )
-        attn_mask = attn_mask.unsqueeze(1) - attn_mask.unsqueeze(2)
-        attn_mask = attn_mask.masked_fill(attn_mask != 0, -100.0).masked_fill(attn_mask == 0, 0.0)
-        attn = attn.view(x.size(0) // num_windows, num_windows, num_heads, x.size(1), x.size(1))
-        attn = attn + attn_mask.unsqueeze(1).unsqueeze(0)
-        attn = attn.view(-1, num_heads, x.size(1), x.size(1))
-    attn = F.softmax(attn, dim=-1)
-    attn = F.dropout(attn, p=attention_dropout, training=training)
-    x = attn.matmul(v).transpose(1, 2).reshape(x.size(0), x.size(1), num_heads * head_dim)
-    x = F.linear(x, proj_weight, proj_bias)
-    x = F.dropout(x, p=dropout, training=training)
-    x = x.view(
-        B, pad_H // window_size[0], pad_W // window_size[1], window_size[0], window_size[1], C
-    )
-    x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, pad_H, pad_W, C)
-    if sum(shift_size) > 0:
-        x = torch.roll(x, shifts=(shift_size[0], shift_size[1]), dims=(1, 2))
-    return x[:, :H, :W, :].contiguous()
+        scale = torch.clamp(logit_scale, max=math.log(100.0)).exp()
+        scores = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1) * scale
+    scores = scores + relative_position_bias
+    if shifted:
+        mask = _shift_mask(padded_h, padded_w, window, shift, scores)  # [nW, N, N]
+        scores = scores.view(batch, mask.shape[0], num_heads, tokens, tokens) + mask[:, None]
+        scores = scores.view(-1, num_heads, tokens, tokens)
+    weights = F.dropout(scores.softmax(dim=-1), p=attention_dropout, training=training)
+    heads = (weights @ v).transpose(1, 2).reshape(-1, tokens, num_heads * head_dim)
+    out = F.dropout(F.linear(heads, proj_weight, proj_bias), p=dropout, training=training)
+    out = _from_windows(out, batch, padded_h, padded_w, window)
+    if shifted:
+        out = torch.roll(out, shifts=(shift[0], shift[1]), dims=(1, 2))
+    return out[:, :height, :width, :].contiguous()
 
 
 torch.fx.wrap("shifted_window_attention")  # traced as one call, as torchvision's is

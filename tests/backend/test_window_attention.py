@@ -110,3 +110,37 @@ def test_a_window_attention_outside_torchvision_modules_is_kept_whole() -> None:
     found = prunetune.inspect(model, X)
     reasons = [r for r in found.kept_whole.values() if "ShiftedWindowAttentionV2, whose" in r]
     assert reasons and len([g for g in found.prunable_groups if g.unit == "heads"]) == 3
+
+
+@pytest.mark.parametrize("v2", [False, True])
+@pytest.mark.parametrize(
+    ("height", "width", "shift"),
+    [(8, 8, [2, 2]), (6, 11, [2, 2]), (4, 12, [2, 2]), (9, 9, [0, 0]), (12, 12, [0, 2])],
+)
+def test_pruned_forward_computes_torchvisions_window_attention(
+    v2: bool, height: int, width: int, shift: list[int]
+) -> None:
+    """With every head kept, prunetune's forward equals torchvision's: padding, a shift along
+    one side only (the other fits in one window), shifted-window masks, v2's cosine scores."""
+    from torchvision.models import swin_transformer as tv
+
+    from prunetune.backend._window_attention import shifted_window_attention
+
+    generator = torch.Generator().manual_seed(height * width + sum(shift))
+    channels, heads, window = 16, 4, [4, 4]
+    args = dict(
+        input=torch.randn(2, height, width, channels, generator=generator),
+        qkv_weight=torch.randn(3 * channels, channels, generator=generator) * 0.3,
+        proj_weight=torch.randn(channels, channels, generator=generator) * 0.3,
+        relative_position_bias=torch.randn(1, heads, 16, 16, generator=generator),
+        window_size=window,
+        num_heads=heads,
+        shift_size=shift,
+        qkv_bias=torch.randn(3 * channels, generator=generator),
+        proj_bias=torch.randn(channels, generator=generator),
+        logit_scale=torch.randn(heads, 1, 1, generator=generator) if v2 else None,
+        training=False,
+    )
+    ours = shifted_window_attention(**args)  # type: ignore[arg-type]
+    theirs = tv.shifted_window_attention(**args)  # type: ignore[arg-type]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
