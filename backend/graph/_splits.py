@@ -123,11 +123,14 @@ class SplitRules(AnalysisState):
         :attr:`split_attributes` for surgery to update; otherwise the pieces are kept whole.
         Two splits that read one attribute have their pieces coupled one to one."""
         attribute, problem = self.split_probe(node) if self.split_probe else (None, None)
+        if problem is not None:
+            return self._unknown(
+                node, f"{what} (cuts the channels at literal sizes {sizes}: {problem})"
+            )
         if attribute is None:
-            why = f"{problem}; " if problem else ""
             return self._unknown(
                 node,
-                f"{what} (cuts the channels at literal sizes {sizes}: {why}read them from a list "
+                f"{what} (cuts the channels at literal sizes {sizes}: read them from a list "
                 "attribute of the module, as timm's MixedConv2d reads self.splits, or compute "
                 "them from the tensor, e.g. x.chunk(2, 1), to let them be pruned)",
             )

@@ -83,3 +83,27 @@ class LiteralMixConvNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         a, b = torch.split(self.stem(x), [8, 4], 1)
         return self.fc(torch.cat([self.small(a), self.large(b)], 1).mean((2, 3)))
+
+
+class _CheckedMixedConv(MixedConv):
+    """A MixedConv that checks its input's width against its sizes in Python, so its forward
+    traces only on a real input (the model then traces concretely)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[1] != sum(self.splits):
+            raise ValueError(f"expected {sum(self.splits)} channels, got {x.shape[1]}")
+        return super().forward(x)
+
+
+class CheckedMixConvNet(nn.Module):
+    """A depthwise MixConv whose forward checks its input width in Python: where its split
+    sizes come from cannot be checked by a symbolic trace, so its pieces are kept whole."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 12, 3, padding=1)
+        self.dw = _CheckedMixedConv(12, 12, [3, 5], depthwise=True)
+        self.fc = nn.Linear(12, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.dw(self.stem(x)).mean((2, 3)))

@@ -15,6 +15,7 @@ from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.measure import count_flops
 from prunetune.backend.surgery import zero_pruned_channels
 from tests.backend.architectures import build
+from tests.backend.architectures_splits import CheckedMixConvNet
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -70,6 +71,13 @@ def test_a_split_at_sizes_written_in_the_code_is_kept_whole_with_the_reason() ->
     assert graph.split_attributes == ()
     assert "literal sizes [8, 4]" in graph.unprunable["stem"]
     assert "read them from a list attribute" in graph.unprunable["stem"]
+    assert not graph.prunable_groups
+
+
+def test_split_sizes_whose_source_cannot_be_checked_keep_the_pieces_whole() -> None:
+    graph = ChannelGraph.trace(CheckedMixConvNet().eval(), X)  # traces only on a real input
+    assert graph.split_attributes == ()
+    assert "could not be checked: the forward of 'dw'" in graph.unprunable["stem"]
     assert not graph.prunable_groups
 
 
