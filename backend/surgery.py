@@ -174,11 +174,12 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
     (a conv that pads itself, a BatchNorm that applies its activation) keep their behaviour, and
     a module shared under several names stays one. Attention heads are pruned as whole heads (the
     q, k and v rows of a head and the output projection's columns), and the attributes the
-    forward reshapes them with (``num_heads``) are set to the heads kept. An
-    ``nn.MultiheadAttention`` that loses heads is replaced by a
+    forward reshapes them with (``num_heads``) are set to the heads kept; a list attribute the
+    forward splits channels at (MixConv's ``splits``) is set to the channels kept of each piece.
+    An ``nn.MultiheadAttention`` that loses heads is replaced by a
     :class:`~prunetune.backend.attention.PrunedMultiheadAttention` holding the kept heads'
-    weights (its parameters keep their names); one that keeps every head stays. ``model`` itself is
-    left untouched; the copy has no masks or hooks added.
+    weights (its parameters keep their names); one that keeps every head stays. ``model`` itself
+    is left untouched; the copy has no masks or hooks added.
 
     Args:
         model: the dense model ``graph`` was traced from (or one with the same structure).
@@ -236,6 +237,13 @@ def prune_model(model: nn.Module, graph: ChannelGraph, spec: SubnetSpec) -> nn.M
 
         for head in graph.head_attributes:
             follow_pruned_heads(pruned.get_submodule(head.module))
+    for split in graph.split_attributes:  # the forward splits at the kept sizes (MixConv)
+        owner = pruned.get_submodule(split.module)
+        kept_sizes = [
+            sum(len(kept_tuples[s.group]) * s.multiplier for s in piece) for piece in split.pieces
+        ]
+        dense_sizes = getattr(owner, split.attribute)
+        setattr(owner, split.attribute, type(dense_sizes)(kept_sizes))
     return pruned
 
 

@@ -11,6 +11,7 @@ from prunetune.backend.graph._records import (
     LayerInfo,
     NormInfo,
     ScaleInfo,
+    SplitAttribute,
 )
 from prunetune.backend.graph._rules import per_output_parameters
 from prunetune.backend.graph._trace import (
@@ -34,6 +35,7 @@ __all__ = [
     "MaskPoint",
     "NormInfo",
     "ScaleInfo",
+    "SplitAttribute",
     "counting_mode",
     "eval_mode",
     "leaf_module_key",

@@ -22,6 +22,7 @@ from prunetune.backend.graph._mha import MultiheadAttentionRules
 from prunetune.backend.graph._records import ChannelMember
 from prunetune.backend.graph._rules import reshape_sizes
 from prunetune.backend.graph._shuffle import ShuffleRules
+from prunetune.backend.graph._splits import SplitRules
 from prunetune.backend.graph._state import (
     Heads,
     Last,
@@ -49,6 +50,7 @@ class ChannelAnalysis(
     ChannelStatisticRules,
     TransposedConvRules,
     ShuffleRules,
+    SplitRules,
     FunctionalRules,
 ):
     """Walks the fx graph once, in topological order, assigning channels to every value."""
@@ -442,65 +444,6 @@ class ChannelAnalysis(
         for part in parts[1:]:
             result = self._join(result, part, node, what)  # type: ignore[arg-type]
         return result
-
-    def _split(self, node: fx.Node, name: str, what: str) -> Any:
-        """``chunk``, ``split`` and kin: along positions every piece keeps the channels; along
-        the channels (dim 1, or the last dim of a :class:`Last` value) each piece takes its
-        own run of them, the producers' outputs cut where the pieces start."""
-        source = node.args[0] if node.args else None
-        last = self.last(source)
-        channels = last if last is not None else self.channels(source)
-        shape = node_shape(source) if isinstance(source, fx.Node) else None
-        rank = len(shape or ())
-        position = 1 if name == "unbind" else 2
-        axis = rules.normalise_dims(rules.argument(node, position, "dim", 0), rank)
-        meta = node.meta.get("tensor_meta")
-        if channels is None or axis is None or not is_multi(meta):
-            return self._unknown(node, f"{what} (splits along the batch or channel dim)")
-        channel_axis = rank - 1 if last is not None else 1
-        if axis[0] == channel_axis and name != "unbind":
-            return self._split_channels(node, name, what, channels, last is not None)
-        if axis[0] == 0 or axis[0] == channel_axis or (last is None and axis[0] < 2):
-            return self._unknown(node, f"{what} (splits along the batch or channel dim)")
-        value = Last(channels) if last is not None else channels
-        return Many(tuple(value for _ in meta))
-
-    def _split_channels(
-        self, node: fx.Node, name: str, what: str, channels: Channels, last: bool
-    ) -> Any:
-        """A split of the channels into pieces of equal size that the pruned model cuts alike:
-        ``chunk(n)``, ``tensor_split(n)``, or ``split`` by a size computed from the tensor.
-        The pieces are coupled one to one (each keeps the same channels, so they stay equal),
-        and the producers' outputs are cut where the pieces start. Literal sizes would not
-        follow a pruned width: those pieces are kept whole."""
-        meta = node.meta.get("tensor_meta")
-        axis = len(node_shape(node.args[0]) or ()) - 1 if last else 1  # type: ignore[arg-type]
-        sizes = [int(item.shape[axis]) for item in meta]  # type: ignore[union-attr]
-        sections = rules.argument(node, 1, "chunks" if name == "chunk" else "split_size")
-        if name == "tensor_split":
-            sections = rules.argument(node, 1, "sections", rules.argument(node, 1, "indices"))
-        relative = name == "chunk" or (name == "tensor_split" and isinstance(sections, int))
-        relative |= name == "split" and bool(
-            [a for a in fx.node.map_arg(sections, lambda n: n) or () if isinstance(a, fx.Node)]
-            if isinstance(sections, (tuple, list))
-            else isinstance(sections, fx.Node)
-        )
-        if not relative:
-            return self._unknown(
-                node,
-                f"{what} (cuts the channels at literal sizes {sizes}: compute them from the "
-                "tensor, e.g. x.chunk(2, 1), to let them be pruned)",
-            )
-        if len(set(sizes)) != 1:
-            return self._unknown(node, f"{what} (cuts the channels into unequal pieces {sizes})")
-        pieces = self._pieces(channels, sizes)
-        if pieces is None:
-            return self._unknown(
-                node, f"{what} (splits the channels where no layer's output can be cut)"
-            )
-        for piece in pieces[1:]:
-            self._join(pieces[0], piece, node, what)
-        return Many(tuple(Last(p) if last else p for p in pieces))
 
     def _getitem(self, node: fx.Node, what: str) -> Any:
         source, index = node.args[0], node.args[1]

@@ -13,6 +13,7 @@ from torch import Tensor, fx, nn
 from prunetune.backend.graph._analysis import ChannelAnalysis
 from prunetune.backend.graph._groups import Channels
 from prunetune.backend.graph._head_probe import check_head_sites
+from prunetune.backend.graph._probe import owner_retracer
 from prunetune.backend.graph._records import (
     ChannelGroup,
     ChannelSegment,
@@ -21,8 +22,10 @@ from prunetune.backend.graph._records import (
     LayerInfo,
     NormInfo,
     ScaleInfo,
+    SplitAttribute,
 )
 from prunetune.backend.graph._rules import per_output_parameters
+from prunetune.backend.graph._split_probe import SplitSizesProbe
 from prunetune.backend.graph._state import Last, LayerRecord
 from prunetune.backend.graph._trace import (
     LeafModule,
@@ -83,6 +86,7 @@ class ChannelGraph:
         extra_input_shapes: tuple[tuple[int, ...], ...] = (),
         head_attributes: tuple[HeadAttribute, ...] = (),
         head_costs: tuple[HeadCost, ...] = (),
+        split_attributes: tuple[SplitAttribute, ...] = (),
     ) -> None:
         """Store the parts; use :meth:`trace` to build a graph from a model."""
         self._dag = dag
@@ -100,6 +104,7 @@ class ChannelGraph:
         self._extra_input_shapes = tuple(extra_input_shapes)
         self._head_attributes = tuple(head_attributes)
         self._head_costs = tuple(head_costs)
+        self._split_attributes = tuple(split_attributes)
 
     @classmethod
     def trace(
@@ -142,8 +147,9 @@ class ChannelGraph:
         leaf_modules = check_leaf_modules(model, leaf_modules)
         module = trace_module(model, leaf_modules, inputs)
         propagate_shapes(module, model, inputs)
-        analysis = _analyse(module)
-        attributes = check_head_sites(model, analysis, leaf_modules)
+        retrace = owner_retracer(model, leaf_modules)
+        analysis = _analyse(module, SplitSizesProbe(model, module.graph, retrace))
+        attributes = check_head_sites(model, analysis, retrace)
         groups, slot_names = analysis.slots.build()
         head_groups = {slot_names[slot] for slot in analysis.head_slots if slot in slot_names}
         groups = tuple(
@@ -239,6 +245,10 @@ class ChannelGraph:
                 HeadCost(node.name, segments(channels), macs)
                 for node, channels, macs in analysis.head_costs
             ),
+            split_attributes=tuple(
+                SplitAttribute(owner, attribute, tuple(segments(piece) for piece in pieces))
+                for (owner, attribute), pieces in analysis.split_attributes.items()
+            ),
             groups=groups,
             layers=layers,
             norms=norms,
@@ -287,6 +297,12 @@ class ChannelGraph:
         """Attributes of attention modules that count their heads (``num_heads``): a pruned
         model sets them to the heads it keeps."""
         return self._head_attributes
+
+    @property
+    def split_attributes(self) -> tuple[SplitAttribute, ...]:
+        """List attributes that the forward splits channels at (MixConv's ``splits``): a
+        pruned model sets them to the channels it keeps of each piece."""
+        return self._split_attributes
 
     @property
     def head_costs(self) -> tuple[HeadCost, ...]:
@@ -430,7 +446,7 @@ def _is_param(model: nn.Module, name: str) -> bool:
 _MAX_PASSES = 64
 
 
-def _analyse(module: fx.GraphModule) -> ChannelAnalysis:
+def _analyse(module: fx.GraphModule, split_probe: SplitSizesProbe) -> ChannelAnalysis:
     """The channel analysis of ``module``, run again with the output cuts each pass asks for
     (a split of a layer's channels cuts its output into pieces, and that can ask for cuts of
     the layers coupled to it) until none asks for more, or ``_MAX_PASSES`` passes (the last
@@ -438,7 +454,7 @@ def _analyse(module: fx.GraphModule) -> ChannelAnalysis:
     cuts: dict[str, frozenset[int]] = {}
     blocks: dict[str, frozenset[tuple[int, int, int]]] = {}
     for _ in range(_MAX_PASSES):
-        analysis = ChannelAnalysis(module, cuts, blocks)
+        analysis = ChannelAnalysis(module, cuts, blocks, split_probe)
         analysis.run()
         grown = _grow(cuts, analysis.requests) | _grow(blocks, analysis.block_requests)
         if not grown:
@@ -463,7 +479,8 @@ def _layer_info(
 ) -> LayerInfo:
     module = record.module
     out_group = out_segments[0].group
-    whole = record.depthwise or (len(out_segments) == 1 and out_segments[0].multiplier == 1)
+    # a depthwise conv's outputs follow its input: several groups when it reads several
+    whole = len(out_segments) == 1 and (record.depthwise or out_segments[0].multiplier == 1)
     pieces = () if whole else out_segments
     if isinstance(module, nn.Linear):
         return LayerInfo(

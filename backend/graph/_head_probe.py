@@ -14,18 +14,25 @@ from typing import Any
 
 from torch import fx, nn
 
-from prunetune.backend.graph import _rules as rules
 from prunetune.backend.graph._groups import Channels
-from prunetune.backend.graph._rules import owner_of, reshape_sizes
+from prunetune.backend.graph._probe import Retrace, own_calls, trace_with, untraceable
+from prunetune.backend.graph._rules import reshape_sizes
 from prunetune.backend.graph._state import AnalysisState, HeadSite
-from prunetune.backend.graph._trace import LeafModule, graph_tracer
 from prunetune.backend.graph._window_rules import is_window_attention
 
 __all__ = ["check_head_sites", "probe_head_sites"]
 
+_RESHAPES = ("view", "reshape")
+
+
+def _sized_calls(graph: fx.Graph, owner: str) -> list[fx.Node]:
+    """The reshapes, and the window attention calls (their ``num_heads`` argument a size), that
+    the forward of ``owner`` itself holds, in order."""
+    return own_calls(graph, owner, _RESHAPES, also=is_window_attention)
+
 
 def check_head_sites(
-    model: nn.Module, analysis: AnalysisState, leaf_modules: tuple[LeafModule, ...]
+    model: nn.Module, analysis: AnalysisState, retrace: Retrace
 ) -> list[tuple[str, str, Channels, int]]:
     """The attributes that the sizes of the attention heads' reshapes are read from, as
     ``(module, attribute, channels, per_head)``; heads whose sizes are not read from one
@@ -37,15 +44,6 @@ def check_head_sites(
     ]
     if not sites:
         return []
-
-    def retrace(owner: str) -> fx.Graph:
-        prefix = f"{owner}." if owner else ""
-        leaves = tuple(  # submodule names as seen from ``owner``
-            leaf[len(prefix) :] if isinstance(leaf, str) else leaf
-            for leaf in leaf_modules
-            if not isinstance(leaf, str) or leaf.startswith(prefix)
-        )
-        return graph_tracer(leaves).trace(model.get_submodule(owner))
 
     found, refused = probe_head_sites(model, analysis.module.graph, sites, retrace)
     for site, reason in refused:
@@ -71,7 +69,7 @@ def check_head_sites(
 
 
 def probe_head_sites(
-    model: nn.Module, graph: fx.Graph, sites: list[HeadSite], retrace: Any
+    model: nn.Module, graph: fx.Graph, sites: list[HeadSite], retrace: Retrace
 ) -> tuple[list[tuple[HeadSite, str, int]], list[tuple[HeadSite, str]]]:
     """Which attribute of its module each head site's literal size comes from.
 
@@ -103,32 +101,23 @@ def probe_head_sites(
         module = model.get_submodule(owner)
         values = {_site_value(site) for site in owned}
         sentinels: dict[int, tuple[str, int]] = {}
-        changed: list[tuple[str, int]] = []
+        changes: dict[str, int] = {}
         # above every size looked for, so no literal is taken for one; small, so that Python
         # code looping over the heads at trace time stays quick
         sentinel = 2 * max(values) + 1
+        for attribute, value in list(vars(module).items()):
+            if type(value) is int and value in values:
+                sentinels[sentinel] = (attribute, value)
+                changes[attribute] = sentinel
+                sentinel += 1
         try:
-            for attribute, value in list(vars(module).items()):
-                if type(value) is int and value in values:
-                    changed.append((attribute, value))
-                    sentinels[sentinel] = (attribute, value)
-                    setattr(module, attribute, sentinel)
-                    sentinel += 1
-            probe: fx.Graph = retrace(owner)
+            probe = trace_with(model, owner, changes, retrace)
         except Exception as exc:  # any failure of the second trace: nothing can be checked
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            reason = (
-                "its head count could not be checked: the forward of "
-                f"'{owner or type(model).__name__}' does not trace symbolically on its own with "
-                f"another head count ({type(exc).__name__}: {first[:200]})"
-            )
+            reason = untraceable(model, owner, "its head count", exc)
             refused += [(site, reason) for site in owned]
             continue
-        finally:
-            for attribute, value in changed:
-                setattr(module, attribute, value)
-        dense = [n.name for n in graph.nodes if _is_reshape(n) and owner_of(n) == owner]
-        probed = [n for n in probe.nodes if _is_reshape(n) and owner_of(n) == ""]
+        dense = [n.name for n in _sized_calls(graph, owner)]
+        probed = _sized_calls(probe, "")
         for site in owned:
             index = dense.index(site.node) if site.node in dense else len(probed)
             sizes = reshape_sizes(probed[index]) if index < len(probed) else []
@@ -148,16 +137,6 @@ def probe_head_sites(
                 )
             )
     return found, refused
-
-
-def _is_reshape(node: fx.Node) -> bool:
-    """A view or reshape, or a window attention call (its ``num_heads`` argument a size)."""
-    if is_window_attention(node):
-        return True
-    return node.op in ("call_method", "call_function") and rules.op_name(node) in (
-        "view",
-        "reshape",
-    )
 
 
 def _read_from(

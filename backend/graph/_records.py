@@ -20,6 +20,7 @@ __all__ = [
     "LayerInfo",
     "NormInfo",
     "ScaleInfo",
+    "SplitAttribute",
 ]
 
 
@@ -103,7 +104,9 @@ class LayerInfo:
             for a layer module. ``bias_parameter`` names its bias (empty if none).
         out_segments: the groups along the layer's output channels, in order, when its output
             is cut into pieces (a ``chunk`` or ``split`` of its output along the channels, each
-            piece pruned on its own); empty when the output is one group, ``out_group``.
+            piece pruned on its own), or a depthwise conv reads several groups (its outputs
+            follow them, each segment's multiplier counting the outputs per input channel);
+            empty when the output is one group, ``out_group``.
         per_output: parameters per output channel besides the bias, held by a layer subclass
             (the gain of a scaled weight-standardised conv); pruned with the outputs.
     """
@@ -215,6 +218,23 @@ class HeadAttribute:
     attribute: str
     segments: tuple[ChannelSegment, ...]
     per_head: int
+
+
+@dataclass(frozen=True)
+class SplitAttribute:
+    """A list attribute that the forward splits channels at (MixConv's ``torch.split(x,
+    self.splits, 1)`` in timm's ``MixedConv2d``, after Tan & Le, BMVC 2019): a pruned model sets
+    entry i to the features it keeps of piece i.
+
+    Attributes:
+        module: the module's qualified name (``blocks.1.0.conv_dw``).
+        attribute: the attribute's name (``splits``).
+        pieces: per piece, the groups it is made of, in order (with their multipliers).
+    """
+
+    module: str
+    attribute: str
+    pieces: tuple[tuple[ChannelSegment, ...], ...]
 
 
 @dataclass(frozen=True)

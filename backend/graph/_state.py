@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeGuard
 
@@ -24,6 +24,7 @@ __all__ = [
     "Many",
     "NormRecord",
     "Shuffled",
+    "SizesProbe",
     "is_multi",
 ]
 
@@ -114,6 +115,12 @@ class HeadSite:
     module: str
 
 
+SizesProbe = Callable[[fx.Node], tuple[str | None, str | None]]
+"""Where the literal sizes of a channel split come from: ``(attribute, None)`` when the split
+node reads them from that list attribute of the module that owns the call, ``(None, why)`` when
+that could not be checked, ``(None, None)`` when they are literals in the code."""
+
+
 def is_multi(meta: Any) -> TypeGuard[tuple[Any, ...] | list[Any]]:
     """Whether recorded tensor metadata is for several outputs (not one tensor's NamedTuple)."""
     return isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata)
@@ -127,7 +134,8 @@ class AnalysisState:
     blocks of ``k`` (a channel shuffle interleaves them with blocks elsewhere). A pass that finds
     a split (or a join) that needs them asks for them in :attr:`requests` and
     :attr:`block_requests`; the analysis is then run again with them, until no pass asks for
-    more (see ``ChannelGraph.trace``).
+    more (see ``ChannelGraph.trace``). ``split_probe`` says where the literal sizes of a
+    channel split come from (without one, literal sizes keep the pieces whole).
     """
 
     def __init__(
@@ -135,6 +143,7 @@ class AnalysisState:
         module: fx.GraphModule,
         cuts: Mapping[str, frozenset[int]] | None = None,
         blocks: Mapping[str, frozenset[tuple[int, int, int]]] | None = None,
+        split_probe: SizesProbe | None = None,
     ) -> None:
         self.module = module
         self.cuts: Mapping[str, frozenset[int]] = cuts or {}
@@ -159,6 +168,9 @@ class AnalysisState:
         self.head_sites: list[HeadSite] = []
         self.head_slots: set[int] = set()
         self.head_costs: list[tuple[fx.Node, Channels, int]] = []
+        # channel splits at sizes read from a list attribute: (module, attribute) -> pieces
+        self.split_probe = split_probe
+        self.split_attributes: dict[tuple[str, str], tuple[Channels, ...]] = {}
         self._input_seen = False
         self.batch = 1
         """Dim 0 of the example input: the examples that every cost is divided by."""

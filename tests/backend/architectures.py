@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from prunetune.backend.models import create_model, list_models
+from tests.backend.architectures_splits import LiteralMixConvNet, MixConvNet
 from tests.backend.architectures_stats import ConvNeXtV2StyleNet
 from tests.backend.attention_architectures import (
     BorrowedWidthNet,
@@ -826,6 +827,8 @@ ARCHITECTURES: dict[str, Callable[[], nn.Module]] = {
     "bit_style": BiTStyleNet,
     "gated_split": GatedSplitNet,
     "c2f": C2fNet,
+    "mixconv": MixConvNet,
+    "mixconv_literal": LiteralMixConvNet,
     "shufflenet_v2_style": ShuffleNetV2Style,
     "channel_shuffle": ChannelShuffleNet,
     "layer_scale": LayerScaleNet,

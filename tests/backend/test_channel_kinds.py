@@ -1,6 +1,7 @@
 """Channel kinds pruned through with the coupling each needs: splits of the channels (gated
-halves, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles, group norms, and
-statistics across the channels that only rescale them (global response norms)."""
+halves, MixConv's pieces, C2f blocks), channel shuffles, per-channel parameters, pixel shuffles,
+group norms, and statistics across the channels that only rescale them (global response
+norms)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from prunetune.backend.graph import ChannelGraph
 from prunetune.backend.measure import count_flops
 from prunetune.backend.surgery import zero_pruned_channels
 from tests.backend.architectures import build
+from tests.backend.architectures_splits import CheckedMixConvNet
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -40,6 +42,43 @@ def test_halves_gated_against_each_other_keep_the_same_channels() -> None:
     model = _prunes_exactly("gated_split", 0.4).model
     assert model.gate.out_channels == 2 * model.mix[0].in_channels < 32
     assert model.mix[0].out_channels == 3 * model.left.in_channels
+
+
+def test_mixconv_pieces_prune_on_their_own_and_their_sizes_follow() -> None:
+    model = build("mixconv")
+    graph = ChannelGraph.trace(model, X)
+    assert model.dw.splits == [10, 8, 8] and model.head.splits == (8, 8)  # probes restored
+    # the depthwise pieces (10, 8, 8) cut the pointwise pieces' outputs (13, 13) at 10 and 5
+    pieces = [[s.group for s in graph.layer(f"dw.convs.{i}").in_segments] for i in range(3)]
+    assert pieces == [
+        ["pw.convs.0[0:10]"],
+        ["pw.convs.0[10:13]", "pw.convs.1[0:5]"],
+        ["pw.convs.1[5:13]"],
+    ]
+    assert all(graph.group(group).prunable for piece in pieces for group in piece)
+    attributes = {(a.module, a.attribute): a.pieces for a in graph.split_attributes}
+    assert set(attributes) == {("pw", "splits"), ("dw", "splits"), ("head", "splits")}
+    assert [[s.group for s in piece] for piece in attributes[("dw", "splits")]] == pieces
+    pruned = _prunes_exactly("mixconv", 0.4).model
+    for owner in (pruned.pw, pruned.dw, pruned.head):
+        assert list(owner.splits) == [conv.in_channels for conv in owner.convs]
+    assert isinstance(pruned.dw.splits, list) and isinstance(pruned.head.splits, tuple)
+    assert sum(pruned.dw.splits) == pruned.pwl.in_channels < 26
+
+
+def test_a_split_at_sizes_written_in_the_code_is_kept_whole_with_the_reason() -> None:
+    graph = ChannelGraph.trace(build("mixconv_literal"), X)  # self.splits equal, but unread
+    assert graph.split_attributes == ()
+    assert "literal sizes [8, 4]" in graph.unprunable["stem"]
+    assert "read them from a list attribute" in graph.unprunable["stem"]
+    assert not graph.prunable_groups
+
+
+def test_split_sizes_whose_source_cannot_be_checked_keep_the_pieces_whole() -> None:
+    graph = ChannelGraph.trace(CheckedMixConvNet().eval(), X)  # traces only on a real input
+    assert graph.split_attributes == ()
+    assert "could not be checked: the forward of 'dw'" in graph.unprunable["stem"]
+    assert not graph.prunable_groups
 
 
 def test_a_c2f_block_prunes_its_split_halves_and_bottlenecks() -> None:

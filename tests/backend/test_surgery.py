@@ -134,13 +134,14 @@ def test_pruned_zeroed_and_masked_models_agree(name: str) -> None:
                 out_features = pruned.get_parameter(layer.weight).shape[0]
             else:
                 out_features = module.out_channels if layer.kind == "conv" else module.out_features
+            # a depthwise conv's outputs follow its input, whatever groups make it up
+            segments = layer.in_segments if layer.depthwise else layer.outputs
             widths = [
-                spec.widths.get(s.group, graph.group(s.group).size) * s.multiplier
-                for s in layer.outputs
+                spec.widths.get(s.group, graph.group(s.group).size) * s.multiplier for s in segments
             ]
             if layer.depthwise:  # each kept input channel makes ``multiplier`` outputs
                 multiplier = layer.out_channels // layer.in_channels
-                assert out_features == widths[0] * multiplier
+                assert out_features == sum(widths) * multiplier
             else:
                 assert out_features == sum(widths)
     for key, value in model.state_dict().items():
