@@ -377,15 +377,12 @@ def _totals(rows: list[dict[str, Any]], tool: str) -> str:
     return f"{line}; {met} of {len(outcomes)} met 50% FLOPs"
 
 
-def _other_commits(rows: list[dict[str, Any]], commit: str) -> str:
-    """Where a resumed run holds rows of earlier commits, which and how many."""
+def _row_commits(rows: list[dict[str, Any]]) -> str:
+    """The commits the rows were measured at, with how many rows each."""
     counts: dict[str, int] = {}
     for row in rows:
-        if row.get("commit", commit) != commit:
-            counts[row.get("commit", "?")] = counts.get(row.get("commit", "?"), 0) + 1
-    if not counts:
-        return ""
-    return " (rows of earlier commits: " + ", ".join(f"`{c}` {n}" for c, n in counts.items()) + ")"
+        counts[row.get("commit", "?")] = counts.get(row.get("commit", "?"), 0) + 1
+    return ", ".join(f"`{commit}` {n}" for commit, n in counts.items())
 
 
 def _keep_peer_column(
@@ -443,12 +440,14 @@ def write_page(rows: dict[str, dict[str, Any]], page: Path, meta: dict[str, Any]
         f"- prunetune: {_totals(benched, 'prunetune')}; FLOPs claims equal to "
         f"`FlopCounterMode` (dense and pruned) on {exact} of {len(benched)}.",
         f"- Torch-Pruning: {_totals(benched, 'torch_pruning')}.",
-        f"- Full run: {meta.get('elapsed', '?')} on {meta['machine']} "
-        f"(1 torch thread per model, {meta.get('jobs', 1)} model(s) at once).",
-        f"- Command: `{meta['command']}` at commit `{meta['commit']}`"
-        + _other_commits(ordered, meta["commit"])
-        + "."
-        + _kept_peer_columns(ordered),
+        f"- Time: {meta.get('elapsed', '?')} on {meta['machine']}, 1 torch thread per model. "
+        f"Rows by commit: {_row_commits(ordered)}." + _kept_peer_columns(ordered),
+        "- Runs (each `--resume` adds one):",
+        *(
+            f"  - `{run['command']}` at `{run['commit']}`: {run['models']} models, "
+            f"{run['jobs']} at once, {run.get('minutes') or '?'} min"
+            for run in meta.get("runs", [])
+        ),
         "",
         "Columns: *side* is the input side; *prunable* the share of the dense FLOPs that "
         "depends on a prunable channel group; *min* the FLOPs left with every prunable group "
@@ -510,9 +509,16 @@ def _commit() -> str:
 
 
 def _meta(
-    argv: list[str] | None, commit: str, elapsed_s: float, jobs: int, done: int, total: int
+    argv: list[str] | None,
+    commit: str,
+    run_s: float,
+    jobs: int,
+    counts: tuple[int, int, int],
+    previous: dict[str, Any],
 ) -> dict[str, Any]:
-    """What the page says about the run: versions, machine, command, commit, time taken."""
+    """What the page says about the runs: versions, machine, and for each run (a ``--resume``
+    adds one) its command, commit, models, jobs and minutes. ``counts``: models this run
+    finished, models with results, models in all."""
     try:
         import torch_pruning
 
@@ -524,12 +530,21 @@ def _meta(
         "torch": torch.__version__,
         "torch_pruning": tp_version,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs (shared)",
-        "command": "PYTHONPATH=src python scripts/bench_models.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "runs": [
+            *previous.get("runs", []),
+            {
+                "command": "PYTHONPATH=src python scripts/bench_models.py "
+                + " ".join(argv if argv is not None else sys.argv[1:]),
+                "commit": commit,
+                "models": counts[0],
+                "jobs": jobs,
+                "minutes": round(run_s / 60, 1),
+            },
+        ],
         "commit": commit,
-        "elapsed_s": elapsed_s,
-        "jobs": jobs,
-        "elapsed": f"{elapsed_s / 60:.0f} min for {done} of {total} models",
+        "elapsed_s": run_s + float(previous.get("elapsed_s", 0)),
+        "elapsed": f"{(run_s + float(previous.get('elapsed_s', 0))) / 60:.0f} min in all for "
+        f"{counts[1]} of {counts[2]} models",
     }
 
 
@@ -582,9 +597,10 @@ def main(argv: list[str] | None = None) -> int:
                     flush=True,
                 )
                 # after every model, so an interrupted run still has its figures and a page
-                elapsed_s = time.perf_counter() - start + float(previous.get("elapsed_s", 0))
                 total = len(set(rows) | set(names))
-                meta = _meta(argv, commit, elapsed_s, args.jobs, len(rows), total)
+                counts = (index, len(rows), total)
+                run_s = time.perf_counter() - start
+                meta = _meta(argv, commit, run_s, args.jobs, counts, previous)
                 meta_path.write_text(json.dumps(meta, indent=2) + "\n")
 
     meta = json.loads(meta_path.read_text())

@@ -36,3 +36,12 @@ def test_a_prunetune_only_rerun_keeps_the_peers_earlier_column() -> None:
     first = {"model": "vgg11", "commit": "bbb", "prunetune": {"status": "ok"}}
     bench._keep_peer_column(first, None, ("prunetune",))
     assert "torch_pruning" not in first and bench._kept_peer_columns([first]) == ""
+
+
+def test_a_resumed_run_adds_itself_to_the_runs_on_record() -> None:
+    bench = _script()
+    earlier = {"runs": [{"command": "first", "commit": "aaa"}], "elapsed_s": 600.0}
+    meta = bench._meta(["--resume"], "bbb", 120.0, 2, (3, 40, 86), earlier)
+    assert [run["commit"] for run in meta["runs"]] == ["aaa", "bbb"]
+    assert meta["runs"][-1]["models"] == 3 and meta["runs"][-1]["minutes"] == 2.0
+    assert meta["elapsed_s"] == 720.0 and "40 of 86" in meta["elapsed"]
