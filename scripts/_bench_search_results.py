@@ -7,11 +7,9 @@ Kept apart from the run itself: everything here works on the rows the run produc
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shlex
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,11 +17,10 @@ from typing import Any
 
 from _bench_search_methods import BATCH_SIZE, DISTILL_WEIGHT, FINETUNE_LR, BenchError, Settings
 from _bench_search_page import page, plot, reading, summary
+from _provenance import code_commit
 
 from prunetune.backend.io import atomic_write
 from prunetune.estimators import DeviceInfo
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def provenance(wall_s: float, finished: bool) -> str:
@@ -37,23 +34,6 @@ def provenance(wall_s: float, finished: bool) -> str:
         + (f"the run took {wall_s / 60:.1f} min." if finished else
            f"**partial: written after {wall_s / 60:.1f} min, before the run finished.**")
     )  # fmt: skip
-
-
-@functools.cache
-def code_commit() -> str:
-    """The checkout's commit when first asked (at the start of the run: the code that ran)."""
-    try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-            check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-            capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + ("+uncommitted changes" if dirty else "")
 
 
 def facts(settings: Settings, dense: dict[int, dict[str, float]]) -> list[str]:
